@@ -1,0 +1,115 @@
+//! Command line: the clap tree and what each command does.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+use crate::domain::Uuid;
+use crate::hook::{self, HookEvent};
+use crate::paths::Paths;
+
+#[derive(Debug, Parser)]
+#[command(name = "lockhook", version, about = "Locks every disk and lease of a libvirt/QEMU guest for its whole life")]
+pub struct Cli {
+    /// Config file (default: $LOCKHOOK_CONFIG, else /etc/lockhook/lockhook.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run as libvirt's qemu hook: `lockhook hook NAME OP SUBOP EXTRA` (domain XML on stdin).
+    Hook {
+        #[arg(num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<OsString>,
+    },
+    /// Show every guest lockhook holds locks for on this host.
+    Status {
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: the per-guest lock holder (started by the hook).
+    #[command(hide = true)]
+    Holder {
+        #[arg(long)]
+        uuid: String,
+        #[arg(long)]
+        ready_fd: i32,
+    },
+}
+
+/// Hook mode: `argv[0]` is `.../qemu`. Prints only to stderr, one line per problem.
+pub fn run_hook(args: &[OsString], config_flag: Option<PathBuf>) -> ExitCode {
+    let result = HookEvent::parse(args).and_then(|event| {
+        let config_path = config::path_from(config_flag.as_deref());
+        hook::run(&event, &mut std::io::stdin().lock(), &config_path)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            for line in err.lines() {
+                eprintln!("lockhook: {line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(cli_config: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(&config::path_from(cli_config)).map_err(|e| {
+        eprintln!("lockhook: {}", crate::error_chain(&e));
+        ExitCode::from(2)
+    })
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Hook { args } => run_hook(&args, cli.config),
+        Command::Status { json } => {
+            let config = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            crate::logging::init_cli(config.level());
+            match crate::status::print(&Paths::new(&config.run_dir), json, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lockhook: {}: {e}", config.run_dir.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Holder { uuid, ready_fd } => {
+            let Ok(uuid) = Uuid::parse(&uuid) else { return ExitCode::from(2) };
+            let code = crate::holder::server::run(&config::path_from(cli.config.as_deref()), &uuid, ready_fd);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn clap_tree_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn hook_subcommand_takes_libvirt_args() {
+        let cli = Cli::try_parse_from(["lockhook", "hook", "vm1", "prepare", "begin", "-"]).expect("parse");
+        match cli.command {
+            Command::Hook { args } => assert_eq!(args.len(), 4),
+            other => panic!("{other:?}"),
+        }
+    }
+}

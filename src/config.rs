@@ -1,0 +1,224 @@
+//! `/etc/lockhook/lockhook.toml`. Every key and its default is documented in
+//! `conf/lockhook.toml`; `Config::default()` is the source of truth for the defaults.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the config lives unless `--config` or `LOCKHOOK_CONFIG` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/lockhook/lockhook.toml";
+/// Environment variable that overrides the config path (tests; libvirt scrubs the environment of
+/// hooks, so production hooks always read `DEFAULT_PATH`).
+pub const ENV_PATH: &str = "LOCKHOOK_CONFIG";
+
+/// What to do with `<readonly/>` or `<shareable/>` disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedPolicy {
+    /// Take a shared lock: any number of readers/sharers, but no exclusive writer.
+    Shared,
+    /// Take no lock at all (virtlockd's behaviour for read-only disks).
+    None,
+}
+
+/// What to do when a disk's image does not exist at `prepare`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingPolicy {
+    /// Refuse the start, naming the missing path.
+    Fail,
+    /// Start without a lock on it (logged).
+    Skip,
+}
+
+/// What a `reconnect` hook does when it cannot re-take a running guest's locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconnectPolicy {
+    /// Log loudly and let the guest run (a failing reconnect hook makes libvirt kill the guest).
+    Keep,
+    /// Fail the hook, so libvirt kills the guest.
+    Kill,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub run_dir: PathBuf,
+    pub lockspace_dir: PathBuf,
+    pub readonly: SharedPolicy,
+    pub shareable: SharedPolicy,
+    pub backing_chains: bool,
+    pub on_missing: MissingPolicy,
+    pub on_reconnect_failure: ReconnectPolicy,
+    pub log_level: String,
+    pub log_file: Option<PathBuf>,
+    pub libvirt_config_dir: PathBuf,
+    pub libvirt_run_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            run_dir: "/run/lockhook".into(),
+            lockspace_dir: "/var/lib/lockhook".into(),
+            readonly: SharedPolicy::Shared,
+            shareable: SharedPolicy::Shared,
+            backing_chains: true,
+            on_missing: MissingPolicy::Fail,
+            on_reconnect_failure: ReconnectPolicy::Keep,
+            log_level: "info".into(),
+            log_file: None,
+            libvirt_config_dir: "/etc/libvirt".into(),
+            libvirt_run_dir: "/run/libvirt".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: must be owned by root and not writable by others (owner uid {uid}, mode {mode:o}); refusing it")]
+    Insecure { path: PathBuf, uid: u32, mode: u32 },
+    #[error("{path}: {key} = {value:?}: {why}")]
+    Invalid { path: PathBuf, key: &'static str, value: String, why: &'static str },
+}
+
+impl Config {
+    /// Parses TOML text. Pure: no file access. Unknown keys are errors naming the key and line.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| {
+            e.to_string().lines().filter(|l| !l.trim().is_empty()).map(str::trim).collect::<Vec<_>>().join(": ")
+        })
+    }
+
+    /// Reads the config at `path`; a missing file means all defaults. The file must belong to
+    /// root and must not be writable by group or others: it decides which files get locked.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let meta = match fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
+        };
+        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            return Err(ConfigError::Insecure { path: path.to_owned(), uid: meta.uid(), mode: meta.mode() & 0o7777 });
+        }
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config = Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: absolute directories and a known log level.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let dirs: [(&'static str, &Path); 4] = [
+            ("run_dir", &self.run_dir),
+            ("lockspace_dir", &self.lockspace_dir),
+            ("libvirt_config_dir", &self.libvirt_config_dir),
+            ("libvirt_run_dir", &self.libvirt_run_dir),
+        ];
+        for (key, dir) in dirs {
+            if !dir.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key,
+                    value: dir.display().to_string(),
+                    why: "must be an absolute path",
+                });
+            }
+        }
+        if self.log_level.parse::<log::LevelFilter>().is_err() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "log_level",
+                value: self.log_level.clone(),
+                why: "must be one of off, error, warn, info, debug, trace",
+            });
+        }
+        Ok(())
+    }
+
+    pub fn level(&self) -> log::LevelFilter {
+        self.log_level.parse().unwrap_or(log::LevelFilter::Info)
+    }
+}
+
+/// The config path to use: `--config`, else `$LOCKHOOK_CONFIG`, else the default.
+pub fn path_from(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_owned)
+        .or_else(|| std::env::var_os(ENV_PATH).filter(|v| !v.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_is_default() {
+        assert_eq!(Config::parse("").expect("empty"), Config::default());
+    }
+
+    #[test]
+    fn shipped_config_matches_defaults() {
+        let text = include_str!("../conf/lockhook.toml");
+        assert_eq!(Config::parse(text).expect("conf/lockhook.toml parses"), Config::default());
+    }
+
+    #[test]
+    fn keys_parse() {
+        let c = Config::parse(
+            "run_dir = '/tmp/r'\nreadonly = 'none'\nshareable = 'shared'\nbacking_chains = false\non_missing = 'skip'\n\
+             on_reconnect_failure = 'kill'\nlog_file = '/tmp/l'\n",
+        )
+        .expect("parse");
+        assert_eq!(c.run_dir, PathBuf::from("/tmp/r"));
+        assert_eq!(c.readonly, SharedPolicy::None);
+        assert!(!c.backing_chains);
+        assert_eq!(c.on_missing, MissingPolicy::Skip);
+        assert_eq!(c.on_reconnect_failure, ReconnectPolicy::Kill);
+        assert_eq!(c.log_file, Some(PathBuf::from("/tmp/l")));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = Config::parse("run_dir = '/x'\n\nrun_dri = '/y'\n").expect_err("unknown key");
+        assert!(err.contains("run_dri") && err.contains("line 3"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn bad_values() {
+        assert!(Config::parse("readonly = 'exclusive'").is_err());
+        assert!(Config::parse("backing_chains = 'yes'").is_err());
+        let c = Config::parse("run_dir = 'relative'").expect("parses");
+        assert!(c.validate(Path::new("x")).is_err());
+        let c = Config::parse("log_level = 'loud'").expect("parses");
+        assert!(c.validate(Path::new("x")).is_err());
+    }
+
+    #[test]
+    fn load_checks_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("c.toml");
+        assert_eq!(Config::load(&path).expect("missing file"), Config::default());
+        fs::write(&path, "log_level = 'debug'\n").expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(Config::load(&path).expect("load").log_level, "debug");
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert!(matches!(Config::load(&path), Err(ConfigError::Insecure { .. })));
+    }
+}

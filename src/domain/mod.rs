@@ -1,0 +1,408 @@
+//! The validated view of a libvirt domain: its name, UUID, disks and leases.
+//!
+//! libvirt passes the full domain XML on the hook's stdin. At `prepare` it is the inactive
+//! definition (no detected backing chain, volumes not yet resolved); by `start` libvirt has added
+//! the detected `<backingStore>` chain. Either way only the parts below matter to lockhook.
+
+mod xml;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use quick_xml::events::Event;
+use quick_xml::Reader;
+use serde::{Deserialize, Serialize};
+
+use self::xml::{RawBackingStore, RawDisk, RawDomain, RawLease, RawSource};
+
+/// Domain XML larger than this is refused before parsing (a real one is a few KiB).
+pub const MAX_XML_BYTES: usize = 16 << 20;
+/// Elements nested deeper than this are refused (a backing chain is one level per image).
+pub const MAX_DEPTH: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error("domain XML is empty")]
+    Empty,
+    #[error("domain XML is larger than {MAX_XML_BYTES} bytes")]
+    TooLarge,
+    #[error("domain XML nests elements deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("domain XML is not valid UTF-8")]
+    NotUtf8,
+    #[error("domain XML is malformed: {0}")]
+    Malformed(String),
+    #[error("domain XML has no <name>")]
+    MissingName,
+    #[error("domain XML has no <uuid>")]
+    MissingUuid,
+    #[error("domain XML has an invalid <uuid> {0:?}")]
+    InvalidUuid(String),
+    #[error("<lease> {index} has no <key>")]
+    LeaseMissingKey { index: usize },
+    #[error("<lease> {key:?} has no <target path=...>")]
+    LeaseMissingTarget { key: String },
+    #[error("<lease> {key:?} has an invalid offset {offset:?}")]
+    LeaseBadOffset { key: String, offset: String },
+}
+
+/// A domain UUID in canonical form (lowercase, dashed). Only a parsed UUID ever becomes part of a
+/// path, so `../` and friends cannot reach the filesystem through it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Uuid(String);
+
+impl Uuid {
+    /// Accepts `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` or 32 hex digits (both forms libvirt
+    /// accepts) with optional surrounding whitespace.
+    pub fn parse(text: &str) -> Result<Uuid, DomainError> {
+        let trimmed = text.trim();
+        let hex: String = trimmed.chars().filter(|c| *c != '-').collect();
+        let dashes_ok = trimmed.len() == 32
+            || (trimmed.len() == 36 && [8, 13, 18, 23].iter().all(|&i| trimmed.as_bytes()[i] == b'-'));
+        if hex.len() != 32 || !dashes_ok || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(DomainError::InvalidUuid(text.chars().take(64).collect()));
+        }
+        let hex = hex.to_ascii_lowercase();
+        Ok(Uuid(format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Uuid {
+    type Error = DomainError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Uuid::parse(&value)
+    }
+}
+
+impl From<Uuid> for String {
+    fn from(value: Uuid) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for Uuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Domain {
+    pub name: String,
+    pub uuid: Uuid,
+    pub disks: Vec<Disk>,
+    pub leases: Vec<Lease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// `<target dev>`, e.g. `vda`; used in messages only.
+    pub target: Option<String>,
+    /// `<disk device>`: disk, cdrom, floppy, lun.
+    pub device: String,
+    pub source: Source,
+    /// `<driver type>`: qcow2, raw, ... (None when not given).
+    pub format: Option<String>,
+    pub readonly: bool,
+    pub shareable: bool,
+    /// `startupPolicy='optional'`: libvirt drops the disk when its source is missing.
+    pub optional: bool,
+    /// The chain from `<backingStore>`: `None` when the XML says nothing (it must be read from
+    /// the image header), `Some(vec![])` for an explicit empty `<backingStore/>`.
+    pub backing: Option<Vec<Backing>>,
+}
+
+/// One image below a disk in its backing chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backing {
+    pub source: Source,
+    pub format: Option<String>,
+}
+
+/// Where a disk's data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Block(PathBuf),
+    Volume {
+        pool: String,
+        volume: String,
+    },
+    Network {
+        protocol: String,
+        name: Option<String>,
+        hosts: Vec<NetworkHost>,
+    },
+    /// `type='dir'`, `nvme`, `vhostuser`, ...: nothing lockhook can lock.
+    Unsupported(String),
+    /// No `<source>` (an empty cdrom drive).
+    Empty,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkHost {
+    pub name: Option<String>,
+    pub port: Option<String>,
+    pub transport: Option<String>,
+    pub socket: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub lockspace: Option<String>,
+    pub key: String,
+    pub path: PathBuf,
+    pub offset: u64,
+}
+
+impl Domain {
+    /// Parses domain XML from the hook's stdin. Bounded: the size is capped before parsing, the
+    /// nesting depth in a streaming pre-pass (serde recursion would otherwise follow a hostile
+    /// `<backingStore>` chain until the stack overflows), and DTD entities are never expanded
+    /// (quick-xml does not implement them; an undefined entity is an error).
+    pub fn parse(bytes: &[u8]) -> Result<Domain, DomainError> {
+        if bytes.len() > MAX_XML_BYTES {
+            return Err(DomainError::TooLarge);
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| DomainError::NotUtf8)?;
+        if text.trim().is_empty() {
+            return Err(DomainError::Empty);
+        }
+        check_depth(text)?;
+        let raw: RawDomain =
+            quick_xml::de::from_str(text).map_err(|e| DomainError::Malformed(one_line(&e.to_string())))?;
+        Domain::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawDomain) -> Result<Domain, DomainError> {
+        let name = raw.name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).ok_or(DomainError::MissingName)?;
+        let uuid = Uuid::parse(raw.uuid.as_deref().ok_or(DomainError::MissingUuid)?)?;
+        let devices = raw.devices.unwrap_or_default();
+        let disks = devices.disks.into_iter().map(disk_from_raw).collect();
+        let leases = devices
+            .leases
+            .into_iter()
+            .enumerate()
+            .map(|(index, lease)| lease_from_raw(index, lease))
+            .collect::<Result<_, _>>()?;
+        Ok(Domain { name, uuid, disks, leases })
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn check_depth(text: &str) -> Result<(), DomainError> {
+    let mut reader = Reader::from_str(text);
+    let mut depth = 0usize;
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(_)) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(DomainError::TooDeep);
+                }
+            }
+            Ok(Event::End(_)) => depth = depth.saturating_sub(1),
+            Ok(Event::Eof) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(DomainError::Malformed(one_line(&e.to_string()))),
+        }
+    }
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+fn source_from_raw(kind: &str, source: Option<RawSource>) -> (Source, bool) {
+    let Some(source) = source else { return (Source::Empty, false) };
+    let optional = source.startup_policy.as_deref() == Some("optional");
+    let parsed = match kind {
+        "file" => non_empty(source.file).map(|f| Source::File(f.into())),
+        "block" => non_empty(source.dev).map(|d| Source::Block(d.into())),
+        "volume" => match (non_empty(source.pool), non_empty(source.volume)) {
+            (Some(pool), Some(volume)) => Some(Source::Volume { pool, volume }),
+            _ => None,
+        },
+        "network" => non_empty(source.protocol).map(|protocol| Source::Network {
+            protocol,
+            name: non_empty(source.name),
+            hosts: source
+                .hosts
+                .into_iter()
+                .map(|h| NetworkHost { name: h.name, port: h.port, transport: h.transport, socket: h.socket })
+                .collect(),
+        }),
+        other => Some(Source::Unsupported(other.to_owned())),
+    };
+    (parsed.unwrap_or(Source::Empty), optional)
+}
+
+fn backing_from_raw(raw: Option<RawBackingStore>) -> Option<Vec<Backing>> {
+    let mut next = raw?;
+    let mut chain = Vec::new();
+    loop {
+        let kind = next.kind.clone().unwrap_or_else(|| "file".to_owned());
+        let (source, _) = source_from_raw(&kind, next.source.take());
+        if source == Source::Empty {
+            // `<backingStore/>`: the end of the chain.
+            return Some(chain);
+        }
+        chain.push(Backing { source, format: next.format.and_then(|f| f.kind) });
+        match next.backing_store {
+            Some(deeper) => next = *deeper,
+            // A chain written by hand may stop without `<backingStore/>`: it ends here too.
+            None => return Some(chain),
+        }
+    }
+}
+
+fn disk_from_raw(raw: RawDisk) -> Disk {
+    let kind = raw.kind.unwrap_or_else(|| "file".to_owned());
+    let device = raw.device.unwrap_or_else(|| "disk".to_owned());
+    let (source, optional) = source_from_raw(&kind, raw.source);
+    Disk {
+        target: raw.target.and_then(|t| t.dev),
+        readonly: raw.readonly.is_some() || device == "cdrom",
+        device,
+        source,
+        format: raw.driver.and_then(|d| d.kind),
+        shareable: raw.shareable.is_some(),
+        optional,
+        backing: backing_from_raw(raw.backing_store),
+    }
+}
+
+fn lease_from_raw(index: usize, raw: RawLease) -> Result<Lease, DomainError> {
+    let key =
+        raw.key.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).ok_or(DomainError::LeaseMissingKey { index })?;
+    let target = raw.target.unwrap_or_default();
+    let path = non_empty(target.path).ok_or_else(|| DomainError::LeaseMissingTarget { key: key.clone() })?;
+    let offset = match target.offset {
+        None => 0,
+        Some(text) => text
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| DomainError::LeaseBadOffset { key: key.clone(), offset: text.chars().take(64).collect() })?,
+    };
+    Ok(Lease { lockspace: non_empty(raw.lockspace.map(|l| l.trim().to_owned())), key, path: path.into(), offset })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UUID: &str = "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab";
+
+    fn domain(devices: &str) -> String {
+        format!("<domain type='kvm'><name>vm1</name><uuid>{UUID}</uuid><devices>{devices}</devices></domain>")
+    }
+
+    #[test]
+    fn uuid_forms() {
+        assert_eq!(Uuid::parse("F3FA73D41C2B4E5F8A9B0123456789AB").expect("undashed").as_str(), UUID);
+        assert_eq!(Uuid::parse(&format!(" {UUID}\n")).expect("spaces").as_str(), UUID);
+        for bad in [
+            "../../etc/passwd",
+            "",
+            "f3fa73d4-1c2b-4e5f-8a9b-0123456789a",
+            "g3fa73d4-1c2b-4e5f-8a9b-0123456789ab",
+            "f3fa73d41-c2b-4e5f-8a9b-0123456789ab",
+        ] {
+            assert!(Uuid::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_documents() {
+        assert!(matches!(Domain::parse(b""), Err(DomainError::Empty)));
+        assert!(matches!(Domain::parse(b"<domain><name>x</name"), Err(DomainError::Malformed(_))));
+        assert!(matches!(Domain::parse(b"\xff\xfe<domain/>"), Err(DomainError::NotUtf8)));
+        assert!(matches!(Domain::parse(b"<domain><uuid>x</uuid></domain>"), Err(DomainError::MissingName)));
+        assert!(matches!(Domain::parse(b"<domain><name>x</name></domain>"), Err(DomainError::MissingUuid)));
+        let deep = format!(
+            "<domain><name>x</name><uuid>{UUID}</uuid>{}{}</domain>",
+            "<a>".repeat(100_000),
+            "</a>".repeat(100_000)
+        );
+        assert!(matches!(Domain::parse(deep.as_bytes()), Err(DomainError::TooDeep)));
+        let big = vec![b' '; MAX_XML_BYTES + 1];
+        assert!(matches!(Domain::parse(&big), Err(DomainError::TooLarge)));
+    }
+
+    #[test]
+    fn entities_are_not_expanded() {
+        let xml = format!(
+            "<!DOCTYPE domain [<!ENTITY x \"/etc/shadow\">]><domain><name>vm1</name><uuid>{UUID}</uuid><devices>\
+             <disk type='file'><source file='&x;'/></disk></devices></domain>"
+        );
+        assert!(Domain::parse(xml.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn disks_and_leases() {
+        let xml = domain(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/img/a b é.qcow2'/><target dev='vda'/></disk>\
+             <lease><lockspace>ls</lockspace><key>k1</key><target path='/leases/l' offset='1024'/></lease>\
+             <disk type='file' device='cdrom'><target dev='hdc'/><readonly/></disk>\
+             <disk type='block'><source dev='/dev/loop0'/><shareable/></disk>",
+        );
+        let d = Domain::parse(xml.as_bytes()).expect("parse");
+        assert_eq!(d.name, "vm1");
+        assert_eq!(d.disks.len(), 3);
+        assert_eq!(d.disks[0].source, Source::File("/img/a b é.qcow2".into()));
+        assert_eq!(d.disks[0].format.as_deref(), Some("qcow2"));
+        assert_eq!(d.disks[0].backing, None);
+        assert_eq!(d.disks[1].source, Source::Empty);
+        assert!(d.disks[1].readonly);
+        assert!(d.disks[2].shareable);
+        assert_eq!(
+            d.leases,
+            vec![Lease { lockspace: Some("ls".into()), key: "k1".into(), path: "/leases/l".into(), offset: 1024 }]
+        );
+    }
+
+    #[test]
+    fn lease_errors() {
+        let bad_offset = domain("<lease><key>k</key><target path='/l' offset='-1'/></lease>");
+        assert!(matches!(Domain::parse(bad_offset.as_bytes()), Err(DomainError::LeaseBadOffset { .. })));
+        let no_target = domain("<lease><key>k</key></lease>");
+        assert!(matches!(Domain::parse(no_target.as_bytes()), Err(DomainError::LeaseMissingTarget { .. })));
+        let no_key = domain("<lease><target path='/l'/></lease>");
+        assert!(matches!(Domain::parse(no_key.as_bytes()), Err(DomainError::LeaseMissingKey { .. })));
+    }
+
+    #[test]
+    fn backing_chain_from_xml() {
+        let xml = domain(
+            "<disk type='file'><source file='/i/top.qcow2'/><backingStore type='file'><format type='qcow2'/>\
+             <source file='/i/mid.qcow2'/><backingStore type='block'><format type='raw'/><source dev='/dev/base'/>\
+             <backingStore/></backingStore></backingStore><target dev='vda'/></disk>\
+             <disk type='file'><source file='/i/flat.raw'/><backingStore/></disk>",
+        );
+        let d = Domain::parse(xml.as_bytes()).expect("parse");
+        let chain = d.disks[0].backing.as_ref().expect("chain");
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[0].source, Source::File("/i/mid.qcow2".into()));
+        assert_eq!(chain[1].source, Source::Block("/dev/base".into()));
+        assert_eq!(d.disks[1].backing, Some(vec![]));
+    }
+
+    #[test]
+    fn interleaved_devices() {
+        let xml = domain(
+            "<disk type='file'><source file='/a'/></disk><interface type='user'/><disk type='file'><source file='/b'/></disk>\
+             <lease><key>k</key><target path='/l'/></lease><disk type='file'><source file='/c'/></disk>",
+        );
+        let d = Domain::parse(xml.as_bytes()).expect("parse");
+        assert_eq!(d.disks.len(), 3);
+        assert_eq!(d.leases.len(), 1);
+    }
+}

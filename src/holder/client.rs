@@ -1,0 +1,118 @@
+//! Talking to a guest's holder. Each method names an intent and accepts exactly one reply;
+//! anything else is `ProtocolError::Unexpected`.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::socket::{self, connect, setsockopt, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::time::TimeVal;
+
+use super::fdpass::{self, FdPassError};
+use super::protocol::{self, Guest, ProtocolError, Request, Response, MAX_FDS, MAX_FRAME};
+use crate::domain::Uuid;
+use crate::lock::Identity;
+use crate::paths::Paths;
+use crate::state::Resource;
+
+/// How long a client waits for the holder's reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{path}: cannot connect to the holder")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("holder connection")]
+    Transport(#[from] FdPassError),
+    #[error("holder connection closed before it replied")]
+    Closed,
+    #[error("holder protocol")]
+    Protocol(#[from] ProtocolError),
+    #[error("holder refused: {0}")]
+    Refused(String),
+}
+
+/// What a holder holds, as far as the hook needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub identities: Vec<Identity>,
+    pub qemu_pid: Option<u32>,
+}
+
+pub struct Client {
+    sock: OwnedFd,
+}
+
+impl Client {
+    /// Connects to the holder of `uuid`. `Ok(None)` when there is none (no socket, or nobody
+    /// listening on it: a holder killed with SIGKILL leaves its socket file behind).
+    pub fn connect(paths: &Paths, uuid: &Uuid) -> Result<Option<Client>, ClientError> {
+        let path = paths.socket(uuid);
+        let err = |source| ClientError::Connect { path: path.clone(), source };
+        let sock =
+            socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(err)?;
+        let addr = UnixAddr::new(&path).map_err(err)?;
+        match connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr) {
+            Ok(()) => {}
+            Err(nix::Error::ENOENT | nix::Error::ECONNREFUSED) => return Ok(None),
+            Err(e) => return Err(err(e)),
+        }
+        let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as libc::time_t, 0);
+        let _ = setsockopt(&sock, sockopt::ReceiveTimeout, &timeout);
+        let _ = setsockopt(&sock, sockopt::SendTimeout, &timeout);
+        Ok(Some(Client { sock }))
+    }
+
+    fn call(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Response, ClientError> {
+        let bytes = protocol::encode(request)?;
+        fdpass::send(self.sock.as_fd(), &bytes, fds)?;
+        let mut buf = vec![0u8; MAX_FRAME];
+        let (len, _) = fdpass::recv(self.sock.as_fd(), &mut buf)?;
+        if len == 0 {
+            return Err(ClientError::Closed);
+        }
+        match protocol::decode::<Response>(&buf[..len])? {
+            Response::Error { code, message } => Err(ClientError::Refused(format!("{message} ({code:?})"))),
+            other => Ok(other),
+        }
+    }
+
+    fn expect_ok(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), ClientError> {
+        match self.call(request, fds)? {
+            Response::Ok => Ok(()),
+            other => Err(ProtocolError::Unexpected { expected: "ok", got: format!("{other:?}") }.into()),
+        }
+    }
+
+    /// Hands locks over. `resources[i]` describes `fds[i]`. Sent in batches of `MAX_FDS`.
+    ///
+    /// Invariant: the caller keeps its own copies of the fds until this returns `Ok`; if the
+    /// holder never ACKs, dropping them releases the locks, so nothing stays locked unowned.
+    pub fn acquire(&self, guest: &Guest, resources: &[Resource], fds: &[OwnedFd]) -> Result<(), ClientError> {
+        for (res, fds) in resources.chunks(MAX_FDS).zip(fds.chunks(MAX_FDS)) {
+            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+            self.expect_ok(&Request::Acquire { guest: guest.clone(), resources: res.to_vec() }, &borrowed)?;
+        }
+        Ok(())
+    }
+
+    pub fn set_qemu(&self, pid: u32, start_time: u64) -> Result<(), ClientError> {
+        self.expect_ok(&Request::SetQemu { pid, start_time }, &[])
+    }
+
+    pub fn held(&self) -> Result<Held, ClientError> {
+        match self.call(&Request::Held, &[])? {
+            Response::Held { identities, qemu_pid } => Ok(Held { identities, qemu_pid }),
+            other => Err(ProtocolError::Unexpected { expected: "held", got: format!("{other:?}") }.into()),
+        }
+    }
+
+    /// Asks the holder to drop everything and exit; returns once the locks are gone.
+    pub fn release(&self) -> Result<(), ClientError> {
+        self.expect_ok(&Request::Release, &[])
+    }
+}

@@ -1,0 +1,126 @@
+//! The only `sendmsg`/`recvmsg`/`SCM_RIGHTS` code: one datagram with its fds.
+//!
+//! Received fds arrive with `MSG_CMSG_CLOEXEC` and leave this module only as `OwnedFd`. A
+//! truncated datagram (`MSG_TRUNC`) or truncated ancillary data (`MSG_CTRUNC`: more fds than
+//! room) is an error, and whatever fds did arrive are closed by dropping them.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use super::protocol::MAX_FDS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FdPassError {
+    #[error("cannot send")]
+    Send(#[source] nix::Error),
+    #[error("cannot receive")]
+    Receive(#[source] nix::Error),
+    #[error("message was truncated")]
+    Truncated,
+    #[error("too many fds in one message (at most {MAX_FDS})")]
+    TooManyFds,
+}
+
+/// Sends one datagram with `fds` attached.
+pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), FdPassError> {
+    if fds.len() > MAX_FDS {
+        return Err(FdPassError::TooManyFds);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let iov = [IoSlice::new(data)];
+    let cmsgs = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(FdPassError::Send(e)),
+        }
+    }
+}
+
+/// Receives one datagram into `buf`. Returns its length (0 at end of stream) and its fds.
+pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), FdPassError> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(msg) => msg,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(FdPassError::Receive(e)),
+        };
+        let mut fds = Vec::new();
+        for cmsg in msg.cmsgs().map_err(FdPassError::Receive)? {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                for fd in raw {
+                    // SAFETY: the kernel just installed this descriptor in our table for this
+                    // message; nothing else refers to it, so we are its only owner.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        if msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+            return Err(FdPassError::Truncated);
+        }
+        return Ok((msg.bytes, fds));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    use super::*;
+    use crate::lock::{self, Create, LockMode};
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).expect("socketpair")
+    }
+
+    #[test]
+    fn lock_survives_the_sender_closing_its_fd() {
+        let file = tempfile::NamedTempFile::new().expect("temp");
+        let (a, b) = pair();
+        let held = lock::acquire(file.path(), LockMode::Exclusive, 0, Create::No).expect("lock");
+        send(a.as_fd(), b"hello", &[held.fd.as_fd()]).expect("send");
+        drop(held);
+        let mut buf = [0u8; 64];
+        let (n, fds) = recv(b.as_fd(), &mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(fds.len(), 1);
+        // The sender's copy is gone; the receiver's copy still holds the lock.
+        assert_eq!(lock::probe(file.path(), 0).expect("probe").0, Some(LockMode::Exclusive));
+        drop(fds);
+        assert_eq!(lock::probe(file.path(), 0).expect("probe").0, None);
+    }
+
+    #[test]
+    fn many_fds_and_cloexec() {
+        let (a, b) = pair();
+        let files: Vec<_> = (0..MAX_FDS).map(|_| tempfile::tempfile().expect("temp")).collect();
+        let borrowed: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+        send(a.as_fd(), b"x", &borrowed).expect("send");
+        let mut buf = [0u8; 8];
+        let (_, fds) = recv(b.as_fd(), &mut buf).expect("recv");
+        assert_eq!(fds.len(), MAX_FDS);
+        let flags = nix::fcntl::fcntl(fds[0].as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).expect("getfd");
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        let too_many: Vec<_> = (0..=MAX_FDS).map(|_| files[0].as_fd()).collect();
+        assert!(matches!(send(a.as_fd(), b"x", &too_many), Err(FdPassError::TooManyFds)));
+    }
+
+    #[test]
+    fn truncated_datagram_is_an_error() {
+        let (a, b) = pair();
+        send(a.as_fd(), &[7u8; 100], &[]).expect("send");
+        let mut small = [0u8; 10];
+        assert!(matches!(recv(b.as_fd(), &mut small), Err(FdPassError::Truncated)));
+        drop(a);
+        let mut buf = [0u8; 10];
+        assert_eq!(recv(b.as_fd(), &mut buf).expect("eof").0, 0);
+    }
+}

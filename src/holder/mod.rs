@@ -1,0 +1,7 @@
+//! The per-guest holder process and how to reach it.
+
+pub mod client;
+pub mod fdpass;
+pub mod protocol;
+pub mod server;
+pub mod spawn;

@@ -1,0 +1,138 @@
+//! The holder's control protocol.
+//!
+//! Transport: a `SOCK_SEQPACKET` Unix socket `<run_dir>/<uuid>.sock` (0600, in a 0700 directory).
+//! One datagram is one message: UTF-8 JSON, at most `MAX_FRAME` bytes, plus, for `acquire` only,
+//! the lock fds as `SCM_RIGHTS` ancillary data in the same datagram (at most `MAX_FDS`). A
+//! client sends one request and reads exactly one response before sending the next.
+//!
+//! Every frame is `{"v": 1, "msg": {"type": ..., ...}}`. The holder rejects other versions with
+//! `error{code: "version"}`. Compatibility rule: old → new only; a newer holder understands every
+//! older request, and new fields are optional.
+//!
+//! | request (hook/CLI → holder)            | fds            | response                        |
+//! |----------------------------------------|----------------|---------------------------------|
+//! | `acquire {guest, resources}`           | one per resource, same order | `ok` once the holder owns them and its state file says so |
+//! | `set_qemu {pid, start_time}`           | none           | `ok`                            |
+//! | `held`                                 | none           | `held {identities, qemu_pid}`   |
+//! | `release`                              | none           | `ok` after every lock is dropped; then the holder exits |
+//!
+//! Any request may instead get `error {code, message}`. Only a peer with uid 0 or the holder's
+//! own uid (checked with `SO_PEERCRED`) may send anything; others get `error{code: "denied"}`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::lock::Identity;
+use crate::state::Resource;
+
+pub const VERSION: u32 = 1;
+/// Largest frame either side sends or accepts; checked before anything is parsed.
+pub const MAX_FRAME: usize = 128 * 1024;
+/// Most fds in one `acquire` datagram; larger guests are sent in several `acquire`s.
+pub const MAX_FDS: usize = 64;
+
+/// Who the holder holds locks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guest {
+    pub name: String,
+    pub uuid: crate::domain::Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Acquire { guest: Guest, resources: Vec<Resource> },
+    SetQemu { pid: u32, start_time: u64 },
+    Held,
+    Release,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not a valid frame or request.
+    BadRequest,
+    /// Unknown protocol version.
+    Version,
+    /// The peer's uid may not talk to this holder.
+    Denied,
+    /// The request names another guest than the one this holder is for.
+    WrongGuest,
+    /// The number of fds does not match the resources.
+    FdCount,
+    /// The holder could not do it (e.g. the state file could not be written).
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Ok,
+    Held { identities: Vec<Identity>, qemu_pid: Option<u32> },
+    Error { code: ErrorCode, message: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Frame<T> {
+    v: u32,
+    msg: T,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("protocol version {0} is not supported (this is version {VERSION})")]
+    Version(u32),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("unexpected response: expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
+    let bytes = serde_json::to_vec(&Frame { v: VERSION, msg }).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ProtocolError> {
+    if bytes.len() > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(bytes.len()));
+    }
+    #[derive(Deserialize)]
+    struct Version {
+        v: u32,
+    }
+    let version: Version = serde_json::from_slice(bytes).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    if version.v != VERSION {
+        return Err(ProtocolError::Version(version.v));
+    }
+    let frame: Frame<T> = serde_json::from_slice(bytes).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    Ok(frame.msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        for req in [Request::Held, Request::Release, Request::SetQemu { pid: 7, start_time: 9 }] {
+            let bytes = encode(&req).expect("encode");
+            assert_eq!(decode::<Request>(&bytes).expect("decode"), req);
+        }
+        let resp = Response::Error { code: ErrorCode::Denied, message: "no".into() };
+        assert_eq!(decode::<Response>(&encode(&resp).expect("encode")).expect("decode"), resp);
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        assert!(matches!(decode::<Request>(br#"{"v":2,"msg":{"type":"held"}}"#), Err(ProtocolError::Version(2))));
+        assert!(matches!(decode::<Request>(br#"{"v":1,"msg":{"type":"explode"}}"#), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(decode::<Request>(b"\xff"), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(decode::<Request>(&vec![b' '; MAX_FRAME + 1]), Err(ProtocolError::TooLarge(_))));
+        assert!(matches!(decode::<Request>(br#"{"msg":{"type":"held"}}"#), Err(ProtocolError::Malformed(_))));
+    }
+}

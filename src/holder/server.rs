@@ -1,0 +1,450 @@
+//! The holder: one small process per running guest that keeps the guest's lock fds open.
+//!
+//! Start-up order (each step before the next):
+//! 1. close every inherited fd but the ready pipe (the child side of `spawn` already put
+//!    /dev/null on 0-2 and called `setsid`, so libvirtd's pipes are not held);
+//! 2. ignore SIGHUP/SIGINT/SIGPIPE and set `oom_score_adj` to -1000: losing the holder loses the
+//!    locks;
+//! 3. take the single-instance OFD lock on `<uuid>.lock` (a second holder for one guest fails here);
+//! 4. replace any stale socket, bind `<uuid>.sock` with mode 0600;
+//! 5. write `R` on the ready pipe and close it.
+//!
+//! Then it serves one connection at a time. It exits after `release`, when the guest's QEMU
+//! process ends (libvirtd may be down and never send `release`), or when nothing was handed to
+//! it within `IDLE_EXIT` of its start (the hook that started it died).
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{signal, SigHandler, Signal};
+use nix::sys::socket::{
+    self, accept4, bind, listen, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
+use nix::sys::time::TimeVal;
+
+use super::fdpass;
+use super::protocol::{self, ErrorCode, Guest, Request, Response, MAX_FRAME};
+use crate::config::Config;
+use crate::domain::Uuid;
+use crate::lock::{self, LockMode};
+use crate::paths::Paths;
+use crate::state::{self, GuestState, Resource};
+
+/// A holder that was given nothing this long after its start exits.
+pub const IDLE_EXIT: Duration = Duration::from_secs(10);
+/// How long one connection may stay silent before the holder drops it.
+pub const CONN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Without pidfd support, how often the QEMU process is checked.
+const PROC_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HolderError {
+    #[error("{path}: cannot create the run directory")]
+    RunDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot open the instance lock")]
+    InstanceLock {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another holder already runs for guest {0}")]
+    AlreadyRunning(Uuid),
+    #[error("{path}: cannot listen")]
+    Listen {
+        path: std::path::PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+struct Qemu {
+    pid: u32,
+    start_time: u64,
+    pidfd: Option<OwnedFd>,
+}
+
+struct Holder {
+    uuid: Uuid,
+    paths: Paths,
+    guest: Option<Guest>,
+    held: Vec<(Resource, OwnedFd)>,
+    qemu: Option<Qemu>,
+    since: String,
+    host: String,
+    _instance: File,
+    listener: OwnedFd,
+}
+
+/// What the loop does after a request.
+enum Next {
+    Continue,
+    Exit,
+}
+
+/// Closes every fd from 3 up except `keep`.
+fn close_inherited(keep: RawFd) {
+    let ranges = [(3u32, keep.saturating_sub(1) as u32), (keep as u32 + 1, u32::MAX)];
+    for (first, last) in ranges {
+        if first > last {
+            continue;
+        }
+        // SAFETY: close_range only closes descriptors; nothing in this process owns fds above 2
+        // yet except `keep`, which is outside both ranges.
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+        if rc != 0 {
+            // Kernels before 5.9: close them one by one from /proc/self/fd.
+            let fds: Vec<RawFd> = fs::read_dir("/proc/self/fd")
+                .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+                .unwrap_or_default();
+            for fd in fds.into_iter().filter(|fd| *fd >= first as RawFd && (*fd as u32) <= last) {
+                // SAFETY: see above; closing an fd that is already closed (the read_dir handle)
+                // only returns EBADF.
+                unsafe { libc::close(fd) };
+            }
+        }
+    }
+}
+
+fn protect_self() {
+    for sig in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGPIPE] {
+        // SAFETY: installing SIG_IGN runs no handler code, so no async-signal-safety rules apply.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
+    }
+    if let Err(e) = fs::write("/proc/self/oom_score_adj", "-1000") {
+        warn!("cannot set oom_score_adj: {e}");
+    }
+}
+
+fn ensure_run_dir(dir: &Path) -> Result<(), HolderError> {
+    let err = |source| HolderError::RunDir { path: dir.to_owned(), source };
+    fs::create_dir_all(dir).map_err(err)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+fn take_instance_lock(paths: &Paths, uuid: &Uuid) -> Result<File, HolderError> {
+    let path = paths.instance_lock(uuid);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|source| HolderError::InstanceLock { path: path.clone(), source })?;
+    match lock::try_lock_fd(&file, LockMode::Exclusive, 0) {
+        Ok(()) => Ok(file),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(HolderError::AlreadyRunning(uuid.clone())),
+        Err(source) => Err(HolderError::InstanceLock { path, source }),
+    }
+}
+
+fn listen_on(path: &Path) -> Result<OwnedFd, HolderError> {
+    let err = |source| HolderError::Listen { path: path.to_owned(), source };
+    // Only a holder holding the instance lock gets here, so a socket file left at this path
+    // belongs to a dead holder of this guest.
+    let _ = fs::remove_file(path);
+    let sock = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(err)?;
+    let addr = UnixAddr::new(path).map_err(err)?;
+    // Bind with a umask that leaves the socket 0600 from its first moment.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = bind(sock.as_raw_fd(), &addr);
+    nix::sys::stat::umask(old);
+    bound.map_err(err)?;
+    listen(&sock, Backlog::new(16).map_err(err)?).map_err(err)?;
+    Ok(sock)
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel returned a fresh descriptor (CLOEXEC by default) that only we own.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn report(ready: &mut Option<File>, message: &str) {
+    if let Some(mut pipe) = ready.take() {
+        let _ = std::io::Write::write_all(&mut pipe, format!("E{message}").as_bytes());
+    }
+}
+
+/// The holder's main. `ready_fd` is the write end of the spawner's pipe.
+pub fn run(config_path: &Path, uuid: &Uuid, ready_fd: RawFd) -> i32 {
+    // SAFETY: F_GETFD only inspects the descriptor table entry.
+    let ready_valid = unsafe { libc::fcntl(ready_fd, libc::F_GETFD) } >= 0 && ready_fd > 2;
+    close_inherited(if ready_valid { ready_fd } else { -1 });
+    let mut ready = ready_valid.then(|| {
+        // SAFETY: the fd is open (checked above), was inherited for exactly this purpose, and
+        // nothing else in this process refers to it.
+        File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) })
+    });
+    protect_self();
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            report(&mut ready, &e.to_string());
+            return 1;
+        }
+    };
+    crate::logging::init_daemon(&config);
+    let mut holder = match Holder::start(&config, uuid) {
+        Ok(holder) => holder,
+        Err(e) => {
+            error!("holder for {uuid}: {e}");
+            report(&mut ready, &e.to_string());
+            return 1;
+        }
+    };
+    if let Some(mut pipe) = ready.take() {
+        let _ = std::io::Write::write_all(&mut pipe, protocol_ready());
+    }
+    holder.serve();
+    0
+}
+
+fn protocol_ready() -> &'static [u8] {
+    super::spawn::READY
+}
+
+impl Holder {
+    fn start(config: &Config, uuid: &Uuid) -> Result<Holder, HolderError> {
+        let paths = Paths::new(&config.run_dir);
+        ensure_run_dir(paths.run_dir())?;
+        let instance = take_instance_lock(&paths, uuid)?;
+        let listener = listen_on(&paths.socket(uuid))?;
+        Ok(Holder {
+            uuid: uuid.clone(),
+            paths,
+            guest: None,
+            held: Vec::new(),
+            qemu: None,
+            since: crate::clock::now(),
+            host: state::hostname(),
+            _instance: instance,
+            listener,
+        })
+    }
+
+    fn serve(&mut self) {
+        let started = Instant::now();
+        loop {
+            let timeout = if self.held.is_empty() {
+                IDLE_EXIT.saturating_sub(started.elapsed())
+            } else if self.qemu.as_ref().is_some_and(|q| q.pidfd.is_none()) {
+                PROC_POLL
+            } else {
+                Duration::MAX
+            };
+            if self.held.is_empty() && timeout.is_zero() {
+                info!("holder for {}: nothing handed over within {IDLE_EXIT:?}; exiting", self.uuid);
+                return self.exit();
+            }
+            let (listener_ready, qemu_gone) = match self.wait(timeout) {
+                Ok(events) => events,
+                Err(e) => {
+                    error!("holder for {}: poll failed: {e}", self.uuid);
+                    continue;
+                }
+            };
+            if qemu_gone || self.qemu_exited() {
+                let pid = self.qemu.as_ref().map_or(0, |q| q.pid);
+                warn!("guest {}: QEMU (pid {pid}) is gone and no release came; releasing its locks", self.describe());
+                return self.exit();
+            }
+            if listener_ready {
+                if let Next::Exit = self.accept_one() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn wait(&self, timeout: Duration) -> nix::Result<(bool, bool)> {
+        let mut fds = vec![PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+        if let Some(pidfd) = self.qemu.as_ref().and_then(|q| q.pidfd.as_ref()) {
+            fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
+        }
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::NONE);
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+        let is_ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        Ok((is_ready(&fds[0]), fds.get(1).is_some_and(is_ready)))
+    }
+
+    fn qemu_exited(&self) -> bool {
+        self.qemu.as_ref().is_some_and(|q| q.pidfd.is_none() && !crate::qemu::is_alive(q.pid, q.start_time))
+    }
+
+    fn describe(&self) -> String {
+        match &self.guest {
+            Some(g) => format!("{} ({})", g.name, g.uuid),
+            None => self.uuid.to_string(),
+        }
+    }
+
+    fn accept_one(&mut self) -> Next {
+        let conn = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            // SAFETY: accept4 returned a new descriptor that only we own.
+            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+            Err(e) => {
+                warn!("holder for {}: accept failed: {e}", self.uuid);
+                return Next::Continue;
+            }
+        };
+        let timeout = TimeVal::new(CONN_TIMEOUT.as_secs() as libc::time_t, 0);
+        let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &timeout);
+        let _ = setsockopt(&conn, sockopt::SendTimeout, &timeout);
+        let allowed = match socket::getsockopt(&conn, sockopt::PeerCredentials) {
+            Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
+            Err(_) => false,
+        };
+        let mut buf = vec![0u8; MAX_FRAME];
+        loop {
+            let (len, fds) = match fdpass::recv(conn.as_fd(), &mut buf) {
+                Ok((0, _)) => return Next::Continue,
+                Ok(got) => got,
+                Err(e) => {
+                    warn!("holder for {}: dropping a connection: {e}", self.uuid);
+                    return Next::Continue;
+                }
+            };
+            let (response, next) = if allowed {
+                match protocol::decode::<Request>(&buf[..len]) {
+                    Ok(request) => self.handle(request, fds),
+                    Err(e) => (Response::Error { code: code_of(&e), message: e.to_string() }, Next::Continue),
+                }
+            } else {
+                (
+                    Response::Error {
+                        code: ErrorCode::Denied,
+                        message: "only root may talk to a lockhook holder".into(),
+                    },
+                    Next::Continue,
+                )
+            };
+            if let Ok(bytes) = protocol::encode(&response) {
+                let _ = fdpass::send(conn.as_fd(), &bytes, &[]);
+            }
+            if let Next::Exit = next {
+                return Next::Exit;
+            }
+        }
+    }
+
+    fn handle(&mut self, request: Request, fds: Vec<OwnedFd>) -> (Response, Next) {
+        match request {
+            Request::Acquire { guest, resources } => (self.acquire(guest, resources, fds), Next::Continue),
+            Request::SetQemu { pid, start_time } => (self.set_qemu(pid, start_time), Next::Continue),
+            Request::Held => (
+                Response::Held {
+                    identities: self.held.iter().map(|(r, _)| r.identity).collect(),
+                    qemu_pid: self.qemu.as_ref().map(|q| q.pid),
+                },
+                Next::Continue,
+            ),
+            Request::Release => {
+                info!("guest {}: released {} lock(s)", self.describe(), self.held.len());
+                self.drop_all();
+                (Response::Ok, Next::Exit)
+            }
+        }
+    }
+
+    fn acquire(&mut self, guest: Guest, resources: Vec<Resource>, fds: Vec<OwnedFd>) -> Response {
+        if guest.uuid != self.uuid {
+            return Response::Error {
+                code: ErrorCode::WrongGuest,
+                message: format!("this holder is for {}, not {}", self.uuid, guest.uuid),
+            };
+        }
+        if fds.len() != resources.len() {
+            // Dropping `fds` closes what arrived.
+            return Response::Error {
+                code: ErrorCode::FdCount,
+                message: format!("{} resources but {} fds", resources.len(), fds.len()),
+            };
+        }
+        for (resource, fd) in resources.into_iter().zip(fds) {
+            if self.held.iter().any(|(r, _)| r.identity == resource.identity) {
+                continue;
+            }
+            info!(
+                "guest {} ({}): holding {} {} ({})",
+                guest.name,
+                guest.uuid,
+                resource.mode.as_str(),
+                resource.path.display(),
+                roles(&resource)
+            );
+            self.held.push((resource, fd));
+        }
+        self.guest = Some(guest);
+        // Invariant: the ACK goes out only after the state file lists the new locks, so a
+        // refusal on this host can name this guest as soon as the hook returns.
+        match self.save() {
+            Ok(()) => Response::Ok,
+            Err(e) => Response::Error { code: ErrorCode::Failed, message: e.to_string() },
+        }
+    }
+
+    fn set_qemu(&mut self, pid: u32, start_time: u64) -> Response {
+        if !crate::qemu::is_alive(pid, start_time) {
+            return Response::Error { code: ErrorCode::Failed, message: format!("process {pid} is not running") };
+        }
+        self.qemu = Some(Qemu { pid, start_time, pidfd: pidfd_open(pid) });
+        match self.save() {
+            Ok(()) => Response::Ok,
+            Err(e) => Response::Error { code: ErrorCode::Failed, message: e.to_string() },
+        }
+    }
+
+    fn save(&self) -> Result<(), state::StateError> {
+        let guest = self.guest.clone().unwrap_or(Guest { name: String::new(), uuid: self.uuid.clone() });
+        let record = GuestState {
+            version: state::STATE_VERSION,
+            name: guest.name,
+            uuid: self.uuid.clone(),
+            host: self.host.clone(),
+            holder_pid: std::process::id(),
+            qemu_pid: self.qemu.as_ref().map(|q| q.pid),
+            since: self.since.clone(),
+            resources: self.held.iter().map(|(r, _)| r.clone()).collect(),
+        };
+        state::write(&self.paths.state(&self.uuid), &record)
+    }
+
+    /// Drops every lock, then the files that advertise them.
+    fn drop_all(&mut self) {
+        self.held.clear();
+        let _ = fs::remove_file(self.paths.state(&self.uuid));
+        let _ = fs::remove_file(self.paths.socket(&self.uuid));
+    }
+
+    fn exit(&mut self) {
+        self.drop_all();
+    }
+}
+
+fn roles(resource: &Resource) -> String {
+    resource.roles.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+fn code_of(e: &protocol::ProtocolError) -> ErrorCode {
+    match e {
+        protocol::ProtocolError::Version(_) => ErrorCode::Version,
+        _ => ErrorCode::BadRequest,
+    }
+}

@@ -1,0 +1,360 @@
+//! The libvirt `qemu` hook contract: argv → event, stdin → domain XML, exit status → verdict.
+//!
+//! libvirt calls `qemu NAME OP SUBOP EXTRA` with the full domain XML on stdin and waits for the
+//! hook to exit. Rules kept here:
+//! - nothing is ever written to stdout: for `migrate` and `restore` libvirt takes stdout as
+//!   replacement XML;
+//! - the hook never calls libvirt (the domain's job is held while the hook runs: deadlock);
+//! - `prepare` and `start` may refuse (non-zero aborts the start); `started` and `reconnect`
+//!   fail only with cause (a failure kills the running guest); `stopped`/`release` cannot stop
+//!   anything, and `release` also follows a refused `prepare`, so it only ever releases the
+//!   holder of this guest's UUID, and only when that guest's QEMU is gone;
+//! - unknown operations exit 0, so a newer libvirt never blocks a guest.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use log::{error, info, warn};
+
+use crate::config::{Config, ConfigError, ReconnectPolicy};
+use crate::domain::{Domain, DomainError, Uuid, MAX_XML_BYTES};
+use crate::holder::client::{Client, ClientError};
+use crate::holder::protocol::Guest;
+use crate::holder::spawn::{self, SpawnError};
+use crate::lock::Identity;
+use crate::lockset::{self, Acquired, Refusal};
+use crate::paths::Paths;
+use crate::state;
+use crate::storage::{self, Request, StorageError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Prepare,
+    Start,
+    Started,
+    Stopped,
+    Release,
+    Migrate,
+    Restore,
+    Reconnect,
+    Attach,
+    Other(String),
+}
+
+impl Op {
+    fn parse(text: &str) -> Op {
+        match text {
+            "prepare" => Op::Prepare,
+            "start" => Op::Start,
+            "started" => Op::Started,
+            "stopped" => Op::Stopped,
+            "release" => Op::Release,
+            "migrate" => Op::Migrate,
+            "restore" => Op::Restore,
+            "reconnect" => Op::Reconnect,
+            "attach" => Op::Attach,
+            other => Op::Other(other.to_owned()),
+        }
+    }
+}
+
+/// One hook call: `qemu NAME OP SUBOP EXTRA`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookEvent {
+    pub domain: String,
+    pub op: Op,
+    pub sub_op: String,
+    pub extra: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("usage: qemu NAME OPERATION SUB-OPERATION EXTRA (as libvirt calls it); got {0} argument(s)")]
+    Usage(usize),
+    #[error("configuration")]
+    Config(#[from] ConfigError),
+    #[error("cannot read the domain XML from stdin")]
+    ReadXml(#[source] std::io::Error),
+    #[error("guest {name}")]
+    Domain {
+        name: String,
+        #[source]
+        source: DomainError,
+    },
+    #[error("guest {name}")]
+    Storage {
+        name: String,
+        #[source]
+        source: StorageError,
+    },
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    #[error("guest {name} ({uuid}) is already running on this host (QEMU pid {pid}); not locking it twice")]
+    AlreadyRunning { name: String, uuid: Uuid, pid: u32 },
+    #[error("guest {name} ({uuid}): cannot start its lock holder")]
+    Spawn {
+        name: String,
+        uuid: Uuid,
+        #[source]
+        source: SpawnError,
+    },
+    #[error("guest {name} ({uuid}): lock holder")]
+    Holder {
+        name: String,
+        uuid: Uuid,
+        #[source]
+        source: ClientError,
+    },
+}
+
+impl HookError {
+    /// The lines the user sees (libvirt appends them to "Hook script execution failed").
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            HookError::Refused(refusal) => refusal.lines.clone(),
+            other => vec![crate::error_chain(other)],
+        }
+    }
+}
+
+/// Whether this binary was started as libvirt's hook (`/etc/libvirt/hooks/qemu`, or a file in
+/// `hooks/qemu.d/` whose name ends in `qemu`).
+pub fn invoked_as_hook(argv0: &std::ffi::OsStr) -> bool {
+    Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == "qemu" || n.ends_with("-qemu") || n.ends_with("lockhook.qemu"))
+}
+
+impl HookEvent {
+    /// Parses the arguments after the program name.
+    pub fn parse(args: &[OsString]) -> Result<HookEvent, HookError> {
+        if args.len() < 2 {
+            return Err(HookError::Usage(args.len()));
+        }
+        let text = |i: usize| args.get(i).map(|a| a.to_string_lossy().into_owned()).unwrap_or_else(|| "-".to_owned());
+        Ok(HookEvent { domain: text(0), op: Op::parse(&text(1)), sub_op: text(2), extra: text(3) })
+    }
+}
+
+/// Everything a hook call needs.
+struct Ctx {
+    config: Config,
+    config_path: PathBuf,
+    paths: Paths,
+}
+
+fn read_xml(stdin: &mut dyn Read) -> Result<Vec<u8>, HookError> {
+    let mut buf = Vec::new();
+    stdin.take(MAX_XML_BYTES as u64 + 1).read_to_end(&mut buf).map_err(HookError::ReadXml)?;
+    Ok(buf)
+}
+
+fn parse_domain(event: &HookEvent, stdin: &mut dyn Read) -> Result<Domain, HookError> {
+    let bytes = read_xml(stdin)?;
+    Domain::parse(&bytes).map_err(|source| HookError::Domain { name: event.domain.clone(), source })
+}
+
+/// Runs one hook call.
+pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Result<(), HookError> {
+    // Operations that lockhook ignores never read the config: a broken config must not stop
+    // migrations or restores that lockhook has no part in.
+    match event.op {
+        Op::Prepare | Op::Start | Op::Started | Op::Release | Op::Reconnect => {}
+        Op::Stopped | Op::Migrate | Op::Restore | Op::Attach | Op::Other(_) => return Ok(()),
+    }
+    let config = Config::load(config_path)?;
+    crate::logging::init_daemon(&config);
+    let ctx = Ctx { paths: Paths::new(&config.run_dir), config, config_path: config_path.to_owned() };
+    match event.op {
+        Op::Prepare => prepare(&ctx, &parse_domain(event, stdin)?),
+        Op::Start => start(&ctx, &parse_domain(event, stdin)?),
+        Op::Started => {
+            let domain = parse_domain(event, stdin)?;
+            if let Err(e) = ensure(&ctx, &domain) {
+                // The guest runs already; failing here would kill it. Say it loudly instead.
+                error!(
+                    "guest {} ({}): running WITHOUT lockhook's locks: {}",
+                    domain.name,
+                    domain.uuid,
+                    e.lines().join("; ")
+                );
+            }
+            Ok(())
+        }
+        Op::Reconnect => reconnect(&ctx, &parse_domain(event, stdin)?),
+        Op::Release => release(&ctx, event, stdin),
+        _ => Ok(()),
+    }
+}
+
+fn guest(domain: &Domain) -> Guest {
+    Guest { name: domain.name.clone(), uuid: domain.uuid.clone() }
+}
+
+fn holder_err(domain: &Domain) -> impl Fn(ClientError) -> HookError + '_ {
+    move |source| HookError::Holder { name: domain.name.clone(), uuid: domain.uuid.clone(), source }
+}
+
+/// The requests for `domain`, with skip notes logged.
+fn requests(ctx: &Ctx, domain: &Domain) -> Result<Vec<Request>, HookError> {
+    let mut plan = crate::resource::plan(domain, &ctx.config);
+    let requests = storage::resolve(&mut plan, &ctx.config)
+        .map_err(|source| HookError::Storage { name: domain.name.clone(), source })?;
+    for note in &plan.skipped {
+        info!("guest {} ({}): {note}; not locked", domain.name, domain.uuid);
+    }
+    Ok(requests)
+}
+
+fn acquire(ctx: &Ctx, domain: &Domain, held: &HashSet<Identity>) -> Result<Acquired, HookError> {
+    let requests = requests(ctx, domain)?;
+    let mut notes = Vec::new();
+    let acquired = lockset::acquire_all(&requests, held, &ctx.config, &ctx.paths, &mut notes);
+    for note in notes {
+        warn!("guest {} ({}): {note}", domain.name, domain.uuid);
+    }
+    if let Err(refusal) = &acquired {
+        for line in &refusal.lines {
+            warn!("guest {} ({}) refused: {line}", domain.name, domain.uuid);
+        }
+    }
+    Ok(acquired?)
+}
+
+/// Gives `acquired` to the guest's holder, starting one if there is none.
+fn hand_over(ctx: &Ctx, domain: &Domain, client: Option<Client>, acquired: Acquired) -> Result<Client, HookError> {
+    let client = match client {
+        Some(client) => client,
+        None => {
+            spawn::spawn(&ctx.config_path, &domain.uuid).map_err(|source| HookError::Spawn {
+                name: domain.name.clone(),
+                uuid: domain.uuid.clone(),
+                source,
+            })?;
+            Client::connect(&ctx.paths, &domain.uuid)
+                .map_err(holder_err(domain))?
+                .ok_or_else(|| holder_err(domain)(ClientError::Closed))?
+        }
+    };
+    let fds: Vec<_> = acquired.locks.into_iter().map(|l| l.fd).collect();
+    client.acquire(&guest(domain), &acquired.resources, &fds).map_err(holder_err(domain))?;
+    // Invariant: `fds` (our copies) are dropped only now, after the holder's ACK.
+    drop(fds);
+    for r in &acquired.resources {
+        info!("guest {} ({}): locked {} {}", domain.name, domain.uuid, r.mode.as_str(), r.path.display());
+    }
+    Ok(client)
+}
+
+fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
+    if let Some(client) = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(domain))? {
+        let held = client.held().map_err(holder_err(domain))?;
+        if let Some(pid) = held.qemu_pid {
+            return Err(HookError::AlreadyRunning { name: domain.name.clone(), uuid: domain.uuid.clone(), pid });
+        }
+        // A holder whose guest never got a QEMU: left over from a start that failed after
+        // `prepare` without a `release` (libvirtd died). Let it go, then start afresh.
+        warn!("guest {} ({}): releasing a stale holder before start", domain.name, domain.uuid);
+        client.release().map_err(holder_err(domain))?;
+    }
+    let acquired = acquire(ctx, domain, &HashSet::new())?;
+    if acquired.locks.is_empty() {
+        info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
+        return Ok(());
+    }
+    hand_over(ctx, domain, None, acquired).map(drop)
+}
+
+/// `start`: lock what `prepare` could not see (the chain libvirt detected, resolved volumes).
+fn start(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
+    let client = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(domain))?;
+    let held = match &client {
+        Some(c) => c.held().map_err(holder_err(domain))?.identities.into_iter().collect(),
+        None => HashSet::new(),
+    };
+    let acquired = acquire(ctx, domain, &held)?;
+    if acquired.locks.is_empty() {
+        return Ok(());
+    }
+    hand_over(ctx, domain, client, acquired).map(drop)
+}
+
+/// Makes sure a live holder holds every lock of a running guest and knows its QEMU. Used by
+/// `started` and `reconnect`; re-adopts the guest when its holder is gone.
+fn ensure(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
+    let qemu = crate::qemu::find(&domain.name, &domain.uuid, &ctx.config.libvirt_run_dir);
+    let client = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(domain))?;
+    let held = match &client {
+        Some(c) => c.held().map_err(holder_err(domain))?,
+        None => {
+            warn!("guest {} ({}): no holder; re-taking its locks", domain.name, domain.uuid);
+            crate::holder::client::Held { identities: Vec::new(), qemu_pid: None }
+        }
+    };
+    let acquired = acquire(ctx, domain, &held.identities.iter().copied().collect())?;
+    let client = if acquired.locks.is_empty() { client } else { Some(hand_over(ctx, domain, client, acquired)?) };
+    match (client, qemu) {
+        (Some(client), Some((pid, start_time))) if held.qemu_pid != Some(pid) => {
+            client.set_qemu(pid, start_time).map_err(holder_err(domain))
+        }
+        (_, None) => {
+            warn!("guest {} ({}): QEMU process not found; its holder cannot watch it", domain.name, domain.uuid);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn reconnect(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
+    match ensure(ctx, domain) {
+        Ok(()) => Ok(()),
+        Err(e) if ctx.config.on_reconnect_failure == ReconnectPolicy::Kill => Err(e),
+        Err(e) => {
+            error!(
+                "guest {} ({}): running WITHOUT lockhook's locks after libvirtd restart: {}",
+                domain.name,
+                domain.uuid,
+                e.lines().join("; ")
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The UUID to release: from the XML, or, when that cannot be parsed, from the state file of a
+/// live holder whose guest has this name.
+fn release_target(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Option<Uuid> {
+    match parse_domain(event, stdin) {
+        Ok(domain) => Some(domain.uuid),
+        Err(e) => {
+            warn!("release of {}: {}; looking the guest up by name", event.domain, crate::error_chain(&e));
+            state::list(&ctx.paths).ok()?.into_iter().find_map(|entry| {
+                let s = entry.state.ok()?;
+                (entry.alive && s.name == event.domain).then_some(s.uuid)
+            })
+        }
+    }
+}
+
+fn release(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Result<(), HookError> {
+    let Some(uuid) = release_target(ctx, event, stdin) else { return Ok(()) };
+    let domain = Domain { name: event.domain.clone(), uuid: uuid.clone(), disks: vec![], leases: vec![] };
+    let Some(client) = Client::connect(&ctx.paths, &uuid).map_err(holder_err(&domain))? else {
+        return Ok(());
+    };
+    let held = client.held().map_err(holder_err(&domain))?;
+    if let Some(pid) = held.qemu_pid {
+        if crate::qemu::start_time(pid).is_some()
+            && crate::qemu::find(&domain.name, &uuid, &ctx.config.libvirt_run_dir).is_some_and(|(p, _)| p == pid)
+        {
+            // libvirt calls `release` only after QEMU is gone; a live QEMU means this call is not
+            // about the guest this holder protects (e.g. a refused second start).
+            warn!("release of {} ({uuid}) ignored: its QEMU (pid {pid}) still runs", domain.name);
+            return Ok(());
+        }
+    }
+    client.release().map_err(holder_err(&domain))
+}

@@ -1,0 +1,36 @@
+//! lockhook: a libvirt `qemu` hook that locks every disk image and lease of a guest for its
+//! whole life, with a small per-guest holder process keeping the lock fds. See DESIGN.md.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod holder;
+pub mod hook;
+pub mod lock;
+pub mod lockset;
+pub mod logging;
+pub mod owner;
+pub mod paths;
+pub mod qemu;
+pub mod resource;
+pub mod state;
+pub mod status;
+pub mod storage;
+#[cfg(test)]
+pub(crate) mod test_support;
+
+/// An error and its sources on one line: `outer: inner: innermost`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        let next = inner.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = inner.source();
+    }
+    text.replace('\n', " ")
+}

@@ -1,0 +1,72 @@
+//! The only `F_OFD_*` call site.
+//!
+//! Open file description (OFD) locks belong to the open file, not to the process: they survive
+//! `fork`, travel with the fd through `SCM_RIGHTS`, and are released only when the last fd that
+//! refers to the open file is closed. That is what lets the hook lock, hand the fd to the holder,
+//! and exit without letting go. Classic POSIX locks (`F_SETLK`) would be dropped when the hook
+//! exits; `flock` is emulated as a whole-file byte-range lock on NFS and would collide with QEMU's
+//! own locks on bytes 100-104 and 200-204.
+//!
+//! OFD locks and POSIX locks on overlapping bytes conflict with each other, so a lock on byte 0
+//! excludes virtlockd (direct mode, POSIX lock on byte 0) and the other way round.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use super::LockMode;
+
+/// Builds the one-byte lock description. `l_pid` must be 0 for OFD locks.
+const fn flock_for(l_type: libc::c_short, offset: i64) -> libc::flock {
+    libc::flock { l_type, l_whence: libc::SEEK_SET as libc::c_short, l_start: offset, l_len: 1, l_pid: 0 }
+}
+
+const fn lock_type(mode: LockMode) -> libc::c_short {
+    match mode {
+        LockMode::Shared => libc::F_RDLCK as libc::c_short,
+        LockMode::Exclusive => libc::F_WRLCK as libc::c_short,
+    }
+}
+
+fn fcntl_lock(fd: BorrowedFd<'_>, cmd: libc::c_int, lock: &mut libc::flock) -> io::Result<()> {
+    loop {
+        // SAFETY: `fd` is a valid open descriptor for the duration of the borrow and `lock` points
+        // to a properly initialised `flock` that the kernel may read and (for GETLK) write.
+        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, lock as *mut libc::flock) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Takes the lock without waiting. `EAGAIN`/`EACCES` mean someone else holds a conflicting lock;
+/// they come back as `ErrorKind::WouldBlock` so the caller can tell them apart from real errors.
+pub fn try_lock(fd: BorrowedFd<'_>, mode: LockMode, offset: i64) -> io::Result<()> {
+    let mut lock = flock_for(lock_type(mode), offset);
+    fcntl_lock(fd, libc::F_OFD_SETLK, &mut lock).map_err(|err| match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => io::Error::from(io::ErrorKind::WouldBlock),
+        _ => err,
+    })
+}
+
+/// Drops the lock on `offset` held through this open file description.
+pub fn unlock(fd: BorrowedFd<'_>, offset: i64) -> io::Result<()> {
+    let mut lock = flock_for(libc::F_UNLCK as libc::c_short, offset);
+    fcntl_lock(fd, libc::F_OFD_SETLK, &mut lock)
+}
+
+/// Asks the kernel which lock, if any, would stop an exclusive lock on `offset` through `fd`.
+/// Locks held through the same open file description never conflict with it, so probe through a
+/// fresh `open()` to see every holder. The access mode of `fd` does not matter for `F_OFD_GETLK`.
+pub fn probe(fd: BorrowedFd<'_>, offset: i64) -> io::Result<Option<LockMode>> {
+    let mut lock = flock_for(libc::F_WRLCK as libc::c_short, offset);
+    fcntl_lock(fd, libc::F_OFD_GETLK, &mut lock)?;
+    Ok(match i32::from(lock.l_type) {
+        libc::F_UNLCK => None,
+        libc::F_RDLCK => Some(LockMode::Shared),
+        _ => Some(LockMode::Exclusive),
+    })
+}

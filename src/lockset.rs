@@ -1,0 +1,193 @@
+//! Takes every lock a guest needs, or none: the hook's all-or-nothing step.
+//!
+//! Requests are grouped by what they really lock (inode + byte), so one image listed twice, or
+//! as a disk and as a backing image, is one lock in the strongest mode asked for. Every request is
+//! tried even after a refusal, so the user sees every conflict at once, one line each.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use crate::config::{Config, MissingPolicy};
+use crate::lock::{self, Create, HeldLock, Identity, LockError};
+use crate::paths::Paths;
+use crate::resource::Role;
+use crate::state::Resource;
+use crate::storage::Request;
+
+/// Locks taken, with the record of each (same order).
+#[derive(Debug, Default)]
+pub struct Acquired {
+    pub locks: Vec<HeldLock>,
+    pub resources: Vec<Resource>,
+}
+
+/// Why the guest may not start: one line per resource (without the `lockhook: ` prefix).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", lines.join("; "))]
+pub struct Refusal {
+    pub lines: Vec<String>,
+}
+
+#[derive(Debug, PartialEq, Eq, Hash, Clone)]
+enum Key {
+    Inode(u64, u64, u64),
+    /// Not there yet (a lease file to create): the path string is all we have.
+    Missing(PathBuf, u64),
+}
+
+struct Group {
+    request: Request,
+    roles: Vec<Role>,
+}
+
+/// Takes the locks for `requests`, skipping identities in `held` (already held by this guest's
+/// holder). `notes` receives one line per request skipped by policy, for the log.
+pub fn acquire_all(
+    requests: &[Request],
+    held: &HashSet<Identity>,
+    config: &Config,
+    paths: &Paths,
+    notes: &mut Vec<String>,
+) -> Result<Acquired, Refusal> {
+    let mut lines = Vec::new();
+    let mut order: Vec<Key> = Vec::new();
+    let mut groups: HashMap<Key, Group> = HashMap::new();
+    for request in requests {
+        let key = match std::fs::metadata(&request.path) {
+            Ok(meta) => Key::Inode(meta.dev(), meta.ino(), request.offset),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && request.is_lease => {
+                Key::Missing(request.path.clone(), request.offset)
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && (request.optional || config.on_missing == MissingPolicy::Skip) =>
+            {
+                notes.push(format!("{} ({}): does not exist; not locked", request.path.display(), request.role));
+                continue;
+            }
+            Err(e) => {
+                lines.push(format!("{} ({}): {e}", request.path.display(), request.role));
+                continue;
+            }
+        };
+        if let Key::Inode(dev, ino, offset) = key {
+            if held.contains(&Identity { dev, ino, offset }) {
+                continue;
+            }
+        }
+        match groups.get_mut(&key) {
+            Some(group) => {
+                group.request.mode = group.request.mode.max(request.mode);
+                if !group.roles.contains(&request.role) {
+                    group.roles.push(request.role.clone());
+                }
+            }
+            None => {
+                order.push(key.clone());
+                groups.insert(key, Group { request: request.clone(), roles: vec![request.role.clone()] });
+            }
+        }
+    }
+    let mut acquired = Acquired::default();
+    for key in order {
+        let Group { request, roles } = groups.remove(&key).expect("every key in order has a group");
+        let create = if request.is_lease { Create::IfMissing } else { Create::No };
+        match lock::acquire(&request.path, request.mode, request.offset, create) {
+            Ok(held) => {
+                acquired.resources.push(Resource {
+                    path: request.path.clone(),
+                    mode: held.mode,
+                    roles,
+                    identity: held.identity,
+                    since: crate::clock::now(),
+                });
+                acquired.locks.push(held);
+            }
+            Err(LockError::AlreadyLocked { path, identity }) => {
+                lines.push(crate::owner::describe(paths, &path, &identity))
+            }
+            Err(e) => lines.push(format!("{} ({})", crate::error_chain(&e), request.role)),
+        }
+    }
+    if lines.is_empty() {
+        Ok(acquired)
+    } else {
+        // Invariant: returning drops `acquired`, closing every fd taken above, so a refusal
+        // leaves no lock behind.
+        Err(Refusal { lines })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lock::LockMode;
+
+    fn req(path: &std::path::Path, mode: LockMode) -> Request {
+        Request {
+            path: path.to_owned(),
+            mode,
+            offset: 0,
+            role: Role::Disk { target: Some("vda".into()) },
+            is_lease: false,
+            optional: false,
+        }
+    }
+
+    #[test]
+    fn all_or_nothing_and_dedup() {
+        let dir = tempfile::tempdir().expect("dir");
+        let paths = Paths::new(dir.path());
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"a").expect("write");
+        std::fs::write(&b, b"b").expect("write");
+        std::os::unix::fs::symlink(&a, dir.path().join("a-link")).expect("symlink");
+        let cfg = Config::default();
+        let mut notes = vec![];
+        // Same image as readonly and writable: one exclusive lock.
+        let got = acquire_all(
+            &[req(&a, LockMode::Shared), req(&dir.path().join("a-link"), LockMode::Exclusive)],
+            &HashSet::new(),
+            &cfg,
+            &paths,
+            &mut notes,
+        )
+        .expect("lock");
+        assert_eq!(got.locks.len(), 1);
+        assert_eq!(got.locks[0].mode, LockMode::Exclusive);
+        // b is free but a is not: nothing may stay locked.
+        let refusal = acquire_all(
+            &[req(&b, LockMode::Exclusive), req(&a, LockMode::Exclusive)],
+            &HashSet::new(),
+            &cfg,
+            &paths,
+            &mut notes,
+        )
+        .expect_err("a is held");
+        assert_eq!(refusal.lines.len(), 1);
+        assert!(refusal.lines[0].starts_with(&format!("{} is locked", a.display())), "{:?}", refusal.lines);
+        assert_eq!(lock::probe(&b, 0).expect("probe").0, None);
+        // Already held by our own holder: skipped, not refused.
+        let held: HashSet<Identity> = got.locks.iter().map(|l| l.identity).collect();
+        let again = acquire_all(&[req(&a, LockMode::Exclusive)], &held, &cfg, &paths, &mut notes).expect("skip held");
+        assert!(again.locks.is_empty());
+    }
+
+    #[test]
+    fn missing_images_follow_policy() {
+        let dir = tempfile::tempdir().expect("dir");
+        let paths = Paths::new(dir.path());
+        let missing = dir.path().join("missing.img");
+        let mut notes = vec![];
+        let refusal =
+            acquire_all(&[req(&missing, LockMode::Exclusive)], &HashSet::new(), &Config::default(), &paths, &mut notes)
+                .expect_err("fail policy");
+        assert!(refusal.lines[0].contains("missing.img"), "{:?}", refusal.lines);
+        let skip = Config { on_missing: MissingPolicy::Skip, ..Config::default() };
+        let got = acquire_all(&[req(&missing, LockMode::Exclusive)], &HashSet::new(), &skip, &paths, &mut notes)
+            .expect("skip policy");
+        assert!(got.locks.is_empty());
+        assert_eq!(notes.len(), 1);
+    }
+}

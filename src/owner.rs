@@ -1,0 +1,89 @@
+//! Names the holder of a lock that refused us: a lockhook guest on this host (from the live
+//! holders' state files), another process with a classic POSIX lock (virtlockd, a script: from
+//! `/proc/locks`, which shows their pid), or, when neither tells, says so plainly.
+
+use std::path::Path;
+
+use crate::lock::{Identity, LockMode};
+use crate::paths::Paths;
+use crate::state;
+
+/// One line (without the `lockhook: ` prefix) saying who holds `path`.
+pub fn describe(paths: &Paths, path: &Path, identity: &Identity) -> String {
+    if let Some((guest, resource)) = state::find_owner(paths, identity) {
+        return format!(
+            "{} is locked {} by guest {} ({}) on this host since {}",
+            path.display(),
+            resource.mode.adverb(),
+            guest.name,
+            guest.uuid,
+            resource.since
+        );
+    }
+    match posix_holder(identity) {
+        Some((pid, mode, comm)) => {
+            format!("{} is locked {} by process {pid} ({comm}), not by a lockhook guest", path.display(), mode.adverb())
+        }
+        None => format!(
+            "{} is locked by a process that is not a lockhook guest on this host (see `lslocks`)",
+            path.display()
+        ),
+    }
+}
+
+/// Finds a POSIX lock (which, unlike an OFD lock, shows its pid) covering the identity's byte.
+fn posix_holder(identity: &Identity) -> Option<(u32, LockMode, String)> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    let major = libc::major(identity.dev);
+    let minor = libc::minor(identity.dev);
+    let want = format!("{major:02x}:{minor:02x}:{}", identity.ino);
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().filter(|f| *f != "->").collect();
+        // "1: POSIX  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+        if f.len() < 8 || f[1] != "POSIX" || f[5] != want {
+            return None;
+        }
+        let start: u64 = f[6].parse().ok()?;
+        let covers = start <= identity.offset && (f[7] == "EOF" || f[7].parse::<u64>().ok()? >= identity.offset);
+        let pid: u32 = f[4].parse().ok()?;
+        if !covers {
+            return None;
+        }
+        let mode = if f[3] == "WRITE" { LockMode::Exclusive } else { LockMode::Shared };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_else(|_| "?".to_owned());
+        Some((pid, mode, comm))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn names_a_posix_lock_holder() {
+        let file = tempfile::NamedTempFile::new().expect("temp");
+        let meta = file.as_file().metadata().expect("meta");
+        let lock = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 1,
+            l_pid: 0,
+        };
+        // SAFETY: the fd is open for the whole call and `lock` is a valid flock.
+        let rc = unsafe { libc::fcntl(file.as_file().as_raw_fd(), libc::F_SETLK, &lock) };
+        assert_eq!(rc, 0, "F_SETLK on a writable temp file");
+        let id = Identity { dev: meta.dev(), ino: meta.ino(), offset: 0 };
+        let (pid, mode, _) = posix_holder(&id).expect("found in /proc/locks");
+        assert_eq!(pid, std::process::id());
+        assert_eq!(mode, LockMode::Exclusive);
+        let dir = tempfile::tempdir().expect("dir");
+        let line = describe(&Paths::new(dir.path()), file.path(), &id);
+        assert!(line.contains(&format!("by process {}", std::process::id())), "{line}");
+    }
+}

@@ -1,0 +1,48 @@
+//! Every file lockhook keeps in its run directory, derived from the run directory alone.
+//!
+//! ```text
+//! <run_dir>/                 0700 root
+//!   <uuid>.sock              the holder's control socket (0600)
+//!   <uuid>.lock              the holder's single-instance lock (an OFD write lock on byte 0)
+//!   <uuid>.json              what the holder holds (written atomically by the holder)
+//! ```
+//! Only a parsed `Uuid` names a file, so nothing from the XML can climb out of the directory.
+
+use std::path::{Path, PathBuf};
+
+use crate::domain::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct Paths {
+    run_dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(run_dir: &Path) -> Paths {
+        Paths { run_dir: run_dir.to_owned() }
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    pub fn socket(&self, uuid: &Uuid) -> PathBuf {
+        self.run_dir.join(format!("{uuid}.sock"))
+    }
+
+    pub fn instance_lock(&self, uuid: &Uuid) -> PathBuf {
+        self.run_dir.join(format!("{uuid}.lock"))
+    }
+
+    pub fn state(&self, uuid: &Uuid) -> PathBuf {
+        self.run_dir.join(format!("{uuid}.json"))
+    }
+
+    /// The UUID a run-directory file belongs to, if its name is `<uuid>.<ext>`.
+    pub fn uuid_of(path: &Path, ext: &str) -> Option<Uuid> {
+        if path.extension()?.to_str()? != ext {
+            return None;
+        }
+        Uuid::parse(path.file_stem()?.to_str()?).ok()
+    }
+}

@@ -1,0 +1,211 @@
+//! The holder's state file `<run_dir>/<uuid>.json`: which guest, which QEMU, which locks since
+//! when. Written only by the holder, atomically (a fresh `O_EXCL|O_NOFOLLOW` temp file in the run
+//! directory, then `rename`), read by `lockhook status` and by refusals that name the holder.
+//!
+//! A state file is trusted only while its holder holds the single-instance lock `<uuid>.lock`:
+//! a holder killed with SIGKILL leaves its file behind, but not its lock.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Uuid;
+use crate::lock::{self, Identity, LockMode};
+use crate::paths::Paths;
+use crate::resource::Role;
+
+pub const STATE_VERSION: u32 = 1;
+
+/// One held lock, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resource {
+    pub path: PathBuf,
+    pub mode: LockMode,
+    pub roles: Vec<Role>,
+    pub identity: Identity,
+    pub since: String,
+}
+
+/// Everything one holder holds for one guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestState {
+    pub version: u32,
+    pub name: String,
+    pub uuid: Uuid,
+    pub host: String,
+    pub holder_pid: u32,
+    pub qemu_pid: Option<u32>,
+    pub since: String,
+    pub resources: Vec<Resource>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: cannot write state")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot read state")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: corrupt state file: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// Writes `state` to `path` atomically. The temp file is created with `O_EXCL|O_NOFOLLOW`, so a
+/// symlink planted in the run directory is never followed.
+pub fn write(path: &Path, state: &GuestState) -> Result<(), StateError> {
+    let err = |source| StateError::Write { path: path.to_owned(), source };
+    let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .map_err(err)?;
+    let body = serde_json::to_vec_pretty(state).map_err(|e| err(io::Error::other(e)))?;
+    let written = file.write_all(&body).and_then(|()| file.write_all(b"\n")).and_then(|()| file.sync_data());
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok(())
+}
+
+pub fn read(path: &Path) -> Result<GuestState, StateError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| StateError::Read { path: path.to_owned(), source })?;
+    serde_json::from_reader(io::BufReader::new(file.take_bounded()))
+        .map_err(|e| StateError::Corrupt { path: path.to_owned(), message: e.to_string() })
+}
+
+trait TakeBounded {
+    fn take_bounded(self) -> io::Take<File>;
+}
+
+impl TakeBounded for File {
+    /// State files are small; never read more than a few MiB of one.
+    fn take_bounded(self) -> io::Take<File> {
+        io::Read::take(self, 8 << 20)
+    }
+}
+
+/// Whether a live holder holds the single-instance lock for `uuid`.
+pub fn holder_alive(paths: &Paths, uuid: &Uuid) -> bool {
+    match File::open(paths.instance_lock(uuid)) {
+        Ok(file) => matches!(lock::probe_fd(&file, 0), Ok(Some(_))),
+        Err(_) => false,
+    }
+}
+
+/// A state file found in the run directory.
+#[derive(Debug)]
+pub struct Entry {
+    pub uuid: Uuid,
+    pub state: Result<GuestState, StateError>,
+    pub alive: bool,
+}
+
+/// Every state file in the run directory, sorted by guest name then UUID.
+pub fn list(paths: &Paths) -> io::Result<Vec<Entry>> {
+    let dir = match fs::read_dir(paths.run_dir()) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut entries = Vec::new();
+    for item in dir {
+        let path = item?.path();
+        let Some(uuid) = Paths::uuid_of(&path, "json") else { continue };
+        let state = read(&path);
+        let alive = holder_alive(paths, &uuid);
+        entries.push(Entry { uuid, state, alive });
+    }
+    entries.sort_by(|a, b| {
+        let name = |e: &Entry| e.state.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        name(a).cmp(&name(b)).then_with(|| a.uuid.cmp(&b.uuid))
+    });
+    Ok(entries)
+}
+
+/// The live holder's record of a lock on `identity`, if any: who holds what on this host.
+pub fn find_owner(paths: &Paths, identity: &Identity) -> Option<(GuestState, Resource)> {
+    list(paths).ok()?.into_iter().filter(|e| e.alive).find_map(|e| {
+        let state = e.state.ok()?;
+        let resource = state.resources.iter().find(|r| r.identity == *identity)?.clone();
+        Some((state, resource))
+    })
+}
+
+/// This host's name, for records and messages.
+pub fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(uuid: &Uuid) -> GuestState {
+        GuestState {
+            version: STATE_VERSION,
+            name: "vm 1 é".into(),
+            uuid: uuid.clone(),
+            host: "h".into(),
+            holder_pid: 1,
+            qemu_pid: Some(2),
+            since: crate::clock::now(),
+            resources: vec![Resource {
+                path: "/i/a".into(),
+                mode: LockMode::Exclusive,
+                roles: vec![Role::Disk { target: Some("vda".into()) }],
+                identity: Identity { dev: 1, ino: 2, offset: 0 },
+                since: crate::clock::now(),
+            }],
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_symlink_refusal() {
+        let dir = tempfile::tempdir().expect("dir");
+        let uuid = Uuid::parse("f3fa73d4-1c2b-4e5f-8a9b-0123456789ab").expect("uuid");
+        let paths = Paths::new(dir.path());
+        let path = paths.state(&uuid);
+        write(&path, &sample(&uuid)).expect("write");
+        assert_eq!(read(&path).expect("read"), sample_with_since(&read(&path).expect("read"), &uuid));
+        fs::remove_file(&path).expect("rm");
+        std::os::unix::fs::symlink("/etc/passwd", &path).expect("symlink");
+        assert!(read(&path).is_err());
+        let entries = list(&paths).expect("list");
+        assert_eq!(entries.len(), 1);
+        assert!(!entries[0].alive);
+    }
+
+    fn sample_with_since(read_back: &GuestState, uuid: &Uuid) -> GuestState {
+        let mut s = sample(uuid);
+        s.since = read_back.since.clone();
+        s.resources[0].since = read_back.resources[0].since.clone();
+        s
+    }
+
+    #[test]
+    fn corrupt_state_is_reported() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("x.json");
+        fs::write(&path, b"{not json").expect("write");
+        assert!(matches!(read(&path), Err(StateError::Corrupt { .. })));
+    }
+}

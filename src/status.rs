@@ -1,0 +1,71 @@
+//! `lockhook status`: what every holder on this host holds, from the holders' state files.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::paths::Paths;
+use crate::state::{self, GuestState};
+
+#[derive(Serialize)]
+struct JsonEntry<'a> {
+    #[serde(flatten)]
+    state: &'a GuestState,
+    holder_alive: bool,
+}
+
+#[derive(Serialize)]
+struct JsonBroken {
+    uuid: String,
+    error: String,
+}
+
+/// Writes the status report; `json` selects machine-readable output.
+pub fn print(paths: &Paths, json: bool, out: &mut dyn Write) -> std::io::Result<()> {
+    let entries = state::list(paths)?;
+    if json {
+        let mut guests = Vec::new();
+        let mut broken = Vec::new();
+        for e in &entries {
+            match &e.state {
+                Ok(state) => guests.push(JsonEntry { state, holder_alive: e.alive }),
+                Err(err) => broken.push(JsonBroken { uuid: e.uuid.to_string(), error: crate::error_chain(err) }),
+            }
+        }
+        let doc = serde_json::json!({ "host": state::hostname(), "guests": guests, "unreadable": broken });
+        serde_json::to_writer_pretty(&mut *out, &doc)?;
+        return writeln!(out);
+    }
+    if entries.is_empty() {
+        return writeln!(out, "lockhook holds no locks on this host");
+    }
+    for e in &entries {
+        match &e.state {
+            Ok(s) => {
+                let qemu = s.qemu_pid.map_or_else(|| "not started".to_owned(), |p| p.to_string());
+                writeln!(
+                    out,
+                    "guest {} ({}) holder pid {} qemu pid {qemu} since {}",
+                    s.name, s.uuid, s.holder_pid, s.since
+                )?;
+                if !e.alive {
+                    writeln!(out, "  STALE: the holder is gone, so these locks are NOT held")?;
+                }
+                for r in &s.resources {
+                    let roles = r.roles.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                    let offset =
+                        if r.identity.offset == 0 { String::new() } else { format!(" @{}", r.identity.offset) };
+                    writeln!(
+                        out,
+                        "  {:<9} {}{offset}  ({roles}) since {}",
+                        r.mode.as_str(),
+                        r.path.display(),
+                        r.since
+                    )?;
+                }
+            }
+            Err(err) => writeln!(out, "guest {}: unreadable state: {}", e.uuid, crate::error_chain(err))?,
+        }
+    }
+    Ok(())
+}

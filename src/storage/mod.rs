@@ -1,0 +1,183 @@
+//! Turns a `resource::Plan` into concrete paths: pool volumes are looked up in libvirt's pool
+//! definitions, and qcow2 backing chains the XML does not list yet are read from image headers.
+
+pub mod pool;
+pub mod qcow2;
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::lock::LockMode;
+use crate::resource::{Plan, Planned, Role, Target};
+
+/// A chain deeper than this is refused (QEMU's own limit is lower in practice).
+pub const MAX_CHAIN: usize = 64;
+
+/// One lock to take, with its final path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub path: PathBuf,
+    pub mode: LockMode,
+    pub offset: u64,
+    pub role: Role,
+    pub is_lease: bool,
+    pub optional: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{role}")]
+    Pool {
+        role: Role,
+        #[source]
+        source: pool::PoolError,
+    },
+    #[error("{role}: {path}: cannot read the qcow2 header")]
+    Header {
+        role: Role,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{role}: {path}: backing chain is longer than {MAX_CHAIN} images or loops")]
+    ChainTooLong { role: Role, path: PathBuf },
+}
+
+/// Resolves every planned request. Skipped chain links (protocol backing files) are appended
+/// to `plan.skipped` for the log.
+pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, StorageError> {
+    let mut out = Vec::with_capacity(plan.requests.len());
+    for planned in &plan.requests {
+        let path = match &planned.target {
+            Target::Path(p) => p.clone(),
+            Target::Volume { pool, volume } => {
+                pool::resolve(pool, volume, &config.libvirt_run_dir, &config.libvirt_config_dir)
+                    .map_err(|source| StorageError::Pool { role: planned.role.clone(), source })?
+            }
+        };
+        out.push(request(planned, path.clone()));
+        if planned.read_chain {
+            read_chain(planned, path, &mut out, &mut plan.skipped)?;
+        }
+    }
+    Ok(out)
+}
+
+fn request(planned: &Planned, path: PathBuf) -> Request {
+    Request {
+        path,
+        mode: planned.mode,
+        offset: planned.offset,
+        role: planned.role.clone(),
+        is_lease: planned.is_lease,
+        optional: planned.optional,
+    }
+}
+
+fn read_chain(
+    top: &Planned,
+    top_path: PathBuf,
+    out: &mut Vec<Request>,
+    skipped: &mut Vec<String>,
+) -> Result<(), StorageError> {
+    let of = match &top.role {
+        Role::Disk { target } => target.clone(),
+        _ => None,
+    };
+    let role = Role::Backing { of };
+    let mut seen = HashSet::new();
+    let mut current = top_path;
+    let mut format = top.format.clone();
+    loop {
+        // A missing top image is reported when it is locked; here there is just no chain to read.
+        let Ok(meta) = std::fs::metadata(&current) else { return Ok(()) };
+        if !seen.insert((meta.dev(), meta.ino())) || seen.len() > MAX_CHAIN {
+            return Err(StorageError::ChainTooLong { role, path: current });
+        }
+        let is_qcow2 = match format.as_deref() {
+            Some("qcow2") => true,
+            Some(_) => false,
+            // Format unknown (not in the header extension): probe, as QEMU would.
+            None => qcow2::is_qcow2(&current).map_err(|source| StorageError::Header {
+                role: role.clone(),
+                path: current.clone(),
+                source,
+            })?,
+        };
+        if !is_qcow2 {
+            return Ok(());
+        }
+        let Some(backing) = qcow2::backing_of(&current).map_err(|source| StorageError::Header {
+            role: role.clone(),
+            path: current.clone(),
+            source,
+        })?
+        else {
+            return Ok(());
+        };
+        let Some(next) = qcow2::resolve_name(&current, &backing.name) else {
+            skipped.push(format!("{role}: {:?} is not a local file", backing.name));
+            return Ok(());
+        };
+        out.push(Request {
+            path: next.clone(),
+            mode: LockMode::Shared,
+            offset: 0,
+            role: role.clone(),
+            is_lease: false,
+            optional: false,
+        });
+        current = next;
+        format = backing.format;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Domain;
+
+    #[test]
+    fn chain_from_headers() {
+        let dir = tempfile::tempdir().expect("dir");
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, b"raw").expect("write");
+        let mid = dir.path().join("mid.qcow2");
+        qcow2::tests::write_qcow2(&mid, Some(("base.raw", Some("raw"))));
+        let top = dir.path().join("top.qcow2");
+        qcow2::tests::write_qcow2(&top, Some((mid.to_str().expect("utf8"), None)));
+        let xml = format!(
+            "<domain><name>v</name><uuid>f3fa73d4-1c2b-4e5f-8a9b-0123456789ab</uuid><devices><disk type='file'>\
+             <driver type='qcow2'/><source file='{}'/><target dev='vda'/></disk></devices></domain>",
+            top.display()
+        );
+        let domain = Domain::parse(xml.as_bytes()).expect("parse");
+        let mut plan = crate::resource::plan(&domain, &Config::default());
+        let reqs = resolve(&mut plan, &Config::default()).expect("resolve");
+        let got: Vec<_> = reqs.iter().map(|r| (r.path.clone(), r.mode)).collect();
+        assert_eq!(got, vec![(top, LockMode::Exclusive), (mid, LockMode::Shared), (base, LockMode::Shared)]);
+    }
+
+    #[test]
+    fn looping_chain_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let a = dir.path().join("a.qcow2");
+        let b = dir.path().join("b.qcow2");
+        qcow2::tests::write_qcow2(&a, Some(("b.qcow2", Some("qcow2"))));
+        qcow2::tests::write_qcow2(&b, Some(("a.qcow2", Some("qcow2"))));
+        let planned = Planned {
+            target: Target::Path(a.clone()),
+            mode: LockMode::Exclusive,
+            offset: 0,
+            role: Role::Disk { target: Some("vda".into()) },
+            is_lease: false,
+            optional: false,
+            read_chain: true,
+            format: Some("qcow2".into()),
+        };
+        let mut plan = Plan { requests: vec![planned], skipped: vec![] };
+        assert!(matches!(resolve(&mut plan, &Config::default()), Err(StorageError::ChainTooLong { .. })));
+    }
+}

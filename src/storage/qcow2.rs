@@ -1,0 +1,197 @@
+//! Reads a qcow2 image's backing file name (and format) from its header, so a chain libvirt has
+//! not detected yet (the `prepare` XML has none) can be locked before QEMU opens it.
+//!
+//! Header layout (big endian, QEMU docs/interop/qcow2.txt): magic `QFI\xfb` at 0, version at 4,
+//! backing_file_offset (u64) at 8, backing_file_size (u32) at 16; version 3 has header_length
+//! (u32) at 100, version 2 headers are 72 bytes. Header extensions follow the header: type (u32),
+//! length (u32), data padded to 8 bytes; type 0xE2792ACA is the backing file format.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 4] = b"QFI\xfb";
+const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+const EXT_END: u32 = 0;
+/// QEMU refuses backing file names longer than this.
+const MAX_NAME: u32 = 1023;
+/// Header extensions live in the first cluster; never read further than this.
+const MAX_HEADER: u64 = 64 * 1024;
+
+/// What the header says about the image below this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingRef {
+    /// The name as written in the header (may be relative, or a protocol string).
+    pub name: String,
+    /// The backing format from the header extension, when present.
+    pub format: Option<String>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn open(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC).open(path)
+}
+
+/// Whether the file starts with the qcow2 magic.
+pub fn is_qcow2(path: &Path) -> io::Result<bool> {
+    let mut magic = [0u8; 4];
+    let mut file = open(path)?;
+    if !file.metadata()?.file_type().is_file()
+        && !std::os::unix::fs::FileTypeExt::is_block_device(&file.metadata()?.file_type())
+    {
+        return Ok(false);
+    }
+    match file.read_exact(&mut magic) {
+        Ok(()) => Ok(&magic == MAGIC),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the backing reference of a qcow2 image; `Ok(None)` when it has none or is not qcow2.
+pub fn backing_of(path: &Path) -> io::Result<Option<BackingRef>> {
+    let mut file = open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+        return Ok(None);
+    }
+    let mut header = [0u8; 104];
+    let got = read_up_to(&mut file, &mut header)?;
+    if got < 72 || &header[..4] != MAGIC {
+        return Ok(None);
+    }
+    let version = be32(&header, 4);
+    let name_offset = be64(&header, 8);
+    let name_size = be32(&header, 16);
+    if name_offset == 0 || name_size == 0 {
+        return Ok(None);
+    }
+    if name_size > MAX_NAME || name_offset > MAX_HEADER {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "qcow2 backing file name out of range"));
+    }
+    let mut name = vec![0u8; name_size as usize];
+    file.seek(SeekFrom::Start(name_offset))?;
+    file.read_exact(&mut name)?;
+    let name = String::from_utf8(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "qcow2 backing file name is not UTF-8"))?;
+    let header_len = if version >= 3 && got >= 104 { u64::from(be32(&header, 100)) } else { 72 };
+    let format = read_backing_format(&mut file, header_len, name_offset)?;
+    Ok(Some(BackingRef { name, format }))
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn read_backing_format(file: &mut File, header_len: u64, limit: u64) -> io::Result<Option<String>> {
+    let mut at = header_len;
+    let end = limit.min(MAX_HEADER);
+    while at + 8 <= end {
+        let mut ext = [0u8; 8];
+        file.seek(SeekFrom::Start(at))?;
+        if read_up_to(file, &mut ext)? < 8 {
+            return Ok(None);
+        }
+        let (kind, len) = (be32(&ext, 0), u64::from(be32(&ext, 4)));
+        if kind == EXT_END {
+            return Ok(None);
+        }
+        if kind == EXT_BACKING_FORMAT && len <= 64 {
+            let mut data = vec![0u8; len as usize];
+            file.read_exact(&mut data)?;
+            return Ok(String::from_utf8(data).ok());
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    Ok(None)
+}
+
+/// Where the backing name points to, as QEMU would open it: relative names are relative to the
+/// directory of the overlay. Protocol names (`nbd:`, `json:`, `http://`...) give `None`.
+pub fn resolve_name(overlay: &Path, name: &str) -> Option<PathBuf> {
+    let is_protocol = name.starts_with("json:")
+        || name.contains("://")
+        || (!name.starts_with('/') && name.split_once(':').is_some_and(|(p, _)| !p.contains('/')));
+    if is_protocol {
+        return None;
+    }
+    let path = Path::new(name);
+    if path.is_absolute() {
+        Some(path.to_owned())
+    } else {
+        Some(overlay.parent().unwrap_or(Path::new("/")).join(path))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Writes a minimal qcow2 v3 header with a backing name and optional format extension.
+    pub(crate) fn write_qcow2(path: &Path, backing: Option<(&str, Option<&str>)>) {
+        let mut h = vec![0u8; 512];
+        h[..4].copy_from_slice(MAGIC);
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[100..104].copy_from_slice(&104u32.to_be_bytes());
+        if let Some((name, format)) = backing {
+            let mut at = 104usize;
+            if let Some(fmt) = format {
+                h[at..at + 4].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+                h[at + 4..at + 8].copy_from_slice(&(fmt.len() as u32).to_be_bytes());
+                h[at + 8..at + 8 + fmt.len()].copy_from_slice(fmt.as_bytes());
+                at += 8 + fmt.len().div_ceil(8) * 8;
+            }
+            h[at..at + 8].copy_from_slice(&[0; 8]);
+            let off = 256usize;
+            h[8..16].copy_from_slice(&(off as u64).to_be_bytes());
+            h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            h[off..off + name.len()].copy_from_slice(name.as_bytes());
+        }
+        std::fs::write(path, h).expect("write qcow2");
+    }
+
+    #[test]
+    fn reads_backing_and_format() {
+        let dir = tempfile::tempdir().expect("dir");
+        let top = dir.path().join("top.qcow2");
+        write_qcow2(&top, Some(("base image.raw", Some("raw"))));
+        let r = backing_of(&top).expect("read").expect("has backing");
+        assert_eq!(r, BackingRef { name: "base image.raw".into(), format: Some("raw".into()) });
+        assert_eq!(resolve_name(&top, &r.name), Some(dir.path().join("base image.raw")));
+        let plain = dir.path().join("plain.qcow2");
+        write_qcow2(&plain, None);
+        assert_eq!(backing_of(&plain).expect("read"), None);
+        assert!(is_qcow2(&plain).expect("probe"));
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, b"hello").expect("write");
+        assert_eq!(backing_of(&raw).expect("read"), None);
+        assert!(!is_qcow2(&raw).expect("probe"));
+    }
+
+    #[test]
+    fn protocol_names_are_not_paths() {
+        let top = Path::new("/i/top.qcow2");
+        assert_eq!(resolve_name(top, "nbd://host/x"), None);
+        assert_eq!(resolve_name(top, "json:{\"file\":{}}"), None);
+        assert_eq!(resolve_name(top, "nbd:unix:/s"), None);
+        assert_eq!(resolve_name(top, "/abs/b.qcow2"), Some(PathBuf::from("/abs/b.qcow2")));
+        assert_eq!(resolve_name(top, "sub/b:c.qcow2"), Some(PathBuf::from("/i/sub/b:c.qcow2")));
+    }
+}
