@@ -162,20 +162,10 @@ impl Libvirtd {
         }
         ensure_system_users();
 
-        let dir = tempfile::Builder::new()
-            .prefix("lockhook-libvirtd-")
-            .tempdir()
-            .expect("create the instance directory");
+        let dir =
+            tempfile::Builder::new().prefix("lockhook-libvirtd-").tempdir().expect("create the instance directory");
         let root = dir.path();
-        for sub in [
-            "etc",
-            "lib/qemu",
-            "lib/images",
-            "log",
-            "cache",
-            "pids",
-            "xml",
-        ] {
+        for sub in ["etc", "lib/qemu", "lib/images", "log", "cache", "pids", "xml"] {
             fs::create_dir_all(root.join(sub)).expect("create instance subdirectory");
         }
         write_config(root, &opts);
@@ -191,57 +181,31 @@ impl Libvirtd {
             .arg(process::id().to_string())
             .arg(WATCHDOG_SCRIPT);
         for (source, target) in &opts.extra_mounts {
-            assert!(
-                source.is_dir(),
-                "extra mount source {} is not a directory",
-                source.display()
-            );
-            assert!(
-                target.is_absolute(),
-                "extra mount target {} is not absolute",
-                target.display()
-            );
+            assert!(source.is_dir(), "extra mount source {} is not a directory", source.display());
+            assert!(target.is_absolute(), "extra mount target {} is not absolute", target.display());
             cmd.arg(source).arg(target);
         }
         let setup_log = root.join("log/setup.out");
         let setup_out = fs::File::create(&setup_log).expect("create setup.out");
         let setup_err = setup_out.try_clone().expect("clone setup.out handle");
-        let status = cmd
-            .stdin(Stdio::null())
-            .stdout(setup_out)
-            .stderr(setup_err)
-            .status()
-            .expect("run unshare (util-linux)");
+        let status =
+            cmd.stdin(Stdio::null()).stdout(setup_out).stderr(setup_err).status().expect("run unshare (util-linux)");
 
         let setup_output = || fs::read_to_string(&setup_log).unwrap_or_default();
         let Some(holder_pid) = read_pid(&root.join("pids/holder.pid")) else {
             // The script failed before starting anything: nothing to clean up.
             panic!("namespace setup failed ({status}): {}", setup_output());
         };
-        let (Some(mnt_ns), Some(uts_ns)) = (ns_id(holder_pid, "mnt"), ns_id(holder_pid, "uts"))
-        else {
-            panic!(
-                "namespace holder {holder_pid} died during setup: {}",
-                setup_output()
-            );
+        let (Some(mnt_ns), Some(uts_ns)) = (ns_id(holder_pid, "mnt"), ns_id(holder_pid, "uts")) else {
+            panic!("namespace holder {holder_pid} died during setup: {}", setup_output());
         };
         assert!(
             Some(&mnt_ns) != own_ns("mnt").as_ref() && Some(&uts_ns) != own_ns("uts").as_ref(),
             "unshare did not create new namespaces (holder {holder_pid} shares ours)"
         );
         // From here on, a panic drops `this`, which kills what was started.
-        let this = Libvirtd {
-            dir,
-            hostname,
-            holder_pid,
-            mnt_ns,
-            uts_ns,
-        };
-        assert!(
-            status.success(),
-            "namespace setup failed ({status}): {}",
-            setup_output()
-        );
+        let this = Libvirtd { dir, hostname, holder_pid, mnt_ns, uts_ns };
+        assert!(status.success(), "namespace setup failed ({status}): {}", setup_output());
         this.wait_until_answering();
         save_capabilities_cache(this.dir.path());
         this
@@ -282,8 +246,7 @@ impl Libvirtd {
         assert!(!argv.is_empty(), "exec_in_ns needs a command");
         let mut cmd = self.ns_command();
         cmd.args(argv);
-        output_with_timeout(cmd, timeout)
-            .unwrap_or_else(|e| panic!("`{}` in the test namespaces: {e}", argv.join(" ")))
+        output_with_timeout(cmd, timeout).unwrap_or_else(|e| panic!("`{}` in the test namespaces: {e}", argv.join(" ")))
     }
 
     /// Defines a guest from XML text (via a temp file and `virsh define`).
@@ -301,14 +264,9 @@ impl Libvirtd {
     /// Simulates a daemon crash: SIGKILLs libvirtd only (virtlogd and QEMU
     /// keep running) and waits until it is gone.
     pub fn kill_daemon(&self) {
-        let pid = self
-            .libvirtd_pid()
-            .expect("kill_daemon: libvirtd is not running");
+        let pid = self.libvirtd_pid().expect("kill_daemon: libvirtd is not running");
         self.kill_pids(&[pid]);
-        assert!(
-            wait_until(Duration::from_secs(10), || !is_alive(pid)),
-            "libvirtd {pid} survived SIGKILL"
-        );
+        assert!(wait_until(Duration::from_secs(10), || !is_alive(pid)), "libvirtd {pid} survived SIGKILL");
     }
 
     /// Starts libvirtd again in the same namespaces (e.g. after
@@ -319,14 +277,7 @@ impl Libvirtd {
         let out_log = root.join("log/daemons.out");
         let mut cmd = self.ns_command();
         set_daemon_env(&mut cmd);
-        cmd.args([
-            "sh",
-            "-c",
-            r#"exec libvirtd -d -p "$1" </dev/null >>"$2" 2>&1"#,
-            "sh",
-        ])
-        .arg(&pidfile)
-        .arg(&out_log);
+        cmd.args(["sh", "-c", r#"exec libvirtd -d -p "$1" </dev/null >>"$2" 2>&1"#, "sh"]).arg(&pidfile).arg(&out_log);
         let out = output_with_timeout(cmd, STARTUP_TIMEOUT).expect("run libvirtd -d");
         assert!(
             out.status.success(),
@@ -339,9 +290,8 @@ impl Libvirtd {
 
     /// pid of the running libvirtd of this instance, if any.
     pub fn libvirtd_pid(&self) -> Option<u32> {
-        read_pid(&self.dir.path().join("pids/libvirtd.pid")).filter(|&pid| {
-            is_alive(pid) && self.owns(pid) && comm(pid).as_deref() == Some("libvirtd")
-        })
+        read_pid(&self.dir.path().join("pids/libvirtd.pid"))
+            .filter(|&pid| is_alive(pid) && self.owns(pid) && comm(pid).as_deref() == Some("libvirtd"))
     }
 
     /// pid of the QEMU process of the running guest `name`.
@@ -350,9 +300,7 @@ impl Libvirtd {
     /// scan of `/proc` for `-name guest=NAME`; only processes of this
     /// instance's namespaces are returned.
     pub fn qemu_pid(&self, name: &str) -> Option<u32> {
-        let pidfile = self
-            .ns_path(Path::new("/run/libvirt/qemu"))
-            .join(format!("{name}.pid"));
+        let pidfile = self.ns_path(Path::new("/run/libvirt/qemu")).join(format!("{name}.pid"));
         if let Some(pid) = read_pid(&pidfile).filter(|&pid| is_alive(pid) && self.owns(pid)) {
             return Some(pid);
         }
@@ -363,9 +311,7 @@ impl Libvirtd {
             };
             let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
             args.windows(2).any(|w| {
-                w[0] == b"-name"
-                    && (w[1] == wanted.as_bytes()
-                        || w[1].starts_with(format!("{wanted},").as_bytes()))
+                w[0] == b"-name" && (w[1] == wanted.as_bytes() || w[1].starts_with(format!("{wanted},").as_bytes()))
             })
         })
     }
@@ -494,11 +440,7 @@ impl Libvirtd {
 
     /// SIGKILLs `pids` (which must all be ours; re-checked just before).
     fn kill_pids(&self, pids: &[u32]) {
-        let ours: Vec<String> = pids
-            .iter()
-            .filter(|&&pid| self.owns(pid))
-            .map(u32::to_string)
-            .collect();
+        let ours: Vec<String> = pids.iter().filter(|&&pid| self.owns(pid)).map(u32::to_string).collect();
         if ours.is_empty() {
             return;
         }
@@ -519,16 +461,10 @@ impl Drop for Libvirtd {
     /// the instance directory. Prints the log tail if the test is panicking.
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!(
-                "--- libvirtd log tail ({}) ---\n{}",
-                self.log_path().display(),
-                self.log_tail()
-            );
+            eprintln!("--- libvirtd log tail ({}) ---\n{}", self.log_path().display(), self.log_tail());
         }
         // Never act on our own namespaces (start() already refuses them).
-        if Some(&self.mnt_ns) == own_ns("mnt").as_ref()
-            || Some(&self.uts_ns) == own_ns("uts").as_ref()
-        {
+        if Some(&self.mnt_ns) == own_ns("mnt").as_ref() || Some(&self.uts_ns) == own_ns("uts").as_ref() {
             return;
         }
         let deadline = Instant::now() + TEARDOWN_TIMEOUT;
@@ -615,24 +551,15 @@ pub fn random_uuid() -> String {
 /// themselves on `Some`.
 pub fn missing_requirements() -> Option<String> {
     let uid = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        s.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().next().map(str::to_owned))
     });
     if uid.as_deref() != Some("0") {
         return Some("not running as root".into());
     }
-    let missing: Vec<&str> = [
-        "unshare",
-        "nsenter",
-        "libvirtd",
-        "virtlogd",
-        "virsh",
-        "qemu-system-x86_64",
-    ]
-    .into_iter()
-    .filter(|bin| which(bin).is_none())
-    .collect();
+    let missing: Vec<&str> = ["unshare", "nsenter", "libvirtd", "virtlogd", "virsh", "qemu-system-x86_64"]
+        .into_iter()
+        .filter(|bin| which(bin).is_none())
+        .collect();
     (!missing.is_empty()).then(|| {
         format!(
             "missing {} (apt-get install libvirt-daemon libvirt-daemon-driver-qemu \
@@ -644,11 +571,7 @@ pub fn missing_requirements() -> Option<String> {
 
 /// Whether QEMU can use KVM here (`/dev/kvm` exists and opens read-write).
 pub fn kvm_usable() -> bool {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+    fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -664,8 +587,7 @@ fn write_config(root: &Path, opts: &LibvirtdOptions) {
     if let Ok(entries) = fs::read_dir("/etc/libvirt") {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_file()) {
-                fs::copy(entry.path(), etc.join(entry.file_name()))
-                    .expect("copy a file of /etc/libvirt");
+                fs::copy(entry.path(), etc.join(entry.file_name())).expect("copy a file of /etc/libvirt");
             }
         }
     }
@@ -688,24 +610,15 @@ fn write_config(root: &Path, opts: &LibvirtdOptions) {
     fs::write(etc.join("qemu.conf"), qemu_conf).expect("write qemu.conf");
 
     // No --listen: only the private unix sockets under /run/libvirt.
-    let libvirtd_conf = format!(
-        "host_uuid = \"{}\"\nlog_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n",
-        random_uuid()
-    );
+    let libvirtd_conf =
+        format!("host_uuid = \"{}\"\nlog_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n", random_uuid());
     fs::write(etc.join("libvirtd.conf"), libvirtd_conf).expect("write libvirtd.conf");
-    fs::write(
-        etc.join("virtlogd.conf"),
-        "log_outputs = \"3:file:/var/log/libvirt/virtlogd.log\"\n",
-    )
-    .expect("write virtlogd.conf");
+    fs::write(etc.join("virtlogd.conf"), "log_outputs = \"3:file:/var/log/libvirt/virtlogd.log\"\n")
+        .expect("write virtlogd.conf");
 
     if let Some(hook) = &opts.hook_binary {
         let hook = std::path::absolute(hook).expect("make the hook path absolute");
-        assert!(
-            hook.is_file(),
-            "hook binary {} does not exist",
-            hook.display()
-        );
+        assert!(hook.is_file(), "hook binary {} does not exist", hook.display());
         let hooks = etc.join("hooks");
         fs::create_dir_all(&hooks).expect("create hooks dir");
         symlink(&hook, hooks.join("qemu")).expect("symlink hooks/qemu to the hook binary");
@@ -770,43 +683,18 @@ fn ensure_system_users() {
     let steps: [(&str, &str, &[&str]); 3] = [
         ("group", "libvirt-qemu", &["groupadd", "-r", "libvirt-qemu"]),
         ("group", "kvm", &["groupadd", "-r", "kvm"]),
-        (
-            "passwd",
-            "libvirt-qemu",
-            &[
-                "useradd",
-                "-r",
-                "-g",
-                "libvirt-qemu",
-                "-s",
-                "/usr/sbin/nologin",
-                "libvirt-qemu",
-            ],
-        ),
+        ("passwd", "libvirt-qemu", &["useradd", "-r", "-g", "libvirt-qemu", "-s", "/usr/sbin/nologin", "libvirt-qemu"]),
     ];
     for (db, name, add) in steps {
-        let exists = || {
-            Command::new("getent")
-                .args([db, name])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
+        let exists =
+            || Command::new("getent").args([db, name]).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
         let ok = wait_until(Duration::from_secs(10), || {
             exists() || {
-                let _ = Command::new(add[0])
-                    .args(&add[1..])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
+                let _ = Command::new(add[0]).args(&add[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
                 exists()
             }
         });
-        assert!(
-            ok,
-            "could not create {db} entry {name} with `{}`",
-            add.join(" ")
-        );
+        assert!(ok, "could not create {db} entry {name} with `{}`", add.join(" "));
     }
 }
 
@@ -814,11 +702,7 @@ fn ensure_system_users() {
 /// longer than `timeout`.
 fn output_with_timeout(mut cmd: Command, timeout: Duration) -> io::Result<Output> {
     let deadline = Instant::now() + timeout;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let stdout = spawn_reader(child.stdout.take());
     let stderr = spawn_reader(child.stderr.take());
     let status = wait_child(&mut child, deadline)?;
@@ -832,11 +716,7 @@ fn output_with_timeout(mut cmd: Command, timeout: Duration) -> io::Result<Output
             )
         })
     };
-    Ok(Output {
-        status,
-        stdout: collect(stdout)?,
-        stderr: collect(stderr)?,
-    })
+    Ok(Output { status, stdout: collect(stdout)?, stderr: collect(stderr)? })
 }
 
 /// Reads a pipe to its end on a thread; the result arrives on the channel.
@@ -861,10 +741,7 @@ fn wait_child(child: &mut Child, deadline: Instant) -> io::Result<ExitStatus> {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "command timed out and was killed",
-            ));
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "command timed out and was killed"));
         }
         thread::sleep(Duration::from_millis(5));
     }
@@ -873,9 +750,7 @@ fn wait_child(child: &mut Child, deadline: Instant) -> io::Result<ExitStatus> {
 /// `readlink /proc/PID/ns/KIND`, e.g. `mnt:[4026532177]` (None for gone or
 /// zombie processes).
 fn ns_id(pid: u32, kind: &str) -> Option<String> {
-    fs::read_link(format!("/proc/{pid}/ns/{kind}"))
-        .ok()
-        .map(|p| p.to_string_lossy().into_owned())
+    fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok().map(|p| p.to_string_lossy().into_owned())
 }
 
 /// The test process's own namespace `kind`.
@@ -896,9 +771,7 @@ fn is_alive(pid: u32) -> bool {
 
 /// The command name of `pid` (`/proc/PID/comm`).
 fn comm(pid: u32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_owned())
+    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_owned())
 }
 
 /// Reads a pid file (None if missing, empty or not a number).
@@ -916,10 +789,7 @@ fn tail(path: &Path, n: usize) -> String {
 /// Gives the daemons (and so QEMU and the hook, which inherit a few variables
 /// such as `LD_LIBRARY_PATH`) a clean environment instead of cargo's.
 fn set_daemon_env(cmd: &mut Command) {
-    cmd.env_clear()
-        .env("PATH", path_with_sbin())
-        .env("HOME", "/root")
-        .env("LC_ALL", "C");
+    cmd.env_clear().env("PATH", path_with_sbin()).env("HOME", "/root").env("LC_ALL", "C");
 }
 
 /// `$PATH` plus the sbin directories (where `libvirtd` lives), which a
@@ -937,26 +807,18 @@ fn path_with_sbin() -> std::ffi::OsString {
 
 /// Looks `bin` up in [`path_with_sbin`].
 fn which(bin: &str) -> Option<PathBuf> {
-    std::env::split_paths(&path_with_sbin())
-        .map(|dir| dir.join(bin))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path_with_sbin()).map(|dir| dir.join(bin)).find(|p| p.is_file())
 }
 
 /// Escapes text for XML content and attribute values.
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
 }
 
 /// 64 random-enough bits from std's randomly keyed hasher (not for crypto).
 fn random_u64() -> u64 {
     let mut hasher = RandomState::new().build_hasher();
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     hasher.write_u128(nanos);
     hasher.write_u32(process::id());
     hasher.finish()

@@ -1,0 +1,122 @@
+//! Shared test helpers: the built binary, a temp lockhook setup, running the hook as libvirt
+//! does, and (in `libvirtd`) a private libvirtd.
+
+pub mod libvirtd;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub use libvirtd::wait_until;
+
+/// The lockhook binary under test.
+pub fn lockhook_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lockhook"))
+}
+
+/// A throw-away lockhook installation: config, run dir, lockspace, and a `qemu` symlink to the
+/// binary (so `argv[0]` is what libvirt uses).
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub run_dir: PathBuf,
+    pub hook: PathBuf,
+}
+
+impl Setup {
+    pub fn new(extra_config: &str) -> Setup {
+        let dir = tempfile::Builder::new().prefix("lockhook-test-").tempdir().expect("temp dir");
+        let run_dir = dir.path().join("run");
+        let etc = dir.path().join("etc");
+        std::fs::create_dir_all(&etc).expect("mkdir etc");
+        let config = etc.join("lockhook.toml");
+        let text = format!(
+            "run_dir = {:?}\nlockspace_dir = {:?}\nlog_file = {:?}\nlog_level = \"debug\"\n{extra_config}",
+            run_dir,
+            dir.path().join("lockspace"),
+            dir.path().join("lockhook.log"),
+        );
+        std::fs::write(&config, text).expect("write config");
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod config");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("mkdir bin");
+        let hook = bin.join("qemu");
+        std::os::unix::fs::symlink(lockhook_bin(), &hook).expect("symlink hook");
+        Setup { dir, config, run_dir, hook }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A sparse image file of 1 MiB.
+    pub fn image(&self, name: &str) -> PathBuf {
+        let path = self.path(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir image dir");
+        }
+        std::fs::File::create(&path).and_then(|f| f.set_len(1 << 20)).expect("create image");
+        path
+    }
+
+    /// Calls the hook as libvirt does: `qemu ARGS` with `xml` on stdin and both output pipes
+    /// captured until EOF. Fails the test if the pipes stay open (a holder that inherited them
+    /// would hang libvirt the same way).
+    pub fn hook(&self, args: &[&str], xml: &str) -> Output {
+        let mut cmd = Command::new(&self.hook);
+        cmd.args(args).env("LOCKHOOK_CONFIG", &self.config);
+        run_with_stdin(cmd, xml.as_bytes(), Duration::from_secs(20))
+    }
+
+    /// `lockhook ARGS --config <ours>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(lockhook_bin());
+        cmd.args(args).arg("--config").arg(&self.config);
+        run_with_stdin(cmd, b"", Duration::from_secs(20))
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "status --json failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("lockhook.log")).unwrap_or_default()
+    }
+}
+
+/// Runs `cmd` with `stdin` fed and stdout/stderr captured until EOF, within `timeout`.
+pub fn run_with_stdin(mut cmd: Command, stdin: &[u8], timeout: Duration) -> Output {
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut pipe = child.stdin.take().expect("stdin");
+    let input = stdin.to_vec();
+    // A hook may exit without reading stdin (libvirt ignores EPIPE too).
+    let writer = std::thread::spawn(move || {
+        let _ = pipe.write_all(&input);
+    });
+    let (tx, rx) = mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("wait for child"),
+        Err(_) => panic!("pid {pid}: output pipes still open after {timeout:?} (a child kept them?)"),
+    };
+    let _ = writer.join();
+    out
+}
+
+/// Whether someone holds a lock on byte `offset` of `path`, and which.
+pub fn lock_state(path: &Path, offset: u64) -> Option<lockhook::lock::LockMode> {
+    lockhook::lock::probe(path, offset).expect("probe").0
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

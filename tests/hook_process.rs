@@ -1,0 +1,226 @@
+//! The built binary called as libvirt's hook, with fixture XML and a temp config and run dir.
+//! No libvirtd: these check the hook/holder contract at the process level.
+
+use std::path::Path;
+use std::time::Duration;
+
+use lockhook::lock::LockMode;
+
+use crate::common::{lock_state, stderr, wait_until, Setup};
+
+const UUID1: &str = "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab";
+const UUID2: &str = "0e4c9a51-7a2f-4b83-9d4e-5f6a7b8c9d0e";
+
+fn xml(name: &str, uuid: &str, devices: &str) -> String {
+    format!("<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><devices>{devices}</devices></domain>")
+}
+
+fn file_disk(path: &Path, target: &str, extra: &str) -> String {
+    format!("<disk type='file' device='disk'><source file='{}'/><target dev='{target}'/>{extra}</disk>", path.display())
+}
+
+fn holder_pid(setup: &Setup, uuid: &str) -> u32 {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(setup.run_dir.join(format!("{uuid}.json"))).expect("state file"))
+            .expect("state JSON");
+    state["holder_pid"].as_u64().expect("holder_pid") as u32
+}
+
+fn fd_targets(pid: u32) -> Vec<(u32, String)> {
+    let mut fds: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("holder fd dir")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            Some((fd, std::fs::read_link(e.path()).ok()?.display().to_string()))
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+#[test]
+fn prepare_holds_refuses_and_release_frees() {
+    let setup = Setup::new("");
+    let img = setup.image("images/a b é.img");
+    let lease = setup.path("leases/l1");
+    std::fs::create_dir_all(lease.parent().expect("parent")).expect("mkdir");
+    let vm1 = xml(
+        "vm1",
+        UUID1,
+        &format!(
+            "{}<lease><lockspace>ls</lockspace><key>k1</key><target path='{}' offset='1024'/></lease>",
+            file_disk(&img, "vda", ""),
+            lease.display()
+        ),
+    );
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm1);
+    assert!(out.status.success(), "prepare failed: {}", stderr(&out));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "hook printed: {}", stderr(&out));
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+    assert_eq!(lock_state(&lease, 1024), Some(LockMode::Exclusive), "lease file created and locked");
+
+    // The holder: stdio on /dev/null, and nothing but its lock file, socket, images (+ log).
+    let pid = holder_pid(&setup, UUID1);
+    let fds = fd_targets(pid);
+    for fd in 0..3 {
+        assert_eq!(fds[fd].1, "/dev/null", "holder fd {fd}: {fds:?}");
+    }
+    let allowed = |t: &str| {
+        t == "/dev/null"
+            || t.starts_with("socket:")
+            || t.ends_with(&format!("{UUID1}.lock"))
+            || t == img.display().to_string()
+            || t == lease.display().to_string()
+            || t.ends_with("lockhook.log")
+    };
+    assert!(fds.iter().all(|(_, t)| allowed(t)), "unexpected holder fds: {fds:?}");
+    assert!(fds.iter().any(|(_, t)| *t == img.display().to_string()), "holder holds the image: {fds:?}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let ppid_line = status.lines().find(|l| l.starts_with("PPid:")).expect("PPid");
+    assert!(!ppid_line.ends_with(&format!("\t{}", std::process::id())), "holder is not our child");
+    let sid = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = sid[sid.rfind(')').expect(")") + 2..].split(' ').collect();
+    assert_eq!(fields[3], pid.to_string(), "holder leads its own session");
+
+    // A second guest on the same image is refused with one line naming vm1.
+    let vm2 = xml("vm2", UUID2, &file_disk(&img, "vdb", ""));
+    let out = setup.hook(&["vm2", "prepare", "begin", "-"], &vm2);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = stderr(&out);
+    let expected =
+        format!("lockhook: {} is locked exclusively by guest vm1 ({UUID1}) on this host since ", img.display());
+    assert!(err.starts_with(&expected), "got: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(!setup.run_dir.join(format!("{UUID2}.json")).exists(), "no holder for the refused guest");
+
+    // libvirt calls release for the refused guest: vm1 keeps its locks.
+    let out = setup.hook(&["vm2", "release", "end", "-"], &vm2);
+    assert!(out.status.success());
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+
+    // status shows vm1, its resources, modes and since.
+    let status = setup.status_json();
+    let guests = status["guests"].as_array().expect("guests");
+    assert_eq!(guests.len(), 1);
+    assert_eq!(guests[0]["name"], "vm1");
+    assert_eq!(guests[0]["uuid"], UUID1);
+    assert_eq!(guests[0]["holder_alive"], true);
+    let resources = guests[0]["resources"].as_array().expect("resources");
+    assert_eq!(resources.len(), 2);
+    assert_eq!(resources[0]["mode"], "exclusive");
+    assert!(resources[0]["since"].as_str().expect("since").ends_with('Z'));
+    let text = String::from_utf8(setup.cli(&["status"]).stdout).expect("utf8");
+    assert!(text.contains("guest vm1") && text.contains(&img.display().to_string()), "{text}");
+
+    // release frees everything at once, and the holder is gone.
+    let out = setup.hook(&["vm1", "release", "end", "destroyed"], &vm1);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lock_state(&img, 0), None);
+    assert_eq!(lock_state(&lease, 1024), None);
+    assert!(wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{pid}")).exists()
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)));
+    let out = setup.hook(&["vm2", "prepare", "begin", "-"], &vm2);
+    assert!(out.status.success(), "vm2 may start now: {}", stderr(&out));
+    let out = setup.hook(&["vm2", "release", "end", "-"], &vm2);
+    assert!(out.status.success());
+    assert_eq!(lock_state(&img, 0), None);
+}
+
+#[test]
+fn release_of_unknown_guest_and_other_events_exit_zero_silently() {
+    let setup = Setup::new("");
+    let vm = xml("ghost", UUID2, "");
+    for args in [
+        ["ghost", "release", "end", "-"],
+        ["ghost", "stopped", "end", "-"],
+        ["ghost", "migrate", "begin", "-"],
+        ["ghost", "restore", "begin", "-"],
+        ["ghost", "attach", "begin", "-"],
+        ["ghost", "some-future-op", "begin", "-"],
+    ] {
+        let out = setup.hook(&args, &vm);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{args:?} printed something");
+    }
+    // Release with XML that cannot be parsed is still a no-op.
+    let out = setup.hook(&["ghost", "release", "end", "-"], "not xml");
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn bad_input_gets_one_line_and_no_lock() {
+    let setup = Setup::new("");
+    let img = setup.image("a.img");
+    for (what, input) in [
+        ("empty", String::new()),
+        ("truncated", format!("<domain><name>x</name><uuid>{UUID1}</uuid><devices><disk type='file'>")),
+        ("bad uuid", "<domain><name>x</name><uuid>../../etc</uuid></domain>".to_owned()),
+        ("no uuid", "<domain><name>x</name></domain>".to_owned()),
+    ] {
+        let out = setup.hook(&["x", "prepare", "begin", "-"], &input);
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        assert!(err.starts_with("lockhook: "), "{what}: {err}");
+        assert!(out.stdout.is_empty());
+    }
+    // A guest whose second disk is missing takes no lock on the first.
+    let missing = setup.path("missing.img");
+    let vm = xml("vm1", UUID1, &format!("{}{}", file_disk(&img, "vda", ""), file_disk(&missing, "vdb", "")));
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("missing.img"), "{}", stderr(&out));
+    assert_eq!(lock_state(&img, 0), None, "all or nothing");
+    // Too few arguments: a usage line, non-zero.
+    let mut cmd = std::process::Command::new(&setup.hook);
+    cmd.env("LOCKHOOK_CONFIG", &setup.config);
+    let out = crate::common::run_with_stdin(cmd, b"", Duration::from_secs(10));
+    assert!(!out.status.success());
+    assert!(stderr(&out).starts_with("lockhook: usage"), "{}", stderr(&out));
+}
+
+#[test]
+fn readonly_and_shareable_take_shared_locks() {
+    let setup = Setup::new("");
+    let img = setup.image("shared.raw");
+    let ro = |name: &str, uuid: &str, flag: &str| xml(name, uuid, &file_disk(&img, "vda", flag));
+    let out = setup.hook(&["r1", "prepare", "begin", "-"], &ro("r1", UUID1, "<readonly/>"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = setup.hook(&["r2", "prepare", "begin", "-"], &ro("r2", UUID2, "<shareable/>"));
+    assert!(out.status.success(), "shared + shared: {}", stderr(&out));
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Shared));
+    let writer = xml("w", "11111111-2222-3333-4444-555555555555", &file_disk(&img, "vda", ""));
+    let out = setup.hook(&["w", "prepare", "begin", "-"], &writer);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is locked shared by guest r"), "{}", stderr(&out));
+    for (name, uuid, flag) in [("r1", UUID1, "<readonly/>"), ("r2", UUID2, "<shareable/>")] {
+        assert!(setup.hook(&[name, "release", "end", "-"], &ro(name, uuid, flag)).status.success());
+    }
+    assert_eq!(lock_state(&img, 0), None);
+}
+
+#[test]
+fn holder_lets_go_when_its_qemu_dies() {
+    let setup = Setup::new("");
+    let img = setup.image("q.img");
+    // A stand-in QEMU: any process whose argv carries `-uuid <uuid>`.
+    let mut qemu = std::process::Command::new("sh")
+        .args(["-c", "sleep 60; true", "-uuid", UUID1])
+        .spawn()
+        .expect("spawn stand-in qemu");
+    let vm = xml("vm1", UUID1, &file_disk(&img, "vda", ""));
+    assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm).status.success());
+    let out = setup.hook(&["vm1", "started", "begin", "-"], &vm);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(setup.status_json()["guests"][0]["qemu_pid"], qemu.id());
+    // While QEMU runs, a stray release (e.g. after a refused second start) changes nothing.
+    assert!(setup.hook(&["vm1", "release", "end", "-"], &vm).status.success());
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+    qemu.kill().expect("kill qemu");
+    qemu.wait().expect("reap");
+    assert!(wait_until(Duration::from_secs(5), || lock_state(&img, 0).is_none()), "holder released after QEMU died");
+    assert!(setup.log().contains("QEMU"), "logged why");
+}

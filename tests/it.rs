@@ -1,0 +1,8 @@
+//! Integration tests: one crate, modules below.
+//!
+//! `hook_process` runs the built binary as the hook without libvirt; `e2e` runs a real libvirtd
+//! and QEMU in private namespaces (needs root and the libvirt packages: `tests/run-all.sh`
+//! installs them).
+
+mod common;
+mod hook_process;
