@@ -5,4 +5,5 @@
 //! installs them).
 
 mod common;
+mod e2e;
 mod hook_process;

@@ -53,7 +53,8 @@ fn safe_component(name: &str) -> bool {
 
 fn parse_pool(pool: &str, path: &Path, text: &str) -> Result<RawPool, PoolError> {
     let malformed = |message: String| PoolError::Malformed { pool: pool.to_owned(), path: path.to_owned(), message };
-    if text.trim_start().starts_with("<poolstate") {
+    // libvirt starts these files with a "do not edit" comment, so look past it.
+    if text.contains("<poolstate") {
         let state: RawPoolState = quick_xml::de::from_str(text).map_err(|e| malformed(e.to_string()))?;
         state.pool.ok_or_else(|| malformed("no <pool> in <poolstate>".to_owned()))
     } else {
@@ -122,7 +123,7 @@ mod tests {
         );
         std::fs::write(
             run.join("storage/images.xml"),
-            "<poolstate version='1'><pool type='dir'><name>images</name><target><path>/srv/imgs</path></target></pool></poolstate>",
+            "<!--\nWARNING: THIS IS AN AUTO-GENERATED FILE.\n-->\n<poolstate version='1'><pool type='dir'><name>images</name><target><path>/srv/imgs</path></target></pool></poolstate>",
         )
         .expect("write");
         assert_eq!(resolve("images", "a.qcow2", &run, &etc).expect("resolve"), PathBuf::from("/srv/imgs/a.qcow2"));
