@@ -45,6 +45,7 @@ pub enum Command {
 }
 
 /// Hook mode: `argv[0]` is `.../qemu`. Prints only to stderr, one line per problem.
+#[allow(clippy::result_large_err)]
 pub fn run_hook(args: &[OsString], config_flag: Option<PathBuf>) -> ExitCode {
     let result = HookEvent::parse(args).and_then(|event| {
         let config_path = config::path_from(config_flag.as_deref());

@@ -11,6 +11,9 @@
 //!   holder of this guest's UUID, and only when that guest's QEMU is gone;
 //! - unknown operations exit 0, so a newer libvirt never blocks a guest.
 
+// A hook call builds at most one HookError before it exits; its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::Read;
@@ -119,13 +122,12 @@ impl HookError {
     }
 }
 
-/// Whether this binary was started as libvirt's hook (`/etc/libvirt/hooks/qemu`, or a file in
-/// `hooks/qemu.d/` whose name ends in `qemu`).
+/// Whether this binary was started as libvirt's hook: as `.../hooks/qemu`, or as any file in
+/// `.../hooks/qemu.d/` (libvirt runs every executable there, with its path as `argv[0]`).
 pub fn invoked_as_hook(argv0: &std::ffi::OsStr) -> bool {
-    Path::new(argv0)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n == "qemu" || n.ends_with("-qemu") || n.ends_with("lockhook.qemu"))
+    let path = Path::new(argv0);
+    path.file_name().is_some_and(|n| n == "qemu")
+        || path.parent().and_then(Path::file_name).is_some_and(|d| d == "qemu.d")
 }
 
 impl HookEvent {
@@ -357,4 +359,33 @@ fn release(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Result<(), Hoo
         }
     }
     client.release().map_err(holder_err(&domain))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::*;
+
+    #[test]
+    fn hook_names() {
+        for yes in ["/etc/libvirt/hooks/qemu", "qemu", "/etc/libvirt/hooks/qemu.d/50-lockhook", "qemu.d/x"] {
+            assert!(invoked_as_hook(OsStr::new(yes)), "{yes}");
+        }
+        for no in ["lockhook", "/usr/local/sbin/lockhook", "/etc/libvirt/hooks/lxc", "qemu-img"] {
+            assert!(!invoked_as_hook(OsStr::new(no)), "{no}");
+        }
+    }
+
+    #[test]
+    fn event_parsing() {
+        let args: Vec<OsString> = ["vm 1", "release", "end", "from snapshot"].iter().map(OsString::from).collect();
+        let event = HookEvent::parse(&args).expect("parse");
+        assert_eq!(event.domain, "vm 1");
+        assert_eq!(event.op, Op::Release);
+        assert_eq!(event.extra, "from snapshot");
+        assert_eq!(HookEvent::parse(&args[..2]).expect("two args").sub_op, "-");
+        assert!(matches!(HookEvent::parse(&args[..1]), Err(HookError::Usage(1))));
+        assert_eq!(Op::parse("frobnicate"), Op::Other("frobnicate".into()));
+    }
 }

@@ -68,6 +68,7 @@ mod tests {
     fn names_a_posix_lock_holder() {
         let file = tempfile::NamedTempFile::new().expect("temp");
         let meta = file.as_file().metadata().expect("meta");
+        #[allow(clippy::cast_possible_truncation)] // F_WRLCK and SEEK_SET are 1 and 0.
         let lock = libc::flock {
             l_type: libc::F_WRLCK as libc::c_short,
             l_whence: libc::SEEK_SET as libc::c_short,

@@ -50,13 +50,14 @@ pub fn find(name: &str, uuid: &Uuid, libvirt_run_dir: &Path) -> Option<(u32, u64
         .flatten()
         .and_then(|text| text.trim().parse::<u32>().ok())
         .filter(|pid| cmdline_has_uuid(*pid, uuid));
-    let pid = from_pidfile.or_else(|| {
-        std::fs::read_dir("/proc")
-            .ok()?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .find(|pid| cmdline_has_uuid(*pid, uuid))
-    })?;
-    Some((pid, start_time(pid)?))
+    if let Some(found) = from_pidfile.and_then(|pid| Some((pid, start_time(pid)?))) {
+        return Some(found);
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| cmdline_has_uuid(*pid, uuid))
+        .find_map(|pid| Some((pid, start_time(pid)?)))
 }
 
 #[cfg(test)]
@@ -80,14 +81,17 @@ mod tests {
     fn finds_a_process_by_uuid_argument() {
         let uuid = Uuid::parse("0badc0de-1c2b-4e5f-8a9b-0123456789ab").expect("uuid");
         let mut child = std::process::Command::new("sh")
-            // "; true" keeps sh from exec-ing sleep, so its own argv (with -uuid) stays visible.
-            .args(["-c", "sleep 30; true", "-uuid", uuid.as_str()])
+            // `read` is a builtin: no child process shares sh's argv (with -uuid) even briefly.
+            .args(["-c", "read x", "-uuid", uuid.as_str()])
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("spawn sh");
         let dir = tempfile::tempdir().expect("dir");
-        let found = find("nope", &uuid, dir.path());
+        let found = crate::test_support::wait_until(std::time::Duration::from_secs(5), || {
+            find("nope", &uuid, dir.path()).map(|(pid, _)| pid) == Some(child.id())
+        });
         child.kill().expect("kill");
         child.wait().expect("reap");
-        assert_eq!(found.map(|(pid, _)| pid), Some(child.id()));
+        assert!(found, "found by its -uuid argument");
     }
 }

@@ -83,13 +83,13 @@ fn disk_mode(disk: &Disk, config: &Config) -> Option<LockMode> {
     }
 }
 
-fn target_of(source: &Source) -> Result<Target, &'static str> {
+fn target_of(source: &Source) -> Result<Target, String> {
     match source {
         Source::File(p) | Source::Block(p) => Ok(Target::Path(p.clone())),
         Source::Volume { pool, volume } => Ok(Target::Volume { pool: pool.clone(), volume: volume.clone() }),
-        Source::Network { .. } => Err("network disk (not locked on one host)"),
-        Source::Unsupported(_) => Err("disk type lockhook cannot lock"),
-        Source::Empty => Err("no source (empty drive)"),
+        Source::Network { protocol, .. } => Err(format!("{protocol} network disk (not locked on one host)")),
+        Source::Unsupported(kind) => Err(format!("type '{kind}' has no image lockhook can lock")),
+        Source::Empty => Err("no source (empty drive)".to_owned()),
     }
 }
 
@@ -160,4 +160,71 @@ pub fn plan(domain: &Domain, config: &Config) -> Plan {
         });
     }
     plan
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// One line per planned lock or skip, the format of `tests/fixtures/domains/*.keys`.
+    fn render(domain: &Domain, plan: &Plan) -> String {
+        let mut out = format!("guest {:?} {}\n", domain.name, domain.uuid);
+        for p in &plan.requests {
+            let target = match &p.target {
+                Target::Path(path) => format!("{:?}", path.display().to_string()),
+                Target::Volume { pool, volume } => format!("volume {pool:?}/{volume:?}"),
+            };
+            let extra = [(p.read_chain, " +chain-from-header"), (p.optional, " optional"), (p.is_lease, " create")]
+                .iter()
+                .filter_map(|(on, text)| on.then_some(*text))
+                .collect::<String>();
+            out.push_str(&format!("{} @{} {target} ({}){extra}\n", p.mode.as_str(), p.offset, p.role));
+        }
+        for s in &plan.skipped {
+            out.push_str(&format!("skip {s}\n"));
+        }
+        out
+    }
+
+    /// Every `tests/fixtures/domains/NAME.xml` planned with the default config must match
+    /// `NAME.keys`. Set `UPDATE_FIXTURES=1` to rewrite the expectations (then review the diff).
+    #[test]
+    fn fixtures_plan_as_expected() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/domains");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("fixture dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_none_or(|e| e != "xml") {
+                continue;
+            }
+            seen += 1;
+            let domain = Domain::parse(&std::fs::read(&path).expect("read"))
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let got = render(&domain, &plan(&domain, &Config::default()));
+            let keys = path.with_extension("keys");
+            if std::env::var_os("UPDATE_FIXTURES").is_some() {
+                std::fs::write(&keys, &got).expect("write keys");
+            }
+            let want = std::fs::read_to_string(&keys).unwrap_or_else(|e| panic!("{}: {e}", keys.display()));
+            assert_eq!(got, want, "{}", path.display());
+        }
+        assert!(seen >= 7, "fixtures found: {seen}");
+    }
+
+    #[test]
+    fn policies_change_modes() {
+        let xml =
+            std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/domains/readonly-shareable.xml"))
+                .expect("read");
+        let domain = Domain::parse(&xml).expect("parse");
+        let none = Config { readonly: SharedPolicy::None, shareable: SharedPolicy::None, ..Config::default() };
+        assert!(plan(&domain, &none).requests.is_empty());
+        let backing = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/domains/backing.xml"))
+            .expect("read");
+        let domain = Domain::parse(&backing).expect("parse");
+        let off = Config { backing_chains: false, ..Config::default() };
+        assert!(plan(&domain, &off).requests.iter().all(|r| !matches!(r.role, Role::Backing { .. })));
+    }
 }

@@ -108,7 +108,7 @@ fn exclusive_refusal_names_the_holder_and_destroy_frees() {
     let vm1 = &status["guests"][0];
     assert_eq!(vm1["name"], "vm1");
     assert_eq!(vm1["uuid"], uuid1.as_str());
-    assert_eq!(vm1["qemu_pid"].as_u64().map(|p| p as u32), host.lv.qemu_pid("vm1"));
+    assert_eq!(vm1["qemu_pid"].as_u64().and_then(|p| u32::try_from(p).ok()), host.lv.qemu_pid("vm1"));
     assert_eq!(vm1["resources"][0]["mode"], "exclusive");
     let text = host.setup.cli(&["status"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains(&format!("exclusive {}", img.display())));
@@ -297,7 +297,7 @@ fn pause_keeps_locks_and_save_restore_moves_them() {
     host.lv.virsh_ok(&["restore", saved.to_str().expect("utf8")]);
     assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
     let status = host.status();
-    assert_eq!(status["guests"][0]["qemu_pid"].as_u64().map(|p| p as u32), host.lv.qemu_pid("vm1"));
+    assert_eq!(status["guests"][0]["qemu_pid"].as_u64().and_then(|p| u32::try_from(p).ok()), host.lv.qemu_pid("vm1"));
     host.refused("vm2");
     host.destroy("vm1");
     assert_eq!(lock_state(&img, 0), None);
@@ -310,7 +310,8 @@ fn libvirtd_restart_keeps_locks_and_dead_qemu_frees_them() {
     let uuid1 = host.define("vm1", &raw(&img, "vda"));
     host.define("vm2", &raw(&img, "vda"));
     host.start("vm1");
-    let holder = host.status()["guests"][0]["holder_pid"].as_u64().expect("holder pid") as i32;
+    let holder =
+        host.status()["guests"][0]["holder_pid"].as_u64().and_then(|p| i32::try_from(p).ok()).expect("holder pid");
 
     // A daemon crash and restart: the same holder keeps the locks.
     host.lv.kill_daemon();
@@ -336,13 +337,19 @@ fn libvirtd_restart_keeps_locks_and_dead_qemu_frees_them() {
         host.status()
     );
     assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
-    assert_eq!(host.status()["guests"][0]["qemu_pid"].as_u64().map(|p| p as u32), host.lv.qemu_pid("vm1"));
+    assert_eq!(
+        host.status()["guests"][0]["qemu_pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+        host.lv.qemu_pid("vm1")
+    );
 
     // QEMU dies while libvirtd is down: the holder lets go by itself within seconds.
     let qemu = host.lv.qemu_pid("vm1").expect("qemu pid");
     host.lv.kill_daemon();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu as i32), nix::sys::signal::Signal::SIGKILL)
-        .expect("kill qemu");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(qemu).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill qemu");
     assert!(wait_until(Duration::from_secs(5), || lock_state(&img, 0).is_none()), "lock freed after QEMU died");
     host.lv.restart_daemon();
     assert!(wait_until(Duration::from_secs(10), || host.lv.virsh_ok(&["domstate", "vm1"]).trim() == "shut off"));

@@ -23,7 +23,7 @@ fn holder_pid(setup: &Setup, uuid: &str) -> u32 {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(setup.run_dir.join(format!("{uuid}.json"))).expect("state file"))
             .expect("state JSON");
-    state["holder_pid"].as_u64().expect("holder_pid") as u32
+    state["holder_pid"].as_u64().and_then(|p| u32::try_from(p).ok()).expect("holder_pid")
 }
 
 fn fd_targets(pid: u32) -> Vec<(u32, String)> {
@@ -208,7 +208,9 @@ fn holder_lets_go_when_its_qemu_dies() {
     let img = setup.image("q.img");
     // A stand-in QEMU: any process whose argv carries `-uuid <uuid>`.
     let mut qemu = std::process::Command::new("sh")
-        .args(["-c", "sleep 60; true", "-uuid", UUID1])
+        // `read` is a builtin: sh forks nothing that would share its argv or outlive it.
+        .args(["-c", "read x", "-uuid", UUID1])
+        .stdin(std::process::Stdio::piped())
         .spawn()
         .expect("spawn stand-in qemu");
     let vm = xml("vm1", UUID1, &file_disk(&img, "vda", ""));

@@ -4,6 +4,9 @@
 //! and QEMU in private namespaces (needs root and the libvirt packages: `tests/run-all.sh`
 //! installs them).
 
+#![allow(clippy::tests_outside_test_module)] // an integration test crate is all tests
+
 mod common;
 mod e2e;
 mod hook_process;
+mod install;

@@ -15,15 +15,25 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::LockMode;
 
+// The lock type and whence constants are tiny (0-2) and fit `c_short`, the field type.
+#[allow(clippy::cast_possible_truncation)]
+const RDLCK: libc::c_short = libc::F_RDLCK as libc::c_short;
+#[allow(clippy::cast_possible_truncation)]
+const WRLCK: libc::c_short = libc::F_WRLCK as libc::c_short;
+#[allow(clippy::cast_possible_truncation)]
+const UNLCK: libc::c_short = libc::F_UNLCK as libc::c_short;
+#[allow(clippy::cast_possible_truncation)]
+const SEEK_SET: libc::c_short = libc::SEEK_SET as libc::c_short;
+
 /// Builds the one-byte lock description. `l_pid` must be 0 for OFD locks.
 const fn flock_for(l_type: libc::c_short, offset: i64) -> libc::flock {
-    libc::flock { l_type, l_whence: libc::SEEK_SET as libc::c_short, l_start: offset, l_len: 1, l_pid: 0 }
+    libc::flock { l_type, l_whence: SEEK_SET, l_start: offset, l_len: 1, l_pid: 0 }
 }
 
 const fn lock_type(mode: LockMode) -> libc::c_short {
     match mode {
-        LockMode::Shared => libc::F_RDLCK as libc::c_short,
-        LockMode::Exclusive => libc::F_WRLCK as libc::c_short,
+        LockMode::Shared => RDLCK,
+        LockMode::Exclusive => WRLCK,
     }
 }
 
@@ -54,7 +64,7 @@ pub fn try_lock(fd: BorrowedFd<'_>, mode: LockMode, offset: i64) -> io::Result<(
 
 /// Drops the lock on `offset` held through this open file description.
 pub fn unlock(fd: BorrowedFd<'_>, offset: i64) -> io::Result<()> {
-    let mut lock = flock_for(libc::F_UNLCK as libc::c_short, offset);
+    let mut lock = flock_for(UNLCK, offset);
     fcntl_lock(fd, libc::F_OFD_SETLK, &mut lock)
 }
 
@@ -62,11 +72,11 @@ pub fn unlock(fd: BorrowedFd<'_>, offset: i64) -> io::Result<()> {
 /// Locks held through the same open file description never conflict with it, so probe through a
 /// fresh `open()` to see every holder. The access mode of `fd` does not matter for `F_OFD_GETLK`.
 pub fn probe(fd: BorrowedFd<'_>, offset: i64) -> io::Result<Option<LockMode>> {
-    let mut lock = flock_for(libc::F_WRLCK as libc::c_short, offset);
+    let mut lock = flock_for(WRLCK, offset);
     fcntl_lock(fd, libc::F_OFD_GETLK, &mut lock)?;
-    Ok(match i32::from(lock.l_type) {
-        libc::F_UNLCK => None,
-        libc::F_RDLCK => Some(LockMode::Shared),
+    Ok(match lock.l_type {
+        UNLCK => None,
+        RDLCK => Some(LockMode::Shared),
         _ => Some(LockMode::Exclusive),
     })
 }

@@ -114,7 +114,7 @@ fn read_backing_format(file: &mut File, header_len: u64, limit: u64) -> io::Resu
             return Ok(None);
         }
         if kind == EXT_BACKING_FORMAT && len <= 64 {
-            let mut data = vec![0u8; len as usize];
+            let mut data = vec![0u8; usize::try_from(len).unwrap_or(64)];
             file.read_exact(&mut data)?;
             return Ok(String::from_utf8(data).ok());
         }
@@ -154,14 +154,14 @@ pub(crate) mod tests {
             let mut at = 104usize;
             if let Some(fmt) = format {
                 h[at..at + 4].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
-                h[at + 4..at + 8].copy_from_slice(&(fmt.len() as u32).to_be_bytes());
+                h[at + 4..at + 8].copy_from_slice(&u32::try_from(fmt.len()).expect("short").to_be_bytes());
                 h[at + 8..at + 8 + fmt.len()].copy_from_slice(fmt.as_bytes());
                 at += 8 + fmt.len().div_ceil(8) * 8;
             }
             h[at..at + 8].copy_from_slice(&[0; 8]);
             let off = 256usize;
             h[8..16].copy_from_slice(&(off as u64).to_be_bytes());
-            h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            h[16..20].copy_from_slice(&u32::try_from(name.len()).expect("short").to_be_bytes());
             h[off..off + name.len()].copy_from_slice(name.as_bytes());
         }
         std::fs::write(path, h).expect("write qcow2");

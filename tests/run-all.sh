@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs lockhook's whole test suite: unit, process-level, install and end-to-end tests against a
+# real libvirtd + QEMU that the tests start in private namespaces (never the host's libvirtd).
+# Needs root. Installs what is missing first: Debian packages (apt-get) and cargo-nextest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+[ "$(id -u)" = 0 ] || { echo "tests/run-all.sh: run as root (the end-to-end tests start libvirtd and QEMU)" >&2; exit 1; }
+
+need_apt=0
+for cmd in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img unshare nsenter losetup; do
+  command -v "$cmd" >/dev/null || need_apt=1
+done
+if [ "$need_apt" = 1 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # qemu-utils must come from the same QEMU release as qemu-system-x86: some images ship a
+  # newer (backports) qemu-utils whose Breaks: stop the install otherwise.
+  qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  apt-get install -y -qq --no-install-recommends --allow-downgrades \
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
+    "qemu-utils=${qemu_version}" util-linux mount >/dev/null
+fi
+command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+
+cargo fmt --all -- --check
+cargo nextest run --locked --no-fail-fast "$@"
