@@ -118,8 +118,17 @@ fn exclusive_refusal_names_the_holder_and_destroy_frees() {
     assert_eq!(lock_state(&img, 0), None);
     assert!(host.guest_names().is_empty());
     host.start("vm2");
-    host.destroy("vm2");
+
+    // A crash (QEMU killed under a running libvirtd) frees the image too.
+    let qemu = host.lv.qemu_pid("vm2").expect("vm2 qemu");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(qemu).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill qemu");
+    assert!(wait_until(Duration::from_secs(10), || host.lv.virsh_ok(&["domstate", "vm2"]).trim() == "shut off"));
     assert_eq!(lock_state(&img, 0), None);
+    assert!(host.guest_names().is_empty());
 }
 
 #[test]
