@@ -56,7 +56,7 @@ notify_libvirt() {
     done
   done
   if [ "$found" = 0 ]; then
-    say "libvirtd/virqemud is not running; it will find the hook when it starts"
+    say "libvirtd/virtqemud is not running; it will find the hook when it starts"
   fi
 }
 
@@ -107,13 +107,13 @@ install_config() {
 }
 
 if [ "$mode" = uninstall ]; then
-  points_to_us "$hooks/qemu" && rm -f "$hooks/qemu" && say "removed $hooks/qemu"
-  points_to_us "$qemud" && rm -f "$qemud" && say "removed $qemud"
+  if points_to_us "$hooks/qemu"; then rm -f "$hooks/qemu"; say "removed $hooks/qemu"; fi
+  if points_to_us "$qemud"; then rm -f "$qemud"; say "removed $qemud"; fi
   if [ -x "$bin" ]; then
-    running=$(ls /run/lockhook/*.json 2>/dev/null | wc -l)
+    running=$(find /run/lockhook -maxdepth 1 -name '*.json' 2>/dev/null | wc -l)
     [ "$running" = 0 ] || say "note: $running guest(s) still hold locks; their holders let go when the guests stop"
   fi
-  rm -f "$bin" && say "removed $bin"
+  if [ -e "$bin" ]; then rm -f "$bin"; say "removed $bin"; fi
   notify_libvirt
   say "kept $conf and /var/lib/lockhook (remove them by hand if you want)"
   exit 0

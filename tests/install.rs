@@ -112,8 +112,16 @@ fn install_keeps_an_administrators_hook() {
     assert!(std::fs::read_to_string(&calls).expect("admin hook ran").contains("vm1 prepare begin -"));
     let err = refused(&lv, "vm2");
     assert!(err.contains("is locked exclusively by guest vm1"), "{err}");
-    run(&lv, &["--uninstall"]);
+    lv.virsh_ok(&["destroy", "vm1"]);
+    let out = run(&lv, &["--uninstall"]);
+    assert!(
+        out.contains("removed /etc/libvirt/hooks/qemu.d/50-lockhook")
+            && out.contains("removed /usr/local/sbin/lockhook"),
+        "{out}"
+    );
+    assert!(!out.contains("still hold locks"), "{out}");
     assert!(hooks.join("qemu.d/50-lockhook").symlink_metadata().is_err());
     assert!(hooks.join("qemu").exists(), "the administrator's hook stays");
-    lv.virsh_ok(&["destroy", "vm1"]);
+    let again = run(&lv, &["--uninstall"]);
+    assert!(!again.contains("removed"), "idempotent: {again}");
 }
