@@ -55,7 +55,7 @@ pub fn run_hook(args: &[OsString], config_flag: Option<PathBuf>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             for line in err.lines() {
-                eprintln!("lockhook: {line}");
+                eprintln!("lockhook: {}", crate::one_line(&line));
             }
             ExitCode::FAILURE
         }

@@ -242,6 +242,7 @@ fn hand_over(ctx: &Ctx, domain: &Domain, client: Option<Client>, acquired: Acqui
         }
     };
     let fds: Vec<_> = acquired.locks.into_iter().map(|l| l.fd).collect();
+    fault_point("before-handover");
     client.acquire(&guest(domain), &acquired.resources, &fds).map_err(holder_err(domain))?;
     // Invariant: `fds` (our copies) are dropped only now, after the holder's ACK.
     drop(fds);
@@ -249,6 +250,15 @@ fn hand_over(ctx: &Ctx, domain: &Domain, client: Option<Client>, acquired: Acqui
         info!("guest {} ({}): locked {} {}", domain.name, domain.uuid, r.mode.as_str(), r.path.display());
     }
     Ok(client)
+}
+
+/// Fault injection for tests: `LOCKHOOK_FAULT=<point>` stalls the hook there for a minute so a
+/// test can kill it at that point. libvirt scrubs the environment of hooks, so this never
+/// triggers under libvirt.
+fn fault_point(point: &str) {
+    if std::env::var_os("LOCKHOOK_FAULT").is_some_and(|v| v == point) {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
 }
 
 fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {

@@ -20,6 +20,12 @@ pub mod storage;
 #[cfg(test)]
 pub(crate) mod test_support;
 
+/// `text` on one line: control characters (a newline in a guest name or a path) are escaped,
+/// so a message libvirt shows the user stays one line per problem.
+pub fn one_line(text: &str) -> String {
+    text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+}
+
 /// An error and its sources on one line: `outer: inner: innermost`.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();

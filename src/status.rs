@@ -46,20 +46,24 @@ pub fn print(paths: &Paths, json: bool, out: &mut dyn Write) -> std::io::Result<
                 writeln!(
                     out,
                     "guest {} ({}) holder pid {} qemu pid {qemu} since {}",
-                    s.name, s.uuid, s.holder_pid, s.since
+                    crate::one_line(&s.name),
+                    s.uuid,
+                    s.holder_pid,
+                    s.since
                 )?;
                 if !e.alive {
                     writeln!(out, "  STALE: the holder is gone, so these locks are NOT held")?;
                 }
                 for r in &s.resources {
-                    let roles = r.roles.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                    let roles =
+                        crate::one_line(&r.roles.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
                     let offset =
                         if r.identity.offset == 0 { String::new() } else { format!(" @{}", r.identity.offset) };
                     writeln!(
                         out,
                         "  {:<9} {}{offset}  ({roles}) since {}",
                         r.mode.as_str(),
-                        r.path.display(),
+                        crate::one_line(&r.path.display().to_string()),
                         r.since
                     )?;
                 }

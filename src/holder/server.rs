@@ -11,11 +11,15 @@
 //!
 //! Then it serves one connection at a time. It exits after `release`, when the guest's QEMU
 //! process ends (libvirtd may be down and never send `release`), or when nothing was handed to
-//! it within `IDLE_EXIT` of its start (the hook that started it died).
+//! it and the hook that started it is gone (killed mid-`prepare`), or `IDLE_EXIT` passed.
+//!
+//! Once a `TICK` it heals what others may have broken: a deleted socket is bound again, a
+//! missing or corrupt state file is rewritten, a deleted instance-lock file is recreated and
+//! locked, so the guest stays reachable and nameable.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -39,8 +43,8 @@ use crate::state::{self, GuestState, Resource};
 pub const IDLE_EXIT: Duration = Duration::from_secs(10);
 /// How long one connection may stay silent before the holder drops it.
 pub const CONN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Without pidfd support, how often the QEMU process is checked.
-const PROC_POLL: Duration = Duration::from_millis(500);
+/// How often the holder checks its files (and, without pidfd support, its QEMU process).
+pub const TICK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HolderError {
@@ -73,6 +77,8 @@ struct Qemu {
 }
 
 struct Holder {
+    /// The hook that started us (a pidfd), until it has handed something over.
+    spawner: Option<OwnedFd>,
     uuid: Uuid,
     paths: Paths,
     guest: Option<Guest>,
@@ -80,8 +86,16 @@ struct Holder {
     qemu: Option<Qemu>,
     since: String,
     host: String,
-    _instance: File,
+    instance: File,
     listener: OwnedFd,
+}
+
+/// What woke the holder up.
+#[derive(Default)]
+struct Events {
+    listener: bool,
+    qemu_gone: bool,
+    spawner_gone: bool,
 }
 
 /// What the loop does after a request.
@@ -221,7 +235,11 @@ impl Holder {
         ensure_run_dir(paths.run_dir())?;
         let instance = take_instance_lock(&paths, uuid)?;
         let listener = listen_on(&paths.socket(uuid))?;
+        // The spawning hook is our parent until it exits (then we are reparented).
+        let parent = nix::unistd::getppid().as_raw();
+        let spawner = u32::try_from(parent).ok().filter(|p| *p > 1).and_then(pidfd_open);
         Ok(Holder {
+            spawner,
             uuid: uuid.clone(),
             paths,
             guest: None,
@@ -229,57 +247,113 @@ impl Holder {
             qemu: None,
             since: crate::clock::now(),
             host: state::hostname(),
-            _instance: instance,
+            instance,
             listener,
         })
     }
 
     fn serve(&mut self) {
         let started = Instant::now();
+        let mut last_tick = Instant::now();
         loop {
-            let timeout = if self.held.is_empty() {
-                IDLE_EXIT.saturating_sub(started.elapsed())
-            } else if self.qemu.as_ref().is_some_and(|q| q.pidfd.is_none()) {
-                PROC_POLL
-            } else {
-                Duration::MAX
-            };
-            if self.held.is_empty() && timeout.is_zero() {
-                info!("holder for {}: nothing handed over within {IDLE_EXIT:?}; exiting", self.uuid);
+            if self.held.is_empty() && (started.elapsed() >= IDLE_EXIT || self.spawner.is_none()) {
+                info!("holder for {}: nothing was handed over; exiting", self.uuid);
                 return self.exit();
             }
-            let (listener_ready, qemu_gone) = match self.wait(timeout) {
+            let timeout =
+                if self.held.is_empty() { TICK.min(IDLE_EXIT.saturating_sub(started.elapsed())) } else { TICK };
+            let events = match self.wait(timeout) {
                 Ok(events) => events,
                 Err(e) => {
                     error!("holder for {}: poll failed: {e}", self.uuid);
+                    std::thread::sleep(TICK);
                     continue;
                 }
             };
-            if qemu_gone || self.qemu_exited() {
+            if events.qemu_gone || self.qemu_exited() {
                 let pid = self.qemu.as_ref().map_or(0, |q| q.pid);
                 warn!("guest {}: QEMU (pid {pid}) is gone and no release came; releasing its locks", self.describe());
                 return self.exit();
             }
-            if listener_ready {
+            if events.spawner_gone {
+                self.spawner = None;
+            }
+            if events.listener {
                 if let Next::Exit = self.accept_one() {
                     return;
                 }
             }
+            if last_tick.elapsed() >= TICK {
+                last_tick = Instant::now();
+                self.heal();
+            }
         }
     }
 
-    fn wait(&self, timeout: Duration) -> nix::Result<(bool, bool)> {
+    fn wait(&self, timeout: Duration) -> nix::Result<Events> {
         let mut fds = vec![PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
-        if let Some(pidfd) = self.qemu.as_ref().and_then(|q| q.pidfd.as_ref()) {
+        let qemu = self.qemu.as_ref().and_then(|q| q.pidfd.as_ref());
+        if let Some(pidfd) = qemu {
             fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
         }
-        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::NONE);
+        if let Some(pidfd) = &self.spawner {
+            fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
+        }
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::Error::EINTR) => {}
             Err(e) => return Err(e),
         }
         let is_ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-        Ok((is_ready(&fds[0]), fds.get(1).is_some_and(is_ready)))
+        let mut events = Events { listener: is_ready(&fds[0]), ..Events::default() };
+        let mut next = 1;
+        if qemu.is_some() {
+            events.qemu_gone = is_ready(&fds[next]);
+            next += 1;
+        }
+        if self.spawner.is_some() {
+            events.spawner_gone = is_ready(&fds[next]);
+        }
+        Ok(events)
+    }
+
+    /// Restores the files that make this holder reachable and nameable when someone removed or
+    /// damaged them (an administrator's `rm -rf /run/lockhook`, a corrupt state file).
+    fn heal(&mut self) {
+        let socket = self.paths.socket(&self.uuid);
+        if fs::symlink_metadata(&socket).is_err() {
+            let relisten = ensure_run_dir(self.paths.run_dir()).and_then(|()| listen_on(&socket));
+            match relisten {
+                Ok(listener) => {
+                    warn!("holder for {}: {} was removed; listening again", self.uuid, socket.display());
+                    self.listener = listener;
+                }
+                Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
+            }
+        }
+        let lock_path = self.paths.instance_lock(&self.uuid);
+        let ours = self.instance.metadata().ok().map(|m| (m.dev(), m.ino()));
+        let on_disk = fs::metadata(&lock_path).ok().map(|m| (m.dev(), m.ino()));
+        if ours.is_none() || ours != on_disk {
+            match take_instance_lock(&self.paths, &self.uuid) {
+                Ok(file) => {
+                    warn!("holder for {}: {} was removed or replaced; locked it again", self.uuid, lock_path.display());
+                    self.instance = file;
+                }
+                Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
+            }
+        }
+        if self.guest.is_some() {
+            let state_path = self.paths.state(&self.uuid);
+            if state::read(&state_path).map_or(true, |s| s.holder_pid != std::process::id()) {
+                match self.save() {
+                    Ok(()) => {
+                        warn!("holder for {}: {} was missing or damaged; rewrote it", self.uuid, state_path.display())
+                    }
+                    Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
+                }
+            }
+        }
     }
 
     fn qemu_exited(&self) -> bool {
@@ -375,27 +449,33 @@ impl Holder {
                 message: format!("{} resources but {} fds", resources.len(), fds.len()),
             };
         }
+        let before = self.held.len();
+        let previous_guest = self.guest.replace(guest.clone());
         for (resource, fd) in resources.into_iter().zip(fds) {
-            if self.held.iter().any(|(r, _)| r.identity == resource.identity) {
-                continue;
+            if !self.held.iter().any(|(r, _)| r.identity == resource.identity) {
+                self.held.push((resource, fd));
             }
+        }
+        // Invariant: the ACK goes out only after the state file lists the new locks, so a
+        // refusal on this host can name this guest as soon as the hook returns. If the state
+        // cannot be written (full disk), the new locks are dropped again and the hook refuses.
+        if let Err(e) = self.save() {
+            self.held.truncate(before);
+            self.guest = previous_guest;
+            return Response::Error { code: ErrorCode::Failed, message: crate::error_chain(&e) };
+        }
+        for (resource, _) in &self.held[before..] {
             info!(
                 "guest {} ({}): holding {} {} ({})",
                 guest.name,
                 guest.uuid,
                 resource.mode.as_str(),
                 resource.path.display(),
-                roles(&resource)
+                roles(resource)
             );
-            self.held.push((resource, fd));
         }
-        self.guest = Some(guest);
-        // Invariant: the ACK goes out only after the state file lists the new locks, so a
-        // refusal on this host can name this guest as soon as the hook returns.
-        match self.save() {
-            Ok(()) => Response::Ok,
-            Err(e) => Response::Error { code: ErrorCode::Failed, message: e.to_string() },
-        }
+        self.spawner = None;
+        Response::Ok
     }
 
     fn set_qemu(&mut self, pid: u32, start_time: u64) -> Response {
