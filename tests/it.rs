@@ -8,5 +8,6 @@
 
 mod common;
 mod e2e;
+mod hardening;
 mod hook_process;
 mod install;

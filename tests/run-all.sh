@@ -11,6 +11,7 @@ need_apt=0
 for cmd in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img unshare nsenter losetup; do
   command -v "$cmd" >/dev/null || need_apt=1
 done
+[ -x /usr/bin/python3 ] || need_apt=1 # a non-root socket client in the hardening tests
 if [ "$need_apt" = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -19,7 +20,7 @@ if [ "$need_apt" = 1 ]; then
   qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   apt-get install -y -qq --no-install-recommends --allow-downgrades \
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
-    "qemu-utils=${qemu_version}" util-linux mount >/dev/null
+    "qemu-utils=${qemu_version}" util-linux mount python3-minimal >/dev/null
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
