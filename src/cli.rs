@@ -34,6 +34,35 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Say whether images (or lease files) are free, or who holds them. Exit 0 when every path
+    /// is free, 1 when any is in use, 2 on error.
+    Check {
+        /// Check byte OFFSET instead of byte 0 (for lease files).
+        #[arg(long, value_name = "OFFSET")]
+        offset: Option<u64>,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// Run COMMAND while holding the locks a guest would take on PATHs (exclusive by default);
+    /// refuse (exit 75) when any is in use.
+    Run {
+        /// Take shared locks (for commands that only read, e.g. `qemu-img info`, `qemu-img convert` from it).
+        #[arg(long, conflicts_with = "exclusive")]
+        shared: bool,
+        /// Take exclusive locks (the default).
+        #[arg(long)]
+        exclusive: bool,
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
+    /// Re-adopt running guests whose holder is gone and release holders whose guest is gone.
+    Reconcile,
     /// Internal: the per-guest lock holder (started by the hook).
     #[command(hide = true)]
     Holder {
@@ -84,6 +113,53 @@ pub fn run(cli: Cli) -> ExitCode {
                     eprintln!("lockhook: {}: {e}", config.run_dir.display());
                     ExitCode::from(2)
                 }
+            }
+        }
+        Command::Check { offset, json, paths } => {
+            let config = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let results = crate::guard::check(&Paths::new(&config.run_dir), &paths, offset.unwrap_or(0));
+            match crate::guard::report(&results, json, &mut std::io::stdout().lock()) {
+                Ok(code) => ExitCode::from(code),
+                Err(_) => ExitCode::from(2),
+            }
+        }
+        Command::Run { shared, exclusive: _, paths, command } => {
+            let config = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            crate::logging::init_cli(config.level().min(log::LevelFilter::Warn));
+            let mode = if shared { crate::lock::LockMode::Shared } else { crate::lock::LockMode::Exclusive };
+            match crate::guard::run(&config, mode, &paths, &command) {
+                Ok(status) => ExitCode::from(crate::guard::exit_code(status)),
+                Err(crate::guard::RunError::Refused(refusal)) => {
+                    for line in &refusal.lines {
+                        eprintln!("lockhook: {}", crate::one_line(line));
+                    }
+                    ExitCode::from(crate::guard::EXIT_REFUSED)
+                }
+                Err(e) => {
+                    eprintln!("lockhook: {}", crate::one_line(&crate::error_chain(&e)));
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Reconcile => {
+            let config_path = config::path_from(cli.config.as_deref());
+            let config = match load(Some(&config_path)) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            crate::logging::init_cli(config.level());
+            let report = crate::reconcile::reconcile(&config, &config_path);
+            let _ = report.print(&mut std::io::stdout().lock());
+            if report.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
             }
         }
         Command::Holder { uuid, ready_fd } => {

@@ -34,6 +34,17 @@ pub enum MissingPolicy {
     Skip,
 }
 
+/// What a holder does when a disk hot-plugged into its running guest is locked by someone else
+/// (libvirt runs no hook for hot-plug, so it cannot be refused; it is noticed afterwards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictPolicy {
+    /// Log it loudly and show it in `lockhook status`; keep retrying the lock.
+    Warn,
+    /// As `warn`, and pause the guest through libvirt (`virsh suspend`, from the holder).
+    Pause,
+}
+
 /// What a `reconnect` hook does when it cannot re-take a running guest's locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -54,6 +65,7 @@ pub struct Config {
     pub backing_chains: bool,
     pub on_missing: MissingPolicy,
     pub on_reconnect_failure: ReconnectPolicy,
+    pub on_conflict: ConflictPolicy,
     pub log_level: String,
     pub log_file: Option<PathBuf>,
     pub libvirt_config_dir: PathBuf,
@@ -70,6 +82,7 @@ impl Default for Config {
             backing_chains: true,
             on_missing: MissingPolicy::Fail,
             on_reconnect_failure: ReconnectPolicy::Keep,
+            on_conflict: ConflictPolicy::Warn,
             log_level: "info".into(),
             log_file: None,
             libvirt_config_dir: "/etc/libvirt".into(),

@@ -142,10 +142,16 @@ impl HookEvent {
 }
 
 /// Everything a hook call needs.
-struct Ctx {
-    config: Config,
-    config_path: PathBuf,
-    paths: Paths,
+pub(crate) struct Ctx {
+    pub(crate) config: Config,
+    pub(crate) config_path: PathBuf,
+    pub(crate) paths: Paths,
+}
+
+impl Ctx {
+    pub(crate) fn new(config: Config, config_path: &Path) -> Ctx {
+        Ctx { paths: Paths::new(&config.run_dir), config, config_path: config_path.to_owned() }
+    }
 }
 
 fn read_xml(stdin: &mut dyn Read) -> Result<Vec<u8>, HookError> {
@@ -169,7 +175,13 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
     }
     let config = Config::load(config_path)?;
     crate::logging::init_daemon(&config);
-    let ctx = Ctx { paths: Paths::new(&config.run_dir), config, config_path: config_path.to_owned() };
+    let ctx = Ctx::new(config, config_path);
+    // Self-healing first: a running guest whose holder died gets its locks back before this
+    // call could hand them to someone else.
+    let healed = crate::reconcile::adopt_orphans(&ctx);
+    for line in healed.adopted.iter().chain(&healed.failed) {
+        warn!("{line}");
+    }
     match event.op {
         Op::Prepare => prepare(&ctx, &parse_domain(event, stdin)?),
         Op::Start => start(&ctx, &parse_domain(event, stdin)?),
@@ -196,8 +208,8 @@ fn guest(domain: &Domain) -> Guest {
     Guest { name: domain.name.clone(), uuid: domain.uuid.clone() }
 }
 
-fn holder_err(domain: &Domain) -> impl Fn(ClientError) -> HookError + '_ {
-    move |source| HookError::Holder { name: domain.name.clone(), uuid: domain.uuid.clone(), source }
+fn holder_err(guest: &Guest) -> impl Fn(ClientError) -> HookError + '_ {
+    move |source| HookError::Holder { name: guest.name.clone(), uuid: guest.uuid.clone(), source }
 }
 
 /// The requests for `domain`, with skip notes logged.
@@ -227,27 +239,32 @@ fn acquire(ctx: &Ctx, domain: &Domain, held: &HashSet<Identity>) -> Result<Acqui
 }
 
 /// Gives `acquired` to the guest's holder, starting one if there is none.
-fn hand_over(ctx: &Ctx, domain: &Domain, client: Option<Client>, acquired: Acquired) -> Result<Client, HookError> {
+pub(crate) fn hand_over(
+    ctx: &Ctx,
+    guest: &Guest,
+    client: Option<Client>,
+    acquired: Acquired,
+) -> Result<Client, HookError> {
     let client = match client {
         Some(client) => client,
         None => {
-            spawn::spawn(&ctx.config_path, &domain.uuid).map_err(|source| HookError::Spawn {
-                name: domain.name.clone(),
-                uuid: domain.uuid.clone(),
+            spawn::spawn(&ctx.config_path, &guest.uuid).map_err(|source| HookError::Spawn {
+                name: guest.name.clone(),
+                uuid: guest.uuid.clone(),
                 source,
             })?;
-            Client::connect(&ctx.paths, &domain.uuid)
-                .map_err(holder_err(domain))?
-                .ok_or_else(|| holder_err(domain)(ClientError::Closed))?
+            Client::connect(&ctx.paths, &guest.uuid)
+                .map_err(holder_err(guest))?
+                .ok_or_else(|| holder_err(guest)(ClientError::Closed))?
         }
     };
     let fds: Vec<_> = acquired.locks.into_iter().map(|l| l.fd).collect();
     fault_point("before-handover");
-    client.acquire(&guest(domain), &acquired.resources, &fds).map_err(holder_err(domain))?;
+    client.acquire(guest, &acquired.resources, &fds).map_err(holder_err(guest))?;
     // Invariant: `fds` (our copies) are dropped only now, after the holder's ACK.
     drop(fds);
     for r in &acquired.resources {
-        info!("guest {} ({}): locked {} {}", domain.name, domain.uuid, r.mode.as_str(), r.path.display());
+        info!("guest {} ({}): locked {} {}", guest.name, guest.uuid, r.mode.as_str(), r.path.display());
     }
     Ok(client)
 }
@@ -262,61 +279,81 @@ fn fault_point(point: &str) {
 }
 
 fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
-    if let Some(client) = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(domain))? {
-        let held = client.held().map_err(holder_err(domain))?;
+    if let Some(client) = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))? {
+        let held = client.held().map_err(holder_err(&guest(domain)))?;
         if let Some(pid) = held.qemu_pid {
             return Err(HookError::AlreadyRunning { name: domain.name.clone(), uuid: domain.uuid.clone(), pid });
         }
         // A holder whose guest never got a QEMU: left over from a start that failed after
         // `prepare` without a `release` (libvirtd died). Let it go, then start afresh.
         warn!("guest {} ({}): releasing a stale holder before start", domain.name, domain.uuid);
-        client.release().map_err(holder_err(domain))?;
+        client.release().map_err(holder_err(&guest(domain)))?;
     }
     let acquired = acquire(ctx, domain, &HashSet::new())?;
     if acquired.locks.is_empty() {
         info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
         return Ok(());
     }
-    hand_over(ctx, domain, None, acquired).map(drop)
+    hand_over(ctx, &guest(domain), None, acquired).map(drop)
 }
 
 /// `start`: lock what `prepare` could not see (the chain libvirt detected, resolved volumes).
 fn start(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
-    let client = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(domain))?;
+    let client = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))?;
     let held = match &client {
-        Some(c) => c.held().map_err(holder_err(domain))?.identities.into_iter().collect(),
+        Some(c) => c.held().map_err(holder_err(&guest(domain)))?.identities.into_iter().collect(),
         None => HashSet::new(),
     };
     let acquired = acquire(ctx, domain, &held)?;
     if acquired.locks.is_empty() {
         return Ok(());
     }
-    hand_over(ctx, domain, client, acquired).map(drop)
+    hand_over(ctx, &guest(domain), client, acquired).map(drop)
 }
 
 /// Makes sure a live holder holds every lock of a running guest and knows its QEMU. Used by
 /// `started` and `reconnect`; re-adopts the guest when its holder is gone.
 fn ensure(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
     let qemu = crate::qemu::find(&domain.name, &domain.uuid, &ctx.config.libvirt_run_dir);
-    let client = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(domain))?;
+    ensure_running(ctx, domain, qemu)
+}
+
+/// `ensure` for a guest whose QEMU process is already known.
+pub(crate) fn ensure_running(ctx: &Ctx, domain: &Domain, qemu: Option<(u32, u64)>) -> Result<(), HookError> {
+    adopt(ctx, &guest(domain), &requests(ctx, domain)?, qemu)
+}
+
+/// Gives a running guest's holder (started if missing) every lock of `requests` that is free,
+/// and tells it the QEMU process. The guest runs already, so this takes what it can: locks
+/// someone else took meanwhile come back as a refusal *after* the others are held, and the
+/// holder keeps retrying them (see `holder::hotplug`).
+pub(crate) fn adopt(ctx: &Ctx, guest: &Guest, requests: &[Request], qemu: Option<(u32, u64)>) -> Result<(), HookError> {
+    let client = Client::connect(&ctx.paths, &guest.uuid).map_err(holder_err(guest))?;
     let held = match &client {
-        Some(c) => c.held().map_err(holder_err(domain))?,
+        Some(c) => c.held().map_err(holder_err(guest))?,
         None => {
-            warn!("guest {} ({}): no holder; re-taking its locks", domain.name, domain.uuid);
+            warn!("guest {} ({}): no holder; re-taking its locks", guest.name, guest.uuid);
             crate::holder::client::Held { identities: Vec::new(), qemu_pid: None }
         }
     };
-    let acquired = acquire(ctx, domain, &held.identities.iter().copied().collect())?;
-    let client = if acquired.locks.is_empty() { client } else { Some(hand_over(ctx, domain, client, acquired)?) };
+    let mut notes = Vec::new();
+    let held_ids = held.identities.iter().copied().collect();
+    let (acquired, lines) = lockset::acquire_available(requests, &held_ids, &ctx.config, &ctx.paths, &mut notes);
+    for note in notes {
+        warn!("guest {} ({}): {note}", guest.name, guest.uuid);
+    }
+    let client = if acquired.locks.is_empty() { client } else { Some(hand_over(ctx, guest, client, acquired)?) };
     match (client, qemu) {
         (Some(client), Some((pid, start_time))) if held.qemu_pid != Some(pid) => {
-            client.set_qemu(pid, start_time).map_err(holder_err(domain))
+            client.set_qemu(pid, start_time).map_err(holder_err(guest))?
         }
-        (_, None) => {
-            warn!("guest {} ({}): QEMU process not found; its holder cannot watch it", domain.name, domain.uuid);
-            Ok(())
-        }
-        _ => Ok(()),
+        (_, None) => warn!("guest {} ({}): QEMU process not found; its holder cannot watch it", guest.name, guest.uuid),
+        _ => {}
+    }
+    if lines.is_empty() {
+        Ok(())
+    } else {
+        Err(HookError::Refused(Refusal { lines }))
     }
 }
 
@@ -354,10 +391,10 @@ fn release_target(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Option<
 fn release(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Result<(), HookError> {
     let Some(uuid) = release_target(ctx, event, stdin) else { return Ok(()) };
     let domain = Domain { name: event.domain.clone(), uuid: uuid.clone(), disks: vec![], leases: vec![] };
-    let Some(client) = Client::connect(&ctx.paths, &uuid).map_err(holder_err(&domain))? else {
+    let Some(client) = Client::connect(&ctx.paths, &uuid).map_err(holder_err(&guest(&domain)))? else {
         return Ok(());
     };
-    let held = client.held().map_err(holder_err(&domain))?;
+    let held = client.held().map_err(holder_err(&guest(&domain)))?;
     if let Some(pid) = held.qemu_pid {
         if crate::qemu::start_time(pid).is_some()
             && crate::qemu::find(&domain.name, &uuid, &ctx.config.libvirt_run_dir).is_some_and(|(p, _)| p == pid)
@@ -368,7 +405,7 @@ fn release(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Result<(), Hoo
             return Ok(());
         }
     }
-    client.release().map_err(holder_err(&domain))
+    client.release().map_err(holder_err(&guest(&domain)))
 }
 
 #[cfg(test)]

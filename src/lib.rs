@@ -4,7 +4,9 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod doctor;
 pub mod domain;
+pub mod guard;
 pub mod holder;
 pub mod hook;
 pub mod lock;
@@ -13,6 +15,7 @@ pub mod logging;
 pub mod owner;
 pub mod paths;
 pub mod qemu;
+pub mod reconcile;
 pub mod resource;
 pub mod state;
 pub mod status;

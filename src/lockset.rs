@@ -42,7 +42,7 @@ struct Group {
 }
 
 /// Takes the locks for `requests`, skipping identities in `held` (already held by this guest's
-/// holder). `notes` receives one line per request skipped by policy, for the log.
+/// holder): all of them, or none. `notes` receives one line per request skipped by policy.
 pub fn acquire_all(
     requests: &[Request],
     held: &HashSet<Identity>,
@@ -50,6 +50,25 @@ pub fn acquire_all(
     paths: &Paths,
     notes: &mut Vec<String>,
 ) -> Result<Acquired, Refusal> {
+    let (acquired, lines) = acquire_available(requests, held, config, paths, notes);
+    if lines.is_empty() {
+        Ok(acquired)
+    } else {
+        // Invariant: returning drops `acquired`, closing every fd taken, so a refusal leaves no
+        // lock behind.
+        Err(Refusal { lines })
+    }
+}
+
+/// Takes every lock of `requests` that is free, for a guest that already runs (re-adoption):
+/// returns what it took and one line per resource it could not take.
+pub fn acquire_available(
+    requests: &[Request],
+    held: &HashSet<Identity>,
+    config: &Config,
+    paths: &Paths,
+    notes: &mut Vec<String>,
+) -> (Acquired, Vec<String>) {
     let mut lines = Vec::new();
     let mut order: Vec<Key> = Vec::new();
     let mut groups: HashMap<Key, Group> = HashMap::new();
@@ -110,13 +129,7 @@ pub fn acquire_all(
             Err(e) => lines.push(format!("{} ({})", crate::error_chain(&e), request.role)),
         }
     }
-    if lines.is_empty() {
-        Ok(acquired)
-    } else {
-        // Invariant: returning drops `acquired`, closing every fd taken above, so a refusal
-        // leaves no lock behind.
-        Err(Refusal { lines })
-    }
+    (acquired, lines)
 }
 
 #[cfg(test)]

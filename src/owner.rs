@@ -1,34 +1,84 @@
-//! Names the holder of a lock that refused us: a lockhook guest on this host (from the live
-//! holders' state files), another process with a classic POSIX lock (virtlockd, a script: from
-//! `/proc/locks`, which shows their pid), or, when neither tells, says so plainly.
+//! Names the holder of a lock: a lockhook guest or `lockhook run` command on this host (from the
+//! live holders' state files), another process with a classic POSIX lock (virtlockd, a script:
+//! `/proc/locks` shows their pid), a QEMU process (its own image locks on bytes 100-104 and
+//! 200-204), or, when none of these tells, says so plainly.
 
 use std::path::Path;
 
-use crate::lock::{Identity, LockMode};
+use serde::Serialize;
+
+use crate::lock::{self, Identity, LockMode};
 use crate::paths::Paths;
-use crate::state;
+use crate::state::{self, HolderKind};
+
+/// Who holds a lock, as far as this host can tell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Owner {
+    Guest { name: String, uuid: String, host: String, mode: LockMode, since: String },
+    Command { command: String, pid: u32, host: String, mode: LockMode, since: String },
+    Process { pid: u32, comm: String, mode: LockMode },
+    Unknown,
+}
+
+/// Looks up who holds byte `identity.offset` of the file `identity` names.
+pub fn find(paths: &Paths, identity: &Identity) -> Owner {
+    if let Some((holder, resource)) = state::find_owner(paths, identity) {
+        return match holder.kind {
+            HolderKind::Guest => Owner::Guest {
+                name: holder.name,
+                uuid: holder.uuid.to_string(),
+                host: holder.host,
+                mode: resource.mode,
+                since: resource.since,
+            },
+            HolderKind::Command => Owner::Command {
+                command: holder.name,
+                pid: holder.holder_pid,
+                host: holder.host,
+                mode: resource.mode,
+                since: resource.since,
+            },
+        };
+    }
+    match posix_holder(identity) {
+        Some((pid, mode, comm)) => Owner::Process { pid, comm, mode },
+        None => Owner::Unknown,
+    }
+}
+
+impl Owner {
+    /// "is locked exclusively by guest vm1 (uuid) on this host since ..." (no path, no prefix).
+    pub fn phrase(&self) -> String {
+        match self {
+            Owner::Guest { name, uuid, mode, since, .. } => {
+                format!("is locked {} by guest {name} ({uuid}) on this host since {since}", mode.adverb())
+            }
+            Owner::Command { command, pid, mode, since, .. } => {
+                format!(
+                    "is locked {} by `lockhook run` (pid {pid}: {command}) on this host since {since}",
+                    mode.adverb()
+                )
+            }
+            Owner::Process { pid, comm, mode } => {
+                format!("is locked {} by process {pid} ({comm}), not by a lockhook guest", mode.adverb())
+            }
+            Owner::Unknown => {
+                "is locked by a process that is not a lockhook guest on this host (see `lslocks`)".to_owned()
+            }
+        }
+    }
+}
 
 /// One line (without the `lockhook: ` prefix) saying who holds `path`.
 pub fn describe(paths: &Paths, path: &Path, identity: &Identity) -> String {
-    if let Some((guest, resource)) = state::find_owner(paths, identity) {
-        return format!(
-            "{} is locked {} by guest {} ({}) on this host since {}",
-            path.display(),
-            resource.mode.adverb(),
-            guest.name,
-            guest.uuid,
-            resource.since
-        );
-    }
-    match posix_holder(identity) {
-        Some((pid, mode, comm)) => {
-            format!("{} is locked {} by process {pid} ({comm}), not by a lockhook guest", path.display(), mode.adverb())
-        }
-        None => format!(
-            "{} is locked by a process that is not a lockhook guest on this host (see `lslocks`)",
-            path.display()
-        ),
-    }
+    format!("{} {}", path.display(), find(paths, identity).phrase())
+}
+
+/// Whether a QEMU process (or qemu-img, qemu-nbd) has the image open: QEMU takes shared OFD
+/// locks on bytes 100-104 and 200-204 of every image it opens. Only probed, never locked.
+pub fn qemu_has_open(path: &Path) -> bool {
+    (100..=104).chain(200..=204).any(|byte| matches!(lock::probe(path, byte), Ok((Some(_), _))))
 }
 
 /// Finds a POSIX lock (which, unlike an OFD lock, shows its pid) covering the identity's byte.
@@ -86,5 +136,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let line = describe(&Paths::new(dir.path()), file.path(), &id);
         assert!(line.contains(&format!("by process {}", std::process::id())), "{line}");
+        assert!(!qemu_has_open(file.path()));
     }
 }

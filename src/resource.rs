@@ -20,9 +20,18 @@ use crate::lock::LockMode;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Role {
-    Disk { target: Option<String> },
-    Backing { of: Option<String> },
-    Lease { key: String, lockspace: Option<String> },
+    Disk {
+        target: Option<String>,
+    },
+    Backing {
+        of: Option<String>,
+    },
+    Lease {
+        key: String,
+        lockspace: Option<String>,
+    },
+    /// Locked by `lockhook run` for the command it runs.
+    Command,
 }
 
 impl fmt::Display for Role {
@@ -34,6 +43,7 @@ impl fmt::Display for Role {
             Role::Backing { of: None } => f.write_str("backing image"),
             Role::Lease { key, lockspace: Some(ls) } => write!(f, "lease {ls}/{key}"),
             Role::Lease { key, lockspace: None } => write!(f, "lease {key}"),
+            Role::Command => f.write_str("used by a command"),
         }
     }
 }

@@ -29,17 +29,46 @@ pub struct Resource {
     pub since: String,
 }
 
+/// Who holds the locks of a state file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HolderKind {
+    /// A holder process for a libvirt guest.
+    #[default]
+    Guest,
+    /// `lockhook run ... -- COMMAND`: `name` is the command line, `holder_pid` the wrapper.
+    Command,
+}
+
+/// A resource the guest wants but cannot have: a hot-plugged disk another guest holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub path: PathBuf,
+    pub mode: LockMode,
+    /// Who holds it, as a refusal would say it.
+    pub held_by: String,
+    pub since: String,
+}
+
 /// Everything one holder holds for one guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestState {
     pub version: u32,
+    #[serde(default)]
+    pub kind: HolderKind,
     pub name: String,
     pub uuid: Uuid,
     pub host: String,
     pub holder_pid: u32,
     pub qemu_pid: Option<u32>,
+    /// With `qemu_pid`, identifies the QEMU process across pid reuse (see `qemu::start_time`).
+    #[serde(default)]
+    pub qemu_start_time: Option<u64>,
     pub since: String,
     pub resources: Vec<Resource>,
+    /// Hot-plugged resources that could not be locked (see `on_conflict`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<Conflict>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +191,9 @@ mod tests {
     fn sample(uuid: &Uuid) -> GuestState {
         GuestState {
             version: STATE_VERSION,
+            kind: HolderKind::Guest,
+            qemu_start_time: Some(3),
+            conflicts: vec![],
             name: "vm 1 é".into(),
             uuid: uuid.clone(),
             host: "h".into(),

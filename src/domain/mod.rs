@@ -13,7 +13,7 @@ use quick_xml::events::Event;
 use quick_xml::Reader;
 use serde::{Deserialize, Serialize};
 
-use self::xml::{RawBackingStore, RawDisk, RawDomain, RawLease, RawSource};
+use self::xml::{RawBackingStore, RawDisk, RawDomain, RawLease, RawSource, RawStatus};
 
 /// Domain XML larger than this is refused before parsing (a real one is a few KiB).
 pub const MAX_XML_BYTES: usize = 16 << 20;
@@ -166,6 +166,21 @@ impl Domain {
     /// `<backingStore>` chain until the stack overflows), and DTD entities are never expanded
     /// (quick-xml does not implement them; an undefined entity is an error).
     pub fn parse(bytes: &[u8]) -> Result<Domain, DomainError> {
+        let text = Self::checked_text(bytes)?;
+        let raw: RawDomain =
+            quick_xml::de::from_str(text).map_err(|e| DomainError::Malformed(one_line(&e.to_string())))?;
+        Domain::from_raw(raw)
+    }
+
+    /// Parses libvirt's status file of a running guest: `<domstatus ...><domain>...</domain>`.
+    pub fn parse_status(bytes: &[u8]) -> Result<Domain, DomainError> {
+        let text = Self::checked_text(bytes)?;
+        let raw: RawStatus =
+            quick_xml::de::from_str(text).map_err(|e| DomainError::Malformed(one_line(&e.to_string())))?;
+        Domain::from_raw(raw.domain.ok_or(DomainError::Malformed("no <domain> in <domstatus>".to_owned()))?)
+    }
+
+    fn checked_text(bytes: &[u8]) -> Result<&str, DomainError> {
         if bytes.len() > MAX_XML_BYTES {
             return Err(DomainError::TooLarge);
         }
@@ -174,9 +189,7 @@ impl Domain {
             return Err(DomainError::Empty);
         }
         check_depth(text)?;
-        let raw: RawDomain =
-            quick_xml::de::from_str(text).map_err(|e| DomainError::Malformed(one_line(&e.to_string())))?;
-        Domain::from_raw(raw)
+        Ok(text)
     }
 
     fn from_raw(raw: RawDomain) -> Result<Domain, DomainError> {
@@ -393,6 +406,19 @@ mod tests {
         assert_eq!(chain[0].source, Source::File("/i/mid.qcow2".into()));
         assert_eq!(chain[1].source, Source::Block("/dev/base".into()));
         assert_eq!(d.disks[1].backing, Some(vec![]));
+    }
+
+    #[test]
+    fn status_file() {
+        let xml = format!(
+            "<!--\nWARNING\n-->\n<domstatus state='running' reason='booted' pid='4242'><taint flag='high-privileges'/>\
+             <monitor path='/x' type='unix'/><domain type='kvm' id='1'><name>vm1</name><uuid>{UUID}</uuid><devices>\
+             <disk type='file'><source file='/a'/><target dev='vda'/></disk></devices></domain></domstatus>"
+        );
+        let d = Domain::parse_status(xml.as_bytes()).expect("parse status");
+        assert_eq!(d.name, "vm1");
+        assert_eq!(d.disks.len(), 1);
+        assert!(Domain::parse_status(b"<domstatus/>").is_err());
     }
 
     #[test]

@@ -11,6 +11,13 @@ pub struct RawDomain {
     pub devices: Option<RawDevices>,
 }
 
+/// libvirt's status file for a running guest (`/run/libvirt/qemu/<name>.xml`): the live
+/// definition inside a `<domstatus>` wrapper.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawStatus {
+    pub domain: Option<RawDomain>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 pub struct RawDevices {
     #[serde(default, rename = "disk")]

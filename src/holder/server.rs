@@ -31,8 +31,8 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeVal;
 
-use super::fdpass;
 use super::protocol::{self, ErrorCode, Guest, Request, Response, MAX_FRAME};
+use super::{fdpass, hotplug};
 use crate::config::Config;
 use crate::domain::Uuid;
 use crate::lock::{self, LockMode};
@@ -88,6 +88,11 @@ struct Holder {
     host: String,
     instance: File,
     listener: OwnedFd,
+    config: Config,
+    /// The guest's live definition (libvirt's status file), watched for hot-plug once QEMU runs.
+    status: Option<hotplug::StatusFile>,
+    live: Option<crate::domain::Domain>,
+    conflicts: Vec<state::Conflict>,
 }
 
 /// What woke the holder up.
@@ -129,7 +134,9 @@ fn close_inherited(keep: RawFd) {
 }
 
 fn protect_self() {
-    for sig in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGPIPE] {
+    // SIGCHLD ignored: the holder never waits for a child (virsh, when pausing), so the kernel
+    // reaps them.
+    for sig in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGPIPE, Signal::SIGCHLD] {
         // SAFETY: installing SIG_IGN runs no handler code, so no async-signal-safety rules apply.
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
@@ -138,13 +145,13 @@ fn protect_self() {
     }
 }
 
-fn ensure_run_dir(dir: &Path) -> Result<(), HolderError> {
+pub(crate) fn ensure_run_dir(dir: &Path) -> Result<(), HolderError> {
     let err = |source| HolderError::RunDir { path: dir.to_owned(), source };
     fs::create_dir_all(dir).map_err(err)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
-fn take_instance_lock(paths: &Paths, uuid: &Uuid) -> Result<File, HolderError> {
+pub(crate) fn take_instance_lock(paths: &Paths, uuid: &Uuid) -> Result<File, HolderError> {
     let path = paths.instance_lock(uuid);
     let file = OpenOptions::new()
         .read(true)
@@ -249,6 +256,10 @@ impl Holder {
             host: state::hostname(),
             instance,
             listener,
+            config: config.clone(),
+            status: None,
+            live: None,
+            conflicts: Vec::new(),
         })
     }
 
@@ -286,6 +297,7 @@ impl Holder {
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.heal();
+                self.follow_hotplug();
             }
         }
     }
@@ -353,6 +365,72 @@ impl Holder {
                     Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
                 }
             }
+        }
+    }
+
+    /// Re-reads the guest's live definition when libvirt changed it (or while a conflict is
+    /// pending) and brings the locks in line; see `hotplug`.
+    fn follow_hotplug(&mut self) {
+        let Some(status) = self.status.as_mut() else { return };
+        let domain = match status.changed() {
+            Some(domain) if domain.uuid == self.uuid => {
+                self.live = Some(domain.clone());
+                domain
+            }
+            Some(_) => return,
+            None if !self.conflicts.is_empty() => match &self.live {
+                Some(domain) => domain.clone(),
+                None => return,
+            },
+            None => return,
+        };
+        let change = hotplug::sync(&mut self.held, &domain, &self.config, &self.paths);
+        let locks_changed = !change.is_empty();
+        let mut fresh = Vec::new();
+        let conflicts: Vec<state::Conflict> = change
+            .conflicts
+            .into_iter()
+            .map(|mut c| {
+                match self.conflicts.iter().find(|old| old.path == c.path) {
+                    Some(old) => c.since = old.since.clone(),
+                    None => fresh.push(c.clone()),
+                }
+                c
+            })
+            .collect();
+        let conflicts_changed = conflicts != self.conflicts;
+        self.conflicts = conflicts;
+        for c in &fresh {
+            error!(
+                "guest {}: CONFLICT: hot-plugged {} {}; it is NOT locked for this guest (on_conflict = {:?})",
+                self.describe(),
+                c.path.display(),
+                c.held_by,
+                self.config.on_conflict
+            );
+        }
+        if !fresh.is_empty() && self.config.on_conflict == crate::config::ConflictPolicy::Pause {
+            self.pause_guest();
+        }
+        if locks_changed || conflicts_changed {
+            if let Err(e) = self.save() {
+                warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
+            }
+        }
+    }
+
+    /// Pauses the guest through libvirt. Allowed here (the holder is not a hook, so libvirt is
+    /// not waiting for it); the child is not waited for (SIGCHLD is ignored, so it is reaped).
+    fn pause_guest(&self) {
+        let spawned = std::process::Command::new("virsh")
+            .args(["-c", "qemu:///system", "suspend", self.uuid.as_str()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        match spawned {
+            Ok(_) => warn!("guest {}: pausing it (on_conflict = \"pause\")", self.describe()),
+            Err(e) => error!("guest {}: cannot run virsh to pause it: {e}", self.describe()),
         }
     }
 
@@ -483,6 +561,11 @@ impl Holder {
             return Response::Error { code: ErrorCode::Failed, message: format!("process {pid} is not running") };
         }
         self.qemu = Some(Qemu { pid, start_time, pidfd: pidfd_open(pid) });
+        if let Some(guest) = &self.guest {
+            // The first tick compares the live definition with what the hook locked: normally
+            // equal; after a re-adoption it finds what someone else took meanwhile.
+            self.status = Some(hotplug::StatusFile::new(&self.config.libvirt_run_dir, &guest.name));
+        }
         match self.save() {
             Ok(()) => Response::Ok,
             Err(e) => Response::Error { code: ErrorCode::Failed, message: e.to_string() },
@@ -493,6 +576,9 @@ impl Holder {
         let guest = self.guest.clone().unwrap_or(Guest { name: String::new(), uuid: self.uuid.clone() });
         let record = GuestState {
             version: state::STATE_VERSION,
+            kind: state::HolderKind::Guest,
+            qemu_start_time: self.qemu.as_ref().map(|q| q.start_time),
+            conflicts: self.conflicts.clone(),
             name: guest.name,
             uuid: self.uuid.clone(),
             host: self.host.clone(),

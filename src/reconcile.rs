@@ -1,0 +1,164 @@
+//! Self-healing: re-adopting running guests whose holder is gone (OOM killer, `kill -9`), and
+//! letting go of holders and records whose guest is gone.
+//!
+//! Every hook call first runs `adopt_orphans`, a cheap pass over the run directory (one probe of
+//! each holder's instance lock); `lockhook reconcile` (and its systemd timer) runs `reconcile`,
+//! which also walks libvirt's status files, so even a guest whose state file was lost is found.
+
+use std::path::Path;
+
+use log::{error, info, warn};
+
+use crate::config::Config;
+use crate::domain::{Domain, Uuid};
+use crate::holder::client::Client;
+use crate::holder::protocol::Guest;
+use crate::hook::{self, Ctx};
+use crate::paths::Paths;
+use crate::resource::Role;
+use crate::state::{self, GuestState, HolderKind};
+use crate::storage::Request;
+
+/// What a pass did, one line per action.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub adopted: Vec<String>,
+    pub released: Vec<String>,
+    pub cleaned: Vec<String>,
+    pub failed: Vec<String>,
+}
+
+fn requests_from(state: &GuestState) -> Vec<Request> {
+    state
+        .resources
+        .iter()
+        .map(|r| Request {
+            path: r.path.clone(),
+            mode: r.mode,
+            offset: r.identity.offset,
+            role: r.roles.first().cloned().unwrap_or(Role::Disk { target: None }),
+            is_lease: r.roles.iter().any(|role| matches!(role, Role::Lease { .. })),
+            optional: false,
+        })
+        .collect()
+}
+
+fn remove_records(paths: &Paths, uuid: &Uuid) {
+    let _ = std::fs::remove_file(paths.state(uuid));
+    let _ = std::fs::remove_file(paths.socket(uuid));
+}
+
+/// UUIDs whose holder is dead (its instance lock is free), found with one probe each.
+fn dead_holders(paths: &Paths) -> Vec<Uuid> {
+    let Ok(dir) = std::fs::read_dir(paths.run_dir()) else { return Vec::new() };
+    dir.filter_map(|e| Paths::uuid_of(&e.ok()?.path(), "json"))
+        .filter(|uuid| !state::holder_alive(paths, uuid))
+        .collect()
+}
+
+/// Re-takes the locks of every running guest whose holder died, from its state file; removes
+/// the records of holders whose guest (or `lockhook run` command) is gone too.
+pub(crate) fn adopt_orphans(ctx: &Ctx) -> Report {
+    let mut report = Report::default();
+    for uuid in dead_holders(&ctx.paths) {
+        let Ok(record) = state::read(&ctx.paths.state(&uuid)) else {
+            remove_records(&ctx.paths, &uuid);
+            report.cleaned.push(format!("{uuid}: unreadable state of a dead holder removed"));
+            continue;
+        };
+        let qemu = match (record.kind, record.qemu_pid, record.qemu_start_time) {
+            (HolderKind::Guest, Some(pid), Some(start)) if crate::qemu::is_alive(pid, start) => Some((pid, start)),
+            _ => None,
+        };
+        let Some(qemu) = qemu else {
+            remove_records(&ctx.paths, &uuid);
+            report.cleaned.push(format!("{} ({uuid}): holder and guest are gone; record removed", record.name));
+            continue;
+        };
+        let guest = Guest { name: record.name.clone(), uuid: uuid.clone() };
+        warn!("guest {} ({uuid}) runs but its holder died; re-taking its locks", record.name);
+        match hook::adopt(ctx, &guest, &requests_from(&record), Some(qemu)) {
+            Ok(()) => report.adopted.push(format!("{} ({uuid}): locks re-taken", record.name)),
+            Err(e) => {
+                let lines = e.lines().join("; ");
+                error!("guest {} ({uuid}): could not re-take every lock: {lines}", record.name);
+                report.failed.push(format!("{} ({uuid}): {lines}", record.name));
+            }
+        }
+    }
+    report
+}
+
+/// The running guests libvirt knows about: status files whose QEMU process is alive.
+fn running_guests(libvirt_run_dir: &Path) -> Vec<(Domain, (u32, u64))> {
+    let Ok(dir) = std::fs::read_dir(libvirt_run_dir.join("qemu")) else { return Vec::new() };
+    dir.filter_map(|e| {
+        let path = e.ok()?.path();
+        if path.extension()? != "xml" {
+            return None;
+        }
+        let domain = Domain::parse_status(&std::fs::read(&path).ok()?).ok()?;
+        let qemu = crate::qemu::find(&domain.name, &domain.uuid, libvirt_run_dir)?;
+        Some((domain, qemu))
+    })
+    .collect()
+}
+
+/// The full pass of `lockhook reconcile`.
+pub fn reconcile(config: &Config, config_path: &Path) -> Report {
+    let ctx = Ctx::new(config.clone(), config_path);
+    let mut report = adopt_orphans(&ctx);
+    let running = running_guests(&config.libvirt_run_dir);
+    for (domain, qemu) in &running {
+        let had_holder = state::holder_alive(&ctx.paths, &domain.uuid);
+        match hook::ensure_running(&ctx, domain, Some(*qemu)) {
+            Ok(()) if !had_holder => report.adopted.push(format!("{} ({}): locks taken", domain.name, domain.uuid)),
+            Ok(()) => {}
+            Err(e) => report.failed.push(format!("{} ({}): {}", domain.name, domain.uuid, e.lines().join("; "))),
+        }
+    }
+    // Holders whose guest is gone: QEMU dead (a holder notices that itself, unless it cannot
+    // watch it) or never started and unknown to libvirt.
+    for entry in state::list(&ctx.paths).unwrap_or_default() {
+        let Ok(record) = entry.state else { continue };
+        if !entry.alive || record.kind != HolderKind::Guest || running.iter().any(|(d, _)| d.uuid == record.uuid) {
+            continue;
+        }
+        let qemu_alive =
+            matches!((record.qemu_pid, record.qemu_start_time), (Some(p), Some(s)) if crate::qemu::is_alive(p, s));
+        if qemu_alive || crate::qemu::find(&record.name, &record.uuid, &config.libvirt_run_dir).is_some() {
+            continue;
+        }
+        if let Ok(Some(client)) = Client::connect(&ctx.paths, &record.uuid) {
+            match client.release() {
+                Ok(()) => {
+                    info!("guest {} ({}): not running; its holder released", record.name, record.uuid);
+                    report
+                        .released
+                        .push(format!("{} ({}): guest not running; locks released", record.name, record.uuid));
+                }
+                Err(e) => report.failed.push(format!("{} ({}): {}", record.name, record.uuid, crate::error_chain(&e))),
+            }
+        }
+    }
+    report
+}
+
+impl Report {
+    pub fn print(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for (what, lines) in [
+            ("adopted", &self.adopted),
+            ("released", &self.released),
+            ("cleaned", &self.cleaned),
+            ("FAILED", &self.failed),
+        ] {
+            for line in lines {
+                writeln!(out, "{what}: {}", crate::one_line(line))?;
+            }
+        }
+        if self.adopted.is_empty() && self.released.is_empty() && self.cleaned.is_empty() && self.failed.is_empty() {
+            writeln!(out, "nothing to do: every running guest's locks are held")?;
+        }
+        Ok(())
+    }
+}
