@@ -1,0 +1,1012 @@
+//! `lockhook doctor`: checks an installation and says what to fix, one finding per line.
+//!
+//! It looks at the hook links, the libvirt daemons of this mount namespace, the config, the run
+//! and lockspace directories, whether OFD locks work on every filesystem lockhook locks files on,
+//! whether the lockspace is shared, `lock_manager` in `qemu.conf`, and AppArmor/SELinux.
+//!
+//! Read-only except for one thing: to try OFD locks on a filesystem it creates a test file
+//! (`O_EXCL|O_NOFOLLOW`, mode 0600, named `.lockhook-doctor.<pid>.<n>`) in the directory and
+//! removes it again. It never signals, traces or reads anything of a process in another mount
+//! namespace beyond the namespace link itself (a test libvirtd in a private namespace is not ours).
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::lock::{self, Create, LockError, LockMode};
+
+/// Where `install.sh` puts the binary.
+pub const INSTALLED_BINARY: &str = "/usr/local/sbin/lockhook";
+/// libvirt's default image directory, tested for OFD locks when it exists.
+pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/libvirt/images";
+/// The daemons that run qemu hooks: the monolithic one and the modular QEMU driver daemon.
+const DAEMONS: [&str; 2] = ["libvirtd", "virtqemud"];
+/// A hook installed less than this after the daemon's computed start is not reported: the start
+/// time is derived from the boot time, which moves with clock adjustments since boot.
+const CLOCK_SLACK_MS: u64 = 1000;
+
+/// Severity of one finding; the exit code of `lockhook doctor` is the worst one: Ok→0, Info→0,
+/// Warn→1, Error→2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Ok,
+    Info,
+    Warn,
+    Error,
+}
+
+impl Severity {
+    /// The column printed in front of each finding (six characters wide with its padding).
+    fn label(self) -> &'static str {
+        match self {
+            Severity::Ok => "ok",
+            Severity::Info => "info",
+            Severity::Warn => "WARN",
+            Severity::Error => "ERROR",
+        }
+    }
+}
+
+/// One result of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Which check: `hook`, `daemon`, `config`, `run_dir`, `lockspace`, `locks`, `shared`,
+    /// `lock_manager`, `confinement`, `privileges`.
+    pub check: &'static str,
+    /// One line: what is wrong and how to fix it (or what is fine).
+    pub message: String,
+}
+
+impl Finding {
+    fn new(severity: Severity, check: &'static str, message: impl Into<String>) -> Finding {
+        Finding { severity, check, message: message.into() }
+    }
+}
+
+/// Where to look; `Layout::system(config_path)` gives the real paths, tests build their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub config_path: PathBuf,
+    /// hooks dir = `<this>/hooks`, qemu.conf = `<this>/qemu.conf`, pools = `<this>/storage/*.xml`.
+    pub libvirt_config_dir: PathBuf,
+    /// The running lockhook (`std::env::current_exe()`): the hook must lead to this file.
+    pub binary: PathBuf,
+}
+
+impl Layout {
+    /// The host's layout: `libvirt_config_dir` from the config if it loads, else the default.
+    pub fn system(config_path: &Path) -> Layout {
+        let libvirt_config_dir =
+            Config::load(config_path).map_or_else(|_| Config::default().libvirt_config_dir, |c| c.libvirt_config_dir);
+        let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(INSTALLED_BINARY));
+        Layout { config_path: config_path.to_owned(), libvirt_config_dir, binary }
+    }
+
+    fn hooks_dir(&self) -> PathBuf {
+        self.libvirt_config_dir.join("hooks")
+    }
+}
+
+/// Runs every check.
+pub fn diagnose(layout: &Layout) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        out.push(Finding::new(
+            Severity::Warn,
+            "privileges",
+            "not running as root: the config, run directory and lock checks below may fail for that reason alone: \
+             run `sudo lockhook doctor`",
+        ));
+    }
+    let hooks = check_hook(layout, &mut out);
+    check_daemons(&hooks, &mut out);
+    let config = check_config(layout, &mut out);
+    check_run_dir(&config.run_dir, &mut out);
+    check_lockspace_dir(&config.lockspace_dir, &mut out);
+    check_locks(layout, &config, &mut out);
+    check_shared(&config.lockspace_dir, &mut out);
+    check_lock_manager(layout, &mut out);
+    check_confinement(layout, &config, &mut out);
+    out
+}
+
+/// The exit code for these findings: the worst severity (Ok and Info → 0, Warn → 1, Error → 2).
+pub fn exit_code(findings: &[Finding]) -> u8 {
+    match findings.iter().map(|f| f.severity).max() {
+        Some(Severity::Error) => 2,
+        Some(Severity::Warn) => 1,
+        _ => 0,
+    }
+}
+
+/// Human-readable report: one line per finding (`ok    hook: ...`, `WARN  ...`, `ERROR ...`),
+/// then a summary line.
+pub fn print(findings: &[Finding], out: &mut dyn Write) -> io::Result<()> {
+    for f in findings {
+        writeln!(out, "{:<6}{}: {}", f.severity.label(), f.check, crate::one_line(&f.message))?;
+    }
+    let count = |s: Severity| findings.iter().filter(|f| f.severity == s).count();
+    let plural = |n: usize, word: &str| if n == 1 { format!("1 {word}") } else { format!("{n} {word}s") };
+    let verdict = match exit_code(findings) {
+        2 => "lockhook does not protect this host as it should: fix the ERROR lines",
+        1 => "lockhook works, but look at the WARN lines",
+        _ => "all good",
+    };
+    writeln!(
+        out,
+        "summary: {}, {}, {} info, {} ok: {verdict}",
+        plural(count(Severity::Error), "error"),
+        plural(count(Severity::Warn), "warning"),
+        count(Severity::Info),
+        count(Severity::Ok),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. hook
+
+/// A hook entry that leads to this lockhook, with the time it was installed (the link's own
+/// ctime/mtime, whichever is later, in milliseconds since the epoch).
+#[derive(Debug)]
+struct InstalledHook {
+    path: PathBuf,
+    installed_ms: u64,
+}
+
+/// libvirt runs a hook only if it is a regular file (after symlinks) with an execute bit
+/// (`virFileIsExecutable`).
+fn is_executable(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Whether `path` (or what its symlink names) is called like lockhook: then a link that leads
+/// elsewhere is a stale or foreign lockhook install, not an administrator's own hook.
+fn named_like_lockhook(path: &Path) -> bool {
+    let has_name = |p: &Path| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains("lockhook"));
+    has_name(path) || fs::read_link(path).is_ok_and(|target| has_name(&target))
+}
+
+fn link_time_ms(path: &Path) -> u64 {
+    fs::symlink_metadata(path).map_or(0, |m| {
+        let ms = |secs: i64, nsec: i64| u64::try_from(secs.saturating_mul(1000) + nsec / 1_000_000).unwrap_or(0);
+        ms(m.ctime(), m.ctime_nsec()).max(ms(m.mtime(), m.mtime_nsec()))
+    })
+}
+
+/// Same file: same canonical path, or the same inode (a hard link).
+fn same_file(a: &Path, canonical_binary: &Path, binary_id: Option<(u64, u64)>) -> Option<bool> {
+    let canonical = fs::canonicalize(a).ok()?;
+    let id = fs::metadata(&canonical).ok().map(|m| (m.dev(), m.ino()));
+    Some(canonical == canonical_binary || (id.is_some() && id == binary_id))
+}
+
+fn check_hook(layout: &Layout, out: &mut Vec<Finding>) -> Vec<InstalledHook> {
+    const CHECK: &str = "hook";
+    let binary = match fs::canonicalize(&layout.binary) {
+        Ok(binary) => binary,
+        Err(e) => {
+            out.push(Finding::new(
+                Severity::Error,
+                CHECK,
+                format!("cannot resolve the lockhook binary {}: {e}", layout.binary.display()),
+            ));
+            return Vec::new();
+        }
+    };
+    let binary_id = fs::metadata(&binary).ok().map(|m| (m.dev(), m.ino()));
+    let main = layout.hooks_dir().join("qemu");
+    let qemu_d = layout.hooks_dir().join("qemu.d");
+    let mut candidates = vec![main.clone()];
+    if let Ok(dir) = fs::read_dir(&qemu_d) {
+        let mut entries: Vec<PathBuf> = dir.filter_map(|e| Some(e.ok()?.path())).collect();
+        entries.sort();
+        candidates.extend(entries);
+    }
+
+    let mut ours = Vec::new();
+    let mut reported = false;
+    let mut foreign_main = false;
+    for path in candidates {
+        if fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        let shown = match fs::read_link(&path) {
+            Ok(target) => format!("{} -> {}", path.display(), target.display()),
+            Err(_) => path.display().to_string(),
+        };
+        match same_file(&path, &binary, binary_id) {
+            Some(true) if is_executable(&path) => {
+                out.push(Finding::new(Severity::Ok, CHECK, format!("{} -> {}", path.display(), binary.display())));
+                ours.push(InstalledHook { installed_ms: link_time_ms(&path), path });
+            }
+            Some(true) => {
+                reported = true;
+                out.push(Finding::new(
+                    Severity::Error,
+                    CHECK,
+                    format!(
+                        "{shown} leads to lockhook but is not executable, so libvirt skips it: chmod 0755 {}",
+                        binary.display()
+                    ),
+                ));
+            }
+            None if path == main || named_like_lockhook(&path) => {
+                reported = true;
+                out.push(Finding::new(
+                    Severity::Error,
+                    CHECK,
+                    format!("{shown} is a dangling symlink, so libvirt runs no lockhook through it: run ./install.sh"),
+                ));
+            }
+            Some(false) if named_like_lockhook(&path) => {
+                reported = true;
+                out.push(Finding::new(
+                    Severity::Error,
+                    CHECK,
+                    format!(
+                        "{shown} points elsewhere, not to this lockhook ({}): run ./install.sh (or run doctor \
+                         with the lockhook the hook points to)",
+                        binary.display()
+                    ),
+                ));
+            }
+            // An administrator's own hook (or one of several in qemu.d): not ours to judge.
+            _ => foreign_main |= path == main,
+        }
+    }
+    if ours.is_empty() && !reported {
+        let mut message = "lockhook is not installed as a qemu hook: run ./install.sh".to_owned();
+        if foreign_main {
+            message.push_str(&format!(
+                " (it keeps the existing {} and adds {})",
+                main.display(),
+                qemu_d.join("50-lockhook").display()
+            ));
+        }
+        out.push(Finding::new(Severity::Error, CHECK, message));
+    }
+    if ours.len() > 1 {
+        let paths = ours.iter().map(|h| h.path.display().to_string()).collect::<Vec<_>>().join(" and ");
+        out.push(Finding::new(
+            Severity::Warn,
+            CHECK,
+            format!("lockhook is installed twice ({paths}): libvirt runs it twice for every event; remove one"),
+        ));
+    }
+    ours
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. daemon
+
+#[derive(Debug)]
+struct Daemon {
+    name: String,
+    pid: u32,
+    started_ms: u64,
+}
+
+/// `btime` (boot time, seconds since the epoch) from the text of `/proc/stat`.
+fn parse_btime(proc_stat: &str) -> Option<u64> {
+    proc_stat.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
+}
+
+fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf only reads a system constant; it has no preconditions and touches no memory
+    // of ours.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
+/// The libvirtd/virtqemud processes in this process's mount namespace. Processes in any other
+/// namespace are skipped after reading only their namespace link.
+fn running_daemons() -> io::Result<Vec<Daemon>> {
+    let own_ns = fs::read_link("/proc/self/ns/mnt")?;
+    let btime = parse_btime(&fs::read_to_string("/proc/stat")?)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "/proc/stat has no btime line"))?;
+    let ticks = clock_ticks_per_second();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let Some(pid) = entry.ok().and_then(|e| e.file_name().to_str()?.parse::<u32>().ok()) else { continue };
+        if fs::read_link(format!("/proc/{pid}/ns/mnt")).ok().as_ref() != Some(&own_ns) {
+            continue;
+        }
+        let Ok(comm) = fs::read_to_string(format!("/proc/{pid}/comm")) else { continue };
+        let name = comm.trim();
+        if !DAEMONS.contains(&name) {
+            continue;
+        }
+        let Some(start_ticks) = crate::qemu::start_time(pid) else { continue };
+        let started_ms = btime * 1000 + start_ticks * 1000 / ticks;
+        found.push(Daemon { name: name.to_owned(), pid, started_ms });
+    }
+    found.sort_by_key(|d| d.pid);
+    Ok(found)
+}
+
+fn check_daemons(hooks: &[InstalledHook], out: &mut Vec<Finding>) {
+    const CHECK: &str = "daemon";
+    let daemons = match running_daemons() {
+        Ok(daemons) => daemons,
+        Err(e) => {
+            out.push(Finding::new(Severity::Info, CHECK, format!("cannot list processes: {e}: daemons not checked")));
+            return;
+        }
+    };
+    if daemons.is_empty() {
+        out.push(Finding::new(
+            Severity::Info,
+            CHECK,
+            "libvirtd/virtqemud not running (in this mount namespace): it finds the hook when it starts",
+        ));
+        return;
+    }
+    // libvirt runs lockhook if any of its entries existed when the daemon (re)scanned its hooks.
+    let Some(first) = hooks.iter().min_by_key(|h| h.installed_ms) else {
+        for d in &daemons {
+            out.push(Finding::new(
+                Severity::Info,
+                CHECK,
+                format!("{} (pid {}) is running; once the hook is installed it needs SIGHUP to find it", d.name, d.pid),
+            ));
+        }
+        return;
+    };
+    for d in &daemons {
+        let since = crate::clock::rfc3339(d.started_ms / 1000);
+        if first.installed_ms > d.started_ms + CLOCK_SLACK_MS {
+            out.push(Finding::new(
+                Severity::Warn,
+                CHECK,
+                format!(
+                    "{name} (pid {pid}) started at {since}, before the hook was installed ({path} at {at}); it finds \
+                     hooks only at start or SIGHUP, so unless it was sent SIGHUP since, it does not run lockhook: \
+                     `systemctl reload {name}` or `kill -HUP {pid}`",
+                    name = d.name,
+                    pid = d.pid,
+                    path = first.path.display(),
+                    at = crate::clock::rfc3339(first.installed_ms / 1000),
+                ),
+            ));
+        } else {
+            out.push(Finding::new(
+                Severity::Ok,
+                CHECK,
+                format!("{} (pid {}) started at {since}, after the hook was installed", d.name, d.pid),
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. config, 4. run dir, 5. lockspace dir
+
+/// Loads the config; on failure the remaining checks use the defaults.
+fn check_config(layout: &Layout, out: &mut Vec<Finding>) -> Config {
+    const CHECK: &str = "config";
+    let path = &layout.config_path;
+    match Config::load(path) {
+        Ok(config) => {
+            let message = if path.exists() {
+                format!("{} is valid", path.display())
+            } else {
+                format!("{} does not exist: lockhook uses the defaults", path.display())
+            };
+            out.push(Finding::new(Severity::Ok, CHECK, message));
+            config
+        }
+        Err(e) => {
+            out.push(Finding::new(
+                Severity::Error,
+                CHECK,
+                format!(
+                    "{}: the hook refuses every guest start until this is fixed (the checks below use the defaults)",
+                    crate::error_chain(&e)
+                ),
+            ));
+            Config::default()
+        }
+    }
+}
+
+fn check_run_dir(dir: &Path, out: &mut Vec<Finding>) {
+    const CHECK: &str = "run_dir";
+    let shown = dir.display();
+    match fs::metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => out.push(Finding::new(
+            Severity::Warn,
+            CHECK,
+            format!("{shown} does not exist: the first guest start creates it (or: install -d -m 0700 {shown})"),
+        )),
+        Err(e) => out.push(Finding::new(Severity::Error, CHECK, format!("{shown}: cannot stat: {e}"))),
+        Ok(meta) if !meta.is_dir() => out.push(Finding::new(
+            Severity::Error,
+            CHECK,
+            format!("{shown} is not a directory: remove it (the first guest start creates the directory)"),
+        )),
+        Ok(meta) if meta.uid() != 0 || meta.mode() & 0o7777 != 0o700 => out.push(Finding::new(
+            Severity::Error,
+            CHECK,
+            format!(
+                "{shown} is mode {:04o} owned by uid {}: holder sockets and state must be in a 0700 root directory: \
+                 chown root:root {shown} && chmod 0700 {shown}",
+                meta.mode() & 0o7777,
+                meta.uid()
+            ),
+        )),
+        Ok(_) => out.push(Finding::new(Severity::Ok, CHECK, format!("{shown} (0700 root)"))),
+    }
+}
+
+fn check_lockspace_dir(dir: &Path, out: &mut Vec<Finding>) {
+    const CHECK: &str = "lockspace";
+    let shown = dir.display();
+    match fs::metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => out.push(Finding::new(
+            Severity::Warn,
+            CHECK,
+            format!("{shown} does not exist: create it (install -d -m 0755 {shown}), on shared storage for a fleet"),
+        )),
+        Err(e) => out.push(Finding::new(Severity::Error, CHECK, format!("{shown}: cannot stat: {e}"))),
+        Ok(meta) if !meta.is_dir() => out.push(Finding::new(
+            Severity::Error,
+            CHECK,
+            format!("{shown} is not a directory: set lockspace_dir to a directory"),
+        )),
+        Ok(_) => out.push(Finding::new(Severity::Ok, CHECK, format!("{shown} exists"))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. OFD locks work, 7. shared lockspace
+
+/// Filesystem magic numbers (`statfs.f_type`) and whether locks on them can reach other hosts.
+const FILESYSTEMS: &[(u64, &str, bool)] = &[
+    (0x6969, "nfs", true),
+    (0x0116_1970, "gfs2", true),
+    (0x7461_636f, "ocfs2", true),
+    (0x00c3_6400, "cephfs", true),
+    (0x6573_5546, "fuse", true),
+    (0xfe53_4d42, "smb2", true),
+    (0xff53_4d42, "cifs", true),
+    (0xef53, "ext4", false),
+    (0x5846_5342, "xfs", false),
+    (0x9123_683e, "btrfs", false),
+    (0x2fc1_2fc1, "zfs", false),
+    (0xf2f5_2010, "f2fs", false),
+    (0xca45_1a4e, "bcachefs", false),
+    (0x0102_1994, "tmpfs", false),
+    (0x8584_58f6, "ramfs", false),
+    (0x794c_7630, "overlayfs", false),
+    (0x0102_1997, "9p", false),
+    (0x6a65_6a63, "virtiofs", false),
+    (0x4d44, "vfat", false),
+    (0x2011_bab0, "exfat", false),
+    (0x5346_544e, "ntfs", false),
+    (0x7366_746e, "ntfs3", false),
+];
+
+/// The name of a filesystem type and whether it is shared between hosts (unknown types are
+/// named by number and counted as local).
+fn fs_kind(magic: u64) -> (String, bool) {
+    FILESYSTEMS
+        .iter()
+        .find(|(m, _, _)| *m == magic)
+        .map_or_else(|| (format!("type 0x{magic:x}"), false), |(_, name, shared)| ((*name).to_owned(), *shared))
+}
+
+/// `statfs(path).f_type`, as the unsigned 32-bit magic the kernel headers spell.
+fn fs_magic(path: &Path) -> nix::Result<u64> {
+    let raw = nix::sys::statfs::statfs(path)?.filesystem_type().0;
+    // f_type is a signed long on 64-bit glibc; the magic is the low 32 bits either way.
+    Ok((raw as u64) & 0xffff_ffff)
+}
+
+/// The mount (point, fs type, mount + super options) that `path` is on, from the text of
+/// `/proc/self/mountinfo`: the longest mount point that is a prefix of the canonical path (the
+/// last one listed wins when mounts are stacked).
+fn mount_of(mountinfo: &str, path: &Path) -> Option<(PathBuf, String, String)> {
+    let mut best: Option<(PathBuf, String, String)> = None;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let left: Vec<&str> = left.split(' ').collect();
+        let right: Vec<&str> = right.split(' ').collect();
+        let (Some(point), Some(opts), Some(fstype)) = (left.get(4), left.get(5), right.first()) else { continue };
+        let point = PathBuf::from(unescape_mount(point));
+        if !path.starts_with(&point) {
+            continue;
+        }
+        if best.as_ref().is_some_and(|(b, _, _)| b.as_os_str().len() > point.as_os_str().len()) {
+            continue;
+        }
+        let options = format!("{opts},{}", right.get(2).copied().unwrap_or(""));
+        best = Some((point, (*fstype).to_owned(), options));
+    }
+    best
+}
+
+/// Mount points escape space, tab, newline and backslash as `\ooo`.
+fn unescape_mount(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut rest = field;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Why a test lock in a directory failed.
+#[derive(Debug, thiserror::Error)]
+enum LockTestError {
+    #[error("cannot create a test file {path}")]
+    CreateTestFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("{path}: locked exclusively, but a second open sees {seen}")]
+    NotSeen { path: PathBuf, seen: &'static str },
+}
+
+/// A test file that is removed when dropped.
+struct TestFile(PathBuf);
+
+impl Drop for TestFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Creates a fresh file in `dir`, locks byte 0 exclusively and checks that a second open sees
+/// the lock: exactly what the hook and a probe from another guest's hook do.
+fn try_ofd_lock(dir: &Path) -> Result<(), LockTestError> {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!(".lockhook-doctor.{}.{n}", std::process::id()));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|source| LockTestError::CreateTestFile { path: path.clone(), source })?;
+    let file = TestFile(path);
+    let held = lock::acquire(&file.0, LockMode::Exclusive, 0, Create::No)?;
+    let seen = lock::probe(&file.0, 0)?.0;
+    drop(held);
+    match seen {
+        Some(LockMode::Exclusive) => Ok(()),
+        Some(LockMode::Shared) => Err(LockTestError::NotSeen { path: file.0.clone(), seen: "a shared lock" }),
+        None => Err(LockTestError::NotSeen { path: file.0.clone(), seen: "no lock" }),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PoolXml {
+    #[serde(rename = "@type")]
+    kind: Option<String>,
+    target: Option<PoolTargetXml>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PoolTargetXml {
+    path: Option<String>,
+}
+
+/// The image directory of a `dir`, `fs` or `netfs` pool definition; `None` for other pools and
+/// anything that does not parse.
+fn pool_target(xml: &str) -> Option<PathBuf> {
+    let pool: PoolXml = quick_xml::de::from_str(xml).ok()?;
+    if !matches!(pool.kind.as_deref(), Some("dir" | "fs" | "netfs")) {
+        return None;
+    }
+    let path = PathBuf::from(pool.target?.path?.trim());
+    path.is_absolute().then_some(path)
+}
+
+/// Image directories: libvirt's default one and every file-based pool's target.
+fn image_dirs(layout: &Layout) -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from(DEFAULT_IMAGES_DIR)];
+    if let Ok(entries) = fs::read_dir(layout.libvirt_config_dir.join("storage")) {
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "xml"))
+            .collect();
+        files.sort();
+        // Pool definitions are small; a huge file is not one.
+        let read = |p: &Path| fs::metadata(p).ok().filter(|m| m.len() <= 1 << 20).and_then(|_| fs::read_to_string(p).ok());
+        dirs.extend(files.iter().filter_map(|p| pool_target(&read(p)?)));
+    }
+    dirs
+}
+
+fn check_locks(layout: &Layout, config: &Config, out: &mut Vec<Finding>) {
+    const CHECK: &str = "locks";
+    let mut seen = Vec::new();
+    let mut targets: Vec<(&str, PathBuf)> =
+        vec![("lockspace", config.lockspace_dir.clone()), ("run dir", config.run_dir.clone())];
+    targets.extend(image_dirs(layout).into_iter().map(|d| ("images", d)));
+    for (role, dir) in targets {
+        if !dir.is_dir() {
+            continue; // missing run/lockspace dirs are reported by their own checks
+        }
+        let canonical = fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+        if seen.contains(&canonical) {
+            continue;
+        }
+        seen.push(canonical);
+        let fs_name = fs_magic(&dir).map_or_else(|e| format!("unknown filesystem: {e}"), |m| fs_kind(m).0);
+        let shown = format!("{} ({role}, {fs_name})", dir.display());
+        let is_images = role == "images";
+        if is_images && nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_err() {
+            out.push(Finding::new(Severity::Info, CHECK, format!("{shown}: not writable here, OFD locks not tested")));
+            continue;
+        }
+        match try_ofd_lock(&dir) {
+            Ok(()) => out.push(Finding::new(Severity::Ok, CHECK, format!("{shown}: OFD locks work"))),
+            Err(e @ LockTestError::CreateTestFile { .. }) if is_images => out.push(Finding::new(
+                Severity::Info,
+                CHECK,
+                format!("{shown}: OFD locks not tested: {}", crate::error_chain(&e)),
+            )),
+            Err(e) => out.push(Finding::new(
+                Severity::Error,
+                CHECK,
+                format!(
+                    "{shown}: OFD locks do not work on this {fs_name} filesystem: {}: lockhook cannot lock files \
+                     there; use a filesystem with fcntl locking (for NFS: mount without nolock/local_lock)",
+                    crate::error_chain(&e)
+                ),
+            )),
+        }
+    }
+}
+
+fn check_shared(lockspace: &Path, out: &mut Vec<Finding>) {
+    const CHECK: &str = "shared";
+    // A missing lockspace would be created in its nearest existing parent: judge that one.
+    let Some(dir) = lockspace.ancestors().find(|p| p.is_dir()) else { return };
+    let magic = match fs_magic(dir) {
+        Ok(magic) => magic,
+        Err(e) => {
+            out.push(Finding::new(Severity::Info, CHECK, format!("{}: cannot statfs: {e}", dir.display())));
+            return;
+        }
+    };
+    let (mut name, shared) = fs_kind(magic);
+    let canonical = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    let mount = fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| mount_of(&m, &canonical));
+    if let Some((_, fstype, _)) = mount.as_ref().filter(|(_, t, _)| t.starts_with("fuse.")) {
+        name = fstype.clone(); // fuse.glusterfs, fuse.sshfs, ...
+    }
+    let shown = lockspace.display();
+    if !shared {
+        out.push(Finding::new(
+            Severity::Info,
+            CHECK,
+            format!(
+                "{shown}: local filesystem ({name}): locks protect this host only; put lockspace_dir on shared \
+                 storage for a fleet"
+            ),
+        ));
+        return;
+    }
+    if let Some((point, _, options)) = &mount {
+        let local = options.split(',').find(|o| *o == "nolock" || *o == "local_lock=all" || *o == "local_lock=posix");
+        if let Some(option) = local.filter(|_| name == "nfs") {
+            out.push(Finding::new(
+                Severity::Warn,
+                CHECK,
+                format!(
+                    "{shown}: shared ({name}), but {} is mounted with {option}: fcntl locks stay on this host, so \
+                     other hosts do not see them; remount without nolock/local_lock",
+                    point.display()
+                ),
+            ));
+            return;
+        }
+    }
+    let caveat = if name.starts_with("fuse") { " (if this FUSE filesystem passes locks between hosts, as glusterfs does)" } else { "" };
+    out.push(Finding::new(Severity::Info, CHECK, format!("{shown}: shared ({name}): cross-host refusals work{caveat}")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. lock manager
+
+/// The value of the first uncommented `lock_manager = "..."` in qemu.conf text (libvirt's
+/// `virConfGetValue` returns the first entry of a name). Quotes are `"` or `'`; a trailing
+/// `# comment` is ignored.
+fn parse_lock_manager(text: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let rest = line.trim_start().strip_prefix("lock_manager")?;
+        let value = rest.trim_start().strip_prefix('=')?.trim_start();
+        let value = match value.chars().next()? {
+            quote @ ('"' | '\'') => &value[1..][..value[1..].find(quote)?],
+            _ => value.split('#').next()?.trim(),
+        };
+        Some(value.to_owned())
+    })
+}
+
+fn check_lock_manager(layout: &Layout, out: &mut Vec<Finding>) {
+    const CHECK: &str = "lock_manager";
+    let path = layout.libvirt_config_dir.join("qemu.conf");
+    let shown = path.display();
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            out.push(Finding::new(Severity::Ok, CHECK, format!("{shown} does not exist: no lock manager (nop)")));
+            return;
+        }
+        Err(e) => {
+            out.push(Finding::new(Severity::Warn, CHECK, format!("{shown}: cannot read: {e}: lock_manager not checked")));
+            return;
+        }
+    };
+    let finding = match parse_lock_manager(&text).as_deref() {
+        None => Finding::new(Severity::Ok, CHECK, format!("{shown} sets no lock_manager (nop)")),
+        Some("nop") => Finding::new(Severity::Ok, CHECK, format!("{shown} sets lock_manager = \"nop\"")),
+        Some("lockd") => Finding::new(
+            Severity::Error,
+            CHECK,
+            format!(
+                "{shown} sets lock_manager = \"lockd\": it locks byte 0 like lockhook, so guests would refuse \
+                 themselves; set it to \"nop\" or remove it"
+            ),
+        ),
+        Some("sanlock") => Finding::new(
+            Severity::Warn,
+            CHECK,
+            format!(
+                "{shown} sets lock_manager = \"sanlock\": redundant with lockhook (two lock managers guarding the \
+                 same images); set it to \"nop\" or remove it unless you rely on sanlock leases"
+            ),
+        ),
+        Some(other) => Finding::new(
+            Severity::Warn,
+            CHECK,
+            format!("{shown} sets lock_manager = {other:?}, which lockhook does not know; \"nop\" is expected"),
+        ),
+    };
+    out.push(finding);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. confinement
+
+/// The libvirt daemon profiles in the text of `/sys/kernel/security/apparmor/profiles`
+/// (`name (mode)` per line), as (profile, mode). Child profiles (`libvirtd//...`) are skipped.
+fn apparmor_daemon_profiles(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, mode) = line.trim().rsplit_once(" (")?;
+            let mode = mode.strip_suffix(')')?;
+            let base = name.rsplit('/').next()?;
+            (!name.contains("//") && DAEMONS.contains(&base)).then(|| (name.to_owned(), mode.to_owned()))
+        })
+        .collect()
+}
+
+fn check_confinement(layout: &Layout, config: &Config, out: &mut Vec<Finding>) {
+    const CHECK: &str = "confinement";
+    let binary = fs::canonicalize(&layout.binary).unwrap_or_else(|_| layout.binary.clone());
+    let (binary, run_dir) = (binary.display(), config.run_dir.display());
+    let before = out.len();
+    let profiles = Path::new("/sys/kernel/security/apparmor/profiles");
+    if profiles.exists() {
+        match fs::read_to_string(profiles) {
+            Ok(text) => {
+                for (profile, mode) in apparmor_daemon_profiles(&text) {
+                    let base = profile.rsplit('/').next().unwrap_or(&profile).to_owned();
+                    let (severity, what) = match mode.as_str() {
+                        "enforce" | "kill" => (Severity::Warn, "make sure"),
+                        _ => (Severity::Info, "denials are only logged in this mode; still make sure"),
+                    };
+                    out.push(Finding::new(
+                        severity,
+                        CHECK,
+                        format!(
+                            "{base} is confined by AppArmor ({mode}): hooks inherit it; {what} its profile allows \
+                             executing {binary} and writing {run_dir} (see /etc/apparmor.d/usr.sbin.{base} and \
+                             /etc/apparmor.d/local/usr.sbin.{base})"
+                        ),
+                    ));
+                }
+            }
+            Err(e) => out.push(Finding::new(
+                Severity::Info,
+                CHECK,
+                format!("AppArmor is active but {} is unreadable ({e}): confinement not checked", profiles.display()),
+            )),
+        }
+    }
+    match fs::read_to_string("/sys/fs/selinux/enforce").map(|t| t.trim().to_owned()).as_deref() {
+        Ok("1") => out.push(Finding::new(
+            Severity::Warn,
+            CHECK,
+            format!(
+                "SELinux is enforcing: hooks run in libvirtd's domain (virtd_t); make sure the policy allows executing \
+                 {binary} and writing {run_dir} (after a guest start: ausearch -m avc -c lockhook)"
+            ),
+        )),
+        Ok("0") => out.push(Finding::new(
+            Severity::Info,
+            CHECK,
+            "SELinux is permissive: denials of the hook are only logged (ausearch -m avc -c lockhook)",
+        )),
+        _ => {}
+    }
+    if out.len() == before {
+        out.push(Finding::new(Severity::Ok, CHECK, "libvirtd is not confined by AppArmor or SELinux"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finding(severity: Severity) -> Finding {
+        Finding::new(severity, "x", "m")
+    }
+
+    #[test]
+    fn exit_code_is_the_worst_severity() {
+        assert_eq!(exit_code(&[]), 0);
+        assert_eq!(exit_code(&[finding(Severity::Ok), finding(Severity::Info)]), 0);
+        assert_eq!(exit_code(&[finding(Severity::Warn), finding(Severity::Ok)]), 1);
+        assert_eq!(exit_code(&[finding(Severity::Info), finding(Severity::Error), finding(Severity::Warn)]), 2);
+    }
+
+    #[test]
+    fn print_has_one_line_per_finding_and_a_summary() {
+        let findings = vec![
+            Finding::new(Severity::Ok, "hook", "/etc/libvirt/hooks/qemu -> /usr/local/sbin/lockhook"),
+            Finding::new(Severity::Warn, "daemon", "two\nlines"),
+            Finding::new(Severity::Error, "lock_manager", "bad"),
+        ];
+        let mut buf = Vec::new();
+        print(&findings, &mut buf).expect("print");
+        let text = String::from_utf8(buf).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[0], "ok    hook: /etc/libvirt/hooks/qemu -> /usr/local/sbin/lockhook");
+        assert_eq!(lines[1], "WARN  daemon: two\\nlines");
+        assert_eq!(lines[2], "ERROR lock_manager: bad");
+        assert!(lines[3].starts_with("summary: 1 error, 1 warning, 0 info, 1 ok"), "{text}");
+    }
+
+    #[test]
+    fn lock_manager_parsing() {
+        assert_eq!(parse_lock_manager(""), None);
+        assert_eq!(parse_lock_manager("#lock_manager = \"lockd\"\n"), None);
+        assert_eq!(parse_lock_manager("  # lock_manager = \"lockd\"\n"), None);
+        assert_eq!(parse_lock_manager("lock_manager = \"lockd\"\n").as_deref(), Some("lockd"));
+        assert_eq!(parse_lock_manager("\tlock_manager=\"sanlock\"  # yes\n").as_deref(), Some("sanlock"));
+        assert_eq!(parse_lock_manager("lock_manager   =   'nop'\n").as_deref(), Some("nop"));
+        assert_eq!(parse_lock_manager("lock_manager = lockd # unquoted\n").as_deref(), Some("lockd"));
+        // Other keys that start the same, or mention it, are not it.
+        assert_eq!(parse_lock_manager("lock_manager_x = \"lockd\"\nuser = \"lock_manager = lockd\"\n"), None);
+        // libvirt uses the first entry of a name.
+        assert_eq!(
+            parse_lock_manager("# lock_manager = \"sanlock\"\nlock_manager = \"nop\"\nlock_manager = \"lockd\"\n")
+                .as_deref(),
+            Some("nop")
+        );
+        // An unterminated string is no value.
+        assert_eq!(parse_lock_manager("lock_manager = \"lockd\n"), None);
+    }
+
+    #[test]
+    fn filesystem_names() {
+        assert_eq!(fs_kind(0x6969), ("nfs".to_owned(), true));
+        assert_eq!(fs_kind(0xff53_4d42), ("cifs".to_owned(), true));
+        assert_eq!(fs_kind(0x6573_5546), ("fuse".to_owned(), true));
+        assert_eq!(fs_kind(0x00c3_6400), ("cephfs".to_owned(), true));
+        assert_eq!(fs_kind(0xef53), ("ext4".to_owned(), false));
+        assert_eq!(fs_kind(0x0102_1994), ("tmpfs".to_owned(), false));
+        assert_eq!(fs_kind(0x1234), ("type 0x1234".to_owned(), false));
+        // The root filesystem has some type, and it fits 32 bits.
+        assert!(fs_magic(Path::new("/")).expect("statfs /") <= u64::from(u32::MAX));
+    }
+
+    #[test]
+    fn btime_and_apparmor_parsing() {
+        assert_eq!(parse_btime("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"), Some(1_700_000_000));
+        assert_eq!(parse_btime("cpu 1\n"), None);
+        let profiles = "/usr/sbin/libvirtd (enforce)\nlibvirtd//qemu_bridge_helper (enforce)\n\
+                        virtqemud (complain)\nlibvirt-f3fa73d4 (enforce)\n/usr/bin/man (enforce)\n";
+        assert_eq!(
+            apparmor_daemon_profiles(profiles),
+            vec![
+                ("/usr/sbin/libvirtd".to_owned(), "enforce".to_owned()),
+                ("virtqemud".to_owned(), "complain".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn mountinfo_parsing() {
+        let info = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                    40 22 0:40 / /var/lib/lock\\040space rw,relatime shared:2 - nfs4 srv:/ls rw,vers=4.2,local_lock=none\n\
+                    41 22 0:41 / /var/lib/lockhook rw - nfs srv:/lh rw,vers=3,nolock,local_lock=all\n";
+        let (point, fstype, opts) = mount_of(info, Path::new("/var/lib/lockhook/leases")).expect("found");
+        assert_eq!(point, PathBuf::from("/var/lib/lockhook"));
+        assert_eq!(fstype, "nfs");
+        assert!(opts.split(',').any(|o| o == "local_lock=all"), "{opts}");
+        let (point, fstype, _) = mount_of(info, Path::new("/var/lib/lock space/x")).expect("found");
+        assert_eq!((point, fstype.as_str()), (PathBuf::from("/var/lib/lock space"), "nfs4"));
+        let (point, _, _) = mount_of(info, Path::new("/var/lib/lockhookx")).expect("found");
+        assert_eq!(point, PathBuf::from("/"));
+    }
+
+    #[test]
+    fn pool_targets() {
+        let dir = "<!--\nWARNING: THIS IS AN AUTO-GENERATED FILE.\n-->\n<pool type='dir'><name>images</name>\
+                   <target><path> /srv/images </path></target></pool>";
+        assert_eq!(pool_target(dir), Some(PathBuf::from("/srv/images")));
+        assert_eq!(pool_target("<pool type='logical'><target><path>/dev/vg</path></target></pool>"), None);
+        assert_eq!(pool_target("<pool type='netfs'><target><path>relative</path></target></pool>"), None);
+        assert_eq!(pool_target("<pool type='fs'><target>"), None);
+    }
+
+    #[test]
+    fn ofd_lock_test_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("dir");
+        try_ofd_lock(dir.path()).expect("OFD locks work in a temp dir");
+        assert_eq!(fs::read_dir(dir.path()).expect("read dir").count(), 0);
+        let missing = dir.path().join("missing");
+        assert!(matches!(try_ofd_lock(&missing), Err(LockTestError::CreateTestFile { .. })));
+    }
+
+    #[test]
+    fn hook_checks_link_target_and_execute_bit() {
+        let dir = tempfile::tempdir().expect("dir");
+        let binary = dir.path().join("lockhook");
+        fs::write(&binary, b"#!/bin/sh\n").expect("write");
+        fs::set_permissions(&binary, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let etc = dir.path().join("etc");
+        fs::create_dir_all(etc.join("hooks/qemu.d")).expect("mkdir");
+        let layout = Layout { config_path: dir.path().join("c.toml"), libvirt_config_dir: etc.clone(), binary };
+
+        let mut out = Vec::new();
+        assert!(check_hook(&layout, &mut out).is_empty());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].severity, Severity::Error);
+        assert!(out[0].message.contains("not installed as a qemu hook: run ./install.sh"), "{out:?}");
+
+        // An administrator's own hook stays; lockhook in qemu.d.
+        fs::write(etc.join("hooks/qemu"), b"#!/bin/sh\n").expect("write");
+        std::os::unix::fs::symlink(&layout.binary, etc.join("hooks/qemu.d/50-lockhook")).expect("symlink");
+        let mut out = Vec::new();
+        assert_eq!(check_hook(&layout, &mut out).len(), 1);
+        assert_eq!(out.iter().map(|f| f.severity).collect::<Vec<_>>(), vec![Severity::Ok], "{out:?}");
+
+        // A stale link named like lockhook, and a non-executable binary.
+        std::os::unix::fs::symlink("/nonexistent/lockhook", etc.join("hooks/qemu.d/40-lockhook")).expect("symlink");
+        fs::set_permissions(&layout.binary, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mut out = Vec::new();
+        assert!(check_hook(&layout, &mut out).is_empty());
+        assert!(out.iter().all(|f| f.severity == Severity::Error), "{out:?}");
+        assert!(out.iter().any(|f| f.message.contains("dangling")), "{out:?}");
+        assert!(out.iter().any(|f| f.message.contains("not executable")), "{out:?}");
+    }
+}
