@@ -11,6 +11,7 @@
 #   /etc/libvirt/hooks/qemu.d/50-lockhook symlink to it, when an administrator's qemu hook exists
 #   /etc/lockhook/lockhook.toml           the config, installed only if there is none
 #   /run/lockhook, /var/lib/lockhook      run and lockspace directories
+#   /etc/systemd/system/lockhook-reconcile.{service,timer}   when systemd runs: reconcile every minute
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -106,7 +107,35 @@ install_config() {
   fi
 }
 
+units="lockhook-reconcile.service lockhook-reconcile.timer"
+unit_dir=/etc/systemd/system
+has_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
+
+install_units() {
+  has_systemd || { say "systemd is not running: run 'lockhook reconcile' from cron if you want it periodically"; return; }
+  local u
+  for u in $units; do
+    install -m 0644 "$here/hooks/$u" "$unit_dir/$u"
+    sed -i "s|/usr/local/sbin/lockhook|$bin|" "$unit_dir/$u"
+  done
+  systemctl daemon-reload
+  systemctl enable --now lockhook-reconcile.timer >/dev/null 2>&1 && say "enabled lockhook-reconcile.timer"
+}
+
+remove_units() {
+  has_systemd || return 0
+  local u removed=0
+  for u in $units; do
+    [ -e "$unit_dir/$u" ] || continue
+    systemctl disable --now "$u" >/dev/null 2>&1 || true
+    rm -f "$unit_dir/$u"
+    removed=1
+  done
+  [ "$removed" = 0 ] || { systemctl daemon-reload; say "removed the reconcile timer"; }
+}
+
 if [ "$mode" = uninstall ]; then
+  remove_units
   if points_to_us "$hooks/qemu"; then rm -f "$hooks/qemu"; say "removed $hooks/qemu"; fi
   if points_to_us "$qemud"; then rm -f "$qemud"; say "removed $qemud"; fi
   if [ -x "$bin" ]; then
@@ -132,6 +161,7 @@ install_config
 install -d -m 0700 -o root -g root /run/lockhook
 install -d -m 0755 -o root -g root /var/lib/lockhook
 install_hook
+install_units
 warn_lockd
 "$bin" --config "$conf" status >/dev/null || die "the installed binary cannot read $conf"
 notify_libvirt

@@ -26,7 +26,8 @@ pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/libvirt/images";
 /// The daemons that run qemu hooks: the monolithic one and the modular QEMU driver daemon.
 const DAEMONS: [&str; 2] = ["libvirtd", "virtqemud"];
 /// A hook installed less than this after the daemon's computed start is not reported: the start
-/// time is derived from the boot time, which moves with clock adjustments since boot.
+/// time is computed as now minus uptime plus the start tick, so a clock step since the hook was
+/// stamped, and tick and timestamp granularity, shift it a little.
 const CLOCK_SLACK_MS: u64 = 1000;
 
 /// Severity of one finding; the exit code of `lockhook doctor` is the worst one: Ok→0, Info→0,
@@ -291,9 +292,17 @@ struct Daemon {
     started_ms: u64,
 }
 
-/// `btime` (boot time, seconds since the epoch) from the text of `/proc/stat`.
-fn parse_btime(proc_stat: &str) -> Option<u64> {
-    proc_stat.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
+/// Milliseconds since boot from the text of `/proc/uptime` (`12345.67 54321.00`).
+fn parse_uptime_ms(proc_uptime: &str) -> Option<u64> {
+    let first = proc_uptime.split_whitespace().next()?;
+    let (secs, frac) = first.split_once('.').unwrap_or((first, "0"));
+    let frac: String = frac.chars().chain(std::iter::repeat('0')).take(3).collect();
+    Some(secs.parse::<u64>().ok()? * 1000 + frac.parse::<u64>().ok()?)
+}
+
+fn now_ms() -> u64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn clock_ticks_per_second() -> u64 {
@@ -307,8 +316,11 @@ fn clock_ticks_per_second() -> u64 {
 /// namespace are skipped after reading only their namespace link.
 fn running_daemons() -> io::Result<Vec<Daemon>> {
     let own_ns = fs::read_link("/proc/self/ns/mnt")?;
-    let btime = parse_btime(&fs::read_to_string("/proc/stat")?)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "/proc/stat has no btime line"))?;
+    // Boot time in wall-clock milliseconds, as now minus uptime: finer than /proc/stat's btime,
+    // which is whole seconds.
+    let uptime_ms = parse_uptime_ms(&fs::read_to_string("/proc/uptime")?)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "/proc/uptime does not parse"))?;
+    let boot_ms = now_ms().saturating_sub(uptime_ms);
     let ticks = clock_ticks_per_second();
     let mut found = Vec::new();
     for entry in fs::read_dir("/proc")? {
@@ -322,7 +334,7 @@ fn running_daemons() -> io::Result<Vec<Daemon>> {
             continue;
         }
         let Some(start_ticks) = crate::qemu::start_time(pid) else { continue };
-        let started_ms = btime * 1000 + start_ticks * 1000 / ticks;
+        let started_ms = boot_ms + start_ticks * 1000 / ticks;
         found.push(Daemon { name: name.to_owned(), pid, started_ms });
     }
     found.sort_by_key(|d| d.pid);
@@ -565,6 +577,8 @@ enum LockTestError {
     Lock(#[from] LockError),
     #[error("{path}: locked exclusively, but a second open sees {seen}")]
     NotSeen { path: PathBuf, seen: &'static str },
+    #[error("{path}: replaced by another file while being tested")]
+    Replaced { path: PathBuf },
 }
 
 /// A test file that is removed when dropped.
@@ -582,17 +596,23 @@ fn try_ofd_lock(dir: &Path) -> Result<(), LockTestError> {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = dir.join(format!(".lockhook-doctor.{}.{n}", std::process::id()));
-    OpenOptions::new()
+    let created = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
+        .and_then(|f| f.metadata())
         .map_err(|source| LockTestError::CreateTestFile { path: path.clone(), source })?;
     let file = TestFile(path);
+    // The lock functions open by name, as the hook does: make sure they reached our file.
+    let ours = |id: lock::Identity| (id.dev, id.ino) == (created.dev(), created.ino());
     let held = lock::acquire(&file.0, LockMode::Exclusive, 0, Create::No)?;
-    let seen = lock::probe(&file.0, 0)?.0;
+    let (seen, probed) = lock::probe(&file.0, 0)?;
     drop(held);
+    if !ours(probed) {
+        return Err(LockTestError::Replaced { path: file.0.clone() });
+    }
     match seen {
         Some(LockMode::Exclusive) => Ok(()),
         Some(LockMode::Shared) => Err(LockTestError::NotSeen { path: file.0.clone(), seen: "a shared lock" }),
@@ -633,7 +653,8 @@ fn image_dirs(layout: &Layout) -> Vec<PathBuf> {
             .collect();
         files.sort();
         // Pool definitions are small; a huge file is not one.
-        let read = |p: &Path| fs::metadata(p).ok().filter(|m| m.len() <= 1 << 20).and_then(|_| fs::read_to_string(p).ok());
+        let read =
+            |p: &Path| fs::metadata(p).ok().filter(|m| m.len() <= 1 << 20).and_then(|_| fs::read_to_string(p).ok());
         dirs.extend(files.iter().filter_map(|p| pool_target(&read(p)?)));
     }
     dirs
@@ -725,8 +746,16 @@ fn check_shared(lockspace: &Path, out: &mut Vec<Finding>) {
             return;
         }
     }
-    let caveat = if name.starts_with("fuse") { " (if this FUSE filesystem passes locks between hosts, as glusterfs does)" } else { "" };
-    out.push(Finding::new(Severity::Info, CHECK, format!("{shown}: shared ({name}): cross-host refusals work{caveat}")));
+    let caveat = if name.starts_with("fuse") {
+        " (if this FUSE filesystem passes locks between hosts, as glusterfs does)"
+    } else {
+        ""
+    };
+    out.push(Finding::new(
+        Severity::Info,
+        CHECK,
+        format!("{shown}: shared ({name}): cross-host refusals work{caveat}"),
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -758,7 +787,11 @@ fn check_lock_manager(layout: &Layout, out: &mut Vec<Finding>) {
             return;
         }
         Err(e) => {
-            out.push(Finding::new(Severity::Warn, CHECK, format!("{shown}: cannot read: {e}: lock_manager not checked")));
+            out.push(Finding::new(
+                Severity::Warn,
+                CHECK,
+                format!("{shown}: cannot read: {e}: lock_manager not checked"),
+            ));
             return;
         }
     };
@@ -929,9 +962,11 @@ mod tests {
     }
 
     #[test]
-    fn btime_and_apparmor_parsing() {
-        assert_eq!(parse_btime("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"), Some(1_700_000_000));
-        assert_eq!(parse_btime("cpu 1\n"), None);
+    fn uptime_and_apparmor_parsing() {
+        assert_eq!(parse_uptime_ms("12345.67 54321.00\n"), Some(12_345_670));
+        assert_eq!(parse_uptime_ms("7 1\n"), Some(7000));
+        assert_eq!(parse_uptime_ms("x.5 1\n"), None);
+        assert_eq!(parse_uptime_ms(""), None);
         let profiles = "/usr/sbin/libvirtd (enforce)\nlibvirtd//qemu_bridge_helper (enforce)\n\
                         virtqemud (complain)\nlibvirt-f3fa73d4 (enforce)\n/usr/bin/man (enforce)\n";
         assert_eq!(
@@ -946,7 +981,7 @@ mod tests {
     #[test]
     fn mountinfo_parsing() {
         let info = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
-                    40 22 0:40 / /var/lib/lock\\040space rw,relatime shared:2 - nfs4 srv:/ls rw,vers=4.2,local_lock=none\n\
+                    40 22 0:40 / /var/lib/lock\\040space rw shared:2 - nfs4 srv:/ls rw,vers=4.2,local_lock=none\n\
                     41 22 0:41 / /var/lib/lockhook rw - nfs srv:/lh rw,vers=3,nolock,local_lock=all\n";
         let (point, fstype, opts) = mount_of(info, Path::new("/var/lib/lockhook/leases")).expect("found");
         assert_eq!(point, PathBuf::from("/var/lib/lockhook"));

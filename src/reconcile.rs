@@ -19,6 +19,9 @@ use crate::resource::Role;
 use crate::state::{self, GuestState, HolderKind};
 use crate::storage::Request;
 
+/// A holder whose guest has no QEMU yet is left alone this long (a start in progress).
+pub const STARTING_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// What a pass did, one line per action.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -127,6 +130,15 @@ pub fn reconcile(config: &Config, config_path: &Path) -> Report {
         let qemu_alive =
             matches!((record.qemu_pid, record.qemu_start_time), (Some(p), Some(s)) if crate::qemu::is_alive(p, s));
         if qemu_alive || crate::qemu::find(&record.name, &record.uuid, &config.libvirt_run_dir).is_some() {
+            continue;
+        }
+        // A guest between `prepare` and `started` has a holder and no QEMU yet: leave young
+        // holders alone.
+        let age = std::fs::metadata(ctx.paths.state(&record.uuid))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if record.qemu_pid.is_none() && age.is_none_or(|age| age < STARTING_GRACE) {
             continue;
         }
         if let Ok(Some(client)) = Client::connect(&ctx.paths, &record.uuid) {

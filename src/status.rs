@@ -43,9 +43,13 @@ pub fn print(paths: &Paths, json: bool, out: &mut dyn Write) -> std::io::Result<
         match &e.state {
             Ok(s) => {
                 let qemu = s.qemu_pid.map_or_else(|| "not started".to_owned(), |p| p.to_string());
+                let what = match s.kind {
+                    crate::state::HolderKind::Guest => "guest",
+                    crate::state::HolderKind::Command => "command",
+                };
                 writeln!(
                     out,
-                    "guest {} ({}) holder pid {} qemu pid {qemu} since {}",
+                    "{what} {} ({}) holder pid {} qemu pid {qemu} since {}",
                     crate::one_line(&s.name),
                     s.uuid,
                     s.holder_pid,
@@ -53,6 +57,16 @@ pub fn print(paths: &Paths, json: bool, out: &mut dyn Write) -> std::io::Result<
                 )?;
                 if !e.alive {
                     writeln!(out, "  STALE: the holder is gone, so these locks are NOT held")?;
+                }
+                for c in &s.conflicts {
+                    writeln!(
+                        out,
+                        "  CONFLICT  {} wanted {} but it {} (since {})",
+                        crate::one_line(&c.path.display().to_string()),
+                        c.mode.as_str(),
+                        crate::one_line(&c.held_by),
+                        c.since
+                    )?;
                 }
                 for r in &s.resources {
                     let roles =

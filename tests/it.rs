@@ -7,7 +7,9 @@
 #![allow(clippy::tests_outside_test_module)] // an integration test crate is all tests
 
 mod common;
+mod doctor;
 mod e2e;
+mod guard;
 mod hardening;
 mod hook_process;
 mod install;

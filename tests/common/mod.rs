@@ -71,10 +71,10 @@ impl Setup {
         run_with_stdin(cmd, xml.as_bytes(), Duration::from_secs(20))
     }
 
-    /// `lockhook ARGS --config <ours>`.
+    /// `lockhook --config <ours> ARGS`.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(lockhook_bin());
-        cmd.args(args).arg("--config").arg(&self.config);
+        cmd.arg("--config").arg(&self.config).args(args);
         run_with_stdin(cmd, b"", Duration::from_secs(20))
     }
 

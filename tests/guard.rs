@@ -1,0 +1,293 @@
+//! Issue 4 end to end: the guard for tools outside libvirt (`check`, `run`), hot-plug, and
+//! self-healing holders (`reconcile`), on a real libvirtd.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use lockhook::lock::LockMode;
+
+use crate::common::libvirtd::{guest_xml, random_uuid, Libvirtd, LibvirtdOptions};
+use crate::common::{lock_state, lockhook_bin, stderr, wait_until, Setup};
+
+struct Host {
+    setup: Setup,
+    lv: Libvirtd,
+}
+
+impl Host {
+    fn new() -> Host {
+        Host::with_config("")
+    }
+
+    fn with_config(extra: &str) -> Host {
+        let setup = Setup::new(extra);
+        let lv = Libvirtd::start(LibvirtdOptions {
+            hook_binary: Some(lockhook_bin()),
+            extra_mounts: vec![(setup.path("etc"), PathBuf::from("/etc/lockhook"))],
+            ..LibvirtdOptions::default()
+        });
+        Host { setup, lv }
+    }
+
+    fn define(&self, name: &str, devices: &str) -> String {
+        let uuid = random_uuid();
+        self.lv.define(&guest_xml(name, &uuid, devices));
+        uuid
+    }
+
+    fn refused(&self, name: &str) -> String {
+        let out = self.lv.virsh(&["start", name]);
+        assert!(!out.status.success(), "{name} should have been refused");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `lockhook ARGS` inside the test host (where libvirt's status files are).
+    fn lockhook_in_ns(&self, args: &[&str]) -> std::process::Output {
+        let bin = lockhook_bin().display().to_string();
+        let mut argv = vec![bin.as_str()];
+        argv.extend_from_slice(args);
+        self.lv.exec_in_ns(&argv)
+    }
+
+    fn holder_pid(&self, uuid: &str) -> Option<i32> {
+        let status = self.setup.status_json();
+        status["guests"].as_array()?.iter().find(|g| g["uuid"] == uuid && g["holder_alive"] == true)?["holder_pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+    }
+}
+
+fn raw(path: &Path, dev: &str) -> String {
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='{dev}' bus='virtio'/></disk>",
+        path.display()
+    )
+}
+
+fn kill(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+}
+
+#[test]
+fn check_and_run_guard_images_against_guests() {
+    let host = Host::new();
+    let img = host.setup.image("images/a.raw");
+    let free = host.setup.image("images/free.raw");
+    let uuid1 = host.define("vm1", &raw(&img, "vda"));
+    host.define("vm2", &raw(&img, "vda"));
+    host.lv.virsh_ok(&["start", "vm1"]);
+
+    // check: in use (exit 1), free (exit 0), missing (exit 2), JSON.
+    let out = host.setup.cli(&["check", img.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("in use: is locked exclusively by guest vm1 ({uuid1}) on this host since")),
+        "{text}"
+    );
+    let out = host.setup.cli(&["check", free.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": free\n"));
+    let out = host.setup.cli(&["check", "/nonexistent/x.img"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = host.setup.cli(&["check", "--json", img.to_str().expect("utf8"), free.to_str().expect("utf8")]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json[0]["state"], "locked");
+    assert_eq!(json[0]["holder"]["kind"], "guest");
+    assert_eq!(json[0]["holder"]["uuid"], uuid1.as_str());
+    assert_eq!(json[1]["state"], "free");
+
+    // run: refused while the guest runs, with the hook's message.
+    let out = host.setup.cli(&["run", img.to_str().expect("utf8"), "--", "true"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with(&format!("lockhook: {} is locked exclusively by guest vm1", img.display())),
+        "{}",
+        stderr(&out)
+    );
+    host.lv.virsh_ok(&["destroy", "vm1"]);
+    let out = host.setup.cli(&["run", img.to_str().expect("utf8"), "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "the command's status: {}", stderr(&out));
+
+    // A guest cannot start while `run` holds its image.
+    let mut running = Command::new(lockhook_bin())
+        .arg("--config")
+        .arg(&host.setup.config)
+        .args(["run", img.to_str().expect("utf8"), "--", "sh", "-c", "read x"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn run");
+    assert!(wait_until(Duration::from_secs(5), || lock_state(&img, 0) == Some(LockMode::Exclusive)));
+    let err = host.refused("vm2");
+    assert!(
+        err.contains(&format!(
+            "lockhook: {} is locked exclusively by `lockhook run` (pid {}: sh -c read x)",
+            img.display(),
+            running.id()
+        )),
+        "{err}"
+    );
+    let out = host.setup.cli(&["check", img.to_str().expect("utf8")]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lockhook run"));
+    running.stdin.take().expect("stdin").write_all(b"done\n").expect("finish");
+    assert!(running.wait().expect("wait").success());
+    assert_eq!(lock_state(&img, 0), None);
+    host.lv.virsh_ok(&["start", "vm2"]);
+    host.lv.virsh_ok(&["destroy", "vm2"]);
+}
+
+#[test]
+fn hot_plugged_disks_are_locked_and_unplugged_ones_freed() {
+    let host = Host::new();
+    let boot = host.setup.image("images/boot.raw");
+    let extra = host.setup.image("images/extra.raw");
+    let iso = host.setup.image("images/media.iso");
+    let scsi = "<controller type='scsi' model='virtio-scsi'/>";
+    let cdrom = "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='sdb' bus='scsi'/><readonly/></disk>";
+    let uuid1 = host.define("vm1", &format!("{}{scsi}{cdrom}", raw(&boot, "vda")));
+    host.define("wants-extra", &raw(&extra, "vda"));
+    host.define("writes-iso", &raw(&iso, "vda"));
+    host.lv.virsh_ok(&["start", "vm1"]);
+
+    host.lv.virsh_ok(&["attach-disk", "vm1", extra.to_str().expect("utf8"), "sda", "--targetbus", "scsi", "--live"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || lock_state(&extra, 0) == Some(LockMode::Exclusive)),
+        "attached disk locked"
+    );
+    let err = host.refused("wants-extra");
+    assert!(err.contains(&format!("{} is locked exclusively by guest vm1 ({uuid1})", extra.display())), "{err}");
+    let text = String::from_utf8(host.setup.cli(&["status"]).stdout).expect("utf8");
+    assert!(text.contains(&extra.display().to_string()), "{text}");
+
+    host.lv.virsh_ok(&["change-media", "vm1", "sdb", iso.to_str().expect("utf8"), "--insert", "--live"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || lock_state(&iso, 0) == Some(LockMode::Shared)),
+        "inserted media locked shared"
+    );
+    let err = host.refused("writes-iso");
+    assert!(err.contains(&format!("{} is locked shared by guest vm1", iso.display())), "{err}");
+
+    host.lv.virsh_ok(&["detach-disk", "vm1", "sda", "--live"]);
+    assert!(wait_until(Duration::from_secs(10), || lock_state(&extra, 0).is_none()), "detached disk freed");
+    host.lv.virsh_ok(&["change-media", "vm1", "sdb", "--eject", "--live"]);
+    assert!(wait_until(Duration::from_secs(10), || lock_state(&iso, 0).is_none()), "ejected media freed");
+    assert_eq!(lock_state(&boot, 0), Some(LockMode::Exclusive), "the rest stays locked");
+    host.lv.virsh_ok(&["start", "wants-extra"]);
+
+    host.lv.virsh_ok(&["destroy", "wants-extra"]);
+
+    // Hot-plugging an image someone else holds (here a `lockhook run`, which QEMU's own locks do
+    // not see): noticed, shown, logged, retried; the warn policy keeps the guest running.
+    let mut runner = Command::new(lockhook_bin())
+        .arg("--config")
+        .arg(&host.setup.config)
+        .args(["run", extra.to_str().expect("utf8"), "--", "sh", "-c", "read x"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn run");
+    assert!(wait_until(Duration::from_secs(5), || lock_state(&extra, 0).is_some()));
+    host.lv.virsh_ok(&["attach-disk", "vm1", extra.to_str().expect("utf8"), "sdc", "--targetbus", "scsi", "--live"]);
+    let has_conflict = || {
+        host.setup.status_json()["guests"].as_array().is_some_and(|g| {
+            g.iter().any(|g| g["name"] == "vm1" && g["conflicts"].as_array().is_some_and(|c| !c.is_empty()))
+        })
+    };
+    assert!(wait_until(Duration::from_secs(5), has_conflict), "conflict recorded: {}", host.setup.status_json());
+    let text = String::from_utf8(host.setup.cli(&["status"]).stdout).expect("utf8");
+    assert!(text.contains("CONFLICT") && text.contains("lockhook run"), "{text}");
+    assert!(host.setup.log().contains("CONFLICT"), "logged loudly");
+    assert_eq!(host.lv.virsh_ok(&["domstate", "vm1"]).trim(), "running", "warn policy: keeps running");
+    runner.stdin.take().expect("stdin").write_all(b"x\n").expect("finish");
+    assert!(runner.wait().expect("wait").success());
+    assert!(
+        wait_until(Duration::from_secs(5), || lock_state(&extra, 0) == Some(LockMode::Exclusive) && !has_conflict()),
+        "taken by vm1 once free"
+    );
+    host.lv.virsh_ok(&["destroy", "vm1"]);
+}
+
+#[test]
+fn killed_holders_are_readopted_by_the_next_hook_call_and_by_reconcile() {
+    let host = Host::new();
+    let img = host.setup.image("images/a.raw");
+    let other = host.setup.image("images/other.raw");
+    let uuid1 = host.define("vm1", &raw(&img, "vda"));
+    host.define("vm3", &raw(&other, "vda"));
+    host.lv.virsh_ok(&["start", "vm1"]);
+
+    let first = host.holder_pid(&uuid1).expect("holder");
+    kill(first);
+    assert!(wait_until(Duration::from_secs(5), || lock_state(&img, 0).is_none()));
+    // Any hook call on this host (here: an unrelated guest's start) re-adopts vm1.
+    host.lv.virsh_ok(&["start", "vm3"]);
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive), "re-taken before vm3's start returned");
+    let second = host.holder_pid(&uuid1).expect("new holder");
+    assert_ne!(first, second);
+
+    kill(second);
+    assert!(wait_until(Duration::from_secs(5), || lock_state(&img, 0).is_none()));
+    let out = host.lockhook_in_ns(&["reconcile"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("adopted: vm1"), "{text}{}", stderr(&out));
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+    let third = host.holder_pid(&uuid1).expect("holder after reconcile");
+    // The re-adopted holder watches QEMU again: destroy frees at once.
+    assert_eq!(
+        host.setup.status_json()["guests"]
+            .as_array()
+            .expect("g")
+            .iter()
+            .find(|g| g["uuid"] == uuid1.as_str())
+            .expect("vm1")["qemu_pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok()),
+        host.lv.qemu_pid("vm1")
+    );
+    let out = host.lockhook_in_ns(&["reconcile"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to do"), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // QEMU dies while libvirtd is down and the holder is gone too: reconcile cleans up.
+    kill(third);
+    host.lv.kill_daemon();
+    kill(i32::try_from(host.lv.qemu_pid("vm1").expect("qemu")).expect("pid"));
+    assert!(wait_until(Duration::from_secs(5), || host.lv.qemu_pid("vm1").is_none()));
+    let out = host.lockhook_in_ns(&["reconcile"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cleaned: vm1"), "{text}");
+    assert_eq!(lock_state(&img, 0), None);
+    assert!(!host.setup.status_json()["guests"].as_array().expect("g").iter().any(|g| g["uuid"] == uuid1.as_str()));
+    host.lv.restart_daemon();
+    host.lv.virsh_ok(&["destroy", "vm3"]);
+}
+
+#[test]
+fn pause_policy_pauses_a_guest_whose_hot_plug_conflicts() {
+    let host = Host::with_config("on_conflict = \"pause\"\n");
+    let boot = host.setup.image("images/boot.raw");
+    let extra = host.setup.image("images/extra.raw");
+    host.define("vm1", &format!("{}<controller type='scsi' model='virtio-scsi'/>", raw(&boot, "vda")));
+    host.lv.virsh_ok(&["start", "vm1"]);
+    let mut runner = Command::new(lockhook_bin())
+        .arg("--config")
+        .arg(&host.setup.config)
+        .args(["run", extra.to_str().expect("utf8"), "--", "sh", "-c", "read x"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn run");
+    assert!(wait_until(Duration::from_secs(5), || lock_state(&extra, 0).is_some()));
+    host.lv.virsh_ok(&["attach-disk", "vm1", extra.to_str().expect("utf8"), "sda", "--targetbus", "scsi", "--live"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || host.lv.virsh_ok(&["domstate", "vm1"]).trim() == "paused"),
+        "paused by its holder: {}",
+        host.setup.log()
+    );
+    runner.stdin.take().expect("stdin").write_all(b"x\n").expect("finish");
+    assert!(runner.wait().expect("wait").success());
+    assert!(wait_until(Duration::from_secs(5), || lock_state(&extra, 0) == Some(LockMode::Exclusive)));
+    host.lv.virsh_ok(&["destroy", "vm1"]);
+}
