@@ -54,6 +54,8 @@ notify_libvirt() {
       else
         kill -HUP "$pid" && say "sent SIGHUP to $name (pid $pid) so it rescans its hooks"
       fi
+      # For `lockhook doctor`: when this daemon was told to rescan its hooks.
+      [ -d /run/lockhook ] && touch "/run/lockhook/hup.$pid"
     done
   done
   if [ "$found" = 0 ]; then

@@ -63,6 +63,8 @@ pub enum Command {
     },
     /// Re-adopt running guests whose holder is gone and release holders whose guest is gone.
     Reconcile,
+    /// Check this host's installation and say what to fix (exit 0 fine, 1 warnings, 2 errors).
+    Doctor,
     /// Internal: the per-guest lock holder (started by the hook).
     #[command(hide = true)]
     Holder {
@@ -146,6 +148,12 @@ pub fn run(cli: Cli) -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Doctor => {
+            let layout = crate::doctor::Layout::system(&config::path_from(cli.config.as_deref()));
+            let findings = crate::doctor::diagnose(&layout);
+            let _ = crate::doctor::print(&findings, &mut std::io::stdout().lock());
+            ExitCode::from(crate::doctor::exit_code(&findings))
         }
         Command::Reconcile => {
             let config_path = config::path_from(cli.config.as_deref());

@@ -105,8 +105,8 @@ pub fn diagnose(layout: &Layout) -> Vec<Finding> {
         ));
     }
     let hooks = check_hook(layout, &mut out);
-    check_daemons(&hooks, &mut out);
     let config = check_config(layout, &mut out);
+    check_daemons(&hooks, &config.run_dir, &mut out);
     check_run_dir(&config.run_dir, &mut out);
     check_lockspace_dir(&config.lockspace_dir, &mut out);
     check_locks(layout, &config, &mut out);
@@ -341,7 +341,13 @@ fn running_daemons() -> io::Result<Vec<Daemon>> {
     Ok(found)
 }
 
-fn check_daemons(hooks: &[InstalledHook], out: &mut Vec<Finding>) {
+/// When `install.sh` sent SIGHUP to daemon `pid` (it touches `<run_dir>/hup.<pid>`), in ms.
+fn hup_ms(run_dir: &Path, pid: u32) -> Option<u64> {
+    let modified = fs::metadata(run_dir.join(format!("hup.{pid}"))).ok()?.modified().ok()?;
+    u64::try_from(modified.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis()).ok()
+}
+
+fn check_daemons(hooks: &[InstalledHook], run_dir: &Path, out: &mut Vec<Finding>) {
     const CHECK: &str = "daemon";
     let daemons = match running_daemons() {
         Ok(daemons) => daemons,
@@ -371,7 +377,18 @@ fn check_daemons(hooks: &[InstalledHook], out: &mut Vec<Finding>) {
     };
     for d in &daemons {
         let since = crate::clock::rfc3339(d.started_ms / 1000);
-        if first.installed_ms > d.started_ms + CLOCK_SLACK_MS {
+        if let Some(hup) = hup_ms(run_dir, d.pid).filter(|hup| *hup + CLOCK_SLACK_MS >= first.installed_ms) {
+            out.push(Finding::new(
+                Severity::Ok,
+                CHECK,
+                format!(
+                    "{} (pid {}) was sent SIGHUP by install.sh at {}, after the hook was installed",
+                    d.name,
+                    d.pid,
+                    crate::clock::rfc3339(hup / 1000)
+                ),
+            ));
+        } else if first.installed_ms > d.started_ms + CLOCK_SLACK_MS {
             out.push(Finding::new(
                 Severity::Warn,
                 CHECK,
@@ -609,8 +626,9 @@ fn try_ofd_lock(dir: &Path) -> Result<(), LockTestError> {
     let ours = |id: lock::Identity| (id.dev, id.ino) == (created.dev(), created.ino());
     let held = lock::acquire(&file.0, LockMode::Exclusive, 0, Create::No)?;
     let (seen, probed) = lock::probe(&file.0, 0)?;
+    let held_id = held.identity;
     drop(held);
-    if !ours(probed) {
+    if !ours(held_id) || !ours(probed) {
         return Err(LockTestError::Replaced { path: file.0.clone() });
     }
     match seen {

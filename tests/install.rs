@@ -73,6 +73,23 @@ fn install_activates_the_hook_idempotently_and_uninstall_removes_it() {
     let err = refused(&lv, "vm2");
     assert!(err.contains(&format!("lockhook: {} is locked exclusively by guest vm1", image.display())), "{err}");
 
+    let doctor = lv.exec_in_ns(&["/usr/local/sbin/lockhook", "doctor"]);
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert_eq!(doctor.status.code(), Some(0), "doctor on a good install: {report}");
+    assert!(report.contains("was sent SIGHUP by install.sh"), "{report}");
+    std::fs::write(
+        lv.etc_dir().join("qemu.conf"),
+        format!(
+            "{}\nlock_manager = \"lockd\"\n",
+            std::fs::read_to_string(lv.etc_dir().join("qemu.conf")).expect("qemu.conf")
+        ),
+    )
+    .expect("write qemu.conf");
+    let doctor = lv.exec_in_ns(&["/usr/local/sbin/lockhook", "doctor"]);
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert_eq!(doctor.status.code(), Some(2), "doctor on a broken install: {report}");
+    assert!(report.contains("ERROR lock_manager"), "{report}");
+
     let again = run(&lv, &["--binary", &bin]);
     assert!(
         again.contains("already points") && again.contains("kept the existing /etc/lockhook/lockhook.toml"),
@@ -84,6 +101,11 @@ fn install_activates_the_hook_idempotently_and_uninstall_removes_it() {
     let out = run(&lv, &["--uninstall"]);
     assert!(out.contains("removed /etc/libvirt/hooks/qemu") && out.contains("still hold locks"), "{out}");
     assert!(hook.symlink_metadata().is_err(), "hook removed");
+    let bin_path = lockhook_bin().display().to_string();
+    let doctor = lv.exec_in_ns(&[bin_path.as_str(), "doctor"]);
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert_eq!(doctor.status.code(), Some(2), "{report}");
+    assert!(report.contains("not installed as a qemu hook"), "{report}");
     // Without the hook, the holder still lets go when vm1's QEMU ends.
     lv.virsh_ok(&["destroy", "vm1"]);
     assert!(wait_until(Duration::from_secs(5), || lock_state(&image, 0).is_none()));

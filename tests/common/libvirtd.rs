@@ -96,7 +96,8 @@ hostname "$HOST"
 sh -c "$WATCHDOG" lockhook-watchdog "$OWNER" </dev/null >/dev/null 2>&1 &
 echo "$!" > "$T/pids/holder.pid"
 virtlogd -d -p "$T/pids/virtlogd.pid" </dev/null >>"$T/log/daemons.out" 2>&1
-libvirtd -d -p "$T/pids/libvirtd.pid" </dev/null >>"$T/log/daemons.out" 2>&1
+L=""; [ -f "$T/listen" ] && L="--listen"
+libvirtd -d $L -p "$T/pids/libvirtd.pid" </dev/null >>"$T/log/daemons.out" 2>&1
 "#;
 
 /// The namespace "holder": keeps the namespaces alive, is the `nsenter`
@@ -134,6 +135,9 @@ pub struct LibvirtdOptions {
     /// namespaces)`, done after `/run` is mounted. The target is created with
     /// `mkdir -p` (on the host file system unless it is under `/run`).
     pub extra_mounts: Vec<(PathBuf, PathBuf)>,
+    /// Listen on `127.0.0.1:<port>` for `qemu+tcp://` (no auth), for migrations between two
+    /// fixtures: `Some(0)` picks a free port (see [`Libvirtd::tcp_port`]).
+    pub tcp_port: Option<u16>,
 }
 
 /// A running private libvirtd; everything it started dies with it.
@@ -167,6 +171,10 @@ impl Libvirtd {
         let root = dir.path();
         for sub in ["etc", "lib/qemu", "lib/images", "log", "cache", "pids", "xml"] {
             fs::create_dir_all(root.join(sub)).expect("create instance subdirectory");
+        }
+        let mut opts = opts;
+        if opts.tcp_port == Some(0) {
+            opts.tcp_port = Some(free_port());
         }
         write_config(root, &opts);
         seed_capabilities_cache(root);
@@ -277,7 +285,11 @@ impl Libvirtd {
         let out_log = root.join("log/daemons.out");
         let mut cmd = self.ns_command();
         set_daemon_env(&mut cmd);
-        cmd.args(["sh", "-c", r#"exec libvirtd -d -p "$1" </dev/null >>"$2" 2>&1"#, "sh"]).arg(&pidfile).arg(&out_log);
+        let listen = if root.join("listen").exists() { "--listen" } else { "" };
+        cmd.args(["sh", "-c", r#"exec libvirtd -d $3 -p "$1" </dev/null >>"$2" 2>&1"#, "sh"])
+            .arg(&pidfile)
+            .arg(&out_log)
+            .arg(listen);
         let out = output_with_timeout(cmd, STARTUP_TIMEOUT).expect("run libvirtd -d");
         assert!(
             out.status.success(),
@@ -317,6 +329,16 @@ impl Libvirtd {
     }
 
     /// The hostname set in the UTS namespace (`lh-test-XXXXXXXX`).
+    /// The TCP port libvirtd listens on (see [`LibvirtdOptions::tcp_port`]).
+    pub fn tcp_port(&self) -> Option<u16> {
+        fs::read_to_string(self.dir.path().join("listen")).ok()?.trim().parse().ok()
+    }
+
+    /// `qemu+tcp://127.0.0.1:<port>/system`, for `virsh migrate` from another fixture.
+    pub fn tcp_uri(&self) -> String {
+        format!("qemu+tcp://127.0.0.1:{}/system", self.tcp_port().expect("started with tcp_port"))
+    }
+
     pub fn hostname(&self) -> &str {
         &self.hostname
     }
@@ -609,9 +631,15 @@ fn write_config(root: &Path, opts: &LibvirtdOptions) {
     qemu_conf.push('\n');
     fs::write(etc.join("qemu.conf"), qemu_conf).expect("write qemu.conf");
 
-    // No --listen: only the private unix sockets under /run/libvirt.
-    let libvirtd_conf =
+    // Without a TCP port, no --listen: only the private unix sockets under /run/libvirt.
+    let mut libvirtd_conf =
         format!("host_uuid = \"{}\"\nlog_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n", random_uuid());
+    if let Some(port) = opts.tcp_port {
+        libvirtd_conf.push_str(&format!(
+            "listen_tls = 0\nlisten_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
+        ));
+        fs::write(root.join("listen"), port.to_string()).expect("write listen marker");
+    }
     fs::write(etc.join("libvirtd.conf"), libvirtd_conf).expect("write libvirtd.conf");
     fs::write(etc.join("virtlogd.conf"), "log_outputs = \"3:file:/var/log/libvirt/virtlogd.log\"\n")
         .expect("write virtlogd.conf");
@@ -822,4 +850,10 @@ fn random_u64() -> u64 {
     hasher.write_u128(nanos);
     hasher.write_u32(process::id());
     hasher.finish()
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
 }
