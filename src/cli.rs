@@ -122,7 +122,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let results = crate::guard::check(&Paths::new(&config.run_dir), &paths, offset.unwrap_or(0));
+            let lockspace = crate::lockspace::Lockspace::new(&config.lockspace_dir);
+            let results = crate::guard::check(&Paths::new(&config.run_dir), &lockspace, &paths, offset.unwrap_or(0));
             match crate::guard::report(&results, json, &mut std::io::stdout().lock()) {
                 Ok(code) => ExitCode::from(code),
                 Err(_) => ExitCode::from(2),

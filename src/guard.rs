@@ -51,12 +51,15 @@ pub struct Checked {
 }
 
 /// Checks each path (byte `offset`, 0 for images) without taking any lock.
-pub fn check(paths: &Paths, targets: &[PathBuf], offset: u64) -> Vec<Checked> {
+pub fn check(paths: &Paths, lockspace: &crate::lockspace::Lockspace, targets: &[PathBuf], offset: u64) -> Vec<Checked> {
     targets
         .iter()
         .map(|path| {
             let state = match lock::probe(path, offset) {
-                Ok((Some(mode), identity)) => PathState::Locked { mode, holder: owner::find(paths, &identity) },
+                Ok((Some(mode), identity)) => PathState::Locked {
+                    mode,
+                    holder: owner::find(paths, lockspace, &identity, &crate::lockspace::file_key(path, offset)),
+                },
                 Ok((None, _)) if offset == 0 && owner::qemu_has_open(path) => PathState::OpenInQemu,
                 Ok((None, _)) => PathState::Free,
                 Err(e) => PathState::Error { error: crate::error_chain(&e) },
@@ -159,6 +162,8 @@ pub fn run(config: &Config, mode: LockMode, targets: &[PathBuf], command: &[OsSt
             role: Role::Command,
             is_lease: false,
             optional: false,
+            key: None,
+            label: None,
         })
         .collect();
     let strict = Config { on_missing: crate::config::MissingPolicy::Fail, ..config.clone() };

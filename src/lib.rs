@@ -11,6 +11,7 @@ pub mod holder;
 pub mod hook;
 pub mod lock;
 pub mod lockset;
+pub mod lockspace;
 pub mod logging;
 pub mod owner;
 pub mod paths;

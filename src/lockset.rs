@@ -115,6 +115,11 @@ pub fn acquire_available(
         match lock::acquire(&request.path, request.mode, request.offset, create) {
             Ok(held) => {
                 acquired.resources.push(Resource {
+                    key: request
+                        .key
+                        .clone()
+                        .unwrap_or_else(|| crate::lockspace::file_key(&request.path, request.offset)),
+                    label: request.label.clone(),
                     path: request.path.clone(),
                     mode: held.mode,
                     roles,
@@ -124,7 +129,15 @@ pub fn acquire_available(
                 acquired.locks.push(held);
             }
             Err(LockError::AlreadyLocked { path, identity }) => {
-                lines.push(crate::owner::describe(paths, &path, &identity))
+                let key = request.key.clone().unwrap_or_else(|| crate::lockspace::file_key(&path, request.offset));
+                let name = request.label.clone().unwrap_or_else(|| path.display().to_string());
+                let owner = crate::owner::find(
+                    paths,
+                    &crate::lockspace::Lockspace::new(&config.lockspace_dir),
+                    &identity,
+                    &key,
+                );
+                lines.push(format!("{name} {}", owner.phrase()));
             }
             Err(e) => lines.push(format!("{} ({})", crate::error_chain(&e), request.role)),
         }
@@ -145,6 +158,8 @@ mod tests {
             role: Role::Disk { target: Some("vda".into()) },
             is_lease: false,
             optional: false,
+            key: None,
+            label: None,
         }
     }
 

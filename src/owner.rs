@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::lock::{self, Identity, LockMode};
+use crate::lockspace::Lockspace;
 use crate::paths::Paths;
 use crate::state::{self, HolderKind};
 
@@ -21,9 +22,13 @@ pub enum Owner {
     Unknown,
 }
 
-/// Looks up who holds byte `identity.offset` of the file `identity` names.
-pub fn find(paths: &Paths, identity: &Identity) -> Owner {
-    if let Some((holder, resource)) = state::find_owner(paths, identity) {
+/// Looks up who holds byte `identity.offset` of the file `identity` names, whose lockspace key
+/// is `key`: a holder on this host (state files), then any host (owner records), then
+/// `/proc/locks`.
+pub fn find(paths: &Paths, lockspace: &Lockspace, identity: &Identity, key: &str) -> Owner {
+    if let Some((mut holder, resource)) = state::find_owner(paths, identity) {
+        // A holder in this host's run directory is on this host, whatever it recorded.
+        holder.host = state::hostname();
         return match holder.kind {
             HolderKind::Guest => Owner::Guest {
                 name: holder.name,
@@ -41,6 +46,15 @@ pub fn find(paths: &Paths, identity: &Identity) -> Owner {
             },
         };
     }
+    if let Some(record) = lockspace.owners(key).into_iter().next() {
+        return Owner::Guest {
+            name: record.guest,
+            uuid: record.uuid.to_string(),
+            host: record.host,
+            mode: record.mode,
+            since: record.since,
+        };
+    }
     match posix_holder(identity) {
         Some((pid, mode, comm)) => Owner::Process { pid, comm, mode },
         None => Owner::Unknown,
@@ -51,28 +65,36 @@ impl Owner {
     /// "is locked exclusively by guest vm1 (uuid) on this host since ..." (no path, no prefix).
     pub fn phrase(&self) -> String {
         match self {
-            Owner::Guest { name, uuid, mode, since, .. } => {
-                format!("is locked {} by guest {name} ({uuid}) on this host since {since}", mode.adverb())
+            Owner::Guest { name, uuid, host, mode, since } => {
+                format!("is locked {} by guest {name} ({uuid}) {} since {since}", mode.adverb(), on_host(host))
             }
-            Owner::Command { command, pid, mode, since, .. } => {
+            Owner::Command { command, pid, host, mode, since } => {
                 format!(
-                    "is locked {} by `lockhook run` (pid {pid}: {command}) on this host since {since}",
-                    mode.adverb()
+                    "is locked {} by `lockhook run` (pid {pid}: {command}) {} since {since}",
+                    mode.adverb(),
+                    on_host(host)
                 )
             }
             Owner::Process { pid, comm, mode } => {
                 format!("is locked {} by process {pid} ({comm}), not by a lockhook guest", mode.adverb())
             }
             Owner::Unknown => {
-                "is locked by a process that is not a lockhook guest on this host (see `lslocks`)".to_owned()
+                "is locked by a holder lockhook cannot name: no lockhook guest on this host and no owner \
+                               record in the lockspace (a virtlockd host, a tool, or a lockspace that is not shared; \
+                               see `lslocks`)"
+                    .to_owned()
             }
         }
     }
 }
 
-/// One line (without the `lockhook: ` prefix) saying who holds `path`.
-pub fn describe(paths: &Paths, path: &Path, identity: &Identity) -> String {
-    format!("{} {}", path.display(), find(paths, identity).phrase())
+/// "on this host" or "on host NAME".
+fn on_host(host: &str) -> String {
+    if host == state::hostname() {
+        "on this host".to_owned()
+    } else {
+        format!("on host {host}")
+    }
 }
 
 /// Whether a QEMU process (or qemu-img, qemu-nbd) has the image open: QEMU takes shared OFD
@@ -134,7 +156,7 @@ mod tests {
         assert_eq!(pid, std::process::id());
         assert_eq!(mode, LockMode::Exclusive);
         let dir = tempfile::tempdir().expect("dir");
-        let line = describe(&Paths::new(dir.path()), file.path(), &id);
+        let line = find(&Paths::new(dir.path()), &Lockspace::new(dir.path()), &id, "file:x@0").phrase();
         assert!(line.contains(&format!("by process {}", std::process::id())), "{line}");
         assert!(!qemu_has_open(file.path()));
     }

@@ -40,8 +40,10 @@ fn requests_from(state: &GuestState) -> Vec<Request> {
             mode: r.mode,
             offset: r.identity.offset,
             role: r.roles.first().cloned().unwrap_or(Role::Disk { target: None }),
-            is_lease: r.roles.iter().any(|role| matches!(role, Role::Lease { .. })),
+            is_lease: r.roles.iter().any(|role| matches!(role, Role::Lease { .. })) || r.label.is_some(),
             optional: false,
+            key: Some(r.key.clone()).filter(|k| !k.is_empty()),
+            label: r.label.clone(),
         })
         .collect()
 }

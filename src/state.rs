@@ -22,7 +22,14 @@ pub const STATE_VERSION: u32 = 1;
 /// One held lock, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resource {
+    /// The file locked: the image, the lease file, or a lock file in the lockspace.
     pub path: PathBuf,
+    /// The resource's lockspace key (see `lockspace`), under which owner records are kept.
+    #[serde(default)]
+    pub key: String,
+    /// What messages call it when not `path` (a network disk's URL, a device's stable id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     pub mode: LockMode,
     pub roles: Vec<Role>,
     pub identity: Identity,
@@ -38,6 +45,13 @@ pub enum HolderKind {
     Guest,
     /// `lockhook run ... -- COMMAND`: `name` is the command line, `holder_pid` the wrapper.
     Command,
+}
+
+impl Resource {
+    /// What to call it in messages.
+    pub fn name(&self) -> String {
+        self.label.clone().unwrap_or_else(|| self.path.display().to_string())
+    }
 }
 
 /// A resource the guest wants but cannot have: a hot-plugged disk another guest holds.
@@ -202,6 +216,8 @@ mod tests {
             since: crate::clock::now(),
             resources: vec![Resource {
                 path: "/i/a".into(),
+                key: "file:/i/a@0".into(),
+                label: None,
                 mode: LockMode::Exclusive,
                 roles: vec![Role::Disk { target: Some("vda".into()) }],
                 identity: Identity { dev: 1, ino: 2, offset: 0 },

@@ -70,6 +70,8 @@ impl Change {
 
 struct Wanted {
     path: PathBuf,
+    key: Option<String>,
+    label: Option<String>,
     mode: LockMode,
     roles: Vec<Role>,
     is_lease: bool,
@@ -99,7 +101,17 @@ fn wanted(domain: &Domain, config: &Config) -> Option<(Vec<Identity>, HashMap<Id
             }
             None => {
                 order.push(id);
-                wanted.insert(id, Wanted { path: r.path, mode: r.mode, roles: vec![r.role], is_lease: r.is_lease });
+                wanted.insert(
+                    id,
+                    Wanted {
+                        path: r.path,
+                        key: r.key,
+                        label: r.label,
+                        mode: r.mode,
+                        roles: vec![r.role],
+                        is_lease: r.is_lease,
+                    },
+                );
             }
         }
     }
@@ -176,7 +188,10 @@ pub fn sync(held: &mut Vec<(Resource, OwnedFd)>, domain: &Domain, config: &Confi
         match lock::acquire(&w.path, w.mode, id.offset, create) {
             Ok(lock) => {
                 info!("guest {guest}: hot-plugged {} locked {}", w.path.display(), w.mode.as_str());
+                let key = w.key.unwrap_or_else(|| crate::lockspace::file_key(&w.path, id.offset));
                 let res = Resource {
+                    key,
+                    label: w.label,
                     path: w.path,
                     mode: lock.mode,
                     roles: w.roles,
@@ -187,7 +202,13 @@ pub fn sync(held: &mut Vec<(Resource, OwnedFd)>, domain: &Domain, config: &Confi
                 change.added += 1;
             }
             Err(LockError::AlreadyLocked { path, identity }) => change.conflicts.push(Conflict {
-                held_by: crate::owner::find(paths, &identity).phrase(),
+                held_by: crate::owner::find(
+                    paths,
+                    &crate::lockspace::Lockspace::new(&config.lockspace_dir),
+                    &identity,
+                    &w.key.unwrap_or_else(|| crate::lockspace::file_key(&path, id.offset)),
+                )
+                .phrase(),
                 path,
                 mode: w.mode,
                 since: crate::clock::now(),

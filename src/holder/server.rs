@@ -93,6 +93,10 @@ struct Holder {
     status: Option<hotplug::StatusFile>,
     live: Option<crate::domain::Domain>,
     conflicts: Vec<state::Conflict>,
+    lockspace: crate::lockspace::Lockspace,
+    /// Owner records published in the lockspace, by resource key; each file carries the lock
+    /// that keeps its record live.
+    records: std::collections::HashMap<String, File>,
 }
 
 /// What woke the holder up.
@@ -260,6 +264,8 @@ impl Holder {
             status: None,
             live: None,
             conflicts: Vec::new(),
+            lockspace: crate::lockspace::Lockspace::new(&config.lockspace_dir),
+            records: std::collections::HashMap::new(),
         })
     }
 
@@ -293,11 +299,14 @@ impl Holder {
                 if let Next::Exit = self.accept_one() {
                     return;
                 }
+                // After the ACK: records are for naming holders, not on the start's critical path.
+                self.sync_records();
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.heal();
                 self.follow_hotplug();
+                self.sync_records();
             }
         }
     }
@@ -590,9 +599,51 @@ impl Holder {
         state::write(&self.paths.state(&self.uuid), &record)
     }
 
+    /// Publishes an owner record for every held resource that has none (or whose record file
+    /// was removed) and withdraws the records of resources no longer held.
+    fn sync_records(&mut self) {
+        let Some(guest) = self.guest.clone() else { return };
+        let held: std::collections::HashSet<String> = self.held.iter().map(|(r, _)| r.key.clone()).collect();
+        let (lockspace, uuid, host) = (&self.lockspace, &self.uuid, &self.host);
+        self.records.retain(|key, _| {
+            let keep = held.contains(key) && lockspace.is_published(key, uuid, host);
+            if !keep {
+                lockspace.unpublish(key, uuid, host);
+            }
+            keep
+        });
+        for (resource, _) in &self.held {
+            if resource.key.is_empty() || self.records.contains_key(&resource.key) {
+                continue;
+            }
+            let record = crate::lockspace::OwnerRecord {
+                key: resource.key.clone(),
+                host: self.host.clone(),
+                guest: guest.name.clone(),
+                uuid: self.uuid.clone(),
+                mode: resource.mode,
+                since: resource.since.clone(),
+                holder_pid: std::process::id(),
+            };
+            match self.lockspace.publish(&record) {
+                Ok(file) => {
+                    self.records.insert(resource.key.clone(), file);
+                }
+                Err(e) => {
+                    warn!("guest {}: cannot publish the owner record of {}: {e}", self.describe(), resource.name());
+                    return;
+                }
+            }
+        }
+    }
+
     /// Drops every lock, then the files that advertise them.
     fn drop_all(&mut self) {
         self.held.clear();
+        for key in self.records.keys() {
+            self.lockspace.unpublish(key, &self.uuid, &self.host);
+        }
+        self.records.clear();
         let _ = fs::remove_file(self.paths.state(&self.uuid));
         let _ = fs::remove_file(self.paths.socket(&self.uuid));
     }

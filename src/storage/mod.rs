@@ -22,8 +22,13 @@ pub struct Request {
     pub mode: LockMode,
     pub offset: u64,
     pub role: Role,
+    /// Create the file when missing (lease files and lockspace lock files).
     pub is_lease: bool,
     pub optional: bool,
+    /// The lockspace key, when it is not the file's own (`lockspace::file_key`).
+    pub key: Option<String>,
+    /// What to call the resource in messages, when not its path (a network disk's URL).
+    pub label: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +78,8 @@ fn request(planned: &Planned, path: PathBuf) -> Request {
         role: planned.role.clone(),
         is_lease: planned.is_lease,
         optional: planned.optional,
+        key: None,
+        label: None,
     }
 }
 
@@ -128,6 +135,8 @@ fn read_chain(
             role: role.clone(),
             is_lease: false,
             optional: false,
+            key: None,
+            label: None,
         });
         current = next;
         format = backing.format;
