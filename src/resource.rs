@@ -52,7 +52,17 @@ impl fmt::Display for Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Path(PathBuf),
-    Volume { pool: String, volume: String },
+    Volume {
+        pool: String,
+        volume: String,
+    },
+    /// A lock file in the lockspace standing for something that cannot be locked in place (a
+    /// network disk), named by `key` (the same on every host) and called `label` in messages.
+    LockFile {
+        kind: &'static str,
+        key: String,
+        label: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,10 +107,50 @@ fn target_of(source: &Source) -> Result<Target, String> {
     match source {
         Source::File(p) | Source::Block(p) => Ok(Target::Path(p.clone())),
         Source::Volume { pool, volume } => Ok(Target::Volume { pool: pool.clone(), volume: volume.clone() }),
-        Source::Network { protocol, .. } => Err(format!("{protocol} network disk (not locked on one host)")),
+        Source::Network { protocol, name, hosts } => {
+            let label = network_label(protocol, name.as_deref(), hosts);
+            Ok(Target::LockFile { kind: "network", key: format!("net:{label}"), label })
+        }
         Source::Unsupported(kind) => Err(format!("type '{kind}' has no image lockhook can lock")),
         Source::Empty => Err("no source (empty drive)".to_owned()),
     }
+}
+
+/// The well-known port of a network disk protocol, so `host` and `host:10809` are one key.
+fn default_port(protocol: &str) -> &'static str {
+    match protocol {
+        "nbd" => "10809",
+        "iscsi" => "3260",
+        "rbd" => "6789",
+        "gluster" => "24007",
+        "http" => "80",
+        "https" => "443",
+        "ftp" => "21",
+        "ftps" => "990",
+        "tftp" => "69",
+        "ssh" => "22",
+        "nfs" => "2049",
+        _ => "",
+    }
+}
+
+/// `protocol://host:port[,host:port...]/name`, hosts sorted: the same on every host for the same
+/// export, whatever order the XML lists the servers in. A unix socket is `unix:<path>`.
+pub fn network_label(protocol: &str, name: Option<&str>, hosts: &[crate::domain::NetworkHost]) -> String {
+    let mut servers: Vec<String> = hosts
+        .iter()
+        .map(|h| match (h.transport.as_deref(), h.socket.as_deref()) {
+            (Some("unix"), Some(socket)) => format!("unix:{socket}"),
+            _ => format!(
+                "{}:{}",
+                h.name.as_deref().unwrap_or("").to_ascii_lowercase(),
+                h.port.as_deref().unwrap_or_else(|| default_port(protocol))
+            ),
+        })
+        .collect();
+    servers.sort();
+    servers.dedup();
+    format!("{protocol}://{}/{}", servers.join(","), name.unwrap_or("").trim_start_matches('/'))
 }
 
 fn label(disk: &Disk) -> String {
@@ -185,6 +235,7 @@ mod tests {
             let target = match &p.target {
                 Target::Path(path) => format!("{:?}", path.display().to_string()),
                 Target::Volume { pool, volume } => format!("volume {pool:?}/{volume:?}"),
+                Target::LockFile { kind, key, .. } => format!("{kind} {key:?}"),
             };
             let extra = [(p.read_chain, " +chain-from-header"), (p.optional, " optional"), (p.is_lease, " create")]
                 .iter()

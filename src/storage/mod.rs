@@ -1,6 +1,7 @@
 //! Turns a `resource::Plan` into concrete paths: pool volumes are looked up in libvirt's pool
 //! definitions, and qcow2 backing chains the XML does not list yet are read from image headers.
 
+pub mod block;
 pub mod pool;
 pub mod qcow2;
 
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 
 use crate::config::Config;
 use crate::lock::LockMode;
+use crate::lockspace::Lockspace;
 use crate::resource::{Plan, Planned, Role, Target};
 
 /// A chain deeper than this is refused (QEMU's own limit is lower in practice).
@@ -46,6 +48,8 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{role}: lockspace_dir {dir} does not exist: create it (install.sh does) or mount the shared storage")]
+    NoLockspace { role: Role, dir: PathBuf },
     #[error("{role}: {path}: backing chain is longer than {MAX_CHAIN} images or loops")]
     ChainTooLong { role: Role, path: PathBuf },
 }
@@ -54,8 +58,25 @@ pub enum StorageError {
 /// to `plan.skipped` for the log.
 pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, StorageError> {
     let mut out = Vec::with_capacity(plan.requests.len());
+    let lockspace = Lockspace::new(&config.lockspace_dir);
     for planned in &plan.requests {
         let path = match &planned.target {
+            Target::LockFile { kind, key, label } => {
+                let path = lockspace.lock_file(kind, key);
+                if !config.lockspace_dir.is_dir() || lockspace.prepare_dir(&path).is_err() {
+                    return Err(StorageError::NoLockspace {
+                        role: planned.role.clone(),
+                        dir: config.lockspace_dir.clone(),
+                    });
+                }
+                out.push(Request {
+                    key: Some(key.clone()),
+                    label: Some(label.clone()),
+                    is_lease: true,
+                    ..request(planned, path)
+                });
+                continue;
+            }
             Target::Path(p) => p.clone(),
             Target::Volume { pool, volume } => {
                 pool::resolve(pool, volume, &config.libvirt_run_dir, &config.libvirt_config_dir)
@@ -63,6 +84,15 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, Storage
             }
         };
         out.push(request(planned, path.clone()));
+        if let Some(id) = block::stable_id(&path) {
+            // Across hosts a device node lock is host-local: lock its stable identity too.
+            let key = format!("block:{id}");
+            let lock_file = lockspace.lock_file("block", &key);
+            if config.lockspace_dir.is_dir() && lockspace.prepare_dir(&lock_file).is_ok() {
+                let label = format!("{} ({id})", path.display());
+                out.push(Request { key: Some(key), label: Some(label), is_lease: true, ..request(planned, lock_file) });
+            }
+        }
         if planned.read_chain {
             read_chain(planned, path, &mut out, &mut plan.skipped)?;
         }

@@ -28,7 +28,15 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(extra_config: &str) -> Setup {
+        Setup::with_lockspace(extra_config, None)
+    }
+
+    /// A setup whose lockspace is `lockspace` (shared with another simulated host) instead of its
+    /// own.
+    pub fn with_lockspace(extra_config: &str, lockspace: Option<&Path>) -> Setup {
         let dir = tempfile::Builder::new().prefix("lockhook-test-").tempdir().expect("temp dir");
+        let lockspace = lockspace.map(Path::to_owned).unwrap_or_else(|| dir.path().join("lockspace"));
+        std::fs::create_dir_all(&lockspace).expect("mkdir lockspace");
         let run_dir = dir.path().join("run");
         let etc = dir.path().join("etc");
         std::fs::create_dir_all(&etc).expect("mkdir etc");
@@ -36,7 +44,7 @@ impl Setup {
         let text = format!(
             "run_dir = {:?}\nlockspace_dir = {:?}\nlog_file = {:?}\nlog_level = \"debug\"\n{extra_config}",
             run_dir,
-            dir.path().join("lockspace"),
+            lockspace,
             dir.path().join("lockhook.log"),
         );
         std::fs::write(&config, text).expect("write config");

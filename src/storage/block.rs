@@ -1,0 +1,88 @@
+//! A stable identity for a block device, the same on every host that sees the device: what a
+//! lock on the device node (which only this host's kernel sees) cannot give a fleet.
+//!
+//! In order of preference, from sysfs (`/sys/dev/block/MAJ:MIN`): the device-mapper UUID (LVM
+//! logical volumes: `LVM-<vg uuid><lv uuid>`, multipath: `mpath-<wwid>`), the SCSI/NVMe WWID, the
+//! serial number, a loop device's backing file; then the `/dev/disk/by-id` names. A device with
+//! none of these gets no lockspace lock (logged): its lock stays host-local.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// The stable identity of the block device `path` resolves to; `None` for anything else.
+pub fn stable_id(path: &Path) -> Option<String> {
+    let meta = fs::metadata(path).ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let rdev = meta.rdev();
+    let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev)));
+    let id = from_sysfs(&sys).or_else(|| from_by_id(rdev));
+    if id.is_none() {
+        log::info!("{}: no stable identity (dm uuid, wwid, serial, by-id): its lock is host-local", path.display());
+    }
+    id
+}
+
+fn from_sysfs(sys: &Path) -> Option<String> {
+    if let Some(uuid) = read_trimmed(&sys.join("dm/uuid")) {
+        return Some(format!("dm:{uuid}"));
+    }
+    if let Some(file) = read_trimmed(&sys.join("loop/backing_file")) {
+        let offset = read_trimmed(&sys.join("loop/offset")).unwrap_or_else(|| "0".to_owned());
+        return Some(format!("loop:{file}@{offset}"));
+    }
+    // A partition: the whole disk's identity plus the partition number.
+    let (disk, part) = match read_trimmed(&sys.join("partition")) {
+        Some(n) => (fs::canonicalize(sys).ok()?.parent()?.to_owned(), format!("-part{n}")),
+        None => (sys.to_owned(), String::new()),
+    };
+    for (file, kind) in [("device/wwid", "wwid"), ("wwid", "wwid"), ("device/serial", "serial"), ("serial", "serial")] {
+        if let Some(value) = read_trimmed(&disk.join(file)) {
+            return Some(format!("{kind}:{value}{part}"));
+        }
+    }
+    None
+}
+
+fn from_by_id(rdev: u64) -> Option<String> {
+    let mut names: Vec<String> = fs::read_dir("/dev/disk/by-id")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            (fs::metadata(e.path()).ok()?.rdev() == rdev).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    names.sort();
+    names.into_iter().next().map(|n| format!("by-id:{n}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_have_no_block_identity() {
+        let f = tempfile::NamedTempFile::new().expect("temp");
+        assert_eq!(stable_id(f.path()), None);
+        assert_eq!(stable_id(Path::new("/dev/null")), None);
+    }
+
+    #[test]
+    fn sysfs_preference_order() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::create_dir_all(dir.path().join("dm")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("device")).expect("mkdir");
+        std::fs::write(dir.path().join("device/wwid"), "naa.5000c500a1b2c3d4\n").expect("write");
+        assert_eq!(from_sysfs(dir.path()).as_deref(), Some("wwid:naa.5000c500a1b2c3d4"));
+        std::fs::write(dir.path().join("dm/uuid"), "LVM-abc\n").expect("write");
+        assert_eq!(from_sysfs(dir.path()).as_deref(), Some("dm:LVM-abc"));
+    }
+}
