@@ -180,6 +180,7 @@ pub fn run(config: &Config, mode: LockMode, targets: &[PathBuf], command: &[OsSt
         since: crate::clock::now(),
         resources: acquired.resources,
         conflicts: Vec::new(),
+        pending: Vec::new(),
     };
     let state_path = paths.state(&id);
     state::write(&state_path, &record).map_err(RunError::State)?;

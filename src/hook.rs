@@ -30,6 +30,7 @@ use crate::lock::Identity;
 use crate::lockset::{self, Acquired, Refusal};
 use crate::paths::Paths;
 use crate::state;
+use crate::state::Resource;
 use crate::storage::{self, Request, StorageError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,8 +171,8 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
     // Operations that lockhook ignores never read the config: a broken config must not stop
     // migrations or restores that lockhook has no part in.
     match event.op {
-        Op::Prepare | Op::Start | Op::Started | Op::Release | Op::Reconnect => {}
-        Op::Stopped | Op::Migrate | Op::Restore | Op::Attach | Op::Other(_) => return Ok(()),
+        Op::Prepare | Op::Start | Op::Started | Op::Release | Op::Reconnect | Op::Migrate => {}
+        Op::Stopped | Op::Restore | Op::Attach | Op::Other(_) => return Ok(()),
     }
     let config = Config::load(config_path)?;
     crate::logging::init_daemon(&config);
@@ -187,6 +188,7 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
         Op::Start => start(&ctx, &parse_domain(event, stdin)?),
         Op::Started => {
             let domain = parse_domain(event, stdin)?;
+            let _ = std::fs::remove_file(ctx.paths.incoming(&domain.uuid));
             if let Err(e) = ensure(&ctx, &domain) {
                 // The guest runs already; failing here would kill it. Say it loudly instead.
                 error!(
@@ -199,6 +201,17 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
             Ok(())
         }
         Op::Reconnect => reconnect(&ctx, &parse_domain(event, stdin)?),
+        Op::Migrate => {
+            // Destination of an incoming live migration. Note it for `prepare` and `start`, and
+            // print nothing: libvirt reads stdout as replacement XML here.
+            let domain = parse_domain(event, stdin)?;
+            crate::holder::server::ensure_run_dir(ctx.paths.run_dir()).ok();
+            if let Err(e) = std::fs::write(ctx.paths.incoming(&domain.uuid), crate::clock::now()) {
+                warn!("guest {} ({}): cannot note the incoming migration: {e}", domain.name, domain.uuid);
+            }
+            info!("guest {} ({}): incoming live migration", domain.name, domain.uuid);
+            Ok(())
+        }
         Op::Release => release(&ctx, event, stdin),
         _ => Ok(()),
     }
@@ -223,19 +236,83 @@ fn requests(ctx: &Ctx, domain: &Domain) -> Result<Vec<Request>, HookError> {
     Ok(requests)
 }
 
-fn acquire(ctx: &Ctx, domain: &Domain, held: &HashSet<Identity>) -> Result<Acquired, HookError> {
+/// How long after `migrate begin` the destination's `prepare`/`start` count as a migration.
+const INCOMING_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether `migrate begin` announced an incoming migration of `uuid` on this host recently.
+fn incoming(ctx: &Ctx, uuid: &crate::domain::Uuid) -> bool {
+    std::fs::metadata(ctx.paths.incoming(uuid))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < INCOMING_WINDOW)
+}
+
+/// Takes every lock of `domain` or none. During an incoming migration, a lock the same guest
+/// (UUID) holds on another host, as the owner records show, is not a refusal: it comes back as
+/// pending, for the holder to take when the source lets go.
+fn acquire(ctx: &Ctx, domain: &Domain, held: &HashSet<Identity>) -> Result<(Acquired, Vec<Resource>), HookError> {
     let requests = requests(ctx, domain)?;
     let mut notes = Vec::new();
-    let acquired = lockset::acquire_all(&requests, held, &ctx.config, &ctx.paths, &mut notes);
+    let (acquired, failures) = lockset::acquire_available(&requests, held, &ctx.config, &ctx.paths, &mut notes);
     for note in notes {
         warn!("guest {} ({}): {note}", domain.name, domain.uuid);
     }
-    if let Err(refusal) = &acquired {
-        for line in &refusal.lines {
-            warn!("guest {} ({}) refused: {line}", domain.name, domain.uuid);
+    let migrating = !failures.busy.is_empty() && incoming(ctx, &domain.uuid);
+    let mut lines = failures.errors;
+    let mut pending = Vec::new();
+    for busy in failures.busy {
+        if !migrating {
+            lines.push(busy.line);
+            continue;
+        }
+        match handover_verdict(ctx, domain, &busy) {
+            Ok(()) => pending.push(Resource {
+                path: busy.request.path,
+                key: busy.key,
+                label: busy.request.label,
+                mode: busy.request.mode,
+                roles: busy.roles,
+                identity: busy.identity,
+                since: crate::clock::now(),
+            }),
+            Err(line) => lines.push(line),
         }
     }
-    Ok(acquired?)
+    if !lines.is_empty() {
+        for line in &lines {
+            warn!("guest {} ({}) refused: {line}", domain.name, domain.uuid);
+        }
+        // Invariant: dropping `acquired` here releases every lock taken above.
+        return Err(HookError::Refused(Refusal { lines }));
+    }
+    Ok((acquired, pending))
+}
+
+/// Whether a lock found taken during an incoming migration is the migrating guest's own.
+fn handover_verdict(ctx: &Ctx, domain: &Domain, busy: &lockset::Busy) -> Result<(), String> {
+    let owners = crate::lockspace::Lockspace::new(&ctx.config.lockspace_dir).owners(&busy.key);
+    let here = crate::state::hostname();
+    if owners.is_empty() {
+        if ctx.config.trust_migrations {
+            warn!(
+                "guest {} ({}): trusting that {} is held by the migration source",
+                domain.name, domain.uuid, busy.line
+            );
+            return Ok(());
+        }
+        let name = busy.request.label.clone().unwrap_or_else(|| busy.request.path.display().to_string());
+        return Err(format!(
+            "{name} is locked and no owner record in {} says by whom, so this incoming migration cannot be verified: \
+             share lockspace_dir between the hosts (same path on each), or set trust_migrations = true",
+            ctx.config.lockspace_dir.display()
+        ));
+    }
+    if owners.iter().all(|o| o.uuid == domain.uuid && o.host != here) {
+        Ok(())
+    } else {
+        Err(busy.line.clone())
+    }
 }
 
 /// Gives `acquired` to the guest's holder, starting one if there is none.
@@ -244,6 +321,7 @@ pub(crate) fn hand_over(
     guest: &Guest,
     client: Option<Client>,
     acquired: Acquired,
+    pending: Vec<Resource>,
 ) -> Result<Client, HookError> {
     let client = match client {
         Some(client) => client,
@@ -260,7 +338,7 @@ pub(crate) fn hand_over(
     };
     let fds: Vec<_> = acquired.locks.into_iter().map(|l| l.fd).collect();
     fault_point("before-handover");
-    client.acquire(guest, &acquired.resources, &fds).map_err(holder_err(guest))?;
+    client.acquire(guest, &acquired.resources, &fds, &pending).map_err(holder_err(guest))?;
     // Invariant: `fds` (our copies) are dropped only now, after the holder's ACK.
     drop(fds);
     for r in &acquired.resources {
@@ -289,12 +367,12 @@ fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
         warn!("guest {} ({}): releasing a stale holder before start", domain.name, domain.uuid);
         client.release().map_err(holder_err(&guest(domain)))?;
     }
-    let acquired = acquire(ctx, domain, &HashSet::new())?;
-    if acquired.locks.is_empty() {
+    let (acquired, pending) = acquire(ctx, domain, &HashSet::new())?;
+    if acquired.locks.is_empty() && pending.is_empty() {
         info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
         return Ok(());
     }
-    hand_over(ctx, &guest(domain), None, acquired).map(drop)
+    hand_over(ctx, &guest(domain), None, acquired, pending).map(drop)
 }
 
 /// `start`: lock what `prepare` could not see (the chain libvirt detected, resolved volumes).
@@ -304,11 +382,11 @@ fn start(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
         Some(c) => c.held().map_err(holder_err(&guest(domain)))?.identities.into_iter().collect(),
         None => HashSet::new(),
     };
-    let acquired = acquire(ctx, domain, &held)?;
-    if acquired.locks.is_empty() {
+    let (acquired, pending) = acquire(ctx, domain, &held)?;
+    if acquired.locks.is_empty() && pending.is_empty() {
         return Ok(());
     }
-    hand_over(ctx, &guest(domain), client, acquired).map(drop)
+    hand_over(ctx, &guest(domain), client, acquired, pending).map(drop)
 }
 
 /// Makes sure a live holder holds every lock of a running guest and knows its QEMU. Used by
@@ -338,11 +416,13 @@ pub(crate) fn adopt(ctx: &Ctx, guest: &Guest, requests: &[Request], qemu: Option
     };
     let mut notes = Vec::new();
     let held_ids = held.identities.iter().copied().collect();
-    let (acquired, lines) = lockset::acquire_available(requests, &held_ids, &ctx.config, &ctx.paths, &mut notes);
+    let (acquired, failures) = lockset::acquire_available(requests, &held_ids, &ctx.config, &ctx.paths, &mut notes);
+    let lines = failures.lines();
     for note in notes {
         warn!("guest {} ({}): {note}", guest.name, guest.uuid);
     }
-    let client = if acquired.locks.is_empty() { client } else { Some(hand_over(ctx, guest, client, acquired)?) };
+    let client =
+        if acquired.locks.is_empty() { client } else { Some(hand_over(ctx, guest, client, acquired, Vec::new())?) };
     match (client, qemu) {
         (Some(client), Some((pid, start_time))) if held.qemu_pid != Some(pid) => {
             client.set_qemu(pid, start_time).map_err(holder_err(guest))?
@@ -390,6 +470,7 @@ fn release_target(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Option<
 
 fn release(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Result<(), HookError> {
     let Some(uuid) = release_target(ctx, event, stdin) else { return Ok(()) };
+    let _ = std::fs::remove_file(ctx.paths.incoming(&uuid));
     let domain = Domain { name: event.domain.clone(), uuid: uuid.clone(), disks: vec![], leases: vec![] };
     let Some(client) = Client::connect(&ctx.paths, &uuid).map_err(holder_err(&guest(&domain)))? else {
         return Ok(());

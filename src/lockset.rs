@@ -29,6 +29,37 @@ pub struct Refusal {
     pub lines: Vec<String>,
 }
 
+/// A lock someone else holds, with what is needed to ask who (and whether to wait for it).
+#[derive(Debug, Clone)]
+pub struct Busy {
+    /// The request (merged over duplicates), with the roles it was asked for.
+    pub request: Request,
+    pub roles: Vec<Role>,
+    pub identity: Identity,
+    /// The resource's lockspace key.
+    pub key: String,
+    /// The refusal line naming the holder.
+    pub line: String,
+}
+
+/// Locks that could not be taken: held by someone else (`busy`), or failing for another reason
+/// (`errors`, one line each).
+#[derive(Debug, Default)]
+pub struct Failures {
+    pub busy: Vec<Busy>,
+    pub errors: Vec<String>,
+}
+
+impl Failures {
+    pub fn is_empty(&self) -> bool {
+        self.busy.is_empty() && self.errors.is_empty()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.errors.iter().cloned().chain(self.busy.iter().map(|b| b.line.clone())).collect()
+    }
+}
+
 #[derive(Debug, PartialEq, Eq, Hash, Clone)]
 enum Key {
     Inode(u64, u64, u64),
@@ -50,7 +81,8 @@ pub fn acquire_all(
     paths: &Paths,
     notes: &mut Vec<String>,
 ) -> Result<Acquired, Refusal> {
-    let (acquired, lines) = acquire_available(requests, held, config, paths, notes);
+    let (acquired, failures) = acquire_available(requests, held, config, paths, notes);
+    let lines = failures.lines();
     if lines.is_empty() {
         Ok(acquired)
     } else {
@@ -68,8 +100,8 @@ pub fn acquire_available(
     config: &Config,
     paths: &Paths,
     notes: &mut Vec<String>,
-) -> (Acquired, Vec<String>) {
-    let mut lines = Vec::new();
+) -> (Acquired, Failures) {
+    let mut failures = Failures::default();
     let mut order: Vec<Key> = Vec::new();
     let mut groups: HashMap<Key, Group> = HashMap::new();
     for request in requests {
@@ -86,7 +118,7 @@ pub fn acquire_available(
                 continue;
             }
             Err(e) => {
-                lines.push(format!("{} ({}): {e}", request.path.display(), request.role));
+                failures.errors.push(format!("{} ({}): {e}", request.path.display(), request.role));
                 continue;
             }
         };
@@ -131,18 +163,14 @@ pub fn acquire_available(
             Err(LockError::AlreadyLocked { path, identity }) => {
                 let key = request.key.clone().unwrap_or_else(|| crate::lockspace::file_key(&path, request.offset));
                 let name = request.label.clone().unwrap_or_else(|| path.display().to_string());
-                let owner = crate::owner::find(
-                    paths,
-                    &crate::lockspace::Lockspace::new(&config.lockspace_dir),
-                    &identity,
-                    &key,
-                );
-                lines.push(format!("{name} {}", owner.phrase()));
+                let lockspace = crate::lockspace::Lockspace::new(&config.lockspace_dir);
+                let line = format!("{name} {}", crate::owner::find(paths, &lockspace, &identity, &key).phrase());
+                failures.busy.push(Busy { request, roles, identity, key, line });
             }
-            Err(e) => lines.push(format!("{} ({})", crate::error_chain(&e), request.role)),
+            Err(e) => failures.errors.push(format!("{} ({})", crate::error_chain(&e), request.role)),
         }
     }
-    (acquired, lines)
+    (acquired, failures)
 }
 
 #[cfg(test)]

@@ -38,6 +38,11 @@ impl Paths {
         self.run_dir.join(format!("{uuid}.json"))
     }
 
+    /// Marker of an incoming live migration, written by the `migrate` hook.
+    pub fn incoming(&self, uuid: &Uuid) -> PathBuf {
+        self.run_dir.join(format!("{uuid}.incoming"))
+    }
+
     /// The UUID a run-directory file belongs to, if its name is `<uuid>.<ext>`.
     pub fn uuid_of(path: &Path, ext: &str) -> Option<Uuid> {
         if path.extension()?.to_str()? != ext {

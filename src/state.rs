@@ -80,6 +80,10 @@ pub struct GuestState {
     pub qemu_start_time: Option<u64>,
     pub since: String,
     pub resources: Vec<Resource>,
+    /// Resources this guest still holds on another host (incoming live migration), taken the
+    /// moment the source lets go.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<Resource>,
     /// Hot-plugged resources that could not be locked (see `on_conflict`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<Conflict>,
@@ -208,6 +212,7 @@ mod tests {
             kind: HolderKind::Guest,
             qemu_start_time: Some(3),
             conflicts: vec![],
+            pending: vec![],
             name: "vm 1 é".into(),
             uuid: uuid.clone(),
             host: "h".into(),

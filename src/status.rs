@@ -58,6 +58,14 @@ pub fn print(paths: &Paths, json: bool, out: &mut dyn Write) -> std::io::Result<
                 if !e.alive {
                     writeln!(out, "  STALE: the holder is gone, so these locks are NOT held")?;
                 }
+                for p in &s.pending {
+                    writeln!(
+                        out,
+                        "  PENDING   {} {}  (incoming migration: taken when the source host lets go)",
+                        p.mode.as_str(),
+                        crate::one_line(&p.name())
+                    )?;
+                }
                 for c in &s.conflicts {
                     writeln!(
                         out,
@@ -77,7 +85,7 @@ pub fn print(paths: &Paths, json: bool, out: &mut dyn Write) -> std::io::Result<
                         out,
                         "  {:<9} {}{offset}  ({roles}) since {}",
                         r.mode.as_str(),
-                        crate::one_line(&r.path.display().to_string()),
+                        crate::one_line(&r.name()),
                         r.since
                     )?;
                 }

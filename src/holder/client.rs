@@ -92,10 +92,26 @@ impl Client {
     ///
     /// Invariant: the caller keeps its own copies of the fds until this returns `Ok`; if the
     /// holder never ACKs, dropping them releases the locks, so nothing stays locked unowned.
-    pub fn acquire(&self, guest: &Guest, resources: &[Resource], fds: &[OwnedFd]) -> Result<(), ClientError> {
+    /// `pending` (no fds) travels with the first batch.
+    pub fn acquire(
+        &self,
+        guest: &Guest,
+        resources: &[Resource],
+        fds: &[OwnedFd],
+        pending: &[Resource],
+    ) -> Result<(), ClientError> {
+        let mut pending = pending.to_vec();
         for (res, fds) in resources.chunks(MAX_FDS).zip(fds.chunks(MAX_FDS)) {
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-            self.expect_ok(&Request::Acquire { guest: guest.clone(), resources: res.to_vec() }, &borrowed)?;
+            let request = Request::Acquire {
+                guest: guest.clone(),
+                resources: res.to_vec(),
+                pending: std::mem::take(&mut pending),
+            };
+            self.expect_ok(&request, &borrowed)?;
+        }
+        if !pending.is_empty() {
+            self.expect_ok(&Request::Acquire { guest: guest.clone(), resources: Vec::new(), pending }, &[])?;
         }
         Ok(())
     }

@@ -157,9 +157,17 @@ fn placeholder() -> Result<OwnedFd, LockError> {
 }
 
 /// Brings `held` in line with `domain`. Returns what changed and the current conflicts.
-pub fn sync(held: &mut Vec<(Resource, OwnedFd)>, domain: &Domain, config: &Config, paths: &Paths) -> Change {
+/// Resources in `pending` (a migration hand-over in progress) are neither taken nor reported.
+pub fn sync(
+    held: &mut Vec<(Resource, OwnedFd)>,
+    pending: &[Identity],
+    domain: &Domain,
+    config: &Config,
+    paths: &Paths,
+) -> Change {
     let mut change = Change::default();
     let Some((order, mut wanted)) = wanted(domain, config) else { return change };
+    wanted.retain(|id, _| !pending.contains(id));
     let guest = format!("{} ({})", domain.name, domain.uuid);
     held.retain(|(res, _)| {
         let keep = wanted.contains_key(&res.identity);

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod fdpass;
+pub mod handover;
 pub mod hotplug;
 pub mod protocol;
 pub mod server;

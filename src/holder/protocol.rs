@@ -11,7 +11,7 @@
 //!
 //! | request (hook/CLI → holder)            | fds            | response                        |
 //! |----------------------------------------|----------------|---------------------------------|
-//! | `acquire {guest, resources}`           | one per resource, same order | `ok` once the holder owns them and its state file says so |
+//! | `acquire {guest, resources, pending}`  | one per resource, same order | `ok` once the holder owns them (and waits for `pending`) and its state file says so |
 //! | `set_qemu {pid, start_time}`           | none           | `ok`                            |
 //! | `held`                                 | none           | `held {identities, qemu_pid}`   |
 //! | `release`                              | none           | `ok` after every lock is dropped; then the holder exits |
@@ -40,8 +40,18 @@ pub struct Guest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    Acquire { guest: Guest, resources: Vec<Resource> },
-    SetQemu { pid: u32, start_time: u64 },
+    Acquire {
+        guest: Guest,
+        resources: Vec<Resource>,
+        /// Resources the same guest still holds on another host (incoming live migration): the
+        /// holder takes each the moment it is released. No fds.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pending: Vec<Resource>,
+    },
+    SetQemu {
+        pid: u32,
+        start_time: u64,
+    },
     Held,
     Release,
 }

@@ -32,7 +32,7 @@ use nix::sys::socket::{
 use nix::sys::time::TimeVal;
 
 use super::protocol::{self, ErrorCode, Guest, Request, Response, MAX_FRAME};
-use super::{fdpass, hotplug};
+use super::{fdpass, handover, hotplug};
 use crate::config::Config;
 use crate::domain::Uuid;
 use crate::lock::{self, LockMode};
@@ -97,6 +97,9 @@ struct Holder {
     /// Owner records published in the lockspace, by resource key; each file carries the lock
     /// that keeps its record live.
     records: std::collections::HashMap<String, File>,
+    /// Incoming live migration: what the source still holds, and the threads waiting for it.
+    pending: Vec<Resource>,
+    handover: Option<handover::Handover>,
 }
 
 /// What woke the holder up.
@@ -105,6 +108,7 @@ struct Events {
     listener: bool,
     qemu_gone: bool,
     spawner_gone: bool,
+    handover: bool,
 }
 
 /// What the loop does after a request.
@@ -266,6 +270,8 @@ impl Holder {
             conflicts: Vec::new(),
             lockspace: crate::lockspace::Lockspace::new(&config.lockspace_dir),
             records: std::collections::HashMap::new(),
+            pending: Vec::new(),
+            handover: None,
         })
     }
 
@@ -295,6 +301,9 @@ impl Holder {
             if events.spawner_gone {
                 self.spawner = None;
             }
+            if events.handover {
+                self.take_over();
+            }
             if events.listener {
                 if let Next::Exit = self.accept_one() {
                     return;
@@ -320,6 +329,9 @@ impl Holder {
         if let Some(pidfd) = &self.spawner {
             fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
         }
+        if let Some(handover) = &self.handover {
+            fds.push(PollFd::new(handover.fd(), PollFlags::POLLIN));
+        }
         let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::Error::EINTR) => {}
@@ -334,6 +346,10 @@ impl Holder {
         }
         if self.spawner.is_some() {
             events.spawner_gone = is_ready(&fds[next]);
+            next += 1;
+        }
+        if self.handover.is_some() {
+            events.handover = is_ready(&fds[next]);
         }
         Ok(events)
     }
@@ -393,7 +409,8 @@ impl Holder {
             },
             None => return,
         };
-        let change = hotplug::sync(&mut self.held, &domain, &self.config, &self.paths);
+        let pending: Vec<_> = self.pending.iter().map(|r| r.identity).collect();
+        let change = hotplug::sync(&mut self.held, &pending, &domain, &self.config, &self.paths);
         let locks_changed = !change.is_empty();
         let mut fresh = Vec::new();
         let conflicts: Vec<state::Conflict> = change
@@ -505,11 +522,22 @@ impl Holder {
 
     fn handle(&mut self, request: Request, fds: Vec<OwnedFd>) -> (Response, Next) {
         match request {
-            Request::Acquire { guest, resources } => (self.acquire(guest, resources, fds), Next::Continue),
+            Request::Acquire { guest, resources, pending } => {
+                let response = self.acquire(guest, resources, fds);
+                if response == Response::Ok {
+                    self.wait_for(pending);
+                }
+                (response, Next::Continue)
+            }
             Request::SetQemu { pid, start_time } => (self.set_qemu(pid, start_time), Next::Continue),
             Request::Held => (
                 Response::Held {
-                    identities: self.held.iter().map(|(r, _)| r.identity).collect(),
+                    identities: self
+                        .held
+                        .iter()
+                        .map(|(r, _)| r.identity)
+                        .chain(self.pending.iter().map(|r| r.identity))
+                        .collect(),
                     qemu_pid: self.qemu.as_ref().map(|q| q.pid),
                 },
                 Next::Continue,
@@ -520,6 +548,68 @@ impl Holder {
                 (Response::Ok, Next::Exit)
             }
         }
+    }
+
+    /// Starts waiting for resources the same guest still holds on another host (see `handover`).
+    fn wait_for(&mut self, pending: Vec<Resource>) {
+        if pending.is_empty() {
+            return;
+        }
+        if self.handover.is_none() {
+            match handover::Handover::new() {
+                Ok(h) => self.handover = Some(h),
+                Err(e) => {
+                    error!("guest {}: cannot wait for the migration hand-over: {e}", self.describe());
+                    return;
+                }
+            }
+        }
+        let Some(handover) = &self.handover else { return };
+        for resource in pending {
+            let known = self.held.iter().any(|(r, _)| r.identity == resource.identity)
+                || self.pending.iter().any(|r| r.identity == resource.identity);
+            if known {
+                continue;
+            }
+            info!("guest {}: waiting for {} to be released by its source host", self.describe(), resource.name());
+            handover.wait_for(resource.clone());
+            self.pending.push(resource);
+        }
+        if let Err(e) = self.save() {
+            warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
+        }
+    }
+
+    /// Takes over the locks whose wait finished.
+    fn take_over(&mut self) {
+        let Some(handover) = &self.handover else { return };
+        let finished = handover.finished();
+        for (resource, result) in finished {
+            self.pending.retain(|r| r.identity != resource.identity);
+            match result {
+                Ok(lock) => {
+                    info!(
+                        "guest {}: hand-over complete: now holding {} {}",
+                        self.describe(),
+                        lock.mode.as_str(),
+                        resource.name()
+                    );
+                    let held =
+                        Resource { identity: lock.identity, mode: lock.mode, since: crate::clock::now(), ..resource };
+                    self.held.push((held, lock.fd));
+                }
+                Err(e) => error!(
+                    "guest {}: hand-over of {} failed: {}",
+                    self.describe(),
+                    resource.name(),
+                    crate::error_chain(&e)
+                ),
+            }
+        }
+        if let Err(e) = self.save() {
+            warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
+        }
+        self.sync_records();
     }
 
     fn acquire(&mut self, guest: Guest, resources: Vec<Resource>, fds: Vec<OwnedFd>) -> Response {
@@ -588,6 +678,7 @@ impl Holder {
             kind: state::HolderKind::Guest,
             qemu_start_time: self.qemu.as_ref().map(|q| q.start_time),
             conflicts: self.conflicts.clone(),
+            pending: self.pending.clone(),
             name: guest.name,
             uuid: self.uuid.clone(),
             host: self.host.clone(),

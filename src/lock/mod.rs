@@ -173,6 +173,15 @@ pub fn acquire(path: &Path, mode: LockMode, offset: u64, create: Create) -> Resu
     Ok(HeldLock { fd: file.into(), identity, mode, block_device })
 }
 
+/// Like `acquire`, but waits until the lock is free instead of failing (live migration hand-over:
+/// the destination waits for the source to let go). Blocks the calling thread.
+pub fn acquire_wait(path: &Path, mode: LockMode, offset: u64, create: Create) -> Result<HeldLock, LockError> {
+    let start = check_offset(path, offset, create == Create::IfMissing)?;
+    let (file, identity, block_device) = open(path, mode, create, offset)?;
+    ofd::lock_wait(file.as_fd(), mode, start).map_err(|source| LockError::Lock { path: path.to_owned(), source })?;
+    Ok(HeldLock { fd: file.into(), identity, mode, block_device })
+}
+
 /// Which lock, if any, someone holds on byte `offset` of `path`. Opens read-only and never locks.
 pub fn probe(path: &Path, offset: u64) -> Result<(Option<LockMode>, Identity), LockError> {
     let start = check_offset(path, offset, false)?;

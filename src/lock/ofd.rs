@@ -62,6 +62,13 @@ pub fn try_lock(fd: BorrowedFd<'_>, mode: LockMode, offset: i64) -> io::Result<(
     })
 }
 
+/// Takes the lock, waiting as long as someone else holds a conflicting one (`F_OFD_SETLKW`):
+/// the kernel (or the shared filesystem's lock manager) grants it the moment it is released.
+pub fn lock_wait(fd: BorrowedFd<'_>, mode: LockMode, offset: i64) -> io::Result<()> {
+    let mut lock = flock_for(lock_type(mode), offset);
+    fcntl_lock(fd, libc::F_OFD_SETLKW, &mut lock)
+}
+
 /// Drops the lock on `offset` held through this open file description.
 pub fn unlock(fd: BorrowedFd<'_>, offset: i64) -> io::Result<()> {
     let mut lock = flock_for(UNLCK, offset);
