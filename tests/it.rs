@@ -9,6 +9,7 @@
 mod common;
 mod doctor;
 mod e2e;
+mod fleet;
 mod guard;
 mod hardening;
 mod hook_process;

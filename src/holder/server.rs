@@ -279,12 +279,12 @@ impl Holder {
         let started = Instant::now();
         let mut last_tick = Instant::now();
         loop {
-            if self.held.is_empty() && (started.elapsed() >= IDLE_EXIT || self.spawner.is_none()) {
+            let idle = self.held.is_empty() && self.pending.is_empty();
+            if idle && (started.elapsed() >= IDLE_EXIT || self.spawner.is_none()) {
                 info!("holder for {}: nothing was handed over; exiting", self.uuid);
                 return self.exit();
             }
-            let timeout =
-                if self.held.is_empty() { TICK.min(IDLE_EXIT.saturating_sub(started.elapsed())) } else { TICK };
+            let timeout = if idle { TICK.min(IDLE_EXIT.saturating_sub(started.elapsed())) } else { TICK };
             let events = match self.wait(timeout) {
                 Ok(events) => events,
                 Err(e) => {

@@ -1,0 +1,349 @@
+//! Issue 3 end to end: two simulated hosts (two libvirtds in their own mount and UTS namespaces,
+//! each with its own lockhook run directory) sharing an image directory and a lockspace, as hosts
+//! share NFS/GFS2 storage. They share one kernel, which arbitrates OFD locks between them the way
+//! a coherent cluster filesystem's lock manager does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use lockhook::lock::LockMode;
+
+use crate::common::libvirtd::{guest_xml, random_uuid, Libvirtd, LibvirtdOptions};
+use crate::common::{lock_state, lockhook_bin, wait_until, Setup};
+
+/// The shared storage: images and the lockspace.
+struct Storage {
+    dir: tempfile::TempDir,
+}
+
+impl Storage {
+    fn new() -> Storage {
+        let dir = tempfile::Builder::new().prefix("lockhook-fleet-").tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("images")).expect("mkdir images");
+        std::fs::create_dir_all(dir.path().join("lockspace")).expect("mkdir lockspace");
+        Storage { dir }
+    }
+
+    fn image(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join("images").join(name);
+        std::fs::File::create(&path).and_then(|f| f.set_len(1 << 20)).expect("create image");
+        path
+    }
+
+    fn lockspace(&self) -> PathBuf {
+        self.dir.path().join("lockspace")
+    }
+}
+
+struct Host {
+    setup: Setup,
+    lv: Libvirtd,
+}
+
+impl Host {
+    fn new(storage: &Storage) -> Host {
+        Host::with_lockspace(Some(&storage.lockspace()))
+    }
+
+    /// A host with its own lockspace (`None`): a fleet whose lockspace is not shared.
+    fn with_lockspace(lockspace: Option<&Path>) -> Host {
+        let setup = Setup::with_lockspace("", lockspace);
+        let lv = Libvirtd::start(LibvirtdOptions {
+            hook_binary: Some(lockhook_bin()),
+            extra_mounts: vec![(setup.path("etc"), PathBuf::from("/etc/lockhook"))],
+            tcp_port: Some(0),
+            ..LibvirtdOptions::default()
+        });
+        Host { setup, lv }
+    }
+
+    fn refused(&self, name: &str) -> String {
+        let out = self.lv.virsh(&["start", name]);
+        assert!(!out.status.success(), "{name} should have been refused on {}", self.lv.hostname());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn guests(&self) -> Vec<serde_json::Value> {
+        self.setup.status_json()["guests"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `virsh migrate --live` of `name` from this host to `to`.
+    fn migrate(&self, name: &str, to: &Host, extra: &[&str]) -> std::process::Output {
+        let uri = to.lv.tcp_uri();
+        let mut args = vec!["migrate", "--live", "--unsafe", name, uri.as_str(), "--migrateuri", "tcp://127.0.0.1"];
+        args.extend_from_slice(extra);
+        self.lv.virsh(&args)
+    }
+}
+
+fn raw(path: &Path) -> String {
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+        path.display()
+    )
+}
+
+fn define(host: &Host, name: &str, uuid: &str, devices: &str) {
+    host.lv.define(&guest_xml(name, uuid, devices));
+}
+
+#[test]
+fn cross_host_refusals_name_the_host() {
+    let storage = Storage::new();
+    let (a, b) = (Host::new(&storage), Host::new(&storage));
+    let img = storage.image("shared.raw");
+    let (uuid1, uuid2) = (random_uuid(), random_uuid());
+    define(&a, "vm1", &uuid1, &raw(&img));
+    define(&b, "vm2", &uuid2, &raw(&img));
+    // The same guest (same UUID) defined on both hosts, as after a bad failover.
+    define(&b, "vm1", &uuid1, &raw(&img));
+    a.lv.virsh_ok(&["start", "vm1"]);
+    let expected = format!(
+        "lockhook: {} is locked exclusively by guest vm1 ({uuid1}) on host {} since ",
+        img.display(),
+        a.lv.hostname()
+    );
+    let err = b.refused("vm2");
+    assert!(err.contains(&expected), "expected {expected:?} in {err}");
+    let err = b.refused("vm1");
+    assert!(err.contains(&expected), "the same guest on a second host: {err}");
+    // `check` on host B names host A too.
+    let out = b.setup.cli(&["check", img.to_str().expect("utf8")]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("on host {}", a.lv.hostname())));
+    a.lv.virsh_ok(&["destroy", "vm1"]);
+    b.lv.virsh_ok(&["start", "vm2"]);
+    let err = a.refused("vm1");
+    assert!(err.contains(&format!("by guest vm2 ({uuid2}) on host {}", b.lv.hostname())), "{err}");
+    b.lv.virsh_ok(&["destroy", "vm2"]);
+}
+
+#[test]
+fn live_migration_hands_the_locks_over() {
+    let storage = Storage::new();
+    let (a, b) = (Host::new(&storage), Host::new(&storage));
+    let img = storage.image("mig.raw");
+    let lease = storage.dir.path().join("images/mig.lease");
+    let uuid = random_uuid();
+    let lease_xml = format!(
+        "<lease><lockspace>fleet</lockspace><key>mig</key><target path='{}' offset='4096'/></lease>",
+        lease.display()
+    );
+    define(&a, "mig", &uuid, &format!("{}{lease_xml}", raw(&img)));
+    a.lv.virsh_ok(&["start", "mig"]);
+    let out = a.migrate("mig", &b, &[]);
+    assert!(out.status.success(), "migrate: {}{}", String::from_utf8_lossy(&out.stderr), b.lv.log_tail());
+    assert_eq!(b.lv.virsh_ok(&["domstate", "mig"]).trim(), "running");
+    // The destination's holder took the locks the moment the source let go.
+    let settled = || {
+        let guests = b.guests();
+        guests.len() == 1
+            && guests[0]["pending"].as_array().is_none_or(Vec::is_empty)
+            && guests[0]["resources"].as_array().is_some_and(|r| r.len() == 2)
+    };
+    assert!(wait_until(Duration::from_secs(10), settled), "destination holds everything: {:?}", b.guests());
+    assert!(a.guests().is_empty(), "no source holder left: {:?}", a.guests());
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+    assert_eq!(lock_state(&lease, 4096), Some(LockMode::Exclusive));
+    assert_eq!(b.guests()[0]["qemu_pid"].as_u64().and_then(|p| u32::try_from(p).ok()), b.lv.qemu_pid("mig"));
+    // Refusals now name the destination host.
+    define(&a, "other", &random_uuid(), &raw(&img));
+    let err = a.refused("other");
+    assert!(err.contains(&format!("by guest mig ({uuid}) on host {}", b.lv.hostname())), "{err}");
+    b.lv.virsh_ok(&["destroy", "mig"]);
+    assert_eq!(lock_state(&img, 0), None);
+    assert_eq!(lock_state(&lease, 4096), None);
+}
+
+#[test]
+fn migration_onto_an_image_held_by_another_guest_is_refused() {
+    let storage = Storage::new();
+    let (a, b) = (Host::new(&storage), Host::new(&storage));
+    let (x, y) = (storage.image("x.raw"), storage.image("y.raw"));
+    let (uuid1, uuid2) = (random_uuid(), random_uuid());
+    define(&a, "vm1", &uuid1, &raw(&x));
+    define(&b, "vm2", &uuid2, &raw(&y));
+    a.lv.virsh_ok(&["start", "vm1"]);
+    b.lv.virsh_ok(&["start", "vm2"]);
+    // Migrate vm1 with a destination definition pointing at y, which vm2 holds on host B.
+    let xml =
+        a.lv.virsh_ok(&["dumpxml", "--migratable", "vm1"]).replace(&x.display().to_string(), &y.display().to_string());
+    let xml_path = storage.dir.path().join("vm1-dest.xml");
+    std::fs::write(&xml_path, xml).expect("write xml");
+    let out = a.migrate("vm1", &b, &["--xml", xml_path.to_str().expect("utf8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "migration should be refused");
+    assert!(
+        err.contains(&format!("lockhook: {} is locked exclusively by guest vm2 ({uuid2}) on this host", y.display())),
+        "{err}"
+    );
+    assert_eq!(a.lv.virsh_ok(&["domstate", "vm1"]).trim(), "running");
+    assert_eq!(lock_state(&x, 0), Some(LockMode::Exclusive), "the source keeps its locks");
+    assert_eq!(a.guests().len(), 1);
+    assert!(b.guests().iter().all(|g| g["uuid"] != uuid1.as_str()), "no destination holder left");
+    a.lv.virsh_ok(&["destroy", "vm1"]);
+    b.lv.virsh_ok(&["destroy", "vm2"]);
+}
+
+#[test]
+fn cancelled_migration_leaves_the_source_locks_alone() {
+    let storage = Storage::new();
+    let (a, b) = (Host::new(&storage), Host::new(&storage));
+    let img = storage.image("slow.raw");
+    let uuid = random_uuid();
+    define(&a, "slow", &uuid, &raw(&img));
+    a.lv.virsh_ok(&["start", "slow"]);
+    // 1 MiB/s: the 32 MiB guest takes long enough to abort it mid-way.
+    let uri = b.lv.tcp_uri();
+    let a_ref = &a;
+    std::thread::scope(|scope| {
+        let migration = scope.spawn(move || {
+            a_ref.lv.virsh(&[
+                "migrate",
+                "--live",
+                "--unsafe",
+                "--bandwidth",
+                "1",
+                "slow",
+                &uri,
+                "--migrateuri",
+                "tcp://127.0.0.1",
+            ])
+        });
+        let pending_on_b = || {
+            b.guests()
+                .iter()
+                .any(|g| g["uuid"] == uuid.as_str() && g["pending"].as_array().is_some_and(|p| !p.is_empty()))
+        };
+        assert!(
+            wait_until(Duration::from_secs(20), pending_on_b),
+            "destination waits for the source: {:?}",
+            b.guests()
+        );
+        let text = String::from_utf8(b.setup.cli(&["status"]).stdout).expect("utf8");
+        assert!(text.contains("PENDING"), "{text}");
+        a.lv.virsh_ok(&["domjobabort", "slow"]);
+        let out = migration.join().expect("join");
+        assert!(!out.status.success(), "aborted migration reported success");
+    });
+    assert_eq!(a.lv.virsh_ok(&["domstate", "slow"]).trim(), "running");
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+    assert_eq!(a.guests().len(), 1, "the source holder is untouched");
+    assert!(
+        wait_until(Duration::from_secs(10), || b.guests().is_empty()),
+        "the destination's pending holder is gone: {:?}",
+        b.guests()
+    );
+    a.lv.virsh_ok(&["destroy", "slow"]);
+    assert_eq!(lock_state(&img, 0), None);
+}
+
+/// A `qemu-nbd` server on a unix socket, killed on drop.
+struct Nbd(Child);
+
+impl Drop for Nbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn network_and_block_disks_collide_across_hosts() {
+    let storage = Storage::new();
+    let (a, b) = (Host::new(&storage), Host::new(&storage));
+    let export = storage.image("nbd-export.raw");
+    let socket = storage.dir.path().join("nbd.sock");
+    let nbd = Nbd(Command::new("qemu-nbd")
+        .args(["--persistent", "--shared=4", "-f", "raw", "-x", "export1", "-k"])
+        .arg(&socket)
+        .arg(&export)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd (qemu-utils)"));
+    assert!(wait_until(Duration::from_secs(10), || socket.exists()), "qemu-nbd listens");
+    let nbd_disk = format!(
+        "<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='export1'>\
+         <host transport='unix' socket='{}'/></source><target dev='vda' bus='virtio'/></disk>",
+        socket.display()
+    );
+    let uuid1 = random_uuid();
+    define(&a, "nbd1", &uuid1, &nbd_disk);
+    define(&b, "nbd2", &random_uuid(), &nbd_disk);
+    a.lv.virsh_ok(&["start", "nbd1"]);
+    let label = format!("nbd://unix:{}/export1", socket.display());
+    let err = b.refused("nbd2");
+    assert!(
+        err.contains(&format!(
+            "lockhook: {label} is locked exclusively by guest nbd1 ({uuid1}) on host {}",
+            a.lv.hostname()
+        )),
+        "{err}"
+    );
+    a.lv.virsh_ok(&["destroy", "nbd1"]);
+    b.lv.virsh_ok(&["start", "nbd2"]);
+    b.lv.virsh_ok(&["destroy", "nbd2"]);
+    drop(nbd);
+
+    // A block device: its node is host-local, so its stable identity is locked in the lockspace.
+    let backing = storage.image("loop-backing.raw");
+    let out = Command::new("losetup").args(["-f", "--show"]).arg(&backing).output().expect("losetup");
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let dev = String::from_utf8(out.stdout).expect("utf8").trim().to_owned();
+    let block = format!("<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{dev}'/><target dev='vda' bus='virtio'/></disk>");
+    let uuid3 = random_uuid();
+    define(&a, "blk1", &uuid3, &block);
+    define(&b, "blk2", &random_uuid(), &block);
+    a.lv.virsh_ok(&["start", "blk1"]);
+    let err = b.refused("blk2");
+    let _ = Command::new("losetup").args(["-d", &dev]).output();
+    assert!(
+        err.contains(&format!(
+            "(loop:{}@0) is locked exclusively by guest blk1 ({uuid3}) on host {}",
+            backing.display(),
+            a.lv.hostname()
+        )),
+        "{err}"
+    );
+    let status = a.setup.status_json().to_string();
+    assert!(status.contains(&format!("block:loop:{}@0", backing.display())), "{status}");
+    a.lv.virsh_ok(&["destroy", "blk1"]);
+}
+
+#[test]
+fn migration_without_a_shared_lockspace_is_refused_unless_trusted() {
+    let storage = Storage::new();
+    let a = Host::new(&storage);
+    let b = Host::with_lockspace(None);
+    let img = storage.image("unshared.raw");
+    let uuid = random_uuid();
+    define(&a, "vm", &uuid, &raw(&img));
+    a.lv.virsh_ok(&["start", "vm"]);
+    let out = a.migrate("vm", &b, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must not run unlocked on the destination");
+    assert!(
+        err.contains(&format!("lockhook: {} is locked and no owner record in", img.display()))
+            && err.contains("share lockspace_dir between the hosts")
+            && err.contains("trust_migrations = true"),
+        "{err}"
+    );
+    assert_eq!(a.lv.virsh_ok(&["domstate", "vm"]).trim(), "running");
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+    assert!(wait_until(Duration::from_secs(5), || b.guests().is_empty()));
+
+    // An administrator who knows better says so.
+    let config = std::fs::read_to_string(&b.setup.config).expect("config");
+    std::fs::write(&b.setup.config, format!("{config}trust_migrations = true\n")).expect("write config");
+    let out = a.migrate("vm", &b, &[]);
+    assert!(out.status.success(), "trusted migration: {}", String::from_utf8_lossy(&out.stderr));
+    let settled = || {
+        b.guests().first().is_some_and(|g| {
+            g["pending"].as_array().is_none_or(Vec::is_empty) && g["resources"].as_array().is_some_and(|r| r.len() == 1)
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), settled), "{:?}", b.guests());
+    assert!(a.guests().is_empty());
+    b.lv.virsh_ok(&["destroy", "vm"]);
+    assert_eq!(lock_state(&img, 0), None);
+}
