@@ -26,6 +26,10 @@ pub enum Role {
     Backing {
         of: Option<String>,
     },
+    /// The destination of a running block copy of disk `of`.
+    Mirror {
+        of: Option<String>,
+    },
     Lease {
         key: String,
         lockspace: Option<String>,
@@ -41,6 +45,8 @@ impl fmt::Display for Role {
             Role::Disk { target: None } => f.write_str("disk"),
             Role::Backing { of: Some(t) } => write!(f, "backing image of {t}"),
             Role::Backing { of: None } => f.write_str("backing image"),
+            Role::Mirror { of: Some(t) } => write!(f, "block copy of {t}"),
+            Role::Mirror { of: None } => f.write_str("block copy"),
             Role::Lease { key, lockspace: Some(ls) } => write!(f, "lease {ls}/{key}"),
             Role::Lease { key, lockspace: None } => write!(f, "lease {key}"),
             Role::Command => f.write_str("used by a command"),
@@ -204,6 +210,22 @@ pub fn plan(domain: &Domain, config: &Config) -> Plan {
         if config.backing_chains {
             if let Some(chain) = &disk.backing {
                 plan_backing(chain, &disk.target, &mut plan);
+            }
+        }
+        if let Some(mirror) = &disk.mirror {
+            // QEMU writes the copy's destination from the start of the job: exclusive.
+            match target_of(mirror) {
+                Ok(target) => plan.requests.push(Planned {
+                    target,
+                    mode: LockMode::Exclusive,
+                    offset: 0,
+                    role: Role::Mirror { of: disk.target.clone() },
+                    is_lease: false,
+                    optional: false,
+                    read_chain: false,
+                    format: None,
+                }),
+                Err(why) => plan.skipped.push(format!("block copy of {}: {why}", label(disk))),
             }
         }
     }

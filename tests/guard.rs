@@ -291,3 +291,74 @@ fn pause_policy_pauses_a_guest_whose_hot_plug_conflicts() {
     assert!(wait_until(Duration::from_secs(5), || lock_state(&extra, 0) == Some(LockMode::Exclusive)));
     host.lv.virsh_ok(&["destroy", "vm1"]);
 }
+
+#[test]
+fn external_snapshot_moves_the_exclusive_lock_to_the_overlay() {
+    let host = Host::new();
+    let base = host.setup.path("images/base.qcow2");
+    std::fs::create_dir_all(base.parent().expect("parent")).expect("mkdir");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("16M")
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let disk = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+        base.display()
+    );
+    host.define("vm1", &disk);
+    host.define("writer", &disk);
+    host.lv.virsh_ok(&["start", "vm1"]);
+    assert_eq!(lock_state(&base, 0), Some(LockMode::Exclusive));
+    let overlay = host.setup.path("images/overlay.qcow2");
+    let spec = format!("vda,file={}", overlay.display());
+    host.lv.virsh_ok(&["snapshot-create-as", "vm1", "snap1", "--disk-only", "--no-metadata", "--diskspec", &spec]);
+    assert!(
+        wait_until(Duration::from_secs(5), || lock_state(&overlay, 0) == Some(LockMode::Exclusive)
+            && lock_state(&base, 0) == Some(LockMode::Shared)),
+        "overlay exclusive, base now shared: {}",
+        host.setup.status_json()
+    );
+    let err = host.refused("writer");
+    assert!(err.contains(&format!("{} is locked shared by guest vm1", base.display())), "{err}");
+    host.lv.virsh_ok(&["destroy", "vm1"]);
+    assert_eq!(lock_state(&overlay, 0), None);
+    assert_eq!(lock_state(&base, 0), None);
+}
+
+#[test]
+fn block_copy_pivot_moves_the_lock_to_the_copy() {
+    let host = Host::new();
+    let src = host.setup.image("images/src.raw");
+    host.define("vm1", &raw(&src, "vda"));
+    host.lv.virsh_ok(&["start", "vm1"]);
+    let copy = host.setup.path("images/copy.raw");
+    // The copy is written from the start of the job: locked while it runs, before any pivot.
+    host.lv.virsh_ok(&[
+        "blockcopy",
+        "vm1",
+        "vda",
+        copy.to_str().expect("utf8"),
+        "--format",
+        "raw",
+        "--wait",
+        "--transient-job",
+    ]);
+    assert!(
+        wait_until(Duration::from_secs(5), || lock_state(&copy, 0) == Some(LockMode::Exclusive)),
+        "the copy is locked during the job: {}",
+        host.setup.status_json()
+    );
+    assert_eq!(lock_state(&src, 0), Some(LockMode::Exclusive));
+    host.lv.virsh_ok(&["blockjob", "vm1", "vda", "--pivot"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || lock_state(&copy, 0) == Some(LockMode::Exclusive)
+            && lock_state(&src, 0).is_none()),
+        "after the pivot the old image is freed: {}",
+        host.setup.status_json()
+    );
+    host.lv.virsh_ok(&["destroy", "vm1"]);
+    assert_eq!(lock_state(&copy, 0), None);
+}

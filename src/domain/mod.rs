@@ -115,6 +115,8 @@ pub struct Disk {
     /// The chain from `<backingStore>`: `None` when the XML says nothing (it must be read from
     /// the image header), `Some(vec![])` for an explicit empty `<backingStore/>`.
     pub backing: Option<Vec<Backing>>,
+    /// The destination of a running block copy (`<mirror>`, in libvirt's status XML).
+    pub mirror: Option<Source>,
 }
 
 /// One image below a disk in its backing chain.
@@ -290,6 +292,14 @@ fn disk_from_raw(raw: RawDisk) -> Disk {
         shareable: raw.shareable.is_some(),
         optional,
         backing: backing_from_raw(raw.backing_store),
+        mirror: raw.mirror.and_then(|m| {
+            let kind = m.kind.unwrap_or_else(|| "file".to_owned());
+            match (source_from_raw(&kind, m.source).0, m.file) {
+                (Source::Empty, Some(file)) if !file.is_empty() => Some(Source::File(file.into())),
+                (Source::Empty, _) => None,
+                (source, _) => Some(source),
+            }
+        }),
     }
 }
 
@@ -419,6 +429,15 @@ mod tests {
         assert_eq!(d.name, "vm1");
         assert_eq!(d.disks.len(), 1);
         assert!(Domain::parse_status(b"<domstatus/>").is_err());
+        let copying = format!(
+            "<domstatus><domain><name>vm1</name><uuid>{UUID}</uuid><devices><disk type='file'><source file='/a'/>\
+             <mirror type='file' job='copy' ready='yes'><format type='raw'/><source file='/copy'/></mirror>\
+             <target dev='vda'/></disk><disk type='file'><source file='/b'/><mirror type='file' file='/old-style'/>\
+             </disk></devices></domain></domstatus>"
+        );
+        let d = Domain::parse_status(copying.as_bytes()).expect("parse mirror");
+        assert_eq!(d.disks[0].mirror, Some(Source::File("/copy".into())));
+        assert_eq!(d.disks[1].mirror, Some(Source::File("/old-style".into())));
     }
 
     #[test]

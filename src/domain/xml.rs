@@ -39,6 +39,18 @@ pub struct RawDisk {
     pub shareable: Option<IgnoredAny>,
     #[serde(rename = "backingStore")]
     pub backing_store: Option<RawBackingStore>,
+    /// The destination of a running block copy (status XML only).
+    pub mirror: Option<RawMirror>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawMirror {
+    #[serde(rename = "@type")]
+    pub kind: Option<String>,
+    /// Older libvirt puts the path in an attribute.
+    #[serde(rename = "@file")]
+    pub file: Option<String>,
+    pub source: Option<RawSource>,
 }
 
 #[derive(Debug, Default, Deserialize)]
