@@ -97,6 +97,8 @@ pub enum HookError {
     Refused(#[from] Refusal),
     #[error("guest {name} ({uuid}) is already running on this host (QEMU pid {pid}); not locking it twice")]
     AlreadyRunning { name: String, uuid: Uuid, pid: u32 },
+    #[error("guest {name} ({uuid}) is being started on this host already ({age} s ago); not locking it twice")]
+    StartInProgress { name: String, uuid: Uuid, age: u64 },
     #[error("guest {name} ({uuid}): cannot start its lock holder")]
     Spawn {
         name: String,
@@ -236,6 +238,10 @@ fn requests(ctx: &Ctx, domain: &Domain) -> Result<Vec<Request>, HookError> {
     Ok(requests)
 }
 
+/// A holder without QEMU this old belongs to a start that was abandoned (libvirtd died between
+/// `prepare` and `started`); a younger one to a start still in progress.
+const STALE_START: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long after `migrate begin` the destination's `prepare`/`start` count as a migration.
 const INCOMING_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -362,6 +368,13 @@ fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
         if let Some(pid) = held.qemu_pid {
             return Err(HookError::AlreadyRunning { name: domain.name.clone(), uuid: domain.uuid.clone(), pid });
         }
+        if held.age < STALE_START.as_secs() {
+            return Err(HookError::StartInProgress {
+                name: domain.name.clone(),
+                uuid: domain.uuid.clone(),
+                age: held.age,
+            });
+        }
         // A holder whose guest never got a QEMU: left over from a start that failed after
         // `prepare` without a `release` (libvirtd died). Let it go, then start afresh.
         warn!("guest {} ({}): releasing a stale holder before start", domain.name, domain.uuid);
@@ -411,7 +424,7 @@ pub(crate) fn adopt(ctx: &Ctx, guest: &Guest, requests: &[Request], qemu: Option
         Some(c) => c.held().map_err(holder_err(guest))?,
         None => {
             warn!("guest {} ({}): no holder; re-taking its locks", guest.name, guest.uuid);
-            crate::holder::client::Held { identities: Vec::new(), qemu_pid: None }
+            crate::holder::client::Held { identities: Vec::new(), qemu_pid: None, age: 0 }
         }
     };
     let mut notes = Vec::new();

@@ -126,10 +126,19 @@ impl Lockspace {
         self.record_path(key, uuid, host).exists()
     }
 
-    /// Removes this holder's record for `key` (the caller drops the file to unlock it).
-    pub fn unpublish(&self, key: &str, uuid: &Uuid, host: &str) {
-        let _ = fs::remove_file(self.record_path(key, uuid, host));
-        let _ = fs::remove_dir(self.owners_dir(key));
+    /// Removes this holder's record for `key`, if the file at its path is still `ours` (a new
+    /// holder of the same guest may have replaced it already). The caller then drops `ours`.
+    pub fn unpublish(&self, key: &str, uuid: &Uuid, host: &str, ours: &File) {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.record_path(key, uuid, host);
+        let same = match (fs::symlink_metadata(&path), ours.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        if same {
+            let _ = fs::remove_file(&path);
+            let _ = fs::remove_dir(self.owners_dir(key));
+        }
     }
 
     /// The live records for `key`. Stale records (nobody holds their lock) are removed.
@@ -189,8 +198,12 @@ mod tests {
         drop(held_b);
         assert_eq!(ls.owners(key), vec![a.clone()], "b is stale now");
         assert_eq!(fs::read_dir(ls.owners_dir(key)).expect("dir").count(), 1, "stale record removed");
-        ls.unpublish(key, &a.uuid, &a.host);
+        let replaced = ls.publish(&a).expect("a new holder of the same guest publishes again");
+        ls.unpublish(key, &a.uuid, &a.host, &held_a);
+        assert_eq!(ls.owners(key), vec![a.clone()], "the old holder does not remove the new record");
         drop(held_a);
+        ls.unpublish(key, &a.uuid, &a.host, &replaced);
+        drop(replaced);
         assert!(ls.owners(key).is_empty());
         assert!(!ls.owners_dir(key).exists());
     }

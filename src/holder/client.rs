@@ -41,6 +41,8 @@ pub enum ClientError {
 pub struct Held {
     pub identities: Vec<Identity>,
     pub qemu_pid: Option<u32>,
+    /// Seconds since the holder started.
+    pub age: u64,
 }
 
 pub struct Client {
@@ -122,7 +124,7 @@ impl Client {
 
     pub fn held(&self) -> Result<Held, ClientError> {
         match self.call(&Request::Held, &[])? {
-            Response::Held { identities, qemu_pid } => Ok(Held { identities, qemu_pid }),
+            Response::Held { identities, qemu_pid, age } => Ok(Held { identities, qemu_pid, age }),
             other => Err(ProtocolError::Unexpected { expected: "held", got: format!("{other:?}") }.into()),
         }
     }

@@ -5,5 +5,6 @@ pub mod fdpass;
 pub mod handover;
 pub mod hotplug;
 pub mod protocol;
+pub mod records;
 pub mod server;
 pub mod spawn;

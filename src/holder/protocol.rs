@@ -77,8 +77,17 @@ pub enum ErrorCode {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Ok,
-    Held { identities: Vec<Identity>, qemu_pid: Option<u32> },
-    Error { code: ErrorCode, message: String },
+    Held {
+        identities: Vec<Identity>,
+        qemu_pid: Option<u32>,
+        /// Seconds since the holder started.
+        #[serde(default)]
+        age: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]

@@ -32,6 +32,7 @@ use nix::sys::socket::{
 use nix::sys::time::TimeVal;
 
 use super::protocol::{self, ErrorCode, Guest, Request, Response, MAX_FRAME};
+use super::records::RecordKeeper;
 use super::{fdpass, handover, hotplug};
 use crate::config::Config;
 use crate::domain::Uuid;
@@ -86,7 +87,10 @@ struct Holder {
     qemu: Option<Qemu>,
     since: String,
     host: String,
-    instance: File,
+    /// When this holder started.
+    started: Instant,
+    /// The single-instance lock; `None` once released.
+    instance: Option<File>,
     listener: OwnedFd,
     config: Config,
     /// The guest's live definition (libvirt's status file), watched for hot-plug once QEMU runs.
@@ -94,9 +98,10 @@ struct Holder {
     live: Option<crate::domain::Domain>,
     conflicts: Vec<state::Conflict>,
     lockspace: crate::lockspace::Lockspace,
-    /// Owner records published in the lockspace, by resource key; each file carries the lock
-    /// that keeps its record live.
-    records: std::collections::HashMap<String, File>,
+    /// Publishes owner records in the lockspace (started when there is something to publish).
+    records: Option<RecordKeeper>,
+    /// (dev, inode, size) of the state file as last written, to notice a replaced one cheaply.
+    state_written: Option<(u64, u64, u64)>,
     /// Incoming live migration: what the source still holds, and the threads waiting for it.
     pending: Vec<Resource>,
     handover: Option<handover::Handover>,
@@ -262,14 +267,16 @@ impl Holder {
             qemu: None,
             since: crate::clock::now(),
             host: state::hostname(),
-            instance,
+            started: Instant::now(),
+            instance: Some(instance),
             listener,
             config: config.clone(),
             status: None,
             live: None,
             conflicts: Vec::new(),
             lockspace: crate::lockspace::Lockspace::new(&config.lockspace_dir),
-            records: std::collections::HashMap::new(),
+            records: None,
+            state_written: None,
             pending: Vec::new(),
             handover: None,
         })
@@ -306,7 +313,8 @@ impl Holder {
             }
             if events.listener {
                 if let Next::Exit = self.accept_one() {
-                    return;
+                    // `release` was answered: the locks are gone; tidy up the records.
+                    return self.withdraw_records();
                 }
                 // After the ACK: records are for naming holders, not on the start's critical path.
                 self.sync_records();
@@ -369,20 +377,25 @@ impl Holder {
             }
         }
         let lock_path = self.paths.instance_lock(&self.uuid);
-        let ours = self.instance.metadata().ok().map(|m| (m.dev(), m.ino()));
+        let ours = self.instance.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
         let on_disk = fs::metadata(&lock_path).ok().map(|m| (m.dev(), m.ino()));
         if ours.is_none() || ours != on_disk {
             match take_instance_lock(&self.paths, &self.uuid) {
                 Ok(file) => {
                     warn!("holder for {}: {} was removed or replaced; locked it again", self.uuid, lock_path.display());
-                    self.instance = file;
+                    self.instance = Some(file);
                 }
                 Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
             }
         }
+        if let Some(records) = &self.records {
+            records.refresh();
+        }
         if self.guest.is_some() {
             let state_path = self.paths.state(&self.uuid);
-            if state::read(&state_path).map_or(true, |s| s.holder_pid != std::process::id()) {
+            // A stat a second; the file is parsed only when it is not the one last written.
+            let current = fs::metadata(&state_path).ok().map(|m| (m.dev(), m.ino(), m.len()));
+            if current.is_none() || current != self.state_written {
                 match self.save() {
                     Ok(()) => {
                         warn!("holder for {}: {} was missing or damaged; rewrote it", self.uuid, state_path.display())
@@ -539,6 +552,7 @@ impl Holder {
                         .chain(self.pending.iter().map(|r| r.identity))
                         .collect(),
                     qemu_pid: self.qemu.as_ref().map(|q| q.pid),
+                    age: self.started.elapsed().as_secs(),
                 },
                 Next::Continue,
             ),
@@ -671,7 +685,7 @@ impl Holder {
         }
     }
 
-    fn save(&self) -> Result<(), state::StateError> {
+    fn save(&mut self) -> Result<(), state::StateError> {
         let guest = self.guest.clone().unwrap_or(Guest { name: String::new(), uuid: self.uuid.clone() });
         let record = GuestState {
             version: state::STATE_VERSION,
@@ -687,60 +701,55 @@ impl Holder {
             since: self.since.clone(),
             resources: self.held.iter().map(|(r, _)| r.clone()).collect(),
         };
-        state::write(&self.paths.state(&self.uuid), &record)
+        let path = self.paths.state(&self.uuid);
+        state::write(&path, &record)?;
+        self.state_written = fs::metadata(&path).ok().map(|m| (m.dev(), m.ino(), m.len()));
+        Ok(())
     }
 
-    /// Publishes an owner record for every held resource that has none (or whose record file
-    /// was removed) and withdraws the records of resources no longer held.
+    /// Hands the owner records of what is held now to the record thread (see `records`).
     fn sync_records(&mut self) {
-        let Some(guest) = self.guest.clone() else { return };
-        let held: std::collections::HashSet<String> = self.held.iter().map(|(r, _)| r.key.clone()).collect();
-        let (lockspace, uuid, host) = (&self.lockspace, &self.uuid, &self.host);
-        self.records.retain(|key, _| {
-            let keep = held.contains(key) && lockspace.is_published(key, uuid, host);
-            if !keep {
-                lockspace.unpublish(key, uuid, host);
-            }
-            keep
-        });
-        for (resource, _) in &self.held {
-            if resource.key.is_empty() || self.records.contains_key(&resource.key) {
-                continue;
-            }
-            let record = crate::lockspace::OwnerRecord {
-                key: resource.key.clone(),
+        let Some(guest) = &self.guest else { return };
+        let wanted = self
+            .held
+            .iter()
+            .filter(|(r, _)| !r.key.is_empty())
+            .map(|(r, _)| crate::lockspace::OwnerRecord {
+                key: r.key.clone(),
                 host: self.host.clone(),
                 guest: guest.name.clone(),
                 uuid: self.uuid.clone(),
-                mode: resource.mode,
-                since: resource.since.clone(),
+                mode: r.mode,
+                since: r.since.clone(),
                 holder_pid: std::process::id(),
-            };
-            match self.lockspace.publish(&record) {
-                Ok(file) => {
-                    self.records.insert(resource.key.clone(), file);
-                }
-                Err(e) => {
-                    warn!("guest {}: cannot publish the owner record of {}: {e}", self.describe(), resource.name());
-                    return;
-                }
-            }
-        }
+            })
+            .collect();
+        let lockspace = &self.lockspace;
+        self.records.get_or_insert_with(|| RecordKeeper::start(lockspace.clone())).sync(wanted);
     }
 
-    /// Drops every lock, then the files that advertise them.
+    /// Drops every lock, then the files that advertise them, and the instance lock (a new holder
+    /// for this guest may start as soon as the hook has its answer). Owner records are withdrawn
+    /// by `withdraw_records` after that, and only where a new holder has not replaced them.
     fn drop_all(&mut self) {
-        self.held.clear();
-        for key in self.records.keys() {
-            self.lockspace.unpublish(key, &self.uuid, &self.host);
-        }
-        self.records.clear();
+        // Invariant: the files go first, while the instance lock still keeps a new holder of this
+        // guest from creating its own under the same names.
         let _ = fs::remove_file(self.paths.state(&self.uuid));
         let _ = fs::remove_file(self.paths.socket(&self.uuid));
+        self.held.clear();
+        self.instance = None;
     }
 
     fn exit(&mut self) {
         self.drop_all();
+        self.withdraw_records();
+    }
+
+    /// Withdraws every owner record and waits for the record thread to finish.
+    fn withdraw_records(&mut self) {
+        if let Some(mut records) = self.records.take() {
+            records.stop();
+        }
     }
 }
 
