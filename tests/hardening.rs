@@ -338,3 +338,32 @@ fn insecure_config_is_refused() {
     assert!(stderr(&out).contains("owner uid 65534"), "{}", stderr(&out));
     assert_eq!(lock_state(&img, 0), None);
 }
+
+/// The fuzzers' seeds and the regressions they found (`tests/fuzz/seeds/`), replayed on every
+/// run: parsing and decoding return Ok or Err, quickly, and never panic.
+#[test]
+fn fuzz_seeds_and_regressions_parse_or_fail_cleanly() {
+    use lockhook::holder::protocol::{self, Request, Response};
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/seeds");
+    let mut count = 0;
+    for entry in std::fs::read_dir(seeds.join("domain_xml")).expect("domain_xml seeds") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("read seed");
+        let started = Instant::now();
+        if let Ok(domain) = lockhook::domain::Domain::parse(&bytes) {
+            let _ = lockhook::resource::plan(&domain, &lockhook::config::Config::default());
+        }
+        let _ = lockhook::domain::Domain::parse_status(&bytes);
+        assert!(started.elapsed() < Duration::from_secs(2), "seed took {:?}", started.elapsed());
+        count += 1;
+    }
+    for entry in std::fs::read_dir(seeds.join("holder_protocol")).expect("protocol seeds") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("read seed");
+        if let Ok(request) = protocol::decode::<Request>(&bytes) {
+            let again = protocol::encode(&request).expect("re-encode");
+            assert_eq!(protocol::decode::<Request>(&again).expect("round trip"), request);
+        }
+        let _ = protocol::decode::<Response>(&bytes);
+        count += 1;
+    }
+    assert!(count > 50, "seeds: {count}");
+}

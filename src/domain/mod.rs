@@ -19,6 +19,9 @@ use self::xml::{RawBackingStore, RawDisk, RawDomain, RawLease, RawSource, RawSta
 pub const MAX_XML_BYTES: usize = 16 << 20;
 /// Elements nested deeper than this are refused (a backing chain is one level per image).
 pub const MAX_DEPTH: usize = 256;
+/// Elements with more attributes than this are refused: libvirt's have a handful, and the XML
+/// parser's duplicate-attribute check is quadratic in their number.
+pub const MAX_ATTRIBUTES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {
@@ -28,6 +31,10 @@ pub enum DomainError {
     TooLarge,
     #[error("domain XML nests elements deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    #[error("domain XML has an element with more than {MAX_ATTRIBUTES} attributes")]
+    TooManyAttributes,
+    #[error("domain XML has a <!DOCTYPE> (libvirt never writes one)")]
+    DocType,
     #[error("domain XML is not valid UTF-8")]
     NotUtf8,
     #[error("domain XML is malformed: {0}")]
@@ -216,14 +223,22 @@ fn one_line(text: &str) -> String {
 fn check_depth(text: &str) -> Result<(), DomainError> {
     let mut reader = Reader::from_str(text);
     let mut depth = 0usize;
+    let too_many =
+        |e: &quick_xml::events::BytesStart<'_>| e.attributes().with_checks(false).nth(MAX_ATTRIBUTES).is_some();
     loop {
         match reader.read_event() {
-            Ok(Event::Start(_)) => {
+            Ok(Event::Start(e)) => {
                 depth += 1;
                 if depth > MAX_DEPTH {
                     return Err(DomainError::TooDeep);
                 }
+                if too_many(&e) {
+                    return Err(DomainError::TooManyAttributes);
+                }
             }
+            Ok(Event::Empty(e)) if too_many(&e) => return Err(DomainError::TooManyAttributes),
+            // DTDs are never expanded, and one inside text trips the parser (quick-xml #964).
+            Ok(Event::DocType(_)) => return Err(DomainError::DocType),
             Ok(Event::End(_)) => depth = depth.saturating_sub(1),
             Ok(Event::Eof) => return Ok(()),
             Ok(_) => {}
@@ -358,6 +373,21 @@ mod tests {
         assert!(matches!(Domain::parse(deep.as_bytes()), Err(DomainError::TooDeep)));
         let big = vec![b' '; MAX_XML_BYTES + 1];
         assert!(matches!(Domain::parse(&big), Err(DomainError::TooLarge)));
+    }
+
+    #[test]
+    fn fuzzer_findings_are_refused_quickly() {
+        // A DOCTYPE inside text made quick-xml 0.37 panic; many attributes made it quadratic.
+        let doctype = format!("<domain><name>v<!DOCTYPE t>v</name><uuid>{UUID}</uuid></domain>");
+        assert!(matches!(Domain::parse(doctype.as_bytes()), Err(DomainError::DocType)));
+        assert!(matches!(Domain::parse(b"<><name>v<!DOCTYPEt>v"), Err(_)));
+        let attrs: String = (0..10_000).map(|i| format!(" a{i:x}=''")).collect();
+        let started = std::time::Instant::now();
+        let many = format!("<domain{attrs}><name>x</name><uuid>{UUID}</uuid></domain>");
+        assert!(matches!(Domain::parse(many.as_bytes()), Err(DomainError::TooManyAttributes)));
+        let empty = format!("<domain><name>x</name><uuid>{UUID}</uuid><devices><disk{attrs}/></devices></domain>");
+        assert!(matches!(Domain::parse(empty.as_bytes()), Err(DomainError::TooManyAttributes)));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod fdpass;
+pub mod footprint;
 pub mod handover;
 pub mod hotplug;
 pub mod protocol;

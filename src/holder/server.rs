@@ -33,7 +33,7 @@ use nix::sys::time::TimeVal;
 
 use super::protocol::{self, ErrorCode, Guest, Request, Response, MAX_FRAME};
 use super::records::RecordKeeper;
-use super::{fdpass, handover, hotplug};
+use super::{fdpass, footprint, handover, hotplug};
 use crate::config::Config;
 use crate::domain::Uuid;
 use crate::lock::{self, LockMode};
@@ -318,6 +318,7 @@ impl Holder {
                 }
                 // After the ACK: records are for naming holders, not on the start's critical path.
                 self.sync_records();
+                footprint::shed_code_pages();
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
