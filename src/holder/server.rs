@@ -285,6 +285,7 @@ impl Holder {
     fn serve(&mut self) {
         let started = Instant::now();
         let mut last_tick = Instant::now();
+        let code = footprint::CodePages::new();
         loop {
             let idle = self.held.is_empty() && self.pending.is_empty();
             if idle && (started.elapsed() >= IDLE_EXIT || self.spawner.is_none()) {
@@ -318,13 +319,14 @@ impl Holder {
                 }
                 // After the ACK: records are for naming holders, not on the start's critical path.
                 self.sync_records();
-                footprint::shed_code_pages();
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.heal();
                 self.follow_hotplug();
                 self.sync_records();
+                // Between ticks the holder only sleeps: give back the code pages it touched.
+                code.shed();
             }
         }
     }
