@@ -145,6 +145,8 @@ if [ "$mode" = uninstall ]; then
     [ "$running" = 0 ] || say "note: $running guest(s) still hold locks; their holders let go when the guests stop"
   fi
   if [ -e "$bin" ]; then rm -f "$bin"; say "removed $bin"; fi
+  # The idle spare holder (it holds no lock) goes too.
+  pkill -f '^lockhook holder --config .* --spare$' 2>/dev/null && say "stopped the spare holder" || true
   notify_libvirt
   say "kept $conf and /var/lib/lockhook (remove them by hand if you want)"
   exit 0

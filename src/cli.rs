@@ -68,10 +68,13 @@ pub enum Command {
     /// Internal: the per-guest lock holder (started by the hook).
     #[command(hide = true)]
     Holder {
+        #[arg(long, required_unless_present = "spare")]
+        uuid: Option<String>,
         #[arg(long)]
-        uuid: String,
-        #[arg(long)]
-        ready_fd: i32,
+        ready_fd: Option<i32>,
+        /// A spare holder, claimed by the next `prepare`.
+        #[arg(long, conflicts_with = "uuid")]
+        spare: bool,
     },
 }
 
@@ -171,9 +174,13 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Command::Holder { uuid, ready_fd } => {
-            let Ok(uuid) = Uuid::parse(&uuid) else { return ExitCode::from(2) };
-            let code = crate::holder::server::run(&config::path_from(cli.config.as_deref()), &uuid, ready_fd);
+        Command::Holder { uuid, ready_fd, spare } => {
+            let config_path = config::path_from(cli.config.as_deref());
+            let code = match (spare, uuid.map(|u| Uuid::parse(&u))) {
+                (true, _) => crate::holder::spare::run(&config_path),
+                (false, Some(Ok(uuid))) => crate::holder::server::run(&config_path, &uuid, ready_fd.unwrap_or(-1)),
+                _ => 2,
+            };
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
     }

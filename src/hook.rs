@@ -329,7 +329,7 @@ pub(crate) fn hand_over(
     acquired: Acquired,
     pending: Vec<Resource>,
 ) -> Result<Client, HookError> {
-    let client = match client {
+    let client = match client.or_else(|| Client::claim_spare(&ctx.paths, &guest.uuid)) {
         Some(client) => client,
         None => {
             spawn::spawn(&ctx.config_path, &guest.uuid).map_err(|source| HookError::Spawn {
@@ -347,6 +347,7 @@ pub(crate) fn hand_over(
     client.acquire(guest, &acquired.resources, &fds, &pending).map_err(holder_err(guest))?;
     // Invariant: `fds` (our copies) are dropped only now, after the holder's ACK.
     drop(fds);
+    ensure_spare(ctx);
     for r in &acquired.resources {
         info!("guest {} ({}): locked {} {}", guest.name, guest.uuid, r.mode.as_str(), r.path.display());
     }
@@ -359,6 +360,15 @@ pub(crate) fn hand_over(
 fn fault_point(point: &str) {
     if std::env::var_os("LOCKHOOK_FAULT").is_some_and(|v| v == point) {
         std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
+
+/// Starts a spare holder in the background when this host has none, for the next start.
+fn ensure_spare(ctx: &Ctx) {
+    if !crate::holder::spare::exists(&ctx.paths) {
+        if let Err(e) = spawn::spawn_spare(&ctx.config_path) {
+            warn!("cannot start a spare holder: {}", crate::error_chain(&e));
+        }
     }
 }
 

@@ -38,6 +38,15 @@ impl Paths {
         self.run_dir.join(format!("{uuid}.json"))
     }
 
+    /// The spare holder's socket and single-instance lock (see `holder::spare`).
+    pub fn spare_socket(&self) -> PathBuf {
+        self.run_dir.join("spare.sock")
+    }
+
+    pub fn spare_lock(&self) -> PathBuf {
+        self.run_dir.join("spare.lock")
+    }
+
     /// Marker of an incoming live migration, written by the `migrate` hook.
     pub fn incoming(&self, uuid: &Uuid) -> PathBuf {
         self.run_dir.join(format!("{uuid}.incoming"))

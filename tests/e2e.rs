@@ -346,9 +346,14 @@ fn libvirtd_restart_keeps_locks_and_dead_qemu_frees_them() {
         host.status()
     );
     assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
-    assert_eq!(
-        host.status()["guests"][0]["qemu_pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
-        host.lv.qemu_pid("vm1")
+    // The QEMU pid follows the hand-over in a second request: poll for it too.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            host.status()["guests"][0]["qemu_pid"].as_u64().and_then(|p| u32::try_from(p).ok())
+                == host.lv.qemu_pid("vm1")
+        }),
+        "the new holder watches QEMU: {}",
+        host.status()
     );
 
     // QEMU dies while libvirtd is down: the holder lets go by itself within seconds.

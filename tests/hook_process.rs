@@ -228,3 +228,61 @@ fn holder_lets_go_when_its_qemu_dies() {
     assert!(wait_until(Duration::from_secs(5), || lock_state(&img, 0).is_none()), "holder released after QEMU died");
     assert!(setup.log().contains("QEMU"), "logged why");
 }
+
+/// The pid of the spare holder for `setup`'s config, once it listens (a claimed spare keeps
+/// `--spare` in its argv, but not `spare.lock`).
+fn spare_pid(setup: &Setup) -> Option<u32> {
+    let config = setup.config.display().to_string();
+    std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).find(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        args.contains(&b"--spare".as_slice())
+            && args.contains(&config.as_bytes())
+            && std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.filter_map(Result::ok)
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.ends_with("spare.lock")))
+            })
+            && setup.run_dir.join("spare.sock").exists()
+    })
+}
+
+#[test]
+fn the_next_start_claims_the_spare_holder() {
+    let setup = Setup::new("");
+    let (a, b) = (setup.image("a.img"), setup.image("b.img"));
+    let vm1 = xml("vm1", UUID1, &file_disk(&a, "vda", ""));
+    let vm2 = xml("vm2", UUID2, &file_disk(&b, "vda", ""));
+    assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm1).status.success());
+    assert!(
+        wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some()),
+        "a spare is started for the next start"
+    );
+    let spare = spare_pid(&setup).expect("spare");
+    let fds = fd_targets(spare);
+    assert!(
+        fds.iter().all(|(_, t)| t == "/dev/null"
+            || t.starts_with("socket:")
+            || t.ends_with("spare.lock")
+            || t.ends_with("lockhook.log")),
+        "spare fds: {fds:?}"
+    );
+    assert!(setup.hook(&["vm2", "prepare", "begin", "-"], &vm2).status.success());
+    assert_eq!(holder_pid(&setup, UUID2), spare, "vm2's holder is the claimed spare");
+    assert_eq!(lock_state(&b, 0), Some(LockMode::Exclusive));
+    let fds = fd_targets(spare);
+    assert!(!fds.iter().any(|(_, t)| t.ends_with("spare.lock")), "the claimed spare let go of spare.*: {fds:?}");
+    assert!(fds.iter().any(|(_, t)| *t == b.display().to_string()), "{fds:?}");
+    assert!(wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some_and(|p| p != spare)), "a new spare");
+    for (name, vm) in [("vm1", &vm1), ("vm2", &vm2)] {
+        assert!(setup.hook(&[name, "release", "end", "-"], vm).status.success());
+    }
+    assert_eq!(lock_state(&b, 0), None);
+    // A spare goes away with its run directory.
+    let last = spare_pid(&setup).expect("spare");
+    std::fs::remove_dir_all(&setup.run_dir).expect("rm run dir");
+    assert!(
+        wait_until(Duration::from_secs(5), || !std::path::Path::new(&format!("/proc/{last}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{last}/cmdline")).map(|c| c.is_empty()).unwrap_or(true)),
+        "spare exits"
+    );
+}

@@ -69,6 +69,25 @@ impl Client {
         Ok(Some(Client { sock }))
     }
 
+    /// Claims this host's spare holder for `uuid` (see `holder::spare`). `Ok(None)` when there is
+    /// no spare, or it could not be claimed: the caller starts a holder itself.
+    pub fn claim_spare(paths: &Paths, uuid: &Uuid) -> Option<Client> {
+        let sock = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).ok()?;
+        let addr = UnixAddr::new(&paths.spare_socket()).ok()?;
+        connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).ok()?;
+        let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as libc::time_t, 0);
+        let _ = setsockopt(&sock, sockopt::ReceiveTimeout, &timeout);
+        let _ = setsockopt(&sock, sockopt::SendTimeout, &timeout);
+        let client = Client { sock };
+        match client.expect_ok(&Request::Claim { uuid: uuid.clone() }, &[]) {
+            Ok(()) => Some(client),
+            Err(e) => {
+                log::info!("spare holder not claimed for {uuid}: {}", crate::error_chain(&e));
+                None
+            }
+        }
+    }
+
     fn call(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Response, ClientError> {
         let bytes = protocol::encode(request)?;
         fdpass::send(self.sock.as_fd(), &bytes, fds)?;

@@ -8,4 +8,5 @@ pub mod hotplug;
 pub mod protocol;
 pub mod records;
 pub mod server;
+pub mod spare;
 pub mod spawn;

@@ -15,6 +15,7 @@
 //! | `set_qemu {pid, start_time}`           | none           | `ok`                            |
 //! | `held`                                 | none           | `held {identities, qemu_pid}`   |
 //! | `release`                              | none           | `ok` after every lock is dropped; then the holder exits |
+//! | `claim {uuid}` (to `spare.sock`)       | none           | `ok` once the spare is the holder of `uuid` |
 //!
 //! Any request may instead get `error {code, message}`. Only a peer with uid 0 or the holder's
 //! own uid (checked with `SO_PEERCRED`) may send anything; others get `error{code: "denied"}`.
@@ -51,6 +52,11 @@ pub enum Request {
     SetQemu {
         pid: u32,
         start_time: u64,
+    },
+    /// To a spare holder: become the holder of `uuid` (then `acquire` follows on the same
+    /// connection).
+    Claim {
+        uuid: crate::domain::Uuid,
     },
     Held,
     Release,

@@ -77,7 +77,7 @@ struct Qemu {
     pidfd: Option<OwnedFd>,
 }
 
-struct Holder {
+pub(crate) struct Holder {
     /// The hook that started us (a pidfd), until it has handed something over.
     spawner: Option<OwnedFd>,
     uuid: Uuid,
@@ -117,14 +117,17 @@ struct Events {
 }
 
 /// What the loop does after a request.
-enum Next {
+pub(crate) enum Next {
     Continue,
     Exit,
 }
 
 /// Closes every fd from 3 up except `keep`.
-fn close_inherited(keep: RawFd) {
-    let ranges = [(3u32, keep.saturating_sub(1) as u32), (keep as u32 + 1, u32::MAX)];
+pub(crate) fn close_inherited(keep: RawFd) {
+    let ranges = match u32::try_from(keep) {
+        Ok(keep) if keep >= 3 => [(3, keep - 1), (keep + 1, u32::MAX)],
+        _ => [(3, u32::MAX), (1, 0)],
+    };
     for (first, last) in ranges {
         if first > last {
             continue;
@@ -146,7 +149,7 @@ fn close_inherited(keep: RawFd) {
     }
 }
 
-fn protect_self() {
+pub(crate) fn protect_self() {
     // SIGCHLD ignored: the holder never waits for a child (virsh, when pausing), so the kernel
     // reaps them.
     for sig in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGPIPE, Signal::SIGCHLD] {
@@ -181,7 +184,7 @@ pub(crate) fn take_instance_lock(paths: &Paths, uuid: &Uuid) -> Result<File, Hol
     }
 }
 
-fn listen_on(path: &Path) -> Result<OwnedFd, HolderError> {
+pub(crate) fn listen_on(path: &Path) -> Result<OwnedFd, HolderError> {
     let err = |source| HolderError::Listen { path: path.to_owned(), source };
     // Only a holder holding the instance lock gets here, so a socket file left at this path
     // belongs to a dead holder of this guest.
@@ -230,7 +233,7 @@ pub fn run(config_path: &Path, uuid: &Uuid, ready_fd: RawFd) -> i32 {
         }
     };
     crate::logging::init_daemon(&config);
-    let mut holder = match Holder::start(&config, uuid) {
+    let mut holder = match Holder::start(&config, uuid, true) {
         Ok(holder) => holder,
         Err(e) => {
             error!("holder for {uuid}: {e}");
@@ -245,19 +248,37 @@ pub fn run(config_path: &Path, uuid: &Uuid, ready_fd: RawFd) -> i32 {
     0
 }
 
+/// Accepts a connection, with timeouts set, and says whether its peer may send requests
+/// (`SO_PEERCRED`: root or this holder's own uid).
+pub(crate) fn accept_conn(listener: &OwnedFd) -> nix::Result<(OwnedFd, bool)> {
+    let fd = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
+    // SAFETY: accept4 returned a new descriptor that only we own.
+    let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+    let timeout = TimeVal::new(CONN_TIMEOUT.as_secs() as libc::time_t, 0);
+    let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &timeout);
+    let _ = setsockopt(&conn, sockopt::SendTimeout, &timeout);
+    let allowed = match socket::getsockopt(&conn, sockopt::PeerCredentials) {
+        Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
+        Err(_) => false,
+    };
+    Ok((conn, allowed))
+}
+
 fn protocol_ready() -> &'static [u8] {
     super::spawn::READY
 }
 
 impl Holder {
-    fn start(config: &Config, uuid: &Uuid) -> Result<Holder, HolderError> {
+    /// Takes the instance lock of `uuid` and listens on its socket. With `watch_parent`, the
+    /// parent (the hook that spawned us) is watched until it hands something over.
+    pub(crate) fn start(config: &Config, uuid: &Uuid, watch_parent: bool) -> Result<Holder, HolderError> {
         let paths = Paths::new(&config.run_dir);
         ensure_run_dir(paths.run_dir())?;
         let instance = take_instance_lock(&paths, uuid)?;
         let listener = listen_on(&paths.socket(uuid))?;
         // The spawning hook is our parent until it exits (then we are reparented).
         let parent = nix::unistd::getppid().as_raw();
-        let spawner = u32::try_from(parent).ok().filter(|p| *p > 1).and_then(pidfd_open);
+        let spawner = u32::try_from(parent).ok().filter(|p| *p > 1 && watch_parent).and_then(pidfd_open);
         Ok(Holder {
             spawner,
             uuid: uuid.clone(),
@@ -282,7 +303,7 @@ impl Holder {
         })
     }
 
-    fn serve(&mut self) {
+    pub(crate) fn serve(&mut self) {
         let started = Instant::now();
         let mut last_tick = Instant::now();
         let code = footprint::CodePages::new();
@@ -488,21 +509,17 @@ impl Holder {
     }
 
     fn accept_one(&mut self) -> Next {
-        let conn = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-            // SAFETY: accept4 returned a new descriptor that only we own.
-            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+        match accept_conn(&self.listener) {
+            Ok((conn, allowed)) => self.serve_conn(&conn, allowed),
             Err(e) => {
                 warn!("holder for {}: accept failed: {e}", self.uuid);
-                return Next::Continue;
+                Next::Continue
             }
-        };
-        let timeout = TimeVal::new(CONN_TIMEOUT.as_secs() as libc::time_t, 0);
-        let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &timeout);
-        let _ = setsockopt(&conn, sockopt::SendTimeout, &timeout);
-        let allowed = match socket::getsockopt(&conn, sockopt::PeerCredentials) {
-            Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
-            Err(_) => false,
-        };
+        }
+    }
+
+    /// Answers requests on `conn` until the peer closes it.
+    pub(crate) fn serve_conn(&mut self, conn: &OwnedFd, allowed: bool) -> Next {
         let mut buf = vec![0u8; MAX_FRAME];
         loop {
             let (len, fds) = match fdpass::recv(conn.as_fd(), &mut buf) {
@@ -538,6 +555,10 @@ impl Holder {
 
     fn handle(&mut self, request: Request, fds: Vec<OwnedFd>) -> (Response, Next) {
         match request {
+            Request::Claim { .. } => (
+                Response::Error { code: ErrorCode::BadRequest, message: "this holder is not a spare".into() },
+                Next::Continue,
+            ),
             Request::Acquire { guest, resources, pending } => {
                 let response = self.acquire(guest, resources, fds);
                 if response == Response::Ok {

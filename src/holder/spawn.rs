@@ -72,6 +72,26 @@ pub fn spawn(config_path: &Path, uuid: &Uuid) -> Result<Pid, SpawnError> {
     }
 }
 
+/// Starts a *spare* holder (`holder --spare`) and does not wait for it: the next `prepare` on
+/// this host claims it instead of paying for a fork and exec on the guest's critical path. Its
+/// stdio is /dev/null and it inherits nothing, like any holder.
+pub fn spawn_spare(config_path: &Path) -> Result<(), SpawnError> {
+    let devnull = File::options().read(true).write(true).open("/dev/null").map_err(SpawnError::Prepare)?;
+    let exe = cstring(b"/proc/self/exe")?;
+    let args = [
+        cstring(b"lockhook")?,
+        cstring(b"holder")?,
+        cstring(b"--config")?,
+        cstring(config_path.as_os_str().as_bytes())?,
+        cstring(b"--spare")?,
+    ];
+    // SAFETY: as in `spawn`: the child only calls async-signal-safe functions before exec.
+    match unsafe { fork() }.map_err(SpawnError::Fork)? {
+        ForkResult::Child => exec_child(&exe, &args, devnull.as_raw_fd(), -1),
+        ForkResult::Parent { .. } => Ok(()),
+    }
+}
+
 /// The child between fork and exec. Never returns and never runs Rust code that allocates.
 fn exec_child(exe: &CString, args: &[CString], devnull: RawFd, ready_fd: RawFd) -> ! {
     let mut argv: [*const libc::c_char; 9] = [std::ptr::null(); 9];
@@ -88,7 +108,9 @@ fn exec_child(exe: &CString, args: &[CString], devnull: RawFd, ready_fd: RawFd) 
         }
         libc::setsid();
         // The ready pipe is the one fd the holder must inherit.
-        libc::fcntl(ready_fd, libc::F_SETFD, 0);
+        if ready_fd >= 0 {
+            libc::fcntl(ready_fd, libc::F_SETFD, 0);
+        }
         libc::execv(exe.as_ptr(), argv.as_ptr());
         libc::_exit(127)
     }

@@ -1,0 +1,125 @@
+//! The spare holder: one idle holder per host, started in the background by the previous
+//! `prepare`, so the next guest start claims it instead of waiting for a fork and exec of a new
+//! holder (the largest fixed cost of `prepare`).
+//!
+//! A spare holds no lock. It keeps `<run_dir>/spare.lock` (an OFD lock: one spare at a time) and
+//! listens on `<run_dir>/spare.sock`. A hook sends `claim {uuid}`: the spare takes that guest's
+//! instance lock and socket, gives up `spare.*`, answers `ok`, and from then on is that guest's
+//! holder, continuing on the same connection with `acquire`. If anything fails, the hook falls
+//! back to starting a holder itself. A spare exits when its run directory goes away, and on
+//! `release` (`install.sh --uninstall`).
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use log::{info, warn};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::fdpass;
+use super::footprint::CodePages;
+use super::protocol::{self, ErrorCode, Request, Response, MAX_FRAME};
+use super::server::{self, Holder, TICK};
+use crate::config::Config;
+use crate::lock::{self, LockMode};
+use crate::paths::Paths;
+
+fn take_spare_lock(paths: &Paths) -> Option<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(paths.spare_lock())
+        .ok()?;
+    lock::try_lock_fd(&file, LockMode::Exclusive, 0).ok()?;
+    Some(file)
+}
+
+/// Whether a spare is running for this run directory.
+pub fn exists(paths: &Paths) -> bool {
+    File::open(paths.spare_lock()).is_ok_and(|f| matches!(lock::probe_fd(&f, 0), Ok(Some(_))))
+}
+
+fn reply(conn: &std::os::fd::OwnedFd, response: &Response) {
+    if let Ok(bytes) = protocol::encode(response) {
+        let _ = fdpass::send(conn.as_fd(), &bytes, &[]);
+    }
+}
+
+/// The spare's main.
+pub fn run(config_path: &Path) -> i32 {
+    server::close_inherited(-1);
+    server::protect_self();
+    let Ok(config) = Config::load(config_path) else { return 1 };
+    crate::logging::init_daemon(&config);
+    let paths = Paths::new(&config.run_dir);
+    if server::ensure_run_dir(paths.run_dir()).is_err() {
+        return 1;
+    }
+    let Some(spare_lock) = take_spare_lock(&paths) else { return 0 }; // another spare runs
+    let socket = paths.spare_socket();
+    let Ok(listener) = server::listen_on(&socket) else { return 1 };
+    let code = CodePages::new();
+    let mut buf = vec![0u8; MAX_FRAME];
+    loop {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let ready = matches!(poll(&mut fds, PollTimeout::try_from(TICK).unwrap_or(PollTimeout::MAX)), Ok(n) if n > 0);
+        if fs::symlink_metadata(&socket).is_err() {
+            return 0; // the run directory (or this socket) was removed
+        }
+        if !ready {
+            code.shed();
+            continue;
+        }
+        let Ok((conn, allowed)) = server::accept_conn(&listener) else { continue };
+        let request = match fdpass::recv(conn.as_fd(), &mut buf) {
+            Ok((len, _)) if len > 0 => protocol::decode::<Request>(&buf[..len]),
+            _ => continue,
+        };
+        if !allowed {
+            reply(
+                &conn,
+                &Response::Error { code: ErrorCode::Denied, message: "only root may talk to a lockhook holder".into() },
+            );
+            continue;
+        }
+        match request {
+            Ok(Request::Claim { uuid }) => {
+                // The config may have changed since this spare started.
+                let config = Config::load(config_path).unwrap_or(config.clone());
+                match Holder::start(&config, &uuid, false) {
+                    Ok(mut holder) => {
+                        let _ = fs::remove_file(&socket);
+                        drop(spare_lock);
+                        info!("spare holder {} is now the holder of {uuid}", std::process::id());
+                        reply(&conn, &Response::Ok);
+                        // Invariant: nothing of the spare stays open in the guest's holder.
+                        drop(listener);
+                        if let server::Next::Exit = holder.serve_conn(&conn, allowed) {
+                            return 0;
+                        }
+                        drop(conn);
+                        holder.serve();
+                        return 0;
+                    }
+                    Err(e) => {
+                        warn!("spare holder: cannot become the holder of {uuid}: {e}");
+                        reply(&conn, &Response::Error { code: ErrorCode::Failed, message: e.to_string() });
+                    }
+                }
+            }
+            Ok(Request::Release) => {
+                reply(&conn, &Response::Ok);
+                let _ = fs::remove_file(&socket);
+                return 0;
+            }
+            Ok(_) => {
+                reply(&conn, &Response::Error { code: ErrorCode::BadRequest, message: "this is a spare holder".into() })
+            }
+            Err(e) => reply(&conn, &Response::Error { code: ErrorCode::BadRequest, message: e.to_string() }),
+        }
+    }
+}
