@@ -556,6 +556,8 @@ pub fn report_serial(instances: &[Instance], s: &Serial, rounds: usize, report: 
                 "ratio ≤ 1.0",
                 (lh_added.is_finite() && vl_added.is_finite()).then_some(lh_added <= vl_added),
             );
+            let (lo, hi) = stats::median_ci(&direct);
+            report.within_noise(lo <= 0.0 && hi >= 0.0);
         }
         if let Some(noop) = position(instances, Kind::NoopSh) {
             let diffs = paired_diff(&s.start[lh][si], &s.start[noop][si]);
@@ -571,6 +573,8 @@ pub fn report_serial(instances: &[Instance], s: &Serial, rounds: usize, report: 
                 "≤ 10 ms",
                 over.median.is_finite().then_some(over.median <= 10.0),
             );
+            let (lo, hi) = stats::median_ci(&diffs);
+            report.within_noise(lo <= 10.0 && hi >= 10.0);
         }
         if let (Some(noop), Some(t)) = (position(instances, Kind::NoopSh), position(instances, Kind::NoopTrue)) {
             let d = stats::median(&paired_diff(&s.start[t][si], &s.start[noop][si]));

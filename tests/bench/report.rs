@@ -7,6 +7,8 @@ pub struct Target {
     pub measured: String,
     pub limit: String,
     pub pass: Option<bool>,
+    /// The 95% confidence interval of the measured figure spans the limit: the verdict is noise.
+    pub within_noise: bool,
 }
 
 #[derive(Default)]
@@ -24,7 +26,20 @@ impl Report {
 
     /// A target; `pass == None` when it could not be measured.
     pub fn target(&mut self, name: impl Into<String>, measured: impl Into<String>, limit: &str, pass: Option<bool>) {
-        self.targets.push(Target { name: name.into(), measured: measured.into(), limit: limit.to_owned(), pass });
+        self.targets.push(Target {
+            name: name.into(),
+            measured: measured.into(),
+            limit: limit.to_owned(),
+            pass,
+            within_noise: false,
+        });
+    }
+
+    /// Marks the last target as decided by noise (its 95% CI spans the limit).
+    pub fn within_noise(&mut self, yes: bool) {
+        if let Some(t) = self.targets.last_mut() {
+            t.within_noise = yes;
+        }
     }
 
     pub fn note(&mut self, text: impl Into<String>) {
@@ -45,10 +60,12 @@ impl Report {
         let _ = writeln!(out, "| target | measured | limit | result |");
         let _ = writeln!(out, "|---|---|---|---|");
         for t in &self.targets {
-            let result = match t.pass {
-                Some(true) => "PASS",
-                Some(false) => "**MISS**",
-                None => "not measured",
+            let result = match (t.pass, t.within_noise) {
+                (Some(true), false) => "PASS",
+                (Some(false), false) => "**MISS**",
+                (Some(true), true) => "PASS (within noise: 95% CI spans the limit)",
+                (Some(false), true) => "**MISS** (within noise: 95% CI spans the limit)",
+                (None, _) => "not measured",
             };
             let _ = writeln!(out, "| {} | {} | {} | {result} |", t.name, t.measured, t.limit);
         }
