@@ -36,12 +36,23 @@ if [ "$need_apt" = 1 ]; then
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 util-linux mount >/dev/null
 fi
 
-cargo build --release --locked
+# The binary install.sh installs: statically linked where the toolchain can.
+host=$(rustc -vV | sed -n 's/^host: //p')
+built=target/release/lockhook
+case "$host" in
+  *-linux-gnu)
+    if RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" cargo build --release --locked --target "$host"; then
+      built="target/$host/release/lockhook"
+    else
+      cargo build --release --locked
+    fi ;;
+  *) cargo build --release --locked ;;
+esac
 # Measure exactly this release build: `cargo bench` re-links target/release/lockhook with the bench
 # profile, and another build could replace it during the run.
 mkdir -p target/bench
 # (cp + mv: a holder still running from an earlier run keeps the old file busy.)
-cp target/release/lockhook target/bench/lockhook.new
+cp "$built" target/bench/lockhook.new
 mv -f target/bench/lockhook.new target/bench/lockhook
 export LOCKHOOK_BENCH_BIN="$PWD/target/bench/lockhook"
 exec cargo bench --locked --bench lockhook -- "$@"
