@@ -380,7 +380,7 @@ mod tests {
         // A DOCTYPE inside text made quick-xml 0.37 panic; many attributes made it quadratic.
         let doctype = format!("<domain><name>v<!DOCTYPE t>v</name><uuid>{UUID}</uuid></domain>");
         assert!(matches!(Domain::parse(doctype.as_bytes()), Err(DomainError::DocType)));
-        assert!(matches!(Domain::parse(b"<><name>v<!DOCTYPEt>v"), Err(_)));
+        assert!(Domain::parse(b"<><name>v<!DOCTYPEt>v").is_err());
         let attrs: String = (0..10_000).map(|i| format!(" a{i:x}=''")).collect();
         let started = std::time::Instant::now();
         let many = format!("<domain{attrs}><name>x</name><uuid>{UUID}</uuid></domain>");

@@ -35,6 +35,12 @@ pub struct CodePages {
     ranges: Vec<(usize, usize)>,
 }
 
+impl Default for CodePages {
+    fn default() -> Self {
+        CodePages::new()
+    }
+}
+
 impl CodePages {
     pub fn new() -> CodePages {
         CodePages { ranges: fs::read_to_string("/proc/self/maps").map(|maps| code_mappings(&maps)).unwrap_or_default() }
