@@ -46,6 +46,8 @@ pub const IDLE_EXIT: Duration = Duration::from_secs(10);
 pub const CONN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the holder checks its files (and, without pidfd support, its QEMU process).
 pub const TICK: Duration = Duration::from_secs(1);
+/// Every this many ticks the holder re-publishes owner records someone removed.
+const RECORD_REFRESH_TICKS: u64 = 60;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HolderError {
@@ -307,6 +309,7 @@ impl Holder {
         let started = Instant::now();
         let mut last_tick = Instant::now();
         let code = footprint::CodePages::new();
+        let mut ticks = 0u64;
         loop {
             let idle = self.held.is_empty() && self.pending.is_empty();
             if idle && (started.elapsed() >= IDLE_EXIT || self.spawner.is_none()) {
@@ -343,7 +346,15 @@ impl Holder {
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
+                ticks += 1;
                 self.heal();
+                // Owner records removed by someone else come back, once a minute: the record
+                // thread's work would otherwise map code pages again after every tick.
+                if ticks % RECORD_REFRESH_TICKS == 0 {
+                    if let Some(records) = &self.records {
+                        records.refresh();
+                    }
+                }
                 self.follow_hotplug();
                 self.sync_records();
                 // Between ticks the holder only sleeps: give back the code pages it touched.
@@ -411,9 +422,6 @@ impl Holder {
                 }
                 Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
             }
-        }
-        if let Some(records) = &self.records {
-            records.refresh();
         }
         if self.guest.is_some() {
             let state_path = self.paths.state(&self.uuid);
