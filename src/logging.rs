@@ -17,7 +17,8 @@ use crate::config::Config;
 
 struct Logger {
     stderr: bool,
-    syslog: Option<UnixDatagram>,
+    /// Log to `/dev/log`: a socket per message, so a holder keeps no extra fd while idle.
+    syslog: bool,
     file: Option<Mutex<File>>,
 }
 
@@ -34,7 +35,7 @@ impl Log for Logger {
         if self.stderr {
             eprintln!("lockhook: {}: {message}", record.level().as_str().to_lowercase());
         }
-        if let Some(sock) = &self.syslog {
+        if let Some(sock) = self.syslog.then(syslog).flatten() {
             // facility daemon (3), RFC 3164 framing as journald and rsyslog accept it.
             let severity = match record.level() {
                 Level::Error => 3,
@@ -90,10 +91,10 @@ impl NoFollow for OpenOptions {
 
 /// CLI: log lines go to stderr.
 pub fn init_cli(level: LevelFilter) {
-    install(Logger { stderr: true, syslog: None, file: None }, level);
+    install(Logger { stderr: true, syslog: false, file: None }, level);
 }
 
 /// Hook and holder: syslog when there is one, and the configured log file.
 pub fn init_daemon(config: &Config) {
-    install(Logger { stderr: false, syslog: syslog(), file: log_file(config.log_file.as_deref()) }, config.level());
+    install(Logger { stderr: false, syslog: true, file: log_file(config.log_file.as_deref()) }, config.level());
 }
