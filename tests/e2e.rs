@@ -7,65 +7,8 @@ use std::time::Duration;
 
 use lockhook::lock::LockMode;
 
-use crate::common::libvirtd::{guest_xml, random_uuid, Libvirtd, LibvirtdOptions};
-use crate::common::{lock_state, lockhook_bin, wait_until, Setup};
-
-/// One simulated host: lockhook's config and run dir, and a libvirtd that calls lockhook.
-struct Host {
-    setup: Setup,
-    lv: Libvirtd,
-}
-
-impl Host {
-    fn new() -> Host {
-        let setup = Setup::new("");
-        let lv = Libvirtd::start(LibvirtdOptions {
-            hook_binary: Some(lockhook_bin()),
-            extra_mounts: vec![(setup.path("etc"), PathBuf::from("/etc/lockhook"))],
-            ..LibvirtdOptions::default()
-        });
-        Host { setup, lv }
-    }
-
-    /// Defines guest `name` with `devices` XML; returns its UUID.
-    fn define(&self, name: &str, devices: &str) -> String {
-        let uuid = random_uuid();
-        self.lv.define(&guest_xml(name, &uuid, devices));
-        uuid
-    }
-
-    fn start(&self, name: &str) {
-        self.lv.virsh_ok(&["start", name]);
-    }
-
-    /// Starts `name` expecting lockhook to refuse it; returns virsh's stderr.
-    fn refused(&self, name: &str) -> String {
-        let out = self.lv.virsh(&["start", name]);
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "{name} started but should have been refused");
-        assert!(err.contains("Hook script execution failed"), "not refused by the hook: {err}");
-        assert_eq!(self.lv.virsh_ok(&["domstate", name]).trim(), "shut off");
-        err
-    }
-
-    fn destroy(&self, name: &str) {
-        self.lv.virsh_ok(&["destroy", name]);
-    }
-
-    fn status(&self) -> serde_json::Value {
-        self.setup.status_json()
-    }
-
-    fn guest_names(&self) -> Vec<String> {
-        let status = self.status();
-        status["guests"]
-            .as_array()
-            .expect("guests")
-            .iter()
-            .map(|g| g["name"].as_str().expect("name").to_owned())
-            .collect()
-    }
-}
+use crate::common::host::Host;
+use crate::common::{lock_state, wait_until};
 
 fn file_disk(path: &Path, dev: &str, format: &str, extra: &str) -> String {
     format!(

@@ -2,45 +2,29 @@
 //! self-healing holders (`reconcile`), on a real libvirtd.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use lockhook::lock::LockMode;
 
-use crate::common::libvirtd::{guest_xml, random_uuid, Libvirtd, LibvirtdOptions};
-use crate::common::{lock_state, lockhook_bin, stderr, wait_until, Setup};
+use crate::common::host::Host;
+use crate::common::{lock_state, lockhook_bin, stderr, wait_until};
 
-struct Host {
-    setup: Setup,
-    lv: Libvirtd,
-}
-
+/// Helpers this file adds to the shared test host.
 impl Host {
-    fn new() -> Host {
-        Host::with_config("")
-    }
-
-    fn with_config(extra: &str) -> Host {
-        let setup = Setup::new(extra);
-        let lv = Libvirtd::start(LibvirtdOptions {
-            hook_binary: Some(lockhook_bin()),
-            extra_mounts: vec![(setup.path("etc"), PathBuf::from("/etc/lockhook"))],
-            ..LibvirtdOptions::default()
-        });
-        Host { setup, lv }
-    }
-
-    fn define(&self, name: &str, devices: &str) -> String {
-        let uuid = random_uuid();
-        self.lv.define(&guest_xml(name, &uuid, devices));
-        uuid
-    }
-
-    fn refused(&self, name: &str) -> String {
-        let out = self.lv.virsh(&["start", name]);
-        assert!(!out.status.success(), "{name} should have been refused");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+    /// `lockhook run PATH -- sh -c 'read x'`: holds PATH until a line is written to its stdin.
+    fn run_until_told(&self, path: &Path) -> std::process::Child {
+        Command::new(lockhook_bin())
+            .arg("--config")
+            .arg(&self.setup.config)
+            .arg("run")
+            .arg(path)
+            .args(["--", "sh", "-c", "read x"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn lockhook run")
     }
 
     /// `lockhook ARGS` inside the test host (where libvirt's status files are).
@@ -112,14 +96,7 @@ fn check_and_run_guard_images_against_guests() {
     assert_eq!(out.status.code(), Some(7), "the command's status: {}", stderr(&out));
 
     // A guest cannot start while `run` holds its image.
-    let mut running = Command::new(lockhook_bin())
-        .arg("--config")
-        .arg(&host.setup.config)
-        .args(["run", img.to_str().expect("utf8"), "--", "sh", "-c", "read x"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn run");
+    let mut running = host.run_until_told(&img);
     assert!(wait_until(Duration::from_secs(5), || lock_state(&img, 0) == Some(LockMode::Exclusive)));
     let err = host.refused("vm2");
     assert!(
@@ -181,14 +158,7 @@ fn hot_plugged_disks_are_locked_and_unplugged_ones_freed() {
 
     // Hot-plugging an image someone else holds (here a `lockhook run`, which QEMU's own locks do
     // not see): noticed, shown, logged, retried; the warn policy keeps the guest running.
-    let mut runner = Command::new(lockhook_bin())
-        .arg("--config")
-        .arg(&host.setup.config)
-        .args(["run", extra.to_str().expect("utf8"), "--", "sh", "-c", "read x"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn run");
+    let mut runner = host.run_until_told(&extra);
     assert!(wait_until(Duration::from_secs(5), || lock_state(&extra, 0).is_some()));
     host.lv.virsh_ok(&["attach-disk", "vm1", extra.to_str().expect("utf8"), "sdc", "--targetbus", "scsi", "--live"]);
     let has_conflict = || {
@@ -271,14 +241,7 @@ fn pause_policy_pauses_a_guest_whose_hot_plug_conflicts() {
     let extra = host.setup.image("images/extra.raw");
     host.define("vm1", &format!("{}<controller type='scsi' model='virtio-scsi'/>", raw(&boot, "vda")));
     host.lv.virsh_ok(&["start", "vm1"]);
-    let mut runner = Command::new(lockhook_bin())
-        .arg("--config")
-        .arg(&host.setup.config)
-        .args(["run", extra.to_str().expect("utf8"), "--", "sh", "-c", "read x"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn run");
+    let mut runner = host.run_until_told(&extra);
     assert!(wait_until(Duration::from_secs(5), || lock_state(&extra, 0).is_some()));
     host.lv.virsh_ok(&["attach-disk", "vm1", extra.to_str().expect("utf8"), "sda", "--targetbus", "scsi", "--live"]);
     assert!(

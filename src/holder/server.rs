@@ -169,18 +169,24 @@ pub(crate) fn ensure_run_dir(dir: &Path) -> Result<(), HolderError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
-pub(crate) fn take_instance_lock(paths: &Paths, uuid: &Uuid) -> Result<File, HolderError> {
-    let path = paths.instance_lock(uuid);
+/// Opens (creating, never following a symlink) a single-instance lock file in the run directory
+/// and takes its exclusive OFD lock without waiting.
+pub(crate) fn lock_instance_file(path: &Path) -> std::io::Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(|source| HolderError::InstanceLock { path: path.clone(), source })?;
-    match lock::try_lock_fd(&file, LockMode::Exclusive, 0) {
-        Ok(()) => Ok(file),
+        .open(path)?;
+    lock::try_lock_fd(&file, LockMode::Exclusive, 0)?;
+    Ok(file)
+}
+
+pub(crate) fn take_instance_lock(paths: &Paths, uuid: &Uuid) -> Result<File, HolderError> {
+    let path = paths.instance_lock(uuid);
+    match lock_instance_file(&path) {
+        Ok(file) => Ok(file),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(HolderError::AlreadyRunning(uuid.clone())),
         Err(source) => Err(HolderError::InstanceLock { path, source }),
     }

@@ -9,9 +9,8 @@
 //! back to starting a holder itself. A spare exits when its run directory goes away, and on
 //! `release` (`install.sh --uninstall`).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use log::{info, warn};
@@ -22,21 +21,8 @@ use super::footprint::CodePages;
 use super::protocol::{self, ErrorCode, Request, Response, MAX_FRAME};
 use super::server::{self, Holder, TICK};
 use crate::config::Config;
-use crate::lock::{self, LockMode};
+use crate::lock;
 use crate::paths::Paths;
-
-fn take_spare_lock(paths: &Paths) -> Option<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(paths.spare_lock())
-        .ok()?;
-    lock::try_lock_fd(&file, LockMode::Exclusive, 0).ok()?;
-    Some(file)
-}
 
 /// Whether a spare is running for this run directory.
 pub fn exists(paths: &Paths) -> bool {
@@ -59,7 +45,7 @@ pub fn run(config_path: &Path) -> i32 {
     if server::ensure_run_dir(paths.run_dir()).is_err() {
         return 1;
     }
-    let Some(spare_lock) = take_spare_lock(&paths) else { return 0 }; // another spare runs
+    let Ok(spare_lock) = server::lock_instance_file(&paths.spare_lock()) else { return 0 }; // another spare runs
     let socket = paths.spare_socket();
     let Ok(listener) = server::listen_on(&socket) else { return 1 };
     let code = CodePages::new();

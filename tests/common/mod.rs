@@ -1,6 +1,7 @@
 //! Shared test helpers: the built binary, a temp lockhook setup, running the hook as libvirt
 //! does, and (in `libvirtd`) a private libvirtd.
 
+pub mod host;
 pub mod libvirtd;
 
 use std::io::Write;
