@@ -283,20 +283,26 @@ impl Libvirtd {
         let root = self.dir.path();
         let pidfile = root.join("pids/libvirtd.pid");
         let out_log = root.join("log/daemons.out");
-        let mut cmd = self.ns_command();
-        set_daemon_env(&mut cmd);
         let listen = if root.join("listen").exists() { "--listen" } else { "" };
-        cmd.args(["sh", "-c", r#"exec libvirtd -d $3 -p "$1" </dev/null >>"$2" 2>&1"#, "sh"])
-            .arg(&pidfile)
-            .arg(&out_log)
-            .arg(listen);
-        let out = output_with_timeout(cmd, STARTUP_TIMEOUT).expect("run libvirtd -d");
-        assert!(
-            out.status.success(),
-            "libvirtd -d failed ({}): {}",
-            out.status,
-            fs::read_to_string(&out_log).unwrap_or_default(),
-        );
+        // A killed libvirtd can hold its pid file lock a moment longer than it takes to die
+        // ("Unable to obtain pidfile"): retry until it is free, within the startup deadline.
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let mut cmd = self.ns_command();
+            set_daemon_env(&mut cmd);
+            cmd.args(["sh", "-c", r#"exec libvirtd -d $3 -p "$1" </dev/null >>"$2" 2>&1"#, "sh"])
+                .arg(&pidfile)
+                .arg(&out_log)
+                .arg(listen);
+            let out = output_with_timeout(cmd, STARTUP_TIMEOUT).expect("run libvirtd -d");
+            if out.status.success() {
+                break;
+            }
+            let log = fs::read_to_string(&out_log).unwrap_or_default();
+            let pidfile_busy = log.lines().last().is_some_and(|l| l.contains("Unable to obtain pidfile"));
+            assert!(pidfile_busy && Instant::now() < deadline, "libvirtd -d failed ({}): {log}", out.status);
+            thread::sleep(Duration::from_millis(100));
+        }
         self.wait_until_answering();
     }
 
