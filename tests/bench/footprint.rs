@@ -188,7 +188,7 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], report: &mut Report) 
     for h in &held {
         release_ms.push(env.call_ok(&h.name, "release", "end", &h.xml));
     }
-    let gone = util::wait_for(Duration::from_secs(10), || held.iter().all(|h| !util::alive(h.pid)));
+    let gone = crate::libvirtd::wait_until(Duration::from_secs(10), || held.iter().all(|h| !util::alive(h.pid)));
     util::reap_orphans();
     let inodes: HashSet<u64> = held
         .iter()

@@ -134,7 +134,7 @@ pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
             .count();
         let pid = env.holder_pid(&g.uuid);
         env.call_ok(&g.name, "release", "end", &g.xml);
-        let gone = util::wait_for(Duration::from_secs(5), || pid.iter().all(|&p| !util::alive(p)));
+        let gone = crate::libvirtd::wait_until(Duration::from_secs(5), || pid.iter().all(|&p| !util::alive(p)));
         let left = images[..64].iter().filter(|p| util::locks_on(p).iter().any(|l| l.kind == "OFDLCK")).count();
         format!(
             "- hook alone: after `prepare` of 64 disks, {locked}/64 images carry an OFD WRITE lock on byte 0 \
@@ -174,7 +174,10 @@ pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
             samples[item].release.push(env.call_ok(&g.name, "release", "end", &g.xml));
             // Not timed: the holder must be gone before this guest's next prepare.
             if let Some(pid) = pid {
-                assert!(util::wait_for(Duration::from_secs(5), || !util::alive(pid)), "holder {pid} outlived release");
+                assert!(
+                    crate::libvirtd::wait_until(Duration::from_secs(5), || !util::alive(pid)),
+                    "holder {pid} outlived release"
+                );
             }
         }
         util::reap_orphans();

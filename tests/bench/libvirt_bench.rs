@@ -203,7 +203,11 @@ fn start_virtlockd(lv: &Libvirtd) {
     ]);
     assert!(out.status.success(), "{}", describe_failure("virtlockd -d", &out));
     let sock = lv.ns_path(Path::new("/run/libvirt/virtlockd-sock"));
-    assert!(util::wait_for(Duration::from_secs(10), || sock.exists()), "virtlockd did not create {}", sock.display());
+    assert!(
+        crate::libvirtd::wait_until(Duration::from_secs(10), || sock.exists()),
+        "virtlockd did not create {}",
+        sock.display()
+    );
     lv.kill_daemon();
     lv.restart_daemon();
 }
@@ -271,7 +275,7 @@ pub fn verify(instances: &[Instance], report: &mut Report) {
                     }
                 }
                 virsh_ok(&inst.lv, &["destroy", "g1"]);
-                let freed = util::wait_for(Duration::from_secs(5), || {
+                let freed = crate::libvirtd::wait_until(Duration::from_secs(5), || {
                     !util::locks_on(img).iter().any(|l| l.kind == "POSIX" && l.start == 0)
                 });
                 let _ = writeln!(
@@ -307,10 +311,11 @@ pub fn verify(instances: &[Instance], report: &mut Report) {
                     describe_locks(&sample)
                 );
                 virsh_ok(&inst.lv, &["destroy", "g16"]);
-                let freed = util::wait_for(Duration::from_secs(5), || {
+                let freed = crate::libvirtd::wait_until(Duration::from_secs(5), || {
                     imgs.iter().all(|img| !util::locks_on(img).iter().any(|l| l.kind == "OFDLCK" && l.start == 0))
                 });
-                let gone = util::wait_for(Duration::from_secs(5), || holder.iter().all(|&p| !util::alive(p)));
+                let gone =
+                    crate::libvirtd::wait_until(Duration::from_secs(5), || holder.iter().all(|&p| !util::alive(p)));
                 let _ = writeln!(
                     text,
                     "- lockhook: after destroy the locks are {} and the holder is {}",
