@@ -174,6 +174,8 @@ fn removed_run_dir_and_corrupt_state_are_healed() {
     let img = setup.image("a.img");
     let vm = xml("vm", UUID, &disk(&img));
     assert!(setup.hook(&["vm", "prepare", "begin", "-"], &vm).status.success());
+    // The spare holder started after the prepare writes into the run dir too: let it settle.
+    assert!(wait_until(Duration::from_secs(5), || setup.run_dir.join("spare.sock").exists()));
     std::fs::remove_dir_all(&setup.run_dir).expect("rm -rf run dir");
     assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive), "the locks do not live in the run dir");
     assert!(
