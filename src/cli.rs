@@ -22,6 +22,14 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum LockspaceAction {
+    /// Give `lockspace_dir` its identity (once per fleet, with the shared storage mounted) and
+    /// print the `lockspace_id` line for every host's config; on an initialised lockspace, print
+    /// its identity.
+    Init,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run as libvirt's qemu hook: `lockhook hook NAME OP SUBOP EXTRA` (domain XML on stdin).
     Hook {
@@ -65,6 +73,11 @@ pub enum Command {
     Reconcile,
     /// Check this host's installation and say what to fix (exit 0 fine, 1 warnings, 2 errors).
     Doctor,
+    /// The shared lockspace of a fleet.
+    Lockspace {
+        #[command(subcommand)]
+        action: LockspaceAction,
+    },
     /// Internal: the per-guest lock holder (started by the hook).
     #[command(hide = true)]
     Holder {
@@ -158,6 +171,25 @@ pub fn run(cli: Cli) -> ExitCode {
             let findings = crate::doctor::diagnose(&layout);
             let _ = crate::doctor::print(&findings, &mut std::io::stdout().lock());
             ExitCode::from(crate::doctor::exit_code(&findings))
+        }
+        Command::Lockspace { action: LockspaceAction::Init } => {
+            let config = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match crate::lockspace_id::init(&config.lockspace_dir) {
+                Ok((id, fresh)) => {
+                    let what = if fresh { "initialised" } else { "was initialised before" };
+                    println!("lockspace {} {what}; its identity:", config.lockspace_dir.display());
+                    println!("lockspace_id = \"{id}\"");
+                    println!("(put this line in /etc/lockhook/lockhook.toml on every host that shares it)");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lockhook: {}", crate::one_line(&crate::error_chain(&e)));
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Reconcile => {
             let config_path = config::path_from(cli.config.as_deref());

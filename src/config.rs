@@ -60,6 +60,9 @@ pub enum ReconnectPolicy {
 pub struct Config {
     pub run_dir: PathBuf,
     pub lockspace_dir: PathBuf,
+    /// The identity of the shared lockspace (`lockhook lockspace init`); when set, every hook
+    /// call that locks checks that `lockspace_dir` is that lockspace (see `lockspace_id`).
+    pub lockspace_id: Option<crate::domain::Uuid>,
     pub readonly: SharedPolicy,
     pub shareable: SharedPolicy,
     pub backing_chains: bool,
@@ -78,6 +81,7 @@ impl Default for Config {
         Config {
             run_dir: "/run/lockhook".into(),
             lockspace_dir: "/var/lib/lockhook".into(),
+            lockspace_id: None,
             readonly: SharedPolicy::Shared,
             shareable: SharedPolicy::Shared,
             backing_chains: true,

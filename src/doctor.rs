@@ -109,6 +109,7 @@ pub fn diagnose(layout: &Layout) -> Vec<Finding> {
     check_daemons(&hooks, &config.run_dir, &mut out);
     check_run_dir(&config.run_dir, &mut out);
     check_lockspace_dir(&config.lockspace_dir, &mut out);
+    check_lockspace_id(&config, &mut out);
     check_locks(layout, &config, &mut out);
     check_shared(&config.lockspace_dir, &mut out);
     check_lock_manager(layout, &mut out);
@@ -488,6 +489,37 @@ fn check_lockspace_dir(dir: &Path, out: &mut Vec<Finding>) {
             format!("{shown} is not a directory: set lockspace_dir to a directory"),
         )),
         Ok(_) => out.push(Finding::new(Severity::Ok, CHECK, format!("{shown} exists"))),
+    }
+}
+
+/// The lockspace is the initialised one (see `lockspace_id`), so an unmounted share is noticed.
+fn check_lockspace_id(config: &Config, out: &mut Vec<Finding>) {
+    const CHECK: &str = "lockspace identity";
+    let dir = &config.lockspace_dir;
+    match (&config.lockspace_id, crate::lockspace_id::read(dir)) {
+        (Some(expected), _) => match crate::lockspace_id::verify(dir, expected) {
+            Ok(()) => out.push(Finding::new(Severity::Ok, CHECK, format!("{} is lockspace {expected}", dir.display()))),
+            Err(e) => out.push(Finding::new(Severity::Error, CHECK, crate::error_chain(&e))),
+        },
+        (None, Ok(Some(found))) => out.push(Finding::new(
+            Severity::Warn,
+            CHECK,
+            format!(
+                "{} is lockspace {found} but lockspace_id is not set: set lockspace_id = \"{found}\" so a start \
+                 is refused when the shared filesystem is not mounted",
+                dir.display()
+            ),
+        )),
+        (None, Ok(None)) => out.push(Finding::new(
+            Severity::Info,
+            CHECK,
+            format!(
+                "{} has no identity (lockspace_id unset): fine for one host; a fleet should run `lockhook lockspace \
+                 init` and set lockspace_id",
+                dir.display()
+            ),
+        )),
+        (None, Err(e)) => out.push(Finding::new(Severity::Warn, CHECK, crate::error_chain(&e))),
     }
 }
 

@@ -95,10 +95,17 @@ pub enum HookError {
     },
     #[error("{0}")]
     Refused(#[from] Refusal),
+    #[error(transparent)]
+    Lockspace(#[from] crate::lockspace_id::IdError),
     #[error("guest {name} ({uuid}) is already running on this host (QEMU pid {pid}); not locking it twice")]
     AlreadyRunning { name: String, uuid: Uuid, pid: u32 },
     #[error("guest {name} ({uuid}) is being started on this host already ({age} s ago); not locking it twice")]
     StartInProgress { name: String, uuid: Uuid, age: u64 },
+    #[error(
+        "guest {name} ({uuid}) is still running on another host and this is not an incoming migration ({why}); \
+         stop it there first"
+    )]
+    NotIncoming { name: String, uuid: Uuid, why: String },
     #[error("guest {name} ({uuid}): cannot start its lock holder")]
     Spawn {
         name: String,
@@ -185,12 +192,26 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
     for line in healed.adopted.iter().chain(&healed.failed) {
         warn!("{line}");
     }
+    // A lockspace that is not the fleet's (its filesystem not mounted) would keep every lock on
+    // this host: refuse what can be refused, say it loudly where refusing would kill a guest.
+    let lockspace =
+        ctx.config.lockspace_id.as_ref().map(|id| crate::lockspace_id::verify(&ctx.config.lockspace_dir, id));
+    match (&event.op, lockspace) {
+        (Op::Prepare | Op::Start | Op::Migrate, Some(Err(e))) => return Err(HookError::Lockspace(e)),
+        (Op::Started | Op::Reconnect, Some(Err(e))) => {
+            error!("guest {}: locks are NOT shared with other hosts: {}", event.domain, crate::error_chain(&e))
+        }
+        _ => {}
+    }
     match event.op {
         Op::Prepare => prepare(&ctx, &parse_domain(event, stdin)?),
         Op::Start => start(&ctx, &parse_domain(event, stdin)?),
         Op::Started => {
             let domain = parse_domain(event, stdin)?;
-            let _ = std::fs::remove_file(ctx.paths.incoming(&domain.uuid));
+            crate::migration::forget_incoming(&ctx.paths, &domain.uuid);
+            // A guest waiting for a migration source must be one: refuse (libvirt then stops
+            // it) a QEMU that is not incoming, before anything else.
+            verify_incoming(&ctx, &domain)?;
             if let Err(e) = ensure(&ctx, &domain) {
                 // The guest runs already; failing here would kill it. Say it loudly instead.
                 error!(
@@ -208,7 +229,7 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
             // print nothing: libvirt reads stdout as replacement XML here.
             let domain = parse_domain(event, stdin)?;
             crate::holder::server::ensure_run_dir(ctx.paths.run_dir()).ok();
-            if let Err(e) = std::fs::write(ctx.paths.incoming(&domain.uuid), crate::clock::now()) {
+            if let Err(e) = crate::migration::note_incoming(&ctx.paths, &domain.uuid) {
                 warn!("guest {} ({}): cannot note the incoming migration: {e}", domain.name, domain.uuid);
             }
             info!("guest {} ({}): incoming live migration", domain.name, domain.uuid);
@@ -242,29 +263,22 @@ fn requests(ctx: &Ctx, domain: &Domain) -> Result<Vec<Request>, HookError> {
 /// `prepare` and `started`); a younger one to a start still in progress.
 const STALE_START: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// How long after `migrate begin` the destination's `prepare`/`start` count as a migration.
-const INCOMING_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
-
-/// Whether `migrate begin` announced an incoming migration of `uuid` on this host recently.
-fn incoming(ctx: &Ctx, uuid: &crate::domain::Uuid) -> bool {
-    std::fs::metadata(ctx.paths.incoming(uuid))
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age < INCOMING_WINDOW)
-}
-
-/// Takes every lock of `domain` or none. During an incoming migration, a lock the same guest
-/// (UUID) holds on another host, as the owner records show, is not a refusal: it comes back as
-/// pending, for the holder to take when the source lets go.
-fn acquire(ctx: &Ctx, domain: &Domain, held: &HashSet<Identity>) -> Result<(Acquired, Vec<Resource>), HookError> {
+/// Takes every lock of `domain` or none. During a verified incoming migration (`incoming`, see
+/// `migration`), a lock the same guest (UUID) holds on another host, as the owner records show,
+/// is not a refusal: it comes back as pending, for the holder to take when the source lets go.
+fn acquire(
+    ctx: &Ctx,
+    domain: &Domain,
+    held: &HashSet<Identity>,
+    incoming: bool,
+) -> Result<(Acquired, Vec<Resource>), HookError> {
     let requests = requests(ctx, domain)?;
     let mut notes = Vec::new();
     let (acquired, failures) = lockset::acquire_available(&requests, held, &ctx.config, &ctx.paths, &mut notes);
     for note in notes {
         warn!("guest {} ({}): {note}", domain.name, domain.uuid);
     }
-    let migrating = !failures.busy.is_empty() && incoming(ctx, &domain.uuid);
+    let migrating = incoming && !failures.busy.is_empty();
     let mut lines = failures.errors;
     let mut pending = Vec::new();
     for busy in failures.busy {
@@ -272,7 +286,7 @@ fn acquire(ctx: &Ctx, domain: &Domain, held: &HashSet<Identity>) -> Result<(Acqu
             lines.push(busy.line);
             continue;
         }
-        match handover_verdict(ctx, domain, &busy) {
+        match crate::migration::verdict(&ctx.config, domain, &busy) {
             Ok(()) => pending.push(Resource {
                 path: busy.request.path,
                 key: busy.key,
@@ -295,32 +309,6 @@ fn acquire(ctx: &Ctx, domain: &Domain, held: &HashSet<Identity>) -> Result<(Acqu
     Ok((acquired, pending))
 }
 
-/// Whether a lock found taken during an incoming migration is the migrating guest's own.
-fn handover_verdict(ctx: &Ctx, domain: &Domain, busy: &lockset::Busy) -> Result<(), String> {
-    let owners = crate::lockspace::Lockspace::new(&ctx.config.lockspace_dir).owners(&busy.key);
-    let here = crate::state::hostname();
-    if owners.is_empty() {
-        if ctx.config.trust_migrations {
-            warn!(
-                "guest {} ({}): trusting that {} is held by the migration source",
-                domain.name, domain.uuid, busy.line
-            );
-            return Ok(());
-        }
-        let name = busy.request.label.clone().unwrap_or_else(|| busy.request.path.display().to_string());
-        return Err(format!(
-            "{name} is locked and no owner record in {} says by whom, so this incoming migration cannot be verified: \
-             share lockspace_dir between the hosts (same path on each), or set trust_migrations = true",
-            ctx.config.lockspace_dir.display()
-        ));
-    }
-    if owners.iter().all(|o| o.uuid == domain.uuid && o.host != here) {
-        Ok(())
-    } else {
-        Err(busy.line.clone())
-    }
-}
-
 /// Gives `acquired` to the guest's holder, starting one if there is none.
 pub(crate) fn hand_over(
     ctx: &Ctx,
@@ -328,6 +316,7 @@ pub(crate) fn hand_over(
     client: Option<Client>,
     acquired: Acquired,
     pending: Vec<Resource>,
+    incoming: bool,
 ) -> Result<Client, HookError> {
     let client = match client.or_else(|| Client::claim_spare(&ctx.paths, &guest.uuid)) {
         Some(client) => client,
@@ -344,7 +333,7 @@ pub(crate) fn hand_over(
     };
     let fds: Vec<_> = acquired.locks.into_iter().map(|l| l.fd).collect();
     fault_point("before-handover");
-    client.acquire(guest, &acquired.resources, &fds, &pending).map_err(holder_err(guest))?;
+    client.acquire(guest, &acquired.resources, &fds, &pending, incoming).map_err(holder_err(guest))?;
     // Invariant: `fds` (our copies) are dropped only now, after the holder's ACK.
     drop(fds);
     ensure_spare(ctx);
@@ -390,26 +379,31 @@ fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
         warn!("guest {} ({}): releasing a stale holder before start", domain.name, domain.uuid);
         client.release().map_err(holder_err(&guest(domain)))?;
     }
-    let (acquired, pending) = acquire(ctx, domain, &HashSet::new())?;
+    // Consumed here whatever happens next: a marker never outlives the start it announced.
+    let incoming = crate::migration::take_incoming(&ctx.paths, &domain.uuid);
+    let (acquired, pending) = acquire(ctx, domain, &HashSet::new(), incoming)?;
     if acquired.locks.is_empty() && pending.is_empty() {
         info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
         return Ok(());
     }
-    hand_over(ctx, &guest(domain), None, acquired, pending).map(drop)
+    hand_over(ctx, &guest(domain), None, acquired, pending, incoming).map(drop)
 }
 
 /// `start`: lock what `prepare` could not see (the chain libvirt detected, resolved volumes).
 fn start(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
     let client = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))?;
-    let held = match &client {
-        Some(c) => c.held().map_err(holder_err(&guest(domain)))?.identities.into_iter().collect(),
-        None => HashSet::new(),
+    let (held, incoming) = match &client {
+        Some(c) => {
+            let held = c.held().map_err(holder_err(&guest(domain)))?;
+            (held.identities.into_iter().collect(), held.incoming)
+        }
+        None => (HashSet::new(), false),
     };
-    let (acquired, pending) = acquire(ctx, domain, &held)?;
+    let (acquired, pending) = acquire(ctx, domain, &held, incoming)?;
     if acquired.locks.is_empty() && pending.is_empty() {
         return Ok(());
     }
-    hand_over(ctx, &guest(domain), client, acquired, pending).map(drop)
+    hand_over(ctx, &guest(domain), client, acquired, pending, incoming).map(drop)
 }
 
 /// Makes sure a live holder holds every lock of a running guest and knows its QEMU. Used by
@@ -434,7 +428,7 @@ pub(crate) fn adopt(ctx: &Ctx, guest: &Guest, requests: &[Request], qemu: Option
         Some(c) => c.held().map_err(holder_err(guest))?,
         None => {
             warn!("guest {} ({}): no holder; re-taking its locks", guest.name, guest.uuid);
-            crate::holder::client::Held { identities: Vec::new(), qemu_pid: None, age: 0 }
+            crate::holder::client::Held { identities: Vec::new(), qemu_pid: None, age: 0, pending: 0, incoming: false }
         }
     };
     let mut notes = Vec::new();
@@ -444,8 +438,11 @@ pub(crate) fn adopt(ctx: &Ctx, guest: &Guest, requests: &[Request], qemu: Option
     for note in notes {
         warn!("guest {} ({}): {note}", guest.name, guest.uuid);
     }
-    let client =
-        if acquired.locks.is_empty() { client } else { Some(hand_over(ctx, guest, client, acquired, Vec::new())?) };
+    let client = if acquired.locks.is_empty() {
+        client
+    } else {
+        Some(hand_over(ctx, guest, client, acquired, Vec::new(), false)?)
+    };
     match (client, qemu) {
         (Some(client), Some((pid, start_time))) if held.qemu_pid != Some(pid) => {
             client.set_qemu(pid, start_time).map_err(holder_err(guest))?
@@ -457,6 +454,32 @@ pub(crate) fn adopt(ctx: &Ctx, guest: &Guest, requests: &[Request], qemu: Option
         Ok(())
     } else {
         Err(HookError::Refused(Refusal { lines }))
+    }
+}
+
+/// `started`: a guest whose holder still waits for a migration source must be running as an
+/// incoming migration (QEMU with `-incoming`, paused until the switch-over). The holder kills a
+/// QEMU that is not as soon as it execs; this is the check of last resort.
+fn verify_incoming(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
+    let Some(client) = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))? else {
+        return Ok(());
+    };
+    let held = client.held().map_err(holder_err(&guest(domain)))?;
+    if held.pending == 0 {
+        return Ok(());
+    }
+    match crate::migration::find_qemu(&domain.name, &domain.uuid, &ctx.config.libvirt_run_dir) {
+        Some((_, crate::migration::QemuKind::Incoming)) => Ok(()),
+        found => {
+            let why = match found {
+                Some((pid, _)) => format!("its QEMU (pid {pid}) was not started with -incoming"),
+                None => "its QEMU process cannot be found".to_owned(),
+            };
+            error!("guest {} ({}): waits for locks held by its migration source, but {why}", domain.name, domain.uuid);
+            // The holder lets go of what it holds and of every wait.
+            client.release().map_err(holder_err(&guest(domain)))?;
+            Err(HookError::NotIncoming { name: domain.name.clone(), uuid: domain.uuid.clone(), why })
+        }
     }
 }
 
@@ -493,7 +516,7 @@ fn release_target(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Option<
 
 fn release(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Result<(), HookError> {
     let Some(uuid) = release_target(ctx, event, stdin) else { return Ok(()) };
-    let _ = std::fs::remove_file(ctx.paths.incoming(&uuid));
+    crate::migration::forget_incoming(&ctx.paths, &uuid);
     let domain = Domain { name: event.domain.clone(), uuid: uuid.clone(), disks: vec![], leases: vec![] };
     let Some(client) = Client::connect(&ctx.paths, &uuid).map_err(holder_err(&guest(&domain)))? else {
         return Ok(());

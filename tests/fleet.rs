@@ -10,7 +10,7 @@ use std::time::Duration;
 use lockhook::lock::LockMode;
 
 use crate::common::libvirtd::{guest_xml, random_uuid, Libvirtd, LibvirtdOptions};
-use crate::common::{lock_state, lockhook_bin, wait_until, Setup};
+use crate::common::{lock_state, lockhook_bin, stderr, wait_until, Setup};
 
 /// The shared storage: images and the lockspace.
 struct Storage {
@@ -346,4 +346,131 @@ fn migration_without_a_shared_lockspace_is_refused_unless_trusted() {
     assert!(a.guests().is_empty());
     b.lv.virsh_ok(&["destroy", "vm"]);
     assert_eq!(lock_state(&img, 0), None);
+}
+
+fn lease(path: &Path, offset: u64) -> String {
+    format!(
+        "<lease><lockspace>fleet</lockspace><key>k</key><target path='{}' offset='{offset}'/></lease>",
+        path.display()
+    )
+}
+
+/// Issue 9: a plain start on host B of a guest that runs on host A, made just after something
+/// left a `migrate` marker on B (here: an offline migration, which runs B's `migrate` hook and
+/// nothing else). The guest has only a lease, which QEMU's own image locking knows nothing of:
+/// lockhook alone must keep B's QEMU from running it. A later start is refused at `prepare`.
+#[test]
+fn offline_migration_then_start_is_refused() {
+    let storage = Storage::new();
+    let (a, b) = (Host::new(&storage), Host::new(&storage));
+    let lease_file = storage.dir.path().join("images/offline.lease");
+    let uuid = random_uuid();
+    define(&a, "off", &uuid, &lease(&lease_file, 4096));
+    a.lv.virsh_ok(&["start", "off"]);
+    let uri = b.lv.tcp_uri();
+    let out = a.lv.virsh(&["migrate", "--offline", "--persistent", "off", &uri]);
+    assert!(out.status.success(), "offline migration: {}", String::from_utf8_lossy(&out.stderr));
+    // At once, while the marker the `migrate` hook left on B is fresh.
+    let out = b.lv.virsh(&["start", "off"]);
+    assert!(!out.status.success(), "a plain start must not run the guest a second time");
+    assert_eq!(b.lv.virsh_ok(&["domstate", "off"]).trim(), "shut off");
+    assert!(
+        b.setup.log().contains("is not an incoming migration") || stderr(&out).contains("not an incoming migration"),
+        "lockhook says why: {}\n{}",
+        stderr(&out),
+        b.setup.log()
+    );
+    assert_eq!(lock_state(&lease_file, 4096), Some(LockMode::Exclusive), "host A keeps the lease");
+    assert!(wait_until(Duration::from_secs(10), || b.guests().is_empty()), "no holder left on B: {:?}", b.guests());
+    // The marker is gone: the next start is refused at `prepare`, naming host A.
+    let err = b.refused("off");
+    assert!(
+        err.contains(&format!(
+            "lockhook: {} @4096 (lease fleet/k) is locked exclusively by guest off ({uuid}) on host {}",
+            lease_file.display(),
+            a.lv.hostname()
+        )) || err.contains(&format!("by guest off ({uuid}) on host {}", a.lv.hostname())),
+        "{err}"
+    );
+    assert!(a.guests().len() == 1 && lock_state(&lease_file, 4096) == Some(LockMode::Exclusive));
+    a.lv.virsh_ok(&["destroy", "off"]);
+}
+
+/// Issue 9: a migration that fails between the destination's `migrate` hook and its `prepare`
+/// (here: B has another guest of that name, so libvirt refuses to add the domain) leaves a
+/// marker nobody consumes. It must not let a start of the same guest on B through.
+#[test]
+fn migration_failing_before_prepare_weakens_no_later_start() {
+    let storage = Storage::new();
+    let (a, b) = (Host::new(&storage), Host::new(&storage));
+    let lease_file = storage.dir.path().join("images/early.lease");
+    let uuid = random_uuid();
+    define(&a, "early", &uuid, &lease(&lease_file, 8192));
+    define(&b, "early", &random_uuid(), "");
+    a.lv.virsh_ok(&["start", "early"]);
+    let out = a.migrate("early", &b, &[]);
+    assert!(!out.status.success(), "migration onto a name taken by another guest fails");
+    assert!(b.setup.log().contains("incoming live migration"), "B's `migrate` hook ran: {}", b.setup.log());
+    // Now B gets the real guest's definition and starts it at once.
+    b.lv.virsh_ok(&["undefine", "early"]);
+    define(&b, "early", &uuid, &lease(&lease_file, 8192));
+    let out = b.lv.virsh(&["start", "early"]);
+    assert!(!out.status.success(), "the guest runs on A: {}", stderr(&out));
+    assert_eq!(b.lv.virsh_ok(&["domstate", "early"]).trim(), "shut off");
+    assert_eq!(a.lv.virsh_ok(&["domstate", "early"]).trim(), "running");
+    assert_eq!(lock_state(&lease_file, 8192), Some(LockMode::Exclusive));
+    assert!(wait_until(Duration::from_secs(10), || b.guests().is_empty()), "{:?}", b.guests());
+    a.lv.virsh_ok(&["destroy", "early"]);
+}
+
+/// Issue 9: a fleet's lockspace has an identity (`lockhook lockspace init`, `lockspace_id`): when
+/// the shared filesystem is not mounted on a host (here: host B's bind mount of the shared
+/// lockspace is taken away, leaving the empty mount point), B refuses starts with one line naming
+/// the directory instead of locking on its own, and `doctor` says so.
+#[test]
+fn an_unmounted_lockspace_is_detected() {
+    let storage = Storage::new();
+    let a = Host::new(&storage);
+    let out = a.setup.cli(&["lockspace", "init"]);
+    assert!(out.status.success(), "init: {}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id_line = text.lines().find(|l| l.starts_with("lockspace_id = ")).expect("the config line").to_owned();
+    let again = a.setup.cli(&["lockspace", "init"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains(&id_line), "a second init prints the same identity");
+    // Host B mounts the shared lockspace at its own mount point.
+    let mount_point = storage.dir.path().join("mnt-lockspace");
+    std::fs::create_dir_all(&mount_point).expect("mkdir mount point");
+    let setup = Setup::with_lockspace(&format!("{id_line}\n"), Some(&mount_point));
+    let lv = Libvirtd::start(LibvirtdOptions {
+        hook_binary: Some(lockhook_bin()),
+        extra_mounts: vec![
+            (setup.path("etc"), PathBuf::from("/etc/lockhook")),
+            (storage.lockspace(), mount_point.clone()),
+        ],
+        tcp_port: Some(0),
+        ..LibvirtdOptions::default()
+    });
+    let b = Host { setup, lv };
+    let img = storage.image("mounted.raw");
+    define(&b, "vm", &random_uuid(), &raw(&img));
+    b.lv.virsh_ok(&["start", "vm"]);
+    b.lv.virsh_ok(&["destroy", "vm"]);
+    let out = b.lv.exec_in_ns(&["umount", mount_point.to_str().expect("utf8")]);
+    assert!(out.status.success(), "umount: {}", stderr(&out));
+    let err = b.refused("vm");
+    assert!(
+        err.contains(&format!("lockhook: lockspace {} is not the shared lockspace", mount_point.display()))
+            && err.contains("is the shared filesystem mounted there?"),
+        "{err}"
+    );
+    assert_eq!(lock_state(&img, 0), None, "nothing locked on the empty mount point");
+    let doctor = b.lv.exec_in_ns(&[
+        lockhook_bin().to_str().expect("utf8"),
+        "--config",
+        b.setup.config.to_str().expect("utf8"),
+        "doctor",
+    ]);
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(report.contains("is not the shared lockspace"), "doctor: {report}");
+    assert_eq!(doctor.status.code(), Some(2), "doctor: {report}");
 }

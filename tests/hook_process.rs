@@ -286,3 +286,51 @@ fn the_next_start_claims_the_spare_holder() {
         "spare exits"
     );
 }
+
+/// Issue 9: a destination holder waiting for a migration source whose QEMU never comes (its
+/// `release` was lost) gives up after `migration::PENDING_BOUND` and says so; it never takes the
+/// source's lock long after the migration failed. The "source" here is this test process: it
+/// holds the lease and publishes the same guest's owner record for another host.
+#[test]
+fn a_pending_holder_without_qemu_gives_up() {
+    let setup = Setup::new("");
+    let lease = setup.path("leases/pending");
+    std::fs::create_dir_all(lease.parent().expect("parent")).expect("mkdir");
+    let source = lockhook::lock::acquire(&lease, LockMode::Exclusive, 4096, lockhook::lock::Create::IfMissing)
+        .expect("the source's lease");
+    let uuid = lockhook::domain::Uuid::parse(UUID1).expect("uuid");
+    let key = lockhook::lockspace::file_key(&lease, 4096);
+    let record = lockhook::lockspace::OwnerRecord {
+        key,
+        host: "source-host".into(),
+        guest: "vm1".into(),
+        uuid: uuid.clone(),
+        mode: LockMode::Exclusive,
+        since: "2026-12-01T00:00:00Z".into(),
+        holder_pid: std::process::id(),
+    };
+    let _record = lockhook::lockspace::Lockspace::new(&setup.path("lockspace")).publish(&record).expect("record");
+    let vm1 =
+        xml("vm1", UUID1, &format!("<lease><key>k</key><target path='{}' offset='4096'/></lease>", lease.display()));
+    // Without a `migrate` marker the lease is simply taken: refused.
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm1);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("by guest vm1 (f3fa73d4-1c2b-4e5f-8a9b-0123456789ab) on host source-host"));
+    // With one (as `migrate begin` writes it), it is accepted as pending.
+    let out = setup.hook(&["vm1", "migrate", "begin", "-"], &vm1);
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", stderr(&out));
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm1);
+    assert!(out.status.success(), "pending hand-over: {}", stderr(&out));
+    assert!(!setup.run_dir.join(format!("{UUID1}.incoming")).exists(), "prepare consumed the marker");
+    let pending = || setup.status_json()["guests"][0]["pending"].as_array().is_some_and(|p| p.len() == 1);
+    assert!(pending(), "{}", setup.status_json());
+    let bound = lockhook::migration::PENDING_BOUND + Duration::from_secs(10);
+    assert!(
+        wait_until(bound, || setup.status_json()["guests"].as_array().is_some_and(Vec::is_empty)),
+        "the waiting holder gave up: {}",
+        setup.status_json()
+    );
+    assert!(setup.log().contains("gave up waiting for 1 resource(s) held by its migration source"), "{}", setup.log());
+    drop(source);
+    assert_eq!(lock_state(&lease, 4096), None, "nobody took the lease after the source let go");
+}

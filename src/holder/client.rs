@@ -43,6 +43,10 @@ pub struct Held {
     pub qemu_pid: Option<u32>,
     /// Seconds since the holder started.
     pub age: u64,
+    /// Resources still awaited from a migration source.
+    pub pending: usize,
+    /// Started for an incoming live migration.
+    pub incoming: bool,
 }
 
 pub struct Client {
@@ -120,6 +124,7 @@ impl Client {
         resources: &[Resource],
         fds: &[OwnedFd],
         pending: &[Resource],
+        incoming: bool,
     ) -> Result<(), ClientError> {
         let mut pending = pending.to_vec();
         for (res, fds) in resources.chunks(MAX_FDS).zip(fds.chunks(MAX_FDS)) {
@@ -128,11 +133,12 @@ impl Client {
                 guest: guest.clone(),
                 resources: res.to_vec(),
                 pending: std::mem::take(&mut pending),
+                incoming,
             };
             self.expect_ok(&request, &borrowed)?;
         }
         if !pending.is_empty() {
-            self.expect_ok(&Request::Acquire { guest: guest.clone(), resources: Vec::new(), pending }, &[])?;
+            self.expect_ok(&Request::Acquire { guest: guest.clone(), resources: Vec::new(), pending, incoming }, &[])?;
         }
         Ok(())
     }
@@ -143,7 +149,9 @@ impl Client {
 
     pub fn held(&self) -> Result<Held, ClientError> {
         match self.call(&Request::Held, &[])? {
-            Response::Held { identities, qemu_pid, age } => Ok(Held { identities, qemu_pid, age }),
+            Response::Held { identities, qemu_pid, age, pending, incoming } => {
+                Ok(Held { identities, qemu_pid, age, pending, incoming })
+            }
             other => Err(ProtocolError::Unexpected { expected: "held", got: format!("{other:?}") }.into()),
         }
     }

@@ -11,9 +11,9 @@
 //!
 //! | request (hook/CLI → holder)            | fds            | response                        |
 //! |----------------------------------------|----------------|---------------------------------|
-//! | `acquire {guest, resources, pending}`  | one per resource, same order | `ok` once the holder owns them (and waits for `pending`) and its state file says so |
+//! | `acquire {guest, resources, pending, incoming}` | one per resource, same order | `ok` once the holder owns them (and waits for `pending`) and its state file says so |
 //! | `set_qemu {pid, start_time}`           | none           | `ok`                            |
-//! | `held`                                 | none           | `held {identities, qemu_pid}`   |
+//! | `held`                                 | none           | `held {identities, qemu_pid, age, pending, incoming}` |
 //! | `release`                              | none           | `ok` after every lock is dropped; then the holder exits |
 //! | `claim {uuid}` (to `spare.sock`)       | none           | `ok` once the spare is the holder of `uuid` |
 //!
@@ -48,6 +48,10 @@ pub enum Request {
         /// holder takes each the moment it is released. No fds.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pending: Vec<Resource>,
+        /// The hook verified an incoming live migration (see `migration`): later `start`s of
+        /// this guest may add pending resources too.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        incoming: bool,
     },
     SetQemu {
         pid: u32,
@@ -89,6 +93,12 @@ pub enum Response {
         /// Seconds since the holder started.
         #[serde(default)]
         age: u64,
+        /// Resources still awaited from a migration source.
+        #[serde(default)]
+        pending: usize,
+        /// Whether this holder was started for an incoming live migration.
+        #[serde(default)]
+        incoming: bool,
     },
     Error {
         code: ErrorCode,

@@ -46,6 +46,9 @@ pub const IDLE_EXIT: Duration = Duration::from_secs(10);
 pub const CONN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the holder checks its files (and, without pidfd support, its QEMU process).
 pub const TICK: Duration = Duration::from_secs(1);
+/// While a destination holder waits for a migration source and its QEMU has not shown itself,
+/// it looks this often (see `guard_incoming`): well inside the time QEMU waits on `-S`.
+const GUARD_POLL: Duration = Duration::from_millis(10);
 /// Every this many ticks the holder re-publishes owner records someone removed.
 const RECORD_REFRESH_TICKS: u64 = 60;
 
@@ -107,6 +110,10 @@ pub(crate) struct Holder {
     /// Incoming live migration: what the source still holds, and the threads waiting for it.
     pending: Vec<Resource>,
     handover: Option<handover::Handover>,
+    /// Started for an incoming live migration (the hook consumed a fresh `migrate` marker).
+    incoming: bool,
+    /// The guest's QEMU was seen with `-incoming`.
+    incoming_verified: bool,
 }
 
 /// What woke the holder up.
@@ -308,6 +315,8 @@ impl Holder {
             state_written: None,
             pending: Vec::new(),
             handover: None,
+            incoming: false,
+            incoming_verified: false,
         })
     }
 
@@ -322,7 +331,13 @@ impl Holder {
                 info!("holder for {}: nothing was handed over; exiting", self.uuid);
                 return self.exit();
             }
-            let timeout = if idle { TICK.min(IDLE_EXIT.saturating_sub(started.elapsed())) } else { TICK };
+            let timeout = if idle {
+                TICK.min(IDLE_EXIT.saturating_sub(started.elapsed()))
+            } else if self.guarding() {
+                GUARD_POLL
+            } else {
+                TICK
+            };
             let events = match self.wait(timeout) {
                 Ok(events) => events,
                 Err(e) => {
@@ -341,6 +356,11 @@ impl Holder {
             }
             if events.handover {
                 self.take_over();
+            }
+            if self.guarding() {
+                if let Next::Exit = self.guard_incoming() {
+                    return self.exit();
+                }
             }
             if events.listener {
                 if let Next::Exit = self.accept_one() {
@@ -573,9 +593,10 @@ impl Holder {
                 Response::Error { code: ErrorCode::BadRequest, message: "this holder is not a spare".into() },
                 Next::Continue,
             ),
-            Request::Acquire { guest, resources, pending } => {
+            Request::Acquire { guest, resources, pending, incoming } => {
                 let response = self.acquire(guest, resources, fds);
                 if response == Response::Ok {
+                    self.incoming |= incoming;
                     self.wait_for(pending);
                 }
                 (response, Next::Continue)
@@ -591,6 +612,8 @@ impl Holder {
                         .collect(),
                     qemu_pid: self.qemu.as_ref().map(|q| q.pid),
                     age: self.started.elapsed().as_secs(),
+                    pending: self.pending.len(),
+                    incoming: self.incoming,
                 },
                 Next::Continue,
             ),
@@ -629,6 +652,52 @@ impl Holder {
         }
         if let Err(e) = self.save() {
             warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
+        }
+    }
+
+    /// Whether this holder must watch for its guest's QEMU: it waits for a migration source and
+    /// has not seen an incoming QEMU yet.
+    fn guarding(&self) -> bool {
+        !self.pending.is_empty() && self.qemu.is_none() && !self.incoming_verified
+    }
+
+    /// The guard of a destination holder (see `migration`): the QEMU libvirt starts for this
+    /// guest must be an incoming migration (`-incoming`, paused until the switch-over); one that
+    /// is not would run the guest while its source still does, so it is killed as soon as it
+    /// execs, while it still waits on `-S` for libvirt's `cont`. A guest whose QEMU never comes
+    /// is given up after `PENDING_BOUND`.
+    fn guard_incoming(&mut self) -> Next {
+        if self.started.elapsed() >= crate::migration::PENDING_BOUND {
+            error!(
+                "guest {}: gave up waiting for {} resource(s) held by its migration source: no QEMU came within {} s; \
+                 releasing",
+                self.describe(),
+                self.pending.len(),
+                crate::migration::PENDING_BOUND.as_secs()
+            );
+            return Next::Exit;
+        }
+        let Some(guest) = &self.guest else { return Next::Continue };
+        match crate::migration::find_qemu(&guest.name, &self.uuid, &self.config.libvirt_run_dir) {
+            Some((pid, crate::migration::QemuKind::Incoming)) => {
+                info!("guest {}: QEMU (pid {pid}) is an incoming migration; waiting for its source", self.describe());
+                self.incoming_verified = true;
+                Next::Continue
+            }
+            Some((pid, _)) => {
+                let names: Vec<String> = self.pending.iter().map(Resource::name).collect();
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                error!(
+                    "guest {}: its QEMU (pid {pid}) is not an incoming migration, but {} is still held by this guest \
+                     on another host: killed it before its CPUs could run",
+                    self.describe(),
+                    names.join(", ")
+                );
+                Next::Exit
+            }
+            None => Next::Continue,
         }
     }
 
