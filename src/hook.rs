@@ -188,10 +188,7 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
     let ctx = Ctx::new(config, config_path);
     // Self-healing first: a running guest whose holder died gets its locks back before this
     // call could hand them to someone else.
-    let healed = crate::reconcile::adopt_orphans(&ctx);
-    for line in healed.adopted.iter().chain(&healed.failed) {
-        warn!("{line}");
-    }
+    adopt_orphans_bounded(&ctx);
     // A lockspace that is not the fleet's (its filesystem not mounted) would keep every lock on
     // this host: refuse what can be refused, say it loudly where refusing would kill a guest.
     let lockspace =
@@ -237,6 +234,37 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
         }
         Op::Release => release(&ctx, event, stdin),
         _ => Ok(()),
+    }
+}
+
+/// How long a hook call waits for the re-adoption of other guests (see `adopt_orphans_bounded`).
+const ADOPT_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs `reconcile::adopt_orphans` on a thread and waits for it at most `ADOPT_BOUND`: the
+/// images of *other* guests may sit on storage that does not answer (a dead NFS server), and
+/// that must not hang this guest's hook. A pass still running when this call is done dies with
+/// the hook process; its fds close, so it leaves no lock behind, and the next call tries again.
+fn adopt_orphans_bounded(ctx: &Ctx) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ctx_copy = Ctx::new(ctx.config.clone(), &ctx.config_path);
+    let spawned = std::thread::Builder::new().name("adopt".into()).spawn(move || {
+        let _ = tx.send(crate::reconcile::adopt_orphans(&ctx_copy));
+    });
+    if let Err(e) = spawned {
+        warn!("cannot start the re-adoption pass: {e}");
+        return;
+    }
+    match rx.recv_timeout(ADOPT_BOUND) {
+        Ok(healed) => {
+            for line in healed.adopted.iter().chain(&healed.failed) {
+                warn!("{line}");
+            }
+        }
+        Err(_) => warn!(
+            "re-adopting guests whose holder died takes longer than {} s (their storage does not answer?); \
+             going on without waiting",
+            ADOPT_BOUND.as_secs()
+        ),
     }
 }
 

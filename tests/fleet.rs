@@ -145,6 +145,11 @@ fn live_migration_hands_the_locks_over() {
     assert!(a.guests().is_empty(), "no source holder left: {:?}", a.guests());
     assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
     assert_eq!(lock_state(&lease, 4096), Some(LockMode::Exclusive));
+    assert!(
+        b.setup.log().contains("is an incoming migration; waiting for its source"),
+        "the destination holder checked its QEMU: {}",
+        b.setup.log()
+    );
     assert_eq!(b.guests()[0]["qemu_pid"].as_u64().and_then(|p| u32::try_from(p).ok()), b.lv.qemu_pid("mig"));
     // Refusals now name the destination host.
     define(&a, "other", &random_uuid(), &raw(&img));

@@ -375,3 +375,80 @@ fn fuzz_seeds_and_regressions_parse_or_fail_cleanly() {
     }
     assert!(count > 50, "seeds: {count}");
 }
+
+/// A FUSE mount whose server never answers: any access below it hangs, as on a dead NFS
+/// server. Unmounted (lazily) and its server killed on drop.
+struct StuckMount {
+    dir: PathBuf,
+    server: std::process::Child,
+}
+
+impl StuckMount {
+    fn new(dir: &Path) -> StuckMount {
+        std::fs::create_dir_all(dir).expect("mkdir mount point");
+        let script = format!(
+            "import os, subprocess, sys, time\n\
+             fd = os.open('/dev/fuse', os.O_RDWR)\n\
+             r = subprocess.run(['mount', '-t', 'fuse', '-o', f'fd={{fd}},rootmode=40000,user_id=0,group_id=0', \
+             'lockhook-stuck', {dir:?}], pass_fds=[fd])\n\
+             print(r.returncode, flush=True)\n\
+             time.sleep(600)\n",
+            dir = dir.display().to_string()
+        );
+        let mut server = Command::new("python3").args(["-c", &script]).stdout(Stdio::piped()).spawn().expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().expect("stdout")), &mut line)
+            .expect("read");
+        assert_eq!(line.trim(), "0", "FUSE mount");
+        StuckMount { dir: dir.to_owned(), server }
+    }
+}
+
+impl Drop for StuckMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Issue 9: a guest whose holder died and whose image sits on storage that no longer answers
+/// (a dead NFS server; here a FUSE mount nobody serves) must not hang another guest's hook:
+/// the re-adoption pass that every hook call runs first is waited for only a bounded time.
+#[test]
+fn storage_that_hangs_behind_another_guest_does_not_hang_the_hook() {
+    let setup = Setup::new("");
+    let stuck = StuckMount::new(&setup.path("dead-nfs"));
+    // An orphan: its "QEMU" (a sleep) runs, its holder is dead, its image is on the dead mount.
+    let mut qemu = Command::new("sleep").arg("600").spawn().expect("sleep");
+    let start_time = std::fs::read_to_string(format!("/proc/{}/stat", qemu.id()))
+        .ok()
+        .and_then(|t| t[t.rfind(')')? + 2..].split_whitespace().nth(19)?.parse::<u64>().ok())
+        .expect("start time");
+    std::fs::create_dir_all(&setup.run_dir).expect("mkdir run");
+    std::fs::set_permissions(&setup.run_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let orphan = uuid(7);
+    let state = serde_json::json!({
+        "version": 1, "kind": "guest", "name": "orphan", "uuid": orphan, "host": "here", "holder_pid": 1,
+        "qemu_pid": qemu.id(), "qemu_start_time": start_time, "since": "2026-12-01T00:00:00Z",
+        "resources": [{
+            "path": stuck.dir.join("orphan.img"), "key": "", "mode": "exclusive",
+            "roles": [{"kind": "disk", "target": "vda"}],
+            "identity": {"dev": 1, "ino": 1, "offset": 0}, "since": "2026-12-01T00:00:00Z"
+        }]
+    });
+    std::fs::write(setup.run_dir.join(format!("{orphan}.json")), state.to_string()).expect("state");
+    let img = setup.image("images/fine.img");
+    let began = Instant::now();
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &xml("vm1", UUID, &disk(&img)));
+    let took = began.elapsed();
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    assert!(out.status.success(), "prepare: {}", stderr(&out));
+    assert!(took < Duration::from_secs(10), "prepare took {took:?}");
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+    assert!(setup.log().contains("takes longer than 2 s"), "{}", setup.log());
+    let out = setup.hook(&["vm1", "release", "end", "-"], &xml("vm1", UUID, &disk(&img)));
+    assert!(out.status.success());
+    drop(stuck);
+}
