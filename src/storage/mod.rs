@@ -4,6 +4,7 @@
 pub mod block;
 pub mod pool;
 pub mod qcow2;
+pub mod stack;
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;

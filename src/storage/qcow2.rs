@@ -4,7 +4,8 @@
 //! Header layout (big endian, QEMU docs/interop/qcow2.txt): magic `QFI\xfb` at 0, version at 4,
 //! backing_file_offset (u64) at 8, backing_file_size (u32) at 16; version 3 has header_length
 //! (u32) at 100, version 2 headers are 72 bytes. Header extensions follow the header: type (u32),
-//! length (u32), data padded to 8 bytes; type 0xE2792ACA is the backing file format.
+//! length (u32), data padded to 8 bytes; type 0xE2792ACA is the backing file format, 0x44415441
+//! the external data file name.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 4] = b"QFI\xfb";
 const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+/// "DATA": the external data file name.
+const EXT_DATA_FILE: u32 = 0x4441_5441;
 const EXT_END: u32 = 0;
 /// QEMU refuses backing file names longer than this.
 const MAX_NAME: u32 = 1023;
@@ -56,8 +59,23 @@ pub fn is_qcow2(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// What a qcow2 header says about the files QEMU opens besides the image itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Header {
+    /// The image below this one.
+    pub backing: Option<BackingRef>,
+    /// The external data file (`qemu-img create -o data_file=...`): where the guest's data
+    /// clusters live, written as the image is. Named like a backing file (may be relative).
+    pub data_file: Option<String>,
+}
+
 /// Reads the backing reference of a qcow2 image; `Ok(None)` when it has none or is not qcow2.
 pub fn backing_of(path: &Path) -> io::Result<Option<BackingRef>> {
+    Ok(read_header(path)?.and_then(|h| h.backing))
+}
+
+/// Reads the parts of a qcow2 header lockhook needs; `Ok(None)` when the file is not qcow2.
+pub fn read_header(path: &Path) -> io::Result<Option<Header>> {
     let mut file = open(path)?;
     let meta = file.metadata()?;
     if !meta.file_type().is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
@@ -71,20 +89,25 @@ pub fn backing_of(path: &Path) -> io::Result<Option<BackingRef>> {
     let version = be32(&header, 4);
     let name_offset = be64(&header, 8);
     let name_size = be32(&header, 16);
-    if name_offset == 0 || name_size == 0 {
-        return Ok(None);
-    }
-    if name_size > MAX_NAME || name_offset > MAX_HEADER {
+    let header_len = if version >= 3 && got >= 104 { u64::from(be32(&header, 100)) } else { 72 };
+    let has_backing = name_offset != 0 && name_size != 0;
+    if has_backing && (name_size > MAX_NAME || name_offset > MAX_HEADER) {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "qcow2 backing file name out of range"));
     }
-    let mut name = vec![0u8; name_size as usize];
-    file.seek(SeekFrom::Start(name_offset))?;
-    file.read_exact(&mut name)?;
-    let name = String::from_utf8(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "qcow2 backing file name is not UTF-8"))?;
-    let header_len = if version >= 3 && got >= 104 { u64::from(be32(&header, 100)) } else { 72 };
-    let format = read_backing_format(&mut file, header_len, name_offset)?;
-    Ok(Some(BackingRef { name, format }))
+    // Extensions end at the end marker, and never run into the backing file name.
+    let limit = if has_backing { name_offset } else { MAX_HEADER };
+    let ext = read_extensions(&mut file, header_len, limit)?;
+    let backing = if has_backing {
+        let mut name = vec![0u8; name_size as usize];
+        file.seek(SeekFrom::Start(name_offset))?;
+        file.read_exact(&mut name)?;
+        let name = String::from_utf8(name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "qcow2 backing file name is not UTF-8"))?;
+        Some(BackingRef { name, format: ext.backing_format })
+    } else {
+        None
+    };
+    Ok(Some(Header { backing, data_file: ext.data_file }))
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
@@ -100,27 +123,41 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-fn read_backing_format(file: &mut File, header_len: u64, limit: u64) -> io::Result<Option<String>> {
+#[derive(Default)]
+struct Extensions {
+    backing_format: Option<String>,
+    data_file: Option<String>,
+}
+
+fn read_extensions(file: &mut File, header_len: u64, limit: u64) -> io::Result<Extensions> {
+    let mut found = Extensions::default();
     let mut at = header_len;
     let end = limit.min(MAX_HEADER);
     while at + 8 <= end {
         let mut ext = [0u8; 8];
         file.seek(SeekFrom::Start(at))?;
         if read_up_to(file, &mut ext)? < 8 {
-            return Ok(None);
+            break;
         }
         let (kind, len) = (be32(&ext, 0), u64::from(be32(&ext, 4)));
         if kind == EXT_END {
-            return Ok(None);
+            break;
         }
-        if kind == EXT_BACKING_FORMAT && len <= 64 {
-            let mut data = vec![0u8; usize::try_from(len).unwrap_or(64)];
+        let wanted = match kind {
+            EXT_BACKING_FORMAT if len <= 64 => Some(&mut found.backing_format),
+            EXT_DATA_FILE if len <= u64::from(MAX_NAME) => Some(&mut found.data_file),
+            _ => None,
+        };
+        if let Some(slot) = wanted {
+            let mut data = vec![0u8; usize::try_from(len).unwrap_or(0)];
             file.read_exact(&mut data)?;
-            return Ok(String::from_utf8(data).ok());
+            let text = String::from_utf8(data)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "qcow2 header extension is not UTF-8"))?;
+            *slot = Some(text);
         }
         at += 8 + len.div_ceil(8) * 8;
     }
-    Ok(None)
+    Ok(found)
 }
 
 /// Where the backing name points to, as QEMU would open it: relative names are relative to the
@@ -183,6 +220,23 @@ pub(crate) mod tests {
         std::fs::write(&raw, b"hello").expect("write");
         assert_eq!(backing_of(&raw).expect("read"), None);
         assert!(!is_qcow2(&raw).expect("probe"));
+    }
+
+    #[test]
+    fn reads_the_external_data_file_written_by_qemu_img() {
+        let dir = tempfile::tempdir().expect("dir");
+        let img = dir.path().join("img.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "data_file=data file.raw,data_file_raw=on"])
+            .arg(&img)
+            .arg("1M")
+            .current_dir(dir.path())
+            .output()
+            .expect("qemu-img (qemu-utils)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let header = read_header(&img).expect("read").expect("qcow2");
+        assert_eq!(header.data_file.as_deref(), Some("data file.raw"));
+        assert_eq!(header.backing, None);
     }
 
     #[test]

@@ -1,0 +1,279 @@
+//! The layers beneath a block device, read from sysfs: what else a guest's writes reach.
+//!
+//! A guest that writes `/dev/loop0p1` writes bytes of `/dev/loop0` and of the file behind it; one
+//! that writes an LVM logical volume writes its physical volumes; a multipath map writes through
+//! each of its paths; an md array writes its members. Bytes, not names, must not have two
+//! writers, so a guest also locks every layer beneath its device, *shared*: whoever writes a
+//! lower layer directly (exclusive) collides with it, while two partitions of one disk, or two LVs
+//! of one volume group, only share the layer beneath and do not.
+//!
+//! sysfs (`/sys/dev/block/MAJ:MIN` links to the device's directory) says, per device:
+//! - `partition` present: a partition; the directory above is the whole disk;
+//! - `slaves/*`: the devices a device-mapper (LVM, multipath, dm-crypt) or md device is built on;
+//! - `loop/backing_file`: the file a loop device reads and writes.
+//!
+//! The walk is bounded (`MAX_LAYERS`, cycles ignored) and never leaves the sysfs root it is
+//! given, so tests run it on a fake tree.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// More layers than this under one device are not followed (real stacks have a handful).
+pub const MAX_LAYERS: usize = 64;
+
+/// How a layer relates to the device above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerKind {
+    /// The whole disk a partition is part of.
+    Disk,
+    /// A device a device-mapper or md device is built on (LVM PV, multipath path, crypt
+    /// backing, md member).
+    Slave,
+    /// The file behind a loop device.
+    BackingFile,
+}
+
+impl LayerKind {
+    /// "disk of", "component of", "backing file of": how messages name the layer.
+    pub fn phrase(self) -> &'static str {
+        match self {
+            LayerKind::Disk => "disk of",
+            LayerKind::Slave => "component of",
+            LayerKind::BackingFile => "backing file of",
+        }
+    }
+}
+
+/// A block device, as sysfs names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BlockDev {
+    /// The kernel name (`sda`, `dm-3`, `loop0p1`): its node is `/dev/<name>`.
+    pub name: String,
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// What a layer is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LayerTarget {
+    Block(BlockDev),
+    File(PathBuf),
+}
+
+/// One layer beneath a device: what it is, how it relates, and the device right above it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    pub target: LayerTarget,
+    pub kind: LayerKind,
+    /// The kernel name of the device this layer is beneath.
+    pub above: String,
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+fn parse_dev(text: &str) -> Option<(u32, u32)> {
+    let (major, minor) = text.split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The device in sysfs directory `dir` (its name and `dev` numbers).
+fn block_at(dir: &Path) -> Option<BlockDev> {
+    let (major, minor) = parse_dev(&read_trimmed(&dir.join("dev"))?)?;
+    let name = dir.file_name()?.to_str()?.to_owned();
+    Some(BlockDev { name, major, minor })
+}
+
+/// The layers beneath the block device `major:minor`, nearest first, read from `sys` (normally
+/// `/sys`). Empty for a device with nothing beneath it (a plain disk) or unknown to sysfs.
+pub fn layers(sys: &Path, major: u32, minor: u32) -> Vec<Layer> {
+    let Ok(root) = fs::canonicalize(sys) else { return Vec::new() };
+    let Ok(start) = fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}"))) else { return Vec::new() };
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut queue = vec![start];
+    while let Some(dir) = queue.pop() {
+        if !dir.starts_with(&root) || !seen.insert(dir.clone()) || out.len() >= MAX_LAYERS {
+            continue;
+        }
+        let Some(above) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
+        let mut below = Vec::new();
+        if dir.join("partition").exists() {
+            if let Some(disk) = dir.parent() {
+                below.push((disk.to_owned(), LayerKind::Disk));
+            }
+        }
+        if let Ok(slaves) = fs::read_dir(dir.join("slaves")) {
+            let mut slaves: Vec<PathBuf> = slaves.filter_map(|e| fs::canonicalize(e.ok()?.path()).ok()).collect();
+            slaves.sort();
+            below.extend(slaves.into_iter().map(|s| (s, LayerKind::Slave)));
+        }
+        if let Some(file) = read_trimmed(&dir.join("loop/backing_file")) {
+            // The kernel appends " (deleted)" when the file was unlinked: nothing to lock then.
+            if !file.ends_with(" (deleted)") {
+                out.push(Layer {
+                    target: LayerTarget::File(PathBuf::from(file)),
+                    kind: LayerKind::BackingFile,
+                    above: above.clone(),
+                });
+            }
+        }
+        for (lower, kind) in below {
+            if !lower.starts_with(&root) || seen.contains(&lower) {
+                continue;
+            }
+            if let Some(dev) = block_at(&lower) {
+                out.push(Layer { target: LayerTarget::Block(dev), kind, above: above.clone() });
+                queue.push(lower);
+            }
+        }
+    }
+    out.truncate(MAX_LAYERS);
+    out
+}
+
+/// The device node of `dev` under `dev_dir` (normally `/dev`, where devtmpfs names every block
+/// device by its kernel name), checked to be that very device.
+pub fn node(dev_dir: &Path, dev: &BlockDev) -> Option<PathBuf> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if dev.name.contains('/') || dev.name.starts_with('.') {
+        return None;
+    }
+    let path = dev_dir.join(&dev.name);
+    let meta = fs::symlink_metadata(&path).ok()?;
+    let rdev = meta.rdev();
+    (meta.file_type().is_block_device() && libc::major(rdev) == dev.major && libc::minor(rdev) == dev.minor)
+        .then_some(path)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A fake sysfs tree: `devices/<path>` directories with `dev` files, and `dev/block/M:m`
+    /// links to them.
+    pub(crate) struct FakeSys {
+        pub dir: tempfile::TempDir,
+    }
+
+    impl FakeSys {
+        pub fn new() -> FakeSys {
+            let dir = tempfile::tempdir().expect("dir");
+            fs::create_dir_all(dir.path().join("dev/block")).expect("mkdir");
+            FakeSys { dir }
+        }
+
+        pub fn root(&self) -> &Path {
+            self.dir.path()
+        }
+
+        /// Adds device `rel` (e.g. `virtual/block/loop0/loop0p1`) numbered `major:minor`.
+        pub fn device(&self, rel: &str, major: u32, minor: u32) -> PathBuf {
+            let dir = self.dir.path().join("devices").join(rel);
+            fs::create_dir_all(&dir).expect("mkdir");
+            fs::write(dir.join("dev"), format!("{major}:{minor}\n")).expect("dev");
+            std::os::unix::fs::symlink(&dir, self.dir.path().join(format!("dev/block/{major}:{minor}"))).expect("link");
+            dir
+        }
+
+        pub fn partition(&self, rel: &str, major: u32, minor: u32, number: u32) -> PathBuf {
+            let dir = self.device(rel, major, minor);
+            fs::write(dir.join("partition"), format!("{number}\n")).expect("partition");
+            dir
+        }
+
+        pub fn slave(&self, of: &Path, slave: &Path) {
+            fs::create_dir_all(of.join("slaves")).expect("mkdir");
+            let name = slave.file_name().expect("name");
+            std::os::unix::fs::symlink(slave, of.join("slaves").join(name)).expect("slave link");
+        }
+    }
+
+    fn summary(layers: &[Layer]) -> Vec<String> {
+        layers
+            .iter()
+            .map(|l| match &l.target {
+                LayerTarget::Block(d) => format!("{} {} {}", d.name, l.kind.phrase(), l.above),
+                LayerTarget::File(p) => format!("{} {} {}", p.display(), l.kind.phrase(), l.above),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn partition_disk_and_loop_file() {
+        let sys = FakeSys::new();
+        let disk = sys.device("virtual/block/loop0", 7, 0);
+        fs::create_dir_all(disk.join("loop")).expect("mkdir");
+        fs::write(disk.join("loop/backing_file"), "/srv/images/disk.raw\n").expect("backing");
+        sys.partition("virtual/block/loop0/loop0p1", 259, 0, 1);
+        sys.partition("virtual/block/loop0/loop0p2", 259, 1, 2);
+        assert_eq!(
+            summary(&layers(sys.root(), 259, 0)),
+            ["loop0 disk of loop0p1", "/srv/images/disk.raw backing file of loop0"]
+        );
+        assert_eq!(summary(&layers(sys.root(), 7, 0)), ["/srv/images/disk.raw backing file of loop0"]);
+        assert!(layers(sys.root(), 8, 0).is_empty(), "unknown device");
+    }
+
+    #[test]
+    fn lvm_on_a_partition_and_multipath_and_md() {
+        let sys = FakeSys::new();
+        let sdb = sys.device("pci0/host0/block/sdb", 8, 16);
+        let sdb1 = sys.partition("pci0/host0/block/sdb/sdb1", 8, 17, 1);
+        let _ = sdb;
+        // Two LVs of one VG on sdb1.
+        let lv1 = sys.device("virtual/block/dm-0", 253, 0);
+        let lv2 = sys.device("virtual/block/dm-1", 253, 1);
+        sys.slave(&lv1, &sdb1);
+        sys.slave(&lv2, &sdb1);
+        assert_eq!(summary(&layers(sys.root(), 253, 0)), ["sdb1 component of dm-0", "sdb disk of sdb1"]);
+        assert_eq!(summary(&layers(sys.root(), 253, 1)), ["sdb1 component of dm-1", "sdb disk of sdb1"]);
+        // A multipath map over two paths, and an LV on top of it.
+        let sdc = sys.device("pci0/host1/block/sdc", 8, 32);
+        let sdd = sys.device("pci0/host2/block/sdd", 8, 48);
+        let mpath = sys.device("virtual/block/dm-2", 253, 2);
+        sys.slave(&mpath, &sdc);
+        sys.slave(&mpath, &sdd);
+        let lv = sys.device("virtual/block/dm-3", 253, 3);
+        sys.slave(&lv, &mpath);
+        assert_eq!(
+            summary(&layers(sys.root(), 253, 3)),
+            ["dm-2 component of dm-3", "sdc component of dm-2", "sdd component of dm-2"]
+        );
+        // md raid1 over two disks.
+        let md = sys.device("virtual/block/md0", 9, 0);
+        let sde = sys.device("pci0/host3/block/sde", 8, 64);
+        let sdf = sys.device("pci0/host3/block/sdf", 8, 80);
+        sys.slave(&md, &sde);
+        sys.slave(&md, &sdf);
+        assert_eq!(summary(&layers(sys.root(), 9, 0)), ["sde component of md0", "sdf component of md0"]);
+    }
+
+    #[test]
+    fn cycles_and_escapes_are_not_followed() {
+        let sys = FakeSys::new();
+        let a = sys.device("virtual/block/dm-0", 253, 0);
+        let b = sys.device("virtual/block/dm-1", 253, 1);
+        sys.slave(&a, &b);
+        sys.slave(&b, &a);
+        assert_eq!(summary(&layers(sys.root(), 253, 0)), ["dm-1 component of dm-0"]);
+        // A slave link pointing outside the sysfs root is ignored.
+        let outside = tempfile::tempdir().expect("dir");
+        fs::write(outside.path().join("dev"), "8:0\n").expect("dev");
+        let c = sys.device("virtual/block/dm-2", 253, 2);
+        sys.slave(&c, outside.path());
+        assert!(layers(sys.root(), 253, 2).is_empty());
+    }
+
+    #[test]
+    fn nodes_are_checked_by_number() {
+        let dev = BlockDev { name: "null".into(), major: 1, minor: 3 };
+        assert_eq!(node(Path::new("/dev"), &dev), None, "/dev/null is a character device");
+        assert_eq!(node(Path::new("/dev"), &BlockDev { name: "../etc".into(), major: 0, minor: 0 }), None);
+    }
+}
