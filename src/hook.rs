@@ -545,7 +545,14 @@ fn release_target(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Option<
 fn release(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Result<(), HookError> {
     let Some(uuid) = release_target(ctx, event, stdin) else { return Ok(()) };
     crate::migration::forget_incoming(&ctx.paths, &uuid);
-    let domain = Domain { name: event.domain.clone(), uuid: uuid.clone(), disks: vec![], leases: vec![] };
+    let domain = Domain {
+        name: event.domain.clone(),
+        uuid: uuid.clone(),
+        disks: vec![],
+        leases: vec![],
+        firmware: vec![],
+        memory_files: vec![],
+    };
     let Some(client) = Client::connect(&ctx.paths, &uuid).map_err(holder_err(&guest(&domain)))? else {
         return Ok(());
     };

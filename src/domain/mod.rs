@@ -13,7 +13,7 @@ use quick_xml::events::Event;
 use quick_xml::Reader;
 use serde::{Deserialize, Serialize};
 
-use self::xml::{RawBackingStore, RawDisk, RawDomain, RawLease, RawSource, RawStatus};
+use self::xml::{RawBackingStore, RawDisk, RawDomain, RawLease, RawOs, RawSource, RawStatus};
 
 /// Domain XML larger than this is refused before parsing (a real one is a few KiB).
 pub const MAX_XML_BYTES: usize = 16 << 20;
@@ -104,6 +104,25 @@ pub struct Domain {
     pub uuid: Uuid,
     pub disks: Vec<Disk>,
     pub leases: Vec<Lease>,
+    /// The firmware images QEMU opens: the UEFI code (`<loader>`) and variable store (`<nvram>`).
+    pub firmware: Vec<Firmware>,
+    /// Files backing guest memory the guest writes (`<memory model='nvdimm|virtio-pmem'>`).
+    pub memory_files: Vec<PathBuf>,
+}
+
+/// A firmware image in `<os>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firmware {
+    pub kind: FirmwareKind,
+    pub source: Source,
+    /// QEMU only reads it (`<loader readonly='yes'>`, a ROM); the variable store is written.
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirmwareKind {
+    Loader,
+    Nvram,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +143,16 @@ pub struct Disk {
     pub backing: Option<Vec<Backing>>,
     /// The destination of a running block copy (`<mirror>`, in libvirt's status XML).
     pub mirror: Option<Source>,
+    /// `<source><dataStore>` (libvirt 10.10+): the qcow2 image's external data file.
+    pub data_store: Option<Source>,
+    /// `<transient/>`: libvirt puts an overlay on the image for the guest's life and discards
+    /// it; with `shareBacking='yes'` the image itself is opened read-only and may be shared.
+    pub transient: Option<Transient>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transient {
+    pub share_backing: bool,
 }
 
 /// One image below a disk in its backing chain.
@@ -206,13 +235,21 @@ impl Domain {
         let uuid = Uuid::parse(raw.uuid.as_deref().ok_or(DomainError::MissingUuid)?)?;
         let devices = raw.devices.unwrap_or_default();
         let disks = devices.disks.into_iter().map(disk_from_raw).collect();
+        let firmware = firmware_from_raw(raw.os.unwrap_or_default());
+        let memory_files = devices
+            .memory
+            .into_iter()
+            .filter(|m| matches!(m.model.as_deref(), Some("nvdimm" | "virtio-pmem")))
+            .filter_map(|m| non_empty(m.source?.path.map(|p| p.trim().to_owned())))
+            .map(PathBuf::from)
+            .collect();
         let leases = devices
             .leases
             .into_iter()
             .enumerate()
             .map(|(index, lease)| lease_from_raw(index, lease))
             .collect::<Result<_, _>>()?;
-        Ok(Domain { name, uuid, disks, leases })
+        Ok(Domain { name, uuid, disks, leases, firmware, memory_files })
     }
 }
 
@@ -275,6 +312,30 @@ fn source_from_raw(kind: &str, source: Option<RawSource>) -> (Source, bool) {
     (parsed.unwrap_or(Source::Empty), optional)
 }
 
+fn firmware_from_raw(os: RawOs) -> Vec<Firmware> {
+    let mut out = Vec::new();
+    if let Some(loader) = os.loader {
+        if let Some(path) = non_empty(loader.path.map(|p| p.trim().to_owned())) {
+            // A ROM, or pflash marked read-only, is only read; pflash without readonly='yes' is
+            // written by the guest.
+            let readonly = loader.readonly.as_deref() == Some("yes")
+                || (loader.readonly.is_none() && loader.kind.as_deref() != Some("pflash"));
+            out.push(Firmware { kind: FirmwareKind::Loader, source: Source::File(path.into()), readonly });
+        }
+    }
+    if let Some(nvram) = os.nvram {
+        let source = match (nvram.source, non_empty(nvram.path.map(|p| p.trim().to_owned()))) {
+            (Some(src), _) => source_from_raw(nvram.kind.as_deref().unwrap_or("file"), Some(src)).0,
+            (None, Some(path)) => Source::File(path.into()),
+            (None, None) => Source::Empty,
+        };
+        if source != Source::Empty {
+            out.push(Firmware { kind: FirmwareKind::Nvram, source, readonly: false });
+        }
+    }
+    out
+}
+
 fn backing_from_raw(raw: Option<RawBackingStore>) -> Option<Vec<Backing>> {
     let mut next = raw?;
     let mut chain = Vec::new();
@@ -294,9 +355,13 @@ fn backing_from_raw(raw: Option<RawBackingStore>) -> Option<Vec<Backing>> {
     }
 }
 
-fn disk_from_raw(raw: RawDisk) -> Disk {
+fn disk_from_raw(mut raw: RawDisk) -> Disk {
     let kind = raw.kind.unwrap_or_else(|| "file".to_owned());
     let device = raw.device.unwrap_or_else(|| "disk".to_owned());
+    let data_store = raw.source.as_mut().and_then(|s| s.data_store.take()).and_then(|ds| {
+        let (source, _) = source_from_raw(ds.kind.as_deref().unwrap_or("file"), ds.source);
+        (source != Source::Empty).then_some(source)
+    });
     let (source, optional) = source_from_raw(&kind, raw.source);
     Disk {
         target: raw.target.and_then(|t| t.dev),
@@ -307,6 +372,8 @@ fn disk_from_raw(raw: RawDisk) -> Disk {
         shareable: raw.shareable.is_some(),
         optional,
         backing: backing_from_raw(raw.backing_store),
+        data_store,
+        transient: raw.transient.map(|t| Transient { share_backing: t.share_backing.as_deref() == Some("yes") }),
         mirror: raw.mirror.and_then(|m| {
             let kind = m.kind.unwrap_or_else(|| "file".to_owned());
             match (source_from_raw(&kind, m.source).0, m.file) {
@@ -468,6 +535,51 @@ mod tests {
         let d = Domain::parse_status(copying.as_bytes()).expect("parse mirror");
         assert_eq!(d.disks[0].mirror, Some(Source::File("/copy".into())));
         assert_eq!(d.disks[1].mirror, Some(Source::File("/old-style".into())));
+    }
+
+    #[test]
+    fn firmware_data_files_transient_and_memory() {
+        let xml = format!(
+            "<domain type='kvm'><name>vm1</name><uuid>{UUID}</uuid><os><type arch='x86_64'>hvm</type>\
+             <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>\
+             <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/libvirt/qemu/nvram/vm1_VARS.fd</nvram>\
+             <boot dev='hd'/></os><devices>\
+             <disk type='file'><driver type='qcow2'/><source file='/i/a.qcow2'><dataStore type='file'>\
+             <format type='raw'/><source file='/i/a.data'/></dataStore></source><target dev='vda'/></disk>\
+             <disk type='file'><source file='/i/base.qcow2'/><transient shareBacking='yes'/><target dev='vdb'/></disk>\
+             <disk type='file'><source file='/i/t.qcow2'/><transient/><target dev='vdc'/></disk>\
+             <memory model='nvdimm'><source><path>/i/nvdimm</path></source><target><size unit='KiB'>512</size></target></memory>\
+             <memory model='dimm'><target><size unit='KiB'>512</size></target></memory>\
+             </devices></domain>"
+        );
+        let d = Domain::parse(xml.as_bytes()).expect("parse");
+        assert_eq!(
+            d.firmware,
+            vec![
+                Firmware {
+                    kind: FirmwareKind::Loader,
+                    source: Source::File("/usr/share/OVMF/OVMF_CODE_4M.fd".into()),
+                    readonly: true
+                },
+                Firmware {
+                    kind: FirmwareKind::Nvram,
+                    source: Source::File("/var/lib/libvirt/qemu/nvram/vm1_VARS.fd".into()),
+                    readonly: false
+                },
+            ]
+        );
+        assert_eq!(d.disks[0].data_store, Some(Source::File("/i/a.data".into())));
+        assert_eq!(d.disks[0].source, Source::File("/i/a.qcow2".into()));
+        assert_eq!(d.disks[1].transient, Some(Transient { share_backing: true }));
+        assert_eq!(d.disks[2].transient, Some(Transient { share_backing: false }));
+        assert_eq!(d.memory_files, vec![PathBuf::from("/i/nvdimm")]);
+        let new_style = format!(
+            "<domain><name>v</name><uuid>{UUID}</uuid><os><loader type='pflash' readonly='no'>/f/code.fd</loader>\
+             <nvram type='block'><source dev='/dev/vg/nvram'/></nvram></os></domain>"
+        );
+        let d = Domain::parse(new_style.as_bytes()).expect("parse");
+        assert!(!d.firmware[0].readonly, "a writable loader");
+        assert_eq!(d.firmware[1].source, Source::Block("/dev/vg/nvram".into()));
     }
 
     #[test]

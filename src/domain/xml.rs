@@ -8,7 +8,36 @@ use serde::Deserialize;
 pub struct RawDomain {
     pub name: Option<String>,
     pub uuid: Option<String>,
+    pub os: Option<RawOs>,
     pub devices: Option<RawDevices>,
+}
+
+/// `<os>`: the firmware images (`<loader>`, `<nvram>`).
+#[derive(Debug, Default, Deserialize)]
+pub struct RawOs {
+    pub loader: Option<RawLoader>,
+    pub nvram: Option<RawNvram>,
+}
+
+/// `<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawLoader {
+    #[serde(rename = "@readonly")]
+    pub readonly: Option<String>,
+    #[serde(rename = "@type")]
+    pub kind: Option<String>,
+    #[serde(rename = "$text")]
+    pub path: Option<String>,
+}
+
+/// `<nvram>PATH</nvram>`, or (libvirt 8.5+) `<nvram type='file|block'><source file|dev=.../></nvram>`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawNvram {
+    #[serde(rename = "@type")]
+    pub kind: Option<String>,
+    #[serde(rename = "$text")]
+    pub path: Option<String>,
+    pub source: Option<RawSource>,
 }
 
 /// libvirt's status file for a running guest (`/run/libvirt/qemu/<name>.xml`): the live
@@ -24,6 +53,28 @@ pub struct RawDevices {
     pub disks: Vec<RawDisk>,
     #[serde(default, rename = "lease")]
     pub leases: Vec<RawLease>,
+    /// `<memory model='nvdimm|virtio-pmem'>`: guest memory backed by a file the guest writes.
+    #[serde(default, rename = "memory")]
+    pub memory: Vec<RawMemory>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawMemory {
+    #[serde(rename = "@model")]
+    pub model: Option<String>,
+    pub source: Option<RawMemorySource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawMemorySource {
+    pub path: Option<String>,
+}
+
+/// `<transient shareBacking='yes'/>`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTransient {
+    #[serde(rename = "@shareBacking")]
+    pub share_backing: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +88,7 @@ pub struct RawDisk {
     pub target: Option<RawTarget>,
     pub readonly: Option<IgnoredAny>,
     pub shareable: Option<IgnoredAny>,
+    pub transient: Option<RawTransient>,
     #[serde(rename = "backingStore")]
     pub backing_store: Option<RawBackingStore>,
     /// The destination of a running block copy (status XML only).
@@ -83,6 +135,16 @@ pub struct RawSource {
     pub startup_policy: Option<String>,
     #[serde(default, rename = "host")]
     pub hosts: Vec<RawHost>,
+    /// libvirt 10.10+: a qcow2 image's external data file.
+    #[serde(rename = "dataStore")]
+    pub data_store: Option<Box<RawDataStore>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDataStore {
+    #[serde(rename = "@type")]
+    pub kind: Option<String>,
+    pub source: Option<RawSource>,
 }
 
 #[derive(Debug, Default, Deserialize)]
