@@ -277,6 +277,7 @@ fn acquire(ctx: &Ctx, domain: &Domain, held: &HashSet<Identity>) -> Result<(Acqu
                 path: busy.request.path,
                 key: busy.key,
                 label: busy.request.label,
+                lock_file: busy.request.lock_file,
                 mode: busy.request.mode,
                 roles: busy.roles,
                 identity: busy.identity,

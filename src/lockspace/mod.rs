@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use self::dir::{Dir, DirError, Entry};
 use crate::domain::Uuid;
-use crate::lock::{self, LockMode};
+use crate::lock::{self, LockError, LockMode};
 
 /// A record larger than this is not read (records are a few hundred bytes).
 const MAX_RECORD: u64 = 64 * 1024;
@@ -154,6 +154,42 @@ fn nonce() -> String {
     format!("{:x}-{nanos:x}-{:x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Which lock files a lockspace lock file is among: `network/` (network disks) or `block/`
+/// (block devices, by stable identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockFileKind {
+    Network,
+    Block,
+}
+
+impl LockFileKind {
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            LockFileKind::Network => "network",
+            LockFileKind::Block => "block",
+        }
+    }
+}
+
+impl std::fmt::Display for LockFileKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.dir_name())
+    }
+}
+
+/// Whether taking a lock file's lock may wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    No,
+    /// `F_OFD_SETLKW`: until the holder lets go (migration hand-over). Blocks the thread.
+    Yes,
+}
+
+fn lock_file_name(key: &str) -> String {
+    format!("{}.lock", hash(key))
+}
+
 /// What a probe of a record's liveness lock says.
 #[derive(Debug)]
 enum Probe {
@@ -196,18 +232,73 @@ impl Lockspace {
         Lockspace { dir: dir.to_owned() }
     }
 
-    /// The lock file standing for a resource that cannot be locked in place (`network`,
-    /// `block`).
-    pub fn lock_file(&self, kind: &str, key: &str) -> PathBuf {
-        self.dir.join(kind).join(format!("{}.lock", hash(key)))
+    /// The lock file standing for a resource that cannot be locked in place, as a path for
+    /// messages and state files. It is only ever opened through `acquire`.
+    pub fn lock_file(&self, kind: LockFileKind, key: &str) -> PathBuf {
+        self.dir.join(kind.dir_name()).join(lock_file_name(key))
     }
 
-    /// Creates the directory a lock file lives in.
-    pub fn prepare_dir(&self, lock_file: &Path) -> io::Result<()> {
-        match lock_file.parent() {
-            Some(dir) => fs::create_dir_all(dir),
-            None => Ok(()),
+    /// Makes sure the lockspace is a directory and has the directory for `kind`'s lock files.
+    pub fn prepare(&self, kind: LockFileKind) -> Result<(), LockspaceError> {
+        subdir(&self.root()?, kind.dir_name(), true).map(|_| ())
+    }
+
+    /// The device and inode of `kind`'s lock file for `key`; `None` while it does not exist.
+    pub fn lock_file_inode(&self, kind: LockFileKind, key: &str) -> io::Result<Option<(u64, u64)>> {
+        let dir = match subdir(&self.root().map_err(io::Error::other)?, kind.dir_name(), false) {
+            Ok(Some(dir)) => dir,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        match dir.stat(&lock_file_name(key)) {
+            Ok(entry) if entry.kind == Entry::FILE => Ok(Some((entry.dev, entry.ino))),
+            Ok(entry) => Err(DirError::Unexpected { kind: entry.kind }.into_io()),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into_io()),
         }
+    }
+
+    /// Opens (creating it if missing) `kind`'s lock file for `key` and locks byte `offset` in
+    /// `mode`, waiting for it when `wait` says so (a migration hand-over).
+    ///
+    /// The file is reached through the lockspace's directory fds only, created with
+    /// `O_CREAT|O_NOFOLLOW`, and must be a regular file: a symlink planted there is refused, so
+    /// nothing outside the lockspace is ever created or opened on its behalf.
+    pub fn acquire(
+        &self,
+        kind: LockFileKind,
+        key: &str,
+        mode: LockMode,
+        offset: u64,
+        wait: Wait,
+    ) -> Result<lock::HeldLock, LockError> {
+        let path = self.lock_file(kind, key);
+        if offset > lock::MAX_OFFSET {
+            return Err(LockError::OffsetTooLarge { path, offset });
+        }
+        let open_error =
+            |source: LockspaceError| LockError::Open { path: path.clone(), source: io::Error::other(source) };
+        let dir = subdir(&self.root().map_err(open_error)?, kind.dir_name(), true)
+            .map_err(open_error)?
+            .ok_or_else(|| open_error(LockspaceError::Missing { path: self.dir.clone() }))?;
+        let access = if mode == LockMode::Exclusive { libc::O_RDWR } else { libc::O_RDONLY };
+        let (file, entry) = dir.open_file(&lock_file_name(key), access | libc::O_CREAT).map_err(|e| match e {
+            DirError::Unexpected { kind } => LockError::NotLockable { path: path.clone(), kind },
+            DirError::Io(source) => LockError::Open { path: path.clone(), source },
+        })?;
+        let identity = lock::Identity { dev: entry.dev, ino: entry.ino, offset };
+        let locked = match wait {
+            Wait::No => lock::try_lock_fd(&file, mode, offset),
+            Wait::Yes => lock::lock_wait_fd(&file, mode, offset),
+        };
+        locked.map_err(|source| {
+            if source.kind() == io::ErrorKind::WouldBlock {
+                LockError::AlreadyLocked { path: path.clone(), identity }
+            } else {
+                LockError::Lock { path: path.clone(), source }
+            }
+        })?;
+        Ok(lock::HeldLock { fd: file.into(), identity, mode, block_device: false })
     }
 
     /// Opens the lockspace directory (not through a symlink).
@@ -413,6 +504,8 @@ fn remove_stale(dir: &Dir, name: &str, seen: Entry) -> Result<bool, LockspaceErr
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt;
+
     use super::*;
 
     fn record(key: &str, uuid: &str, host: &str) -> OwnerRecord {
@@ -582,6 +675,71 @@ mod tests {
         let link = Lockspace::new(&dir.path().join("link"));
         assert!(matches!(link.publish(&rec), Err(LockspaceError::NotDirectory { kind: "symbolic link", .. })));
         assert!(!dir.path().join("owners").exists());
+    }
+
+    #[test]
+    fn lock_files_are_created_and_locked_in_the_lockspace_only() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ls = Lockspace::new(dir.path());
+        let key = "net:nbd://h/x";
+        ls.prepare(LockFileKind::Network).expect("prepare");
+        assert_eq!(ls.lock_file_inode(LockFileKind::Network, key).expect("stat"), None);
+        let held = ls.acquire(LockFileKind::Network, key, LockMode::Exclusive, 0, Wait::No).expect("lock");
+        let path = ls.lock_file(LockFileKind::Network, key);
+        assert!(path.is_file());
+        let meta = fs::metadata(&path).expect("meta");
+        assert_eq!(ls.lock_file_inode(LockFileKind::Network, key).expect("stat"), Some((meta.dev(), meta.ino())));
+        assert_eq!((held.identity.dev, held.identity.ino), (meta.dev(), meta.ino()));
+        match ls.acquire(LockFileKind::Network, key, LockMode::Shared, 0, Wait::No) {
+            Err(LockError::AlreadyLocked { identity, .. }) => assert_eq!(identity, held.identity),
+            other => panic!("expected AlreadyLocked, got {other:?}"),
+        }
+        drop(held);
+        let _shared = ls.acquire(LockFileKind::Network, key, LockMode::Shared, 0, Wait::Yes).expect("free again");
+        assert_eq!(lock::probe(&path, 0).expect("probe").0, Some(LockMode::Shared));
+    }
+
+    #[test]
+    fn a_symlinked_lock_file_or_directory_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().expect("dir");
+        let outside = tempfile::tempdir().expect("outside");
+        let ls = Lockspace::new(dir.path());
+        let key = "block:wwn-0x5000";
+        fs::create_dir(dir.path().join("block")).expect("mkdir");
+        // A dangling link (would create the target) and one to an existing file (would open it).
+        let target = outside.path().join("created-by-root");
+        std::os::unix::fs::symlink(&target, ls.lock_file(LockFileKind::Block, key)).expect("symlink");
+        let existing = outside.path().join("shadow");
+        fs::write(&existing, b"secret").expect("write");
+        std::os::unix::fs::symlink(&existing, ls.lock_file(LockFileKind::Block, "block:other")).expect("symlink");
+        for mode in [LockMode::Shared, LockMode::Exclusive] {
+            for (k, wait) in [(key, Wait::No), ("block:other", Wait::Yes)] {
+                match ls.acquire(LockFileKind::Block, k, mode, 0, wait) {
+                    Err(LockError::NotLockable { kind: "symbolic link", .. }) => {}
+                    other => panic!("{k}: expected NotLockable, got {other:?}"),
+                }
+            }
+            assert!(ls.lock_file_inode(LockFileKind::Block, key).is_err());
+        }
+        assert!(!target.exists(), "nothing created through the link");
+        assert_eq!(lock::probe(&existing, 0).expect("probe").0, None);
+        assert_eq!(fs::read(&existing).expect("read"), b"secret");
+        // A FIFO as a lock file: refused at once.
+        nix::unistd::mkfifo(&ls.lock_file(LockFileKind::Block, "block:fifo"), nix::sys::stat::Mode::S_IRWXU)
+            .expect("mkfifo");
+        let got = within_seconds({
+            let ls = ls.clone();
+            move || ls.acquire(LockFileKind::Block, "block:fifo", LockMode::Exclusive, 0, Wait::Yes).map(|_| ())
+        });
+        assert!(matches!(got, Err(LockError::NotLockable { kind: "FIFO", .. })));
+        // `network` itself a symlink: neither prepare nor acquire go through it.
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("network")).expect("symlink");
+        assert!(matches!(ls.prepare(LockFileKind::Network), Err(LockspaceError::NotDirectory { .. })));
+        assert!(matches!(
+            ls.acquire(LockFileKind::Network, "net:x", LockMode::Exclusive, 0, Wait::No),
+            Err(LockError::Open { .. })
+        ));
+        assert_eq!(count(outside.path()), 1, "nothing created outside");
     }
 
     #[test]
