@@ -2,22 +2,46 @@
 //!
 //! ```text
 //! <lockspace>/
-//!   owners/<key-hash>/<uuid>.<host>.json   who holds a resource (one record per holder)
-//!   network/<key-hash>.lock                 lock files for network disks (nbd, rbd, iscsi, ...)
-//!   block/<key-hash>.lock                   lock files for block devices, by stable identity
+//!   owners/<key-hash>/<uuid>.<host>.<nonce>.json  who holds a resource (one record per holder)
+//!   network/<key-hash>.lock                        lock files for network disks (nbd, rbd, ...)
+//!   block/<key-hash>.lock                          lock files for block devices, by stable identity
 //! ```
 //!
 //! Every host computes the same key for the same resource: `file:<canonical path>@<offset>` for
 //! images and leases (all hosts mount shared storage at the same path, as libvirt migration
 //! requires), `net:<protocol>://<hosts>/<name>` for network disks, `block:<stable id>` for block
 //! devices. Directory and file names use a 64-bit FNV-1a hash of the key; the key itself is in
-//! every record, so a hash collision is recognised.
+//! every record, so a hash collision is recognised. Readers take any `*.json` in a key's
+//! directory as a record, so the `<nonce>` part (new in record names) is invisible to older hosts.
 //!
-//! A record is live only while its holder holds an OFD lock on the record file: a crashed host's
-//! records lose their locks when the shared filesystem's lock manager recovers (NFSv4: after the
-//! lease time; GFS2/OCFS2: after fencing), and whoever finds such a record removes it. Records are
-//! written to a temp file, locked, and then renamed into place, so no reader ever sees a live
-//! record unlocked.
+//! A record is live only while its holder holds an OFD lock on byte 0 of the record file: a
+//! crashed host's records lose their locks when the shared filesystem's lock manager recovers
+//! (NFSv4: after the lease time; GFS2/OCFS2: after fencing), and whoever finds such a record
+//! removes it. Records are written to a fresh temp file, locked, and then renamed to a name no
+//! record ever had, so no reader ever sees a live record unlocked, and a record never locked
+//! again once its holder let go.
+//!
+//! # What is trusted, and why
+//!
+//! Every host's root can write here, so the lockspace is input, not state:
+//! - *Trusted:* the path `lockspace_dir` up to its parent (root's config; it names the shared
+//!   mount), and the shared filesystem's lock manager (it is the fleet's lock engine).
+//! - *Not trusted:* everything at or below `lockspace_dir`, including that directory itself. It
+//!   is opened with `O_DIRECTORY|O_NOFOLLOW` and every name below it is resolved one component at
+//!   a time relative to a directory fd, never following a symlink (`dir`): a symlink planted for
+//!   `owners/<hash>`, `network/<hash>.lock` or a record cannot lead root to read, create, lock or
+//!   delete anything elsewhere. Only regular files and directories are used; a FIFO, socket or
+//!   device is skipped with a warning and never opened in a way that could block.
+//! - *Record contents* are only shown in messages and compared (key, UUID, host); a record
+//!   larger than 64 KiB is not read.
+//! - *Deleting:* only a stale record, and only once verified by inode under its own lock (see
+//!   `remove_stale`); a record whose lock cannot be probed (ENOLCK, EIO) is kept. Lock files and
+//!   directories are never removed, except a key's empty record directory by its last holder.
+//! - Another host's root can still delete or rewrite anything here (it could as well unmount the
+//!   storage): that can hide who holds a resource from a refusal message or defeat a migration's
+//!   check, or (by removing a held lock file) let a later start lock a fresh file of the same
+//!   name; it never makes this host touch files outside the lockspace, block, or remove a live
+//!   record.
 
 mod dir;
 
@@ -740,6 +764,144 @@ mod tests {
             Err(LockError::Open { .. })
         ));
         assert_eq!(count(outside.path()), 1, "nothing created outside");
+    }
+
+    /// A small seeded generator (xorshift64*), so a failing tree can be rebuilt from its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Everything below `dir`: path, type, size, content and modification time.
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, String, u64, Vec<u8>, i64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for entry in fs::read_dir(&d).expect("read_dir").flatten() {
+                let meta = fs::symlink_metadata(entry.path()).expect("lstat");
+                let data = if meta.is_file() { fs::read(entry.path()).expect("read") } else { Vec::new() };
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                }
+                let ft = meta.file_type();
+                let kind = if ft.is_file() {
+                    "file".to_owned()
+                } else if ft.is_symlink() {
+                    format!("link to {:?}", fs::read_link(entry.path()).expect("readlink"))
+                } else {
+                    format!("{:o}", meta.mode() & libc::S_IFMT)
+                };
+                out.push((entry.path(), kind, meta.len(), data, meta.mtime_nsec() + meta.mtime() * 1_000_000_000));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn random_planted_trees_change_nothing_outside_and_never_block() {
+        let keys = ["net:nbd://a/x", "net:rbd://b/y", "block:wwn-1", "file:/s/a.qcow2@0"];
+        for seed in 1..=48u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let tmp = tempfile::tempdir().expect("dir");
+            let root = tmp.path().join("ls");
+            let outside = tmp.path().join("outside");
+            fs::create_dir_all(outside.join("sub")).expect("mkdir");
+            let victim = record(keys[0], "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab", "victim");
+            for name in ["a.json", "b.lock", "sub/c.json"] {
+                fs::write(outside.join(name), serde_json::to_vec(&victim).expect("json")).expect("write");
+            }
+            fs::create_dir(&root).expect("mkdir");
+            let ls = Lockspace::new(&root);
+            // Some live records, published the proper way; they must survive and be listed.
+            let live: Vec<(OwnerRecord, Published)> = (0..rng.below(3))
+                .map(|i| {
+                    let key = keys[usize::try_from(rng.below(4)).expect("small")];
+                    let r = record(key, "0e4c9a51-7a2f-4b83-9d4e-5f6a7b8c9d0e", &format!("live{i}"));
+                    let p = ls.publish(&r).expect("publish");
+                    (r, p)
+                })
+                .collect();
+            // Planted objects in owners/<hash>/ and network/ and block/, and sometimes in place of
+            // those directories themselves.
+            let mut dirs: Vec<PathBuf> = keys.iter().map(|k| owners_path(&root, k)).collect();
+            dirs.extend([root.join("network"), root.join("block")]);
+            for d in &dirs {
+                if rng.below(6) == 0 && !d.exists() {
+                    fs::create_dir_all(d.parent().expect("parent")).expect("mkdir");
+                    let to = if rng.below(2) == 0 { outside.clone() } else { outside.join("sub") };
+                    std::os::unix::fs::symlink(to, d).expect("symlink dir");
+                    continue;
+                }
+                fs::create_dir_all(d).expect("mkdir");
+                for n in 0..rng.below(6) {
+                    let name = match (d.starts_with(root.join("owners")), rng.below(3)) {
+                        (true, _) => format!("p{n}.json"),
+                        (false, 0) => lock_file_name(keys[usize::try_from(rng.below(4)).expect("small")]),
+                        (false, _) => format!("p{n}.lock"),
+                    };
+                    let path = d.join(&name);
+                    if fs::symlink_metadata(&path).is_ok() {
+                        continue;
+                    }
+                    match rng.below(8) {
+                        0 => fs::write(&path, serde_json::to_vec(&victim).expect("json")).expect("stale file"),
+                        1 => fs::create_dir(&path).expect("dir"),
+                        2 => std::os::unix::fs::symlink(outside.join("a.json"), &path).expect("link out"),
+                        3 => std::os::unix::fs::symlink(outside.join("new.lock"), &path).expect("dangling out"),
+                        4 => std::os::unix::fs::symlink(&outside, &path).expect("link out dir"),
+                        5 => std::os::unix::fs::symlink(d.join("p0.json"), &path).expect("link in"),
+                        6 => nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).expect("fifo"),
+                        _ => drop(std::os::unix::net::UnixListener::bind(&path).expect("socket")),
+                    }
+                }
+            }
+            let before = snapshot(&outside);
+            let ls2 = ls.clone();
+            let (listed, taken) = within_seconds(move || {
+                let listed: Vec<Vec<OwnerRecord>> = keys.iter().map(|k| ls2.owners(k)).collect();
+                let mut taken = Vec::new();
+                for kind in [LockFileKind::Network, LockFileKind::Block] {
+                    for key in keys {
+                        for mode in [LockMode::Shared, LockMode::Exclusive] {
+                            taken.push(ls2.acquire(kind, key, mode, 0, Wait::No).map(|h| h.identity));
+                        }
+                    }
+                }
+                (listed, taken)
+            });
+            assert_eq!(snapshot(&outside), before, "seed {seed}: something outside the lockspace changed");
+            for (path, ..) in &before {
+                if fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+                    assert_eq!(lock::probe(path, 0).expect("probe").0, None, "seed {seed}: {path:?} locked");
+                }
+            }
+            for (r, p) in &live {
+                let i = keys.iter().position(|k| *k == r.key).expect("key");
+                if ls.is_published(p).unwrap_or(false) {
+                    assert!(listed[i].contains(r), "seed {seed}: live record of {} not listed", r.key);
+                }
+            }
+            // Every lock taken is on a regular file inside the lockspace.
+            let inside: Vec<(u64, u64)> = snapshot(&root)
+                .iter()
+                .filter(|(_, kind, ..)| kind == "file")
+                .map(|(path, ..)| fs::symlink_metadata(path).map(|m| (m.dev(), m.ino())).expect("lstat"))
+                .collect();
+            for identity in taken.into_iter().flatten() {
+                assert!(inside.contains(&(identity.dev, identity.ino)), "seed {seed}: a lock outside the lockspace");
+            }
+        }
     }
 
     #[test]
