@@ -476,11 +476,17 @@ fn check_run_dir(dir: &Path, out: &mut Vec<Finding>) {
 fn check_lockspace_dir(dir: &Path, out: &mut Vec<Finding>) {
     const CHECK: &str = "lockspace";
     let shown = dir.display();
-    match fs::metadata(dir) {
+    // Not followed: lockhook opens the lockspace O_NOFOLLOW (another host may plant a symlink).
+    match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => out.push(Finding::new(
             Severity::Warn,
             CHECK,
             format!("{shown} does not exist: create it (install -d -m 0755 {shown}), on shared storage for a fleet"),
+        )),
+        Ok(meta) if meta.file_type().is_symlink() => out.push(Finding::new(
+            Severity::Error,
+            CHECK,
+            format!("{shown} is a symlink, which lockhook never follows in the lockspace: set lockspace_dir to the real path"),
         )),
         Err(e) => out.push(Finding::new(Severity::Error, CHECK, format!("{shown}: cannot stat: {e}"))),
         Ok(meta) if !meta.is_dir() => out.push(Finding::new(
@@ -1051,6 +1057,20 @@ mod tests {
         assert_eq!(pool_target("<pool type='logical'><target><path>/dev/vg</path></target></pool>"), None);
         assert_eq!(pool_target("<pool type='netfs'><target><path>relative</path></target></pool>"), None);
         assert_eq!(pool_target("<pool type='fs'><target>"), None);
+    }
+
+    #[test]
+    fn a_symlinked_or_missing_lockspace_is_reported() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("link")).expect("symlink");
+        let severity = |p: &Path| {
+            let mut out = Vec::new();
+            check_lockspace_dir(p, &mut out);
+            out[0].severity
+        };
+        assert_eq!(severity(dir.path()), Severity::Ok);
+        assert_eq!(severity(&dir.path().join("link")), Severity::Error);
+        assert_eq!(severity(&dir.path().join("missing")), Severity::Warn);
     }
 
     #[test]

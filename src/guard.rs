@@ -164,6 +164,7 @@ pub fn run(config: &Config, mode: LockMode, targets: &[PathBuf], command: &[OsSt
             optional: false,
             key: None,
             label: None,
+            lock_file: None,
         })
         .collect();
     let strict = Config { on_missing: crate::config::MissingPolicy::Fail, ..config.clone() };

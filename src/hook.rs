@@ -319,6 +319,7 @@ fn acquire(
                 path: busy.request.path,
                 key: busy.key,
                 label: busy.request.label,
+                lock_file: busy.request.lock_file,
                 mode: busy.request.mode,
                 roles: busy.roles,
                 identity: busy.identity,

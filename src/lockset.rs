@@ -5,11 +5,11 @@
 //! tried even after a refusal, so the user sees every conflict at once, one line each.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use crate::config::{Config, MissingPolicy};
 use crate::lock::{self, Create, HeldLock, Identity, LockError};
+use crate::lockspace::{Lockspace, Wait};
 use crate::paths::Paths;
 use crate::resource::Role;
 use crate::state::Resource;
@@ -104,17 +104,22 @@ pub fn acquire_available(
     let mut failures = Failures::default();
     let mut order: Vec<Key> = Vec::new();
     let mut groups: HashMap<Key, Group> = HashMap::new();
+    let lockspace = Lockspace::new(&config.lockspace_dir);
     for request in requests {
-        let key = match std::fs::metadata(&request.path) {
-            Ok(meta) => Key::Inode(meta.dev(), meta.ino(), request.offset),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && request.is_lease => {
-                Key::Missing(request.path.clone(), request.offset)
-            }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound
-                    && (request.optional || config.on_missing == MissingPolicy::Skip) =>
-            {
+        let key = match request.inode(&lockspace) {
+            Ok(Some((dev, ino))) => Key::Inode(dev, ino, request.offset),
+            Ok(None) if request.is_lease => Key::Missing(request.path.clone(), request.offset),
+            Ok(None) if request.optional || config.on_missing == MissingPolicy::Skip => {
                 notes.push(format!("{} ({}): does not exist; not locked", request.path.display(), request.role));
+                continue;
+            }
+            Ok(None) => {
+                failures.errors.push(format!(
+                    "{} ({}): {}",
+                    request.path.display(),
+                    request.role,
+                    std::io::Error::from_raw_os_error(libc::ENOENT)
+                ));
                 continue;
             }
             Err(e) => {
@@ -143,8 +148,7 @@ pub fn acquire_available(
     let mut acquired = Acquired::default();
     for key in order {
         let Group { request, roles } = groups.remove(&key).expect("every key in order has a group");
-        let create = if request.is_lease { Create::IfMissing } else { Create::No };
-        match lock::acquire(&request.path, request.mode, request.offset, create) {
+        match take(&lockspace, &request) {
             Ok(held) => {
                 acquired.resources.push(Resource {
                     key: request
@@ -152,6 +156,7 @@ pub fn acquire_available(
                         .clone()
                         .unwrap_or_else(|| crate::lockspace::file_key(&request.path, request.offset)),
                     label: request.label.clone(),
+                    lock_file: request.lock_file,
                     path: request.path.clone(),
                     mode: held.mode,
                     roles,
@@ -163,7 +168,6 @@ pub fn acquire_available(
             Err(LockError::AlreadyLocked { path, identity }) => {
                 let key = request.key.clone().unwrap_or_else(|| crate::lockspace::file_key(&path, request.offset));
                 let name = request.label.clone().unwrap_or_else(|| path.display().to_string());
-                let lockspace = crate::lockspace::Lockspace::new(&config.lockspace_dir);
                 let line = format!("{name} {}", crate::owner::find(paths, &lockspace, &identity, &key).phrase());
                 failures.busy.push(Busy { request, roles, identity, key, line });
             }
@@ -171,6 +175,18 @@ pub fn acquire_available(
         }
     }
     (acquired, failures)
+}
+
+/// Takes one request's lock without waiting: a lockspace lock file through the lockspace (never
+/// through a symlink), anything else by its path.
+fn take(lockspace: &Lockspace, request: &Request) -> Result<HeldLock, LockError> {
+    match (request.lock_file, &request.key) {
+        (Some(kind), Some(key)) => lockspace.acquire(kind, key, request.mode, request.offset, Wait::No),
+        _ => {
+            let create = if request.is_lease { Create::IfMissing } else { Create::No };
+            lock::acquire(&request.path, request.mode, request.offset, create)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -188,6 +204,7 @@ mod tests {
             optional: false,
             key: None,
             label: None,
+            lock_file: None,
         }
     }
 
@@ -245,5 +262,35 @@ mod tests {
             .expect("skip policy");
         assert!(got.locks.is_empty());
         assert_eq!(notes.len(), 1);
+    }
+
+    #[test]
+    fn lockspace_lock_files_are_taken_through_the_lockspace() {
+        use crate::lockspace::LockFileKind;
+        let dir = tempfile::tempdir().expect("dir");
+        let outside = tempfile::tempdir().expect("outside");
+        let paths = Paths::new(dir.path());
+        let cfg = Config { lockspace_dir: dir.path().join("ls"), ..Config::default() };
+        std::fs::create_dir_all(cfg.lockspace_dir.join("network")).expect("mkdir");
+        let ls = Lockspace::new(&cfg.lockspace_dir);
+        let net = |key: &str| Request {
+            key: Some(key.to_owned()),
+            label: Some(key.to_owned()),
+            is_lease: true,
+            lock_file: Some(LockFileKind::Network),
+            ..req(&ls.lock_file(LockFileKind::Network, key), LockMode::Exclusive)
+        };
+        let target = outside.path().join("t");
+        std::os::unix::fs::symlink(&target, ls.lock_file(LockFileKind::Network, "net:planted")).expect("symlink");
+        let mut notes = vec![];
+        let refusal = acquire_all(&[net("net:planted")], &HashSet::new(), &cfg, &paths, &mut notes).expect_err("link");
+        assert!(refusal.lines[0].contains("symbolic link"), "{:?}", refusal.lines);
+        assert!(!target.exists());
+        let got = acquire_all(&[net("net:ok")], &HashSet::new(), &cfg, &paths, &mut notes).expect("lock");
+        assert_eq!(got.resources[0].lock_file, Some(LockFileKind::Network));
+        // Held by this guest already: recognised by inode, not taken twice.
+        let held: HashSet<Identity> = got.locks.iter().map(|l| l.identity).collect();
+        let again = acquire_all(&[net("net:ok")], &held, &cfg, &paths, &mut notes).expect("skip held");
+        assert!(again.locks.is_empty());
     }
 }

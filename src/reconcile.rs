@@ -44,6 +44,7 @@ fn requests_from(state: &GuestState) -> Vec<Request> {
             optional: false,
             key: Some(r.key.clone()).filter(|k| !k.is_empty()),
             label: r.label.clone(),
+            lock_file: r.lock_file,
         })
         .collect()
 }

@@ -65,7 +65,7 @@ pub enum Target {
     /// A lock file in the lockspace standing for something that cannot be locked in place (a
     /// network disk), named by `key` (the same on every host) and called `label` in messages.
     LockFile {
-        kind: &'static str,
+        kind: crate::lockspace::LockFileKind,
         key: String,
         label: String,
     },
@@ -115,7 +115,7 @@ fn target_of(source: &Source) -> Result<Target, String> {
         Source::Volume { pool, volume } => Ok(Target::Volume { pool: pool.clone(), volume: volume.clone() }),
         Source::Network { protocol, name, hosts } => {
             let label = network_label(protocol, name.as_deref(), hosts);
-            Ok(Target::LockFile { kind: "network", key: format!("net:{label}"), label })
+            Ok(Target::LockFile { kind: crate::lockspace::LockFileKind::Network, key: format!("net:{label}"), label })
         }
         Source::Unsupported(kind) => Err(format!("type '{kind}' has no image lockhook can lock")),
         Source::Empty => Err("no source (empty drive)".to_owned()),

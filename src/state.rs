@@ -30,6 +30,10 @@ pub struct Resource {
     /// What messages call it when not `path` (a network disk's URL, a device's stable id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// Set when `path` is a lock file in the lockspace: it is locked again (mode change,
+    /// hand-over, re-adoption) only through `Lockspace::acquire`, never by its path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_file: Option<crate::lockspace::LockFileKind>,
     pub mode: LockMode,
     pub roles: Vec<Role>,
     pub identity: Identity,
@@ -223,6 +227,7 @@ mod tests {
                 path: "/i/a".into(),
                 key: "file:/i/a@0".into(),
                 label: None,
+                lock_file: None,
                 mode: LockMode::Exclusive,
                 roles: vec![Role::Disk { target: Some("vda".into()) }],
                 identity: Identity { dev: 1, ino: 2, offset: 0 },

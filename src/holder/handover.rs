@@ -15,6 +15,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
 use crate::lock::{self, Create, HeldLock, LockError};
+use crate::lockspace::{Lockspace, Wait};
 use crate::resource::Role;
 use crate::state::Resource;
 
@@ -40,18 +41,21 @@ impl Handover {
         self.wake_r.as_fd()
     }
 
-    /// Starts waiting for `resource` on a thread of its own.
-    pub fn wait_for(&self, resource: Resource) {
+    /// Starts waiting for `resource` on a thread of its own. A lockspace lock file is reached
+    /// through `lockspace` only (never through a symlink).
+    pub fn wait_for(&self, resource: Resource, lockspace: &Lockspace) {
         let (tx, wake) = (self.tx.clone(), Arc::clone(&self.wake_w));
         // Lease files and lockspace lock files exist already (the source holds them), but may be
         // recreated if the source's cleanup raced us.
-        let create = if resource.label.is_some() || resource.roles.iter().any(|r| matches!(r, Role::Lease { .. })) {
-            Create::IfMissing
-        } else {
-            Create::No
-        };
+        let create =
+            if resource.roles.iter().any(|r| matches!(r, Role::Lease { .. })) { Create::IfMissing } else { Create::No };
+        let lockspace = lockspace.clone();
         let spawned = std::thread::Builder::new().name("handover".into()).spawn(move || {
-            let result = lock::acquire_wait(&resource.path, resource.mode, resource.identity.offset, create);
+            let (mode, offset) = (resource.mode, resource.identity.offset);
+            let result = match resource.lock_file {
+                Some(kind) => lockspace.acquire(kind, &resource.key, mode, offset, Wait::Yes),
+                None => lock::acquire_wait(&resource.path, mode, offset, create),
+            };
             let _ = tx.send((resource, result));
             let _ = nix::unistd::write(wake.as_fd(), b"x");
         });

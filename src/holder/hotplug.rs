@@ -18,6 +18,7 @@ use log::{info, warn};
 use crate::config::Config;
 use crate::domain::Domain;
 use crate::lock::{self, Create, Identity, LockError, LockMode};
+use crate::lockspace::{LockFileKind, Lockspace, Wait};
 use crate::paths::Paths;
 use crate::resource::Role;
 use crate::state::{Conflict, Resource};
@@ -75,6 +76,7 @@ struct Wanted {
     mode: LockMode,
     roles: Vec<Role>,
     is_lease: bool,
+    lock_file: Option<LockFileKind>,
 }
 
 /// The resources `domain` wants, by identity. Images that do not exist are left out.
@@ -87,11 +89,12 @@ fn wanted(domain: &Domain, config: &Config) -> Option<(Vec<Identity>, HashMap<Id
             return None;
         }
     };
+    let lockspace = Lockspace::new(&config.lockspace_dir);
     let mut order = Vec::new();
     let mut wanted: HashMap<Identity, Wanted> = HashMap::new();
     for r in requests {
-        let Ok(meta) = std::fs::metadata(&r.path) else { continue };
-        let id = Identity { dev: meta.dev(), ino: meta.ino(), offset: r.offset };
+        let Ok(Some((dev, ino))) = r.inode(&lockspace) else { continue };
+        let id = Identity { dev, ino, offset: r.offset };
         match wanted.get_mut(&id) {
             Some(w) => {
                 w.mode = w.mode.max(r.mode);
@@ -110,6 +113,7 @@ fn wanted(domain: &Domain, config: &Config) -> Option<(Vec<Identity>, HashMap<Id
                         mode: r.mode,
                         roles: vec![r.role],
                         is_lease: r.is_lease,
+                        lock_file: r.lock_file,
                     },
                 );
             }
@@ -122,7 +126,7 @@ fn wanted(domain: &Domain, config: &Config) -> Option<(Vec<Identity>, HashMap<Id
 /// Downgrading exclusive → shared is atomic on the same open file; upgrading needs a read-write
 /// open, so the old lock is dropped and the new one taken, and on failure the shared lock is
 /// taken back.
-fn change_mode(res: &mut Resource, fd: &mut OwnedFd, to: LockMode) -> Result<(), LockError> {
+fn change_mode(lockspace: &Lockspace, res: &mut Resource, fd: &mut OwnedFd, to: LockMode) -> Result<(), LockError> {
     if to == LockMode::Shared {
         let file =
             std::fs::File::from(fd.try_clone().map_err(|source| LockError::Lock { path: res.path.clone(), source })?);
@@ -131,17 +135,20 @@ fn change_mode(res: &mut Resource, fd: &mut OwnedFd, to: LockMode) -> Result<(),
         res.mode = LockMode::Shared;
         return Ok(());
     }
-    let create = Create::No;
+    let take = |mode| match res.lock_file {
+        Some(kind) => lockspace.acquire(kind, &res.key, mode, res.identity.offset, Wait::No),
+        None => lock::acquire(&res.path, mode, res.identity.offset, Create::No),
+    };
     let old = std::mem::replace(fd, placeholder()?);
     drop(old);
-    match lock::acquire(&res.path, LockMode::Exclusive, res.identity.offset, create) {
+    match take(LockMode::Exclusive) {
         Ok(held) => {
             *fd = held.fd;
             res.mode = LockMode::Exclusive;
             Ok(())
         }
         Err(e) => {
-            if let Ok(back) = lock::acquire(&res.path, LockMode::Shared, res.identity.offset, create) {
+            if let Ok(back) = take(LockMode::Shared) {
                 *fd = back.fd;
             }
             Err(e)
@@ -169,6 +176,7 @@ pub fn sync(
     let Some((order, mut wanted)) = wanted(domain, config) else { return change };
     wanted.retain(|id, _| !pending.contains(id));
     let guest = format!("{} ({})", domain.name, domain.uuid);
+    let lockspace = Lockspace::new(&config.lockspace_dir);
     held.retain(|(res, _)| {
         let keep = wanted.contains_key(&res.identity);
         if !keep {
@@ -181,7 +189,7 @@ pub fn sync(
         let Some(w) = wanted.remove(&res.identity) else { continue };
         res.roles = w.roles;
         if w.mode != res.mode {
-            match change_mode(res, fd, w.mode) {
+            match change_mode(&lockspace, res, fd, w.mode) {
                 Ok(()) => {
                     info!("guest {guest}: {} is now locked {}", res.path.display(), res.mode.as_str());
                     change.changed_mode += 1;
@@ -192,14 +200,18 @@ pub fn sync(
     }
     for id in order {
         let Some(w) = wanted.remove(&id) else { continue };
-        let create = if w.is_lease { Create::IfMissing } else { Create::No };
-        match lock::acquire(&w.path, w.mode, id.offset, create) {
+        let taken = match (w.lock_file, &w.key) {
+            (Some(kind), Some(key)) => lockspace.acquire(kind, key, w.mode, id.offset, Wait::No),
+            _ => lock::acquire(&w.path, w.mode, id.offset, if w.is_lease { Create::IfMissing } else { Create::No }),
+        };
+        match taken {
             Ok(lock) => {
                 info!("guest {guest}: hot-plugged {} locked {}", w.path.display(), w.mode.as_str());
                 let key = w.key.unwrap_or_else(|| crate::lockspace::file_key(&w.path, id.offset));
                 let res = Resource {
                     key,
                     label: w.label,
+                    lock_file: w.lock_file,
                     path: w.path,
                     mode: lock.mode,
                     roles: w.roles,
@@ -212,7 +224,7 @@ pub fn sync(
             Err(LockError::AlreadyLocked { path, identity }) => change.conflicts.push(Conflict {
                 held_by: crate::owner::find(
                     paths,
-                    &crate::lockspace::Lockspace::new(&config.lockspace_dir),
+                    &lockspace,
                     &identity,
                     &w.key.unwrap_or_else(|| crate::lockspace::file_key(&path, id.offset)),
                 )

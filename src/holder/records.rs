@@ -6,13 +6,12 @@
 //! set here; this thread owns the record files (each carries the lock that keeps its record live).
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::sync::mpsc::{self, Sender};
 use std::thread::JoinHandle;
 
 use log::warn;
 
-use crate::lockspace::{Lockspace, OwnerRecord};
+use crate::lockspace::{Lockspace, OwnerRecord, Published};
 
 enum Command {
     /// Publish these records and withdraw every other one.
@@ -34,17 +33,20 @@ impl RecordKeeper {
         let thread = std::thread::Builder::new()
             .name("records".into())
             .spawn(move || {
-                let mut published: HashMap<String, (OwnerRecord, File)> = HashMap::new();
+                let mut published: HashMap<String, (OwnerRecord, Published)> = HashMap::new();
                 for command in rx {
                     match command {
                         Command::Sync(wanted) => {
-                            published.retain(|key, (record, file)| {
-                                let keep = wanted.iter().any(|w| w.key == *key);
-                                if !keep {
-                                    lockspace.unpublish(key, &record.uuid, &record.host, file);
+                            let gone: Vec<String> = published
+                                .keys()
+                                .filter(|key| !wanted.iter().any(|w| w.key == **key))
+                                .cloned()
+                                .collect();
+                            for key in gone {
+                                if let Some((_, record)) = published.remove(&key) {
+                                    lockspace.unpublish(record);
                                 }
-                                keep
-                            });
+                            }
                             for record in wanted {
                                 if !published.contains_key(&record.key) {
                                     publish(&lockspace, &mut published, record);
@@ -54,7 +56,8 @@ impl RecordKeeper {
                         Command::Refresh => {
                             let missing: Vec<OwnerRecord> = published
                                 .values()
-                                .filter(|(r, _)| !lockspace.is_published(&r.key, &r.uuid, &r.host))
+                                // A lockspace that cannot be read now keeps what it has.
+                                .filter(|(_, p)| matches!(lockspace.is_published(p), Ok(false)))
                                 .map(|(r, _)| r.clone())
                                 .collect();
                             for record in missing {
@@ -65,8 +68,8 @@ impl RecordKeeper {
                     }
                 }
                 // The channel closed: withdraw everything (closing the files drops the locks).
-                for (key, (record, file)) in published.drain() {
-                    lockspace.unpublish(&key, &record.uuid, &record.host, &file);
+                for (_, (_, record)) in published.drain() {
+                    lockspace.unpublish(record);
                 }
             })
             .map_err(|e| warn!("cannot start the owner-record thread: {e}"))
@@ -101,13 +104,17 @@ impl RecordKeeper {
     }
 }
 
-fn publish(lockspace: &Lockspace, published: &mut HashMap<String, (OwnerRecord, File)>, record: OwnerRecord) {
+fn publish(lockspace: &Lockspace, published: &mut HashMap<String, (OwnerRecord, Published)>, record: OwnerRecord) {
     match lockspace.publish(&record) {
-        Ok(file) => {
-            published.insert(record.key.clone(), (record, file));
+        Ok(done) => {
+            published.insert(record.key.clone(), (record, done));
         }
-        Err(e) => {
-            warn!("guest {} ({}): cannot publish its owner record for {}: {e}", record.guest, record.uuid, record.key)
-        }
+        Err(e) => warn!(
+            "guest {} ({}): cannot publish its owner record for {}: {}",
+            record.guest,
+            record.uuid,
+            record.key,
+            crate::error_chain(&e)
+        ),
     }
 }

@@ -647,7 +647,7 @@ impl Holder {
                 continue;
             }
             info!("guest {}: waiting for {} to be released by its source host", self.describe(), resource.name());
-            handover.wait_for(resource.clone());
+            handover.wait_for(resource.clone(), &self.lockspace);
             self.pending.push(resource);
         }
         if let Err(e) = self.save() {

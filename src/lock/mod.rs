@@ -200,6 +200,12 @@ pub fn try_lock_fd(file: &File, mode: LockMode, offset: u64) -> io::Result<()> {
     ofd::try_lock(file.as_fd(), mode, offset as i64)
 }
 
+/// Locks an already open file, waiting while someone else holds a conflicting lock
+/// (`F_OFD_SETLKW`; lockspace lock files during a migration hand-over). Blocks the thread.
+pub fn lock_wait_fd(file: &File, mode: LockMode, offset: u64) -> io::Result<()> {
+    ofd::lock_wait(file.as_fd(), mode, offset as i64)
+}
+
 /// Drops a lock held through `file` without closing it.
 pub fn unlock_fd(file: &File, offset: u64) -> io::Result<()> {
     ofd::unlock(file.as_fd(), offset as i64)

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use crate::config::Config;
 use crate::lock::LockMode;
-use crate::lockspace::Lockspace;
+use crate::lockspace::{LockFileKind, Lockspace, LockspaceError};
 use crate::resource::{Plan, Planned, Role, Target};
 
 /// A chain deeper than this is refused (QEMU's own limit is lower in practice).
@@ -32,6 +32,25 @@ pub struct Request {
     pub key: Option<String>,
     /// What to call the resource in messages, when not its path (a network disk's URL).
     pub label: Option<String>,
+    /// Set when `path` is a lock file in the lockspace (`key` is then set too): it is opened
+    /// only through `Lockspace::acquire`, never by its path.
+    pub lock_file: Option<LockFileKind>,
+}
+
+impl Request {
+    /// The device and inode the request locks; `None` while the file does not exist. A lockspace
+    /// lock file is looked up without following symlinks; anything else by its path, following
+    /// symlinks as QEMU will.
+    pub fn inode(&self, lockspace: &Lockspace) -> std::io::Result<Option<(u64, u64)>> {
+        match (self.lock_file, &self.key) {
+            (Some(kind), Some(key)) => lockspace.lock_file_inode(kind, key),
+            _ => match std::fs::metadata(&self.path) {
+                Ok(meta) => Ok(Some((meta.dev(), meta.ino()))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +70,12 @@ pub enum StorageError {
     },
     #[error("{role}: lockspace_dir {dir} does not exist: create it (install.sh does) or mount the shared storage")]
     NoLockspace { role: Role, dir: PathBuf },
+    #[error("{role}: cannot use the lockspace")]
+    PrepareLockspace {
+        role: Role,
+        #[source]
+        source: LockspaceError,
+    },
     #[error("{role}: {path}: backing chain is longer than {MAX_CHAIN} images or loops")]
     ChainTooLong { role: Role, path: PathBuf },
 }
@@ -63,18 +88,13 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, Storage
     for planned in &plan.requests {
         let path = match &planned.target {
             Target::LockFile { kind, key, label } => {
-                let path = lockspace.lock_file(kind, key);
-                if !config.lockspace_dir.is_dir() || lockspace.prepare_dir(&path).is_err() {
-                    return Err(StorageError::NoLockspace {
-                        role: planned.role.clone(),
-                        dir: config.lockspace_dir.clone(),
-                    });
-                }
+                prepare(&lockspace, *kind, planned)?;
                 out.push(Request {
                     key: Some(key.clone()),
                     label: Some(label.clone()),
                     is_lease: true,
-                    ..request(planned, path)
+                    lock_file: Some(*kind),
+                    ..request(planned, lockspace.lock_file(*kind, key))
                 });
                 continue;
             }
@@ -87,18 +107,34 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, Storage
         out.push(request(planned, path.clone()));
         if let Some(id) = block::stable_id(&path) {
             // Across hosts a device node lock is host-local: lock its stable identity too.
+            // Without a usable lockspace that lock cannot be taken, and skipping it would leave
+            // the device unprotected from other hosts without a word: refuse instead.
             let key = format!("block:{id}");
-            let lock_file = lockspace.lock_file("block", &key);
-            if config.lockspace_dir.is_dir() && lockspace.prepare_dir(&lock_file).is_ok() {
-                let label = format!("{} ({id})", path.display());
-                out.push(Request { key: Some(key), label: Some(label), is_lease: true, ..request(planned, lock_file) });
-            }
+            prepare(&lockspace, LockFileKind::Block, planned)?;
+            let lock_file = lockspace.lock_file(LockFileKind::Block, &key);
+            let label = format!("{} ({id})", path.display());
+            out.push(Request {
+                key: Some(key),
+                label: Some(label),
+                is_lease: true,
+                lock_file: Some(LockFileKind::Block),
+                ..request(planned, lock_file)
+            });
         }
         if planned.read_chain {
             read_chain(planned, path, &mut out, &mut plan.skipped)?;
         }
     }
     Ok(out)
+}
+
+/// Makes sure `kind`'s lock files can be taken: the lockspace is a directory (not a symlink) and
+/// has its `kind` directory.
+fn prepare(lockspace: &Lockspace, kind: LockFileKind, planned: &Planned) -> Result<(), StorageError> {
+    lockspace.prepare(kind).map_err(|source| match source {
+        LockspaceError::Missing { path } => StorageError::NoLockspace { role: planned.role.clone(), dir: path },
+        source => StorageError::PrepareLockspace { role: planned.role.clone(), source },
+    })
 }
 
 fn request(planned: &Planned, path: PathBuf) -> Request {
@@ -111,6 +147,7 @@ fn request(planned: &Planned, path: PathBuf) -> Request {
         optional: planned.optional,
         key: None,
         label: None,
+        lock_file: None,
     }
 }
 
@@ -168,6 +205,7 @@ fn read_chain(
             optional: false,
             key: None,
             label: None,
+            lock_file: None,
         });
         current = next;
         format = backing.format;

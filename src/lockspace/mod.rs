@@ -1,0 +1,918 @@
+//! The lockspace directory (`lockspace_dir`), shared by the hosts of a fleet.
+//!
+//! ```text
+//! <lockspace>/
+//!   owners/<key-hash>/<uuid>.<host>.<nonce>.json  who holds a resource (one record per holder)
+//!   network/<key-hash>.lock                        lock files for network disks (nbd, rbd, ...)
+//!   block/<key-hash>.lock                          lock files for block devices, by stable identity
+//! ```
+//!
+//! Every host computes the same key for the same resource: `file:<canonical path>@<offset>` for
+//! images and leases (all hosts mount shared storage at the same path, as libvirt migration
+//! requires), `net:<protocol>://<hosts>/<name>` for network disks, `block:<stable id>` for block
+//! devices. Directory and file names use a 64-bit FNV-1a hash of the key; the key itself is in
+//! every record, so a hash collision is recognised. Readers take any `*.json` in a key's
+//! directory as a record, so the `<nonce>` part (new in record names) is invisible to older hosts.
+//!
+//! A record is live only while its holder holds an OFD lock on byte 0 of the record file: a
+//! crashed host's records lose their locks when the shared filesystem's lock manager recovers
+//! (NFSv4: after the lease time; GFS2/OCFS2: after fencing), and whoever finds such a record
+//! removes it. Records are written to a fresh temp file, locked, and then renamed to a name no
+//! record ever had, so no reader ever sees a live record unlocked, and a record never locked
+//! again once its holder let go.
+//!
+//! # What is trusted, and why
+//!
+//! Every host's root can write here, so the lockspace is input, not state:
+//! - *Trusted:* the path `lockspace_dir` up to its parent (root's config; it names the shared
+//!   mount), and the shared filesystem's lock manager (it is the fleet's lock engine).
+//! - *Not trusted:* everything at or below `lockspace_dir`, including that directory itself. It
+//!   is opened with `O_DIRECTORY|O_NOFOLLOW` and every name below it is resolved one component at
+//!   a time relative to a directory fd, never following a symlink (`dir`): a symlink planted for
+//!   `owners/<hash>`, `network/<hash>.lock` or a record cannot lead root to read, create, lock or
+//!   delete anything elsewhere. Only regular files and directories are used; a FIFO, socket or
+//!   device is skipped with a warning and never opened in a way that could block.
+//! - *Record contents* are only shown in messages and compared (key, UUID, host); a record
+//!   larger than 64 KiB is not read.
+//! - *Deleting:* only a stale record, and only once verified by inode under its own lock (see
+//!   `remove_stale`); a record whose lock cannot be probed (ENOLCK, EIO) is kept. Lock files and
+//!   directories are never removed, except a key's empty record directory by its last holder.
+//! - Another host's root can still delete or rewrite anything here (it could as well unmount the
+//!   storage): that can hide who holds a resource from a refusal message or defeat a migration's
+//!   check, or (by removing a held lock file) let a later start lock a fresh file of the same
+//!   name; it never makes this host touch files outside the lockspace, block, or remove a live
+//!   record.
+
+mod dir;
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use log::warn;
+use serde::{Deserialize, Serialize};
+
+use self::dir::{Dir, DirError, Entry};
+use crate::domain::Uuid;
+use crate::lock::{self, LockError, LockMode};
+
+/// A record larger than this is not read (records are a few hundred bytes).
+const MAX_RECORD: u64 = 64 * 1024;
+
+/// Who holds a resource, as every host can read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    /// The resource key (see the module doc).
+    pub key: String,
+    pub host: String,
+    pub guest: String,
+    pub uuid: Uuid,
+    pub mode: LockMode,
+    pub since: String,
+    pub holder_pid: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockspaceError {
+    #[error("lockspace_dir {path} does not exist: create it (install.sh does) or mount the shared storage")]
+    Missing { path: PathBuf },
+    #[error("{path} is a {kind}, not a directory (nothing in the lockspace is followed through a symlink)")]
+    NotDirectory { path: PathBuf, kind: &'static str },
+    #[error("{path}: cannot open the lockspace directory")]
+    OpenLockspace {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot open directory")]
+    OpenDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot create directory")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot list directory")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is a {kind}, not a regular file: left alone")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path}: cannot open owner record")]
+    OpenRecord {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot tell whether the owner record is live; kept")]
+    ProbeRecord {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot lock owner record")]
+    LockRecord {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot create owner record")]
+    CreateRecord {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot write owner record")]
+    WriteRecord {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot remove stale owner record")]
+    RemoveRecord {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl LockspaceError {
+    /// Whether the lockspace directory does not exist (a host without one has no records).
+    pub fn is_missing(&self) -> bool {
+        matches!(self, LockspaceError::Missing { .. })
+    }
+}
+
+/// 64-bit FNV-1a, as 16 hex digits: stable across hosts, builds and versions.
+pub fn hash(key: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The key of an image or lease file: its canonical path and the locked byte.
+pub fn file_key(path: &Path, offset: u64) -> String {
+    let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    format!("file:{}@{offset}", canonical.display())
+}
+
+fn safe_host(host: &str) -> String {
+    host.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
+}
+
+/// A part of a record file name never used before, by this or any host: the pid, the time in
+/// nanoseconds and a counter (the file name also carries the host name, unique in a fleet).
+fn nonce() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{:x}-{nanos:x}-{:x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Which lock files a lockspace lock file is among: `network/` (network disks) or `block/`
+/// (block devices, by stable identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockFileKind {
+    Network,
+    Block,
+}
+
+impl LockFileKind {
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            LockFileKind::Network => "network",
+            LockFileKind::Block => "block",
+        }
+    }
+}
+
+impl std::fmt::Display for LockFileKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.dir_name())
+    }
+}
+
+/// Whether taking a lock file's lock may wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    No,
+    /// `F_OFD_SETLKW`: until the holder lets go (migration hand-over). Blocks the thread.
+    Yes,
+}
+
+fn lock_file_name(key: &str) -> String {
+    format!("{}.lock", hash(key))
+}
+
+/// What a probe of a record's liveness lock says.
+#[derive(Debug)]
+enum Probe {
+    /// Someone holds the lock: the record is live.
+    Live,
+    /// Nobody does: the record is stale (its holder or its host is gone).
+    Stale,
+    /// The probe failed (ENOLCK, EIO, a lock manager in recovery): nothing is known, so the
+    /// record is neither believed nor removed.
+    Failed(io::Error),
+}
+
+fn classify(probed: io::Result<Option<LockMode>>) -> Probe {
+    match probed {
+        Ok(Some(_)) => Probe::Live,
+        Ok(None) => Probe::Stale,
+        Err(e) => Probe::Failed(e),
+    }
+}
+
+/// A published owner record. Holding it holds the record's liveness lock: keep it as long as
+/// the resource is held; dropping it makes the record stale.
+#[derive(Debug)]
+pub struct Published {
+    file: File,
+    key: String,
+    /// The record's file name in `owners/<hash>/`, never used for any other record.
+    name: String,
+    dev: u64,
+    ino: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Lockspace {
+    dir: PathBuf,
+}
+
+impl Lockspace {
+    pub fn new(dir: &Path) -> Lockspace {
+        Lockspace { dir: dir.to_owned() }
+    }
+
+    /// The lock file standing for a resource that cannot be locked in place, as a path for
+    /// messages and state files. It is only ever opened through `acquire`.
+    pub fn lock_file(&self, kind: LockFileKind, key: &str) -> PathBuf {
+        self.dir.join(kind.dir_name()).join(lock_file_name(key))
+    }
+
+    /// Makes sure the lockspace is a directory and has the directory for `kind`'s lock files.
+    pub fn prepare(&self, kind: LockFileKind) -> Result<(), LockspaceError> {
+        subdir(&self.root()?, kind.dir_name(), true).map(|_| ())
+    }
+
+    /// The device and inode of `kind`'s lock file for `key`; `None` while it does not exist.
+    pub fn lock_file_inode(&self, kind: LockFileKind, key: &str) -> io::Result<Option<(u64, u64)>> {
+        let dir = match subdir(&self.root().map_err(io::Error::other)?, kind.dir_name(), false) {
+            Ok(Some(dir)) => dir,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        match dir.stat(&lock_file_name(key)) {
+            Ok(entry) if entry.kind == Entry::FILE => Ok(Some((entry.dev, entry.ino))),
+            Ok(entry) => Err(DirError::Unexpected { kind: entry.kind }.into_io()),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into_io()),
+        }
+    }
+
+    /// Opens (creating it if missing) `kind`'s lock file for `key` and locks byte `offset` in
+    /// `mode`, waiting for it when `wait` says so (a migration hand-over).
+    ///
+    /// The file is reached through the lockspace's directory fds only, created with
+    /// `O_CREAT|O_NOFOLLOW`, and must be a regular file: a symlink planted there is refused, so
+    /// nothing outside the lockspace is ever created or opened on its behalf.
+    pub fn acquire(
+        &self,
+        kind: LockFileKind,
+        key: &str,
+        mode: LockMode,
+        offset: u64,
+        wait: Wait,
+    ) -> Result<lock::HeldLock, LockError> {
+        let path = self.lock_file(kind, key);
+        if offset > lock::MAX_OFFSET {
+            return Err(LockError::OffsetTooLarge { path, offset });
+        }
+        let open_error =
+            |source: LockspaceError| LockError::Open { path: path.clone(), source: io::Error::other(source) };
+        let dir = subdir(&self.root().map_err(open_error)?, kind.dir_name(), true)
+            .map_err(open_error)?
+            .ok_or_else(|| open_error(LockspaceError::Missing { path: self.dir.clone() }))?;
+        let access = if mode == LockMode::Exclusive { libc::O_RDWR } else { libc::O_RDONLY };
+        let (file, entry) = dir.open_file(&lock_file_name(key), access | libc::O_CREAT).map_err(|e| match e {
+            DirError::Unexpected { kind } => LockError::NotLockable { path: path.clone(), kind },
+            DirError::Io(source) => LockError::Open { path: path.clone(), source },
+        })?;
+        let identity = lock::Identity { dev: entry.dev, ino: entry.ino, offset };
+        let locked = match wait {
+            Wait::No => lock::try_lock_fd(&file, mode, offset),
+            Wait::Yes => lock::lock_wait_fd(&file, mode, offset),
+        };
+        locked.map_err(|source| {
+            if source.kind() == io::ErrorKind::WouldBlock {
+                LockError::AlreadyLocked { path: path.clone(), identity }
+            } else {
+                LockError::Lock { path: path.clone(), source }
+            }
+        })?;
+        Ok(lock::HeldLock { fd: file.into(), identity, mode, block_device: false })
+    }
+
+    /// Opens the lockspace directory (not through a symlink).
+    fn root(&self) -> Result<Dir, LockspaceError> {
+        Dir::open_root(&self.dir).map_err(|source| match source.raw_os_error() {
+            Some(libc::ENOENT) => LockspaceError::Missing { path: self.dir.clone() },
+            Some(libc::ENOTDIR) | Some(libc::ELOOP) => LockspaceError::NotDirectory {
+                path: self.dir.clone(),
+                kind: fs::symlink_metadata(&self.dir).map_or("special file", |m| dir::kind_of_meta(&m)),
+            },
+            _ => LockspaceError::OpenLockspace { path: self.dir.clone(), source },
+        })
+    }
+
+    /// The directory of `key`'s owner records, created when `create`; `None` when it does not
+    /// exist.
+    fn owners_dir(&self, key: &str, create: bool) -> Result<Option<Dir>, LockspaceError> {
+        let root = self.root()?;
+        let Some(owners) = subdir(&root, "owners", create)? else { return Ok(None) };
+        subdir(&owners, &hash(key), create)
+    }
+
+    /// Publishes `record`: writes it to a fresh temp file, locks that, then renames it to a name
+    /// no record ever had, so a reader never sees a live record unlocked and no name is ever
+    /// reused (which is what makes a reader's check-then-unlink of stale records safe).
+    pub fn publish(&self, record: &OwnerRecord) -> Result<Published, LockspaceError> {
+        let mut attempts = 0;
+        loop {
+            match self.try_publish(record) {
+                // `owners/<hash>` was removed (empty) by an unpublish between our mkdir and our
+                // create: make it again.
+                Err(LockspaceError::CreateRecord { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound && attempts < 3 =>
+                {
+                    attempts += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn try_publish(&self, record: &OwnerRecord) -> Result<Published, LockspaceError> {
+        let dir =
+            self.owners_dir(&record.key, true)?.ok_or_else(|| LockspaceError::Missing { path: self.dir.clone() })?;
+        let nonce = nonce();
+        let name = format!("{}.{}.{nonce}.json", record.uuid, safe_host(&record.host));
+        let tmp = format!(".{}.{nonce}.tmp", record.uuid);
+        let (mut file, entry) =
+            dir.open_file(&tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL).map_err(|e| match e {
+                DirError::Unexpected { kind } => LockspaceError::NotRegular { path: dir.join(&tmp), kind },
+                DirError::Io(source) => LockspaceError::CreateRecord { path: dir.join(&tmp), source },
+            })?;
+        let written = (|| {
+            // Invariant: the record is locked before it gets its `.json` name, so no reader can
+            // find it unlocked while its holder lives.
+            lock::try_lock_fd(&file, LockMode::Exclusive, 0)
+                .map_err(|source| LockspaceError::LockRecord { path: dir.join(&tmp), source })?;
+            let json = serde_json::to_vec(record).map_err(io::Error::other);
+            json.and_then(|json| file.write_all(&json))
+                .map_err(|source| LockspaceError::WriteRecord { path: dir.join(&tmp), source })?;
+            dir.rename(&tmp, &name).map_err(|source| LockspaceError::WriteRecord { path: dir.join(&name), source })
+        })();
+        if let Err(e) = written {
+            let _ = dir.unlink(&tmp);
+            return Err(e);
+        }
+        Ok(Published { file, key: record.key.clone(), name, dev: entry.dev, ino: entry.ino })
+    }
+
+    /// Whether `published` is still in place (someone may have removed its file).
+    pub fn is_published(&self, published: &Published) -> Result<bool, LockspaceError> {
+        let Some(dir) = self.owners_dir(&published.key, false)? else { return Ok(false) };
+        match dir.stat(&published.name) {
+            Ok(entry) => Ok(entry.kind == Entry::FILE && entry.same_inode(published.dev, published.ino)),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(LockspaceError::OpenRecord { path: dir.join(&published.name), source: e.into_io() }),
+        }
+    }
+
+    /// Withdraws `published` (its name is removed if it still refers to our file), then drops
+    /// it, releasing the record's lock.
+    pub fn unpublish(&self, published: Published) {
+        // Invariant: we still hold the record's lock here, so no reader is removing this inode,
+        // and no one else ever renames a record to our name.
+        let Ok(Some(dir)) = self.owners_dir(&published.key, false) else { return };
+        let _ = dir.unlink_if_same(&published.name, published.dev, published.ino);
+        drop(dir);
+        if let Ok(root) = self.root() {
+            if let Ok(Some(owners)) = subdir(&root, "owners", false) {
+                let _ = owners.remove_empty_dir(&hash(&published.key));
+            }
+        }
+        drop(published.file);
+    }
+
+    /// The live records for `key`, oldest first. Stale records (nobody holds their lock) are
+    /// removed; anything else found there (symlinks, FIFOs, records whose lock cannot be
+    /// probed) is left alone with a warning.
+    pub fn owners(&self, key: &str) -> Vec<OwnerRecord> {
+        match self.read_owners(key) {
+            Ok(live) => live,
+            Err(e) => {
+                if !e.is_missing() {
+                    warn!("owner records of {key}: {}", crate::error_chain(&e));
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn read_owners(&self, key: &str) -> Result<Vec<OwnerRecord>, LockspaceError> {
+        let Some(dir) = self.owners_dir(key, false)? else { return Ok(Vec::new()) };
+        let names = dir.names().map_err(|source| LockspaceError::ReadDir { path: dir.path().to_owned(), source })?;
+        let mut live = Vec::new();
+        for name in names.iter().filter(|n| n.ends_with(".json") && !n.starts_with('.')) {
+            match read_record(&dir, name, key) {
+                Ok(Some(record)) => live.push(record),
+                Ok(None) => {}
+                Err(e) => warn!("{}", crate::error_chain(&e)),
+            }
+        }
+        live.sort_by(|a, b| a.since.cmp(&b.since));
+        Ok(live)
+    }
+}
+
+/// Opens (or, with `create`, makes and opens) the subdirectory `name` of `parent`.
+fn subdir(parent: &Dir, name: &str, create: bool) -> Result<Option<Dir>, LockspaceError> {
+    let opened = if create { parent.create_dir(name) } else { parent.open_dir(name) };
+    match opened {
+        Ok(dir) => Ok(Some(dir)),
+        Err(e) if e.is_not_found() && !create => Ok(None),
+        Err(DirError::Unexpected { kind }) => Err(LockspaceError::NotDirectory { path: parent.join(name), kind }),
+        Err(DirError::Io(source)) if create => Err(LockspaceError::CreateDir { path: parent.join(name), source }),
+        Err(DirError::Io(source)) => Err(LockspaceError::OpenDir { path: parent.join(name), source }),
+    }
+}
+
+/// Reads the record `name`: `Some` when it is live and about `key`, `None` when it is stale
+/// (and then removed), gone, or about another key.
+fn read_record(dir: &Dir, name: &str, key: &str) -> Result<Option<OwnerRecord>, LockspaceError> {
+    let path = || dir.join(name);
+    let (file, entry) = match dir.open_file(name, libc::O_RDONLY) {
+        Ok(opened) => opened,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(DirError::Unexpected { kind }) => return Err(LockspaceError::NotRegular { path: path(), kind }),
+        Err(DirError::Io(source)) => return Err(LockspaceError::OpenRecord { path: path(), source }),
+    };
+    match classify(lock::probe_fd(&file, 0)) {
+        Probe::Live => {
+            let mut text = Vec::new();
+            (&file)
+                .take(MAX_RECORD)
+                .read_to_end(&mut text)
+                .map_err(|source| LockspaceError::OpenRecord { path: path(), source })?;
+            let record: Option<OwnerRecord> = serde_json::from_slice(&text).ok();
+            Ok(record.filter(|r| r.key == key))
+        }
+        Probe::Stale => {
+            drop(file);
+            remove_stale(dir, name, entry)?;
+            Ok(None)
+        }
+        Probe::Failed(source) => Err(LockspaceError::ProbeRecord { path: path(), source }),
+    }
+}
+
+/// Removes the stale record `name`, which a probe found unlocked when it was the inode `seen`.
+/// Returns whether it removed it.
+///
+/// Invariant: nothing is removed unless this process holds the record's own lock (byte 0, the
+/// liveness lock) through an fd open on the very inode that the name still refers to at the
+/// moment of the `unlinkat`:
+/// - holding that lock proves no holder holds it, and a holder never locks a record again once
+///   it let go (records are published as fresh files), so the record stays stale;
+/// - it serialises removers: a second reader cannot take it, and leaves the record to us;
+/// - the name cannot meanwhile come to refer to a live record: names are never reused
+///   (`publish`), and a file renamed over it by someone else is a different inode, which the
+///   check in `unlink_if_same` sees.
+fn remove_stale(dir: &Dir, name: &str, seen: Entry) -> Result<bool, LockspaceError> {
+    let path = || dir.join(name);
+    // A write lock needs a read-write fd; the probe's read-only one cannot take it.
+    let (file, entry) = match dir.open_file(name, libc::O_RDWR) {
+        Ok(opened) => opened,
+        Err(e) if e.is_not_found() => return Ok(false),
+        Err(DirError::Unexpected { kind }) => return Err(LockspaceError::NotRegular { path: path(), kind }),
+        Err(DirError::Io(source)) => return Err(LockspaceError::RemoveRecord { path: path(), source }),
+    };
+    if !entry.same_inode(seen.dev, seen.ino) {
+        return Ok(false); // replaced since the probe: the next reader judges the new one
+    }
+    match lock::try_lock_fd(&file, LockMode::Exclusive, 0) {
+        Ok(()) => {}
+        // Live after all (a holder cannot re-lock a stale record, so: another reader removing it).
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+        Err(source) => return Err(LockspaceError::ProbeRecord { path: path(), source }),
+    }
+    let removed = dir.unlink_if_same(name, entry.dev, entry.ino);
+    // Only now let go of the lock.
+    drop(file);
+    removed.map_err(|source| LockspaceError::RemoveRecord { path: path(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    fn record(key: &str, uuid: &str, host: &str) -> OwnerRecord {
+        OwnerRecord {
+            key: key.to_owned(),
+            host: host.to_owned(),
+            guest: "vm1".to_owned(),
+            uuid: Uuid::parse(uuid).expect("uuid"),
+            mode: LockMode::Exclusive,
+            since: crate::clock::now(),
+            holder_pid: std::process::id(),
+        }
+    }
+
+    fn owners_path(root: &Path, key: &str) -> PathBuf {
+        root.join("owners").join(hash(key))
+    }
+
+    fn count(dir: &Path) -> usize {
+        fs::read_dir(dir).map_or(0, |d| d.count())
+    }
+
+    /// A record file nobody holds a lock on, as a dead holder leaves it.
+    fn plant_stale(dir: &Path, name: &str, record: &OwnerRecord) {
+        fs::create_dir_all(dir).expect("mkdir");
+        fs::write(dir.join(name), serde_json::to_vec(record).expect("json")).expect("write");
+    }
+
+    /// Runs `f` on a thread and fails the test if it does not return within five seconds.
+    fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5)).expect("returned without blocking")
+    }
+
+    #[test]
+    fn records_are_live_while_held_and_cleaned_when_stale() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ls = Lockspace::new(dir.path());
+        let key = "file:/shared/a.qcow2@0";
+        let a = record(key, "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab", "kvm-01");
+        let b = record(key, "0e4c9a51-7a2f-4b83-9d4e-5f6a7b8c9d0e", "kvm/02");
+        let held_a = ls.publish(&a).expect("publish a");
+        let held_b = ls.publish(&b).expect("publish b");
+        assert_eq!(ls.owners(key).len(), 2);
+        assert!(ls.is_published(&held_b).expect("check"));
+        drop(held_b);
+        assert_eq!(ls.owners(key), vec![a.clone()], "b is stale now");
+        assert_eq!(count(&owners_path(dir.path(), key)), 1, "stale record removed");
+        // A new holder of the same guest publishes again, under a name of its own.
+        let replaced = ls.publish(&a).expect("a new holder of the same guest publishes again");
+        assert_eq!(ls.owners(key), vec![a.clone(), a.clone()]);
+        ls.unpublish(held_a);
+        assert_eq!(ls.owners(key), vec![a.clone()], "the old holder does not remove the new record");
+        assert!(ls.is_published(&replaced).expect("check"));
+        ls.unpublish(replaced);
+        assert!(ls.owners(key).is_empty());
+        assert!(!owners_path(dir.path(), key).exists(), "the empty directory is removed");
+    }
+
+    #[test]
+    fn a_symlinked_owner_directory_is_not_followed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let outside = tempfile::tempdir().expect("outside");
+        let key = "file:/shared/a.qcow2@0";
+        let stale = record(key, "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab", "kvm-01");
+        // Unlocked *.json files outside the lockspace, which a reader would take for stale records.
+        plant_stale(outside.path(), "precious.json", &stale);
+        plant_stale(outside.path(), "other.json", &record("file:/x@0", "0e4c9a51-7a2f-4b83-9d4e-5f6a7b8c9d0e", "h"));
+        fs::create_dir(dir.path().join("owners")).expect("mkdir");
+        std::os::unix::fs::symlink(outside.path(), owners_path(dir.path(), key)).expect("symlink");
+        let ls = Lockspace::new(dir.path());
+        assert!(ls.owners(key).is_empty());
+        assert!(matches!(ls.read_owners(key), Err(LockspaceError::NotDirectory { kind: "symbolic link", .. })));
+        assert!(matches!(ls.publish(&stale), Err(LockspaceError::NotDirectory { .. })));
+        assert_eq!(count(outside.path()), 2, "nothing outside removed or created");
+        // The same with `owners` itself a symlink.
+        fs::remove_file(owners_path(dir.path(), key)).expect("rm");
+        fs::remove_dir(dir.path().join("owners")).expect("rmdir");
+        fs::create_dir(outside.path().join(hash(key))).expect("mkdir");
+        plant_stale(&outside.path().join(hash(key)), "x.json", &stale);
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("owners")).expect("symlink");
+        assert!(ls.owners(key).is_empty());
+        assert!(ls.publish(&stale).is_err());
+        assert!(outside.path().join(hash(key)).join("x.json").exists());
+        assert_eq!(count(&outside.path().join(hash(key))), 1);
+    }
+
+    #[test]
+    fn planted_records_are_left_alone_and_never_block() {
+        let dir = tempfile::tempdir().expect("dir");
+        let outside = tempfile::tempdir().expect("outside");
+        let key = "net:nbd://h/x";
+        let d = owners_path(dir.path(), key);
+        let rec = record(key, "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab", "kvm-01");
+        plant_stale(outside.path(), "target.json", &rec);
+        fs::create_dir_all(&d).expect("mkdir");
+        nix::unistd::mkfifo(&d.join("fifo.json"), nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+        std::os::unix::fs::symlink(outside.path().join("target.json"), d.join("link.json")).expect("symlink");
+        fs::create_dir(d.join("dir.json")).expect("mkdir");
+        let _sock = std::os::unix::net::UnixListener::bind(d.join("sock.json")).expect("bind");
+        let ls = Lockspace::new(dir.path());
+        let live = ls.publish(&rec).expect("publish");
+        let got = within_seconds({
+            let ls = ls.clone();
+            move || ls.owners(key)
+        });
+        assert_eq!(got, vec![rec.clone()]);
+        for name in ["fifo.json", "link.json", "dir.json", "sock.json"] {
+            assert!(fs::symlink_metadata(d.join(name)).is_ok(), "{name} is left alone");
+        }
+        assert!(outside.path().join("target.json").exists());
+        drop(live);
+    }
+
+    #[test]
+    fn a_failed_probe_is_not_stale() {
+        assert!(matches!(classify(Ok(Some(LockMode::Shared))), Probe::Live));
+        assert!(matches!(classify(Ok(None)), Probe::Stale));
+        for errno in [libc::ENOLCK, libc::EIO, libc::EBADF] {
+            assert!(matches!(classify(Err(io::Error::from_raw_os_error(errno))), Probe::Failed(_)));
+        }
+    }
+
+    #[test]
+    fn a_record_replaced_after_the_probe_is_not_removed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = "file:/shared/a.qcow2@0";
+        let d = owners_path(dir.path(), key);
+        let rec = record(key, "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab", "kvm-01");
+        plant_stale(&d, "r.json", &rec);
+        let dirfd = Dir::open_root(&d).expect("open");
+        let seen = dirfd.stat("r.json").expect("stat");
+        // Between the probe and the removal, a live record takes the name.
+        let (live, _) = dirfd.open_file(".new", libc::O_RDWR | libc::O_CREAT | libc::O_EXCL).expect("create");
+        lock::try_lock_fd(&live, LockMode::Exclusive, 0).expect("lock");
+        (&live).write_all(&serde_json::to_vec(&rec).expect("json")).expect("write");
+        dirfd.rename(".new", "r.json").expect("rename");
+        assert!(!remove_stale(&dirfd, "r.json", seen).expect("remove"), "another inode now");
+        assert!(d.join("r.json").exists());
+        assert_eq!(Lockspace::new(dir.path()).owners(key), vec![rec.clone()]);
+        // A stale record another reader is removing (it holds the lock) is left to that reader.
+        plant_stale(&d, "s.json", &rec);
+        let seen = dirfd.stat("s.json").expect("stat");
+        let (other, _) = dirfd.open_file("s.json", libc::O_RDWR).expect("open");
+        lock::try_lock_fd(&other, LockMode::Exclusive, 0).expect("the other reader's lock");
+        assert!(!remove_stale(&dirfd, "s.json", seen).expect("remove"));
+        assert!(d.join("s.json").exists());
+        drop(other);
+        assert!(remove_stale(&dirfd, "s.json", seen).expect("remove"), "stale and unlocked: removed");
+        assert!(!d.join("s.json").exists());
+    }
+
+    #[test]
+    fn a_missing_or_non_directory_lockspace_is_a_typed_error() {
+        let dir = tempfile::tempdir().expect("dir");
+        let rec = record("k", "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab", "kvm-01");
+        let missing = Lockspace::new(&dir.path().join("missing"));
+        assert!(matches!(missing.publish(&rec), Err(LockspaceError::Missing { .. })));
+        assert!(missing.owners("k").is_empty());
+        fs::write(dir.path().join("file"), b"").expect("write");
+        let file = Lockspace::new(&dir.path().join("file"));
+        assert!(matches!(file.publish(&rec), Err(LockspaceError::NotDirectory { kind: "regular file", .. })));
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("link")).expect("symlink");
+        let link = Lockspace::new(&dir.path().join("link"));
+        assert!(matches!(link.publish(&rec), Err(LockspaceError::NotDirectory { kind: "symbolic link", .. })));
+        assert!(!dir.path().join("owners").exists());
+    }
+
+    #[test]
+    fn lock_files_are_created_and_locked_in_the_lockspace_only() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ls = Lockspace::new(dir.path());
+        let key = "net:nbd://h/x";
+        ls.prepare(LockFileKind::Network).expect("prepare");
+        assert_eq!(ls.lock_file_inode(LockFileKind::Network, key).expect("stat"), None);
+        let held = ls.acquire(LockFileKind::Network, key, LockMode::Exclusive, 0, Wait::No).expect("lock");
+        let path = ls.lock_file(LockFileKind::Network, key);
+        assert!(path.is_file());
+        let meta = fs::metadata(&path).expect("meta");
+        assert_eq!(ls.lock_file_inode(LockFileKind::Network, key).expect("stat"), Some((meta.dev(), meta.ino())));
+        assert_eq!((held.identity.dev, held.identity.ino), (meta.dev(), meta.ino()));
+        match ls.acquire(LockFileKind::Network, key, LockMode::Shared, 0, Wait::No) {
+            Err(LockError::AlreadyLocked { identity, .. }) => assert_eq!(identity, held.identity),
+            other => panic!("expected AlreadyLocked, got {other:?}"),
+        }
+        drop(held);
+        let _shared = ls.acquire(LockFileKind::Network, key, LockMode::Shared, 0, Wait::Yes).expect("free again");
+        assert_eq!(lock::probe(&path, 0).expect("probe").0, Some(LockMode::Shared));
+    }
+
+    #[test]
+    fn a_symlinked_lock_file_or_directory_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().expect("dir");
+        let outside = tempfile::tempdir().expect("outside");
+        let ls = Lockspace::new(dir.path());
+        let key = "block:wwn-0x5000";
+        fs::create_dir(dir.path().join("block")).expect("mkdir");
+        // A dangling link (would create the target) and one to an existing file (would open it).
+        let target = outside.path().join("created-by-root");
+        std::os::unix::fs::symlink(&target, ls.lock_file(LockFileKind::Block, key)).expect("symlink");
+        let existing = outside.path().join("shadow");
+        fs::write(&existing, b"secret").expect("write");
+        std::os::unix::fs::symlink(&existing, ls.lock_file(LockFileKind::Block, "block:other")).expect("symlink");
+        for mode in [LockMode::Shared, LockMode::Exclusive] {
+            for (k, wait) in [(key, Wait::No), ("block:other", Wait::Yes)] {
+                match ls.acquire(LockFileKind::Block, k, mode, 0, wait) {
+                    Err(LockError::NotLockable { kind: "symbolic link", .. }) => {}
+                    other => panic!("{k}: expected NotLockable, got {other:?}"),
+                }
+            }
+            assert!(ls.lock_file_inode(LockFileKind::Block, key).is_err());
+        }
+        assert!(!target.exists(), "nothing created through the link");
+        assert_eq!(lock::probe(&existing, 0).expect("probe").0, None);
+        assert_eq!(fs::read(&existing).expect("read"), b"secret");
+        // A FIFO as a lock file: refused at once.
+        nix::unistd::mkfifo(&ls.lock_file(LockFileKind::Block, "block:fifo"), nix::sys::stat::Mode::S_IRWXU)
+            .expect("mkfifo");
+        let got = within_seconds({
+            let ls = ls.clone();
+            move || ls.acquire(LockFileKind::Block, "block:fifo", LockMode::Exclusive, 0, Wait::Yes).map(|_| ())
+        });
+        assert!(matches!(got, Err(LockError::NotLockable { kind: "FIFO", .. })));
+        // `network` itself a symlink: neither prepare nor acquire go through it.
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("network")).expect("symlink");
+        assert!(matches!(ls.prepare(LockFileKind::Network), Err(LockspaceError::NotDirectory { .. })));
+        assert!(matches!(
+            ls.acquire(LockFileKind::Network, "net:x", LockMode::Exclusive, 0, Wait::No),
+            Err(LockError::Open { .. })
+        ));
+        assert_eq!(count(outside.path()), 1, "nothing created outside");
+    }
+
+    /// A small seeded generator (xorshift64*), so a failing tree can be rebuilt from its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Everything below `dir`: path, type, size, content and modification time.
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, String, u64, Vec<u8>, i64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for entry in fs::read_dir(&d).expect("read_dir").flatten() {
+                let meta = fs::symlink_metadata(entry.path()).expect("lstat");
+                let data = if meta.is_file() { fs::read(entry.path()).expect("read") } else { Vec::new() };
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                }
+                let ft = meta.file_type();
+                let kind = if ft.is_file() {
+                    "file".to_owned()
+                } else if ft.is_symlink() {
+                    format!("link to {:?}", fs::read_link(entry.path()).expect("readlink"))
+                } else {
+                    format!("{:o}", meta.mode() & libc::S_IFMT)
+                };
+                out.push((entry.path(), kind, meta.len(), data, meta.mtime_nsec() + meta.mtime() * 1_000_000_000));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn random_planted_trees_change_nothing_outside_and_never_block() {
+        let keys = ["net:nbd://a/x", "net:rbd://b/y", "block:wwn-1", "file:/s/a.qcow2@0"];
+        for seed in 1..=48u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let tmp = tempfile::tempdir().expect("dir");
+            let root = tmp.path().join("ls");
+            let outside = tmp.path().join("outside");
+            fs::create_dir_all(outside.join("sub")).expect("mkdir");
+            let victim = record(keys[0], "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab", "victim");
+            for name in ["a.json", "b.lock", "sub/c.json"] {
+                fs::write(outside.join(name), serde_json::to_vec(&victim).expect("json")).expect("write");
+            }
+            fs::create_dir(&root).expect("mkdir");
+            let ls = Lockspace::new(&root);
+            // Some live records, published the proper way; they must survive and be listed.
+            let live: Vec<(OwnerRecord, Published)> = (0..rng.below(3))
+                .map(|i| {
+                    let key = keys[usize::try_from(rng.below(4)).expect("small")];
+                    let r = record(key, "0e4c9a51-7a2f-4b83-9d4e-5f6a7b8c9d0e", &format!("live{i}"));
+                    let p = ls.publish(&r).expect("publish");
+                    (r, p)
+                })
+                .collect();
+            // Planted objects in owners/<hash>/ and network/ and block/, and sometimes in place of
+            // those directories themselves.
+            let mut dirs: Vec<PathBuf> = keys.iter().map(|k| owners_path(&root, k)).collect();
+            dirs.extend([root.join("network"), root.join("block")]);
+            for d in &dirs {
+                if rng.below(6) == 0 && !d.exists() {
+                    fs::create_dir_all(d.parent().expect("parent")).expect("mkdir");
+                    let to = if rng.below(2) == 0 { outside.clone() } else { outside.join("sub") };
+                    std::os::unix::fs::symlink(to, d).expect("symlink dir");
+                    continue;
+                }
+                fs::create_dir_all(d).expect("mkdir");
+                for n in 0..rng.below(6) {
+                    let name = match (d.starts_with(root.join("owners")), rng.below(3)) {
+                        (true, _) => format!("p{n}.json"),
+                        (false, 0) => lock_file_name(keys[usize::try_from(rng.below(4)).expect("small")]),
+                        (false, _) => format!("p{n}.lock"),
+                    };
+                    let path = d.join(&name);
+                    if fs::symlink_metadata(&path).is_ok() {
+                        continue;
+                    }
+                    match rng.below(8) {
+                        0 => fs::write(&path, serde_json::to_vec(&victim).expect("json")).expect("stale file"),
+                        1 => fs::create_dir(&path).expect("dir"),
+                        2 => std::os::unix::fs::symlink(outside.join("a.json"), &path).expect("link out"),
+                        3 => std::os::unix::fs::symlink(outside.join("new.lock"), &path).expect("dangling out"),
+                        4 => std::os::unix::fs::symlink(&outside, &path).expect("link out dir"),
+                        5 => std::os::unix::fs::symlink(d.join("p0.json"), &path).expect("link in"),
+                        6 => nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).expect("fifo"),
+                        _ => drop(std::os::unix::net::UnixListener::bind(&path).expect("socket")),
+                    }
+                }
+            }
+            let before = snapshot(&outside);
+            let ls2 = ls.clone();
+            let (listed, taken) = within_seconds(move || {
+                let listed: Vec<Vec<OwnerRecord>> = keys.iter().map(|k| ls2.owners(k)).collect();
+                let mut taken = Vec::new();
+                for kind in [LockFileKind::Network, LockFileKind::Block] {
+                    for key in keys {
+                        for mode in [LockMode::Shared, LockMode::Exclusive] {
+                            taken.push(ls2.acquire(kind, key, mode, 0, Wait::No).map(|h| h.identity));
+                        }
+                    }
+                }
+                (listed, taken)
+            });
+            assert_eq!(snapshot(&outside), before, "seed {seed}: something outside the lockspace changed");
+            for (path, ..) in &before {
+                if fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+                    assert_eq!(lock::probe(path, 0).expect("probe").0, None, "seed {seed}: {path:?} locked");
+                }
+            }
+            for (r, p) in &live {
+                let i = keys.iter().position(|k| *k == r.key).expect("key");
+                if ls.is_published(p).unwrap_or(false) {
+                    assert!(listed[i].contains(r), "seed {seed}: live record of {} not listed", r.key);
+                }
+            }
+            // Every lock taken is on a regular file inside the lockspace.
+            let inside: Vec<(u64, u64)> = snapshot(&root)
+                .iter()
+                .filter(|(_, kind, ..)| kind == "file")
+                .map(|(path, ..)| fs::symlink_metadata(path).map(|m| (m.dev(), m.ino())).expect("lstat"))
+                .collect();
+            for identity in taken.into_iter().flatten() {
+                assert!(inside.contains(&(identity.dev, identity.ino)), "seed {seed}: a lock outside the lockspace");
+            }
+        }
+    }
+
+    #[test]
+    fn keys_are_stable() {
+        assert_eq!(hash(""), "cbf29ce484222325");
+        assert_eq!(hash("a"), "af63dc4c8601ec8c");
+        let dir = tempfile::tempdir().expect("dir");
+        let img = dir.path().join("img");
+        fs::write(&img, b"x").expect("write");
+        std::os::unix::fs::symlink(&img, dir.path().join("link")).expect("symlink");
+        assert_eq!(file_key(&img, 0), file_key(&dir.path().join("link"), 0));
+        assert_ne!(file_key(&img, 0), file_key(&img, 1024));
+    }
+}
