@@ -332,7 +332,16 @@ fn acquire(
         for line in &lines {
             warn!("guest {} ({}) refused: {line}", domain.name, domain.uuid);
         }
-        // Invariant: dropping `acquired` here releases every lock taken above.
+        // Invariant: discarding `acquired` here releases every lock taken above and removes
+        // the lease files this call created.
+        for path in acquired.discard() {
+            info!(
+                "guest {} ({}): removed lease file {} created for this refused start",
+                domain.name,
+                domain.uuid,
+                path.display()
+            );
+        }
         return Err(HookError::Refused(Refusal { lines }));
     }
     Ok((acquired, pending))

@@ -22,6 +22,31 @@ pub struct Acquired {
     pub resources: Vec<Resource>,
 }
 
+impl Acquired {
+    /// Gives up a refused start's locks, removing the lease files this call created (see
+    /// `lock::remove_created`) so a refused start leaves nothing behind. Files the lockspace
+    /// holds (lock files of network and block disks) are shared keys and stay. Returns the
+    /// paths removed.
+    pub fn discard(self) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        for (held, resource) in self.locks.into_iter().zip(&self.resources) {
+            let is_lease_target = resource.roles.iter().any(|r| matches!(r, Role::Lease { .. }));
+            if !(held.created && is_lease_target) {
+                continue;
+            }
+            match lock::remove_created(&resource.path, held) {
+                Ok(true) => removed.push(resource.path.clone()),
+                Ok(false) => {}
+                Err(e) => log::warn!(
+                    "{}: cannot remove the lease file created for a refused start: {e}",
+                    resource.path.display()
+                ),
+            }
+        }
+        removed
+    }
+}
+
 /// Why the guest may not start: one line per resource (without the `lockhook: ` prefix).
 #[derive(Debug, thiserror::Error)]
 #[error("{}", lines.join("; "))]
@@ -86,8 +111,9 @@ pub fn acquire_all(
     if lines.is_empty() {
         Ok(acquired)
     } else {
-        // Invariant: returning drops `acquired`, closing every fd taken, so a refusal leaves no
-        // lock behind.
+        // Invariant: discarding `acquired` closes every fd taken, so a refusal leaves no lock
+        // (and no lease file it created) behind.
+        acquired.discard();
         Err(Refusal { lines })
     }
 }
@@ -292,5 +318,32 @@ mod tests {
         let held: HashSet<Identity> = got.locks.iter().map(|l| l.identity).collect();
         let again = acquire_all(&[net("net:ok")], &held, &cfg, &paths, &mut notes).expect("skip held");
         assert!(again.locks.is_empty());
+    }
+
+    #[test]
+    fn a_refusal_removes_the_lease_files_it_created_and_only_those() {
+        let dir = tempfile::tempdir().expect("dir");
+        let paths = Paths::new(dir.path());
+        let busy = dir.path().join("busy.img");
+        std::fs::write(&busy, b"x").expect("write");
+        let _other_guest = lock::acquire(&busy, LockMode::Exclusive, 0, Create::No).expect("lock");
+        let lease = |name: &str| Request {
+            offset: 1024,
+            role: Role::Lease { key: name.into(), lockspace: None },
+            is_lease: true,
+            ..req(&dir.path().join(name), LockMode::Exclusive)
+        };
+        std::fs::write(dir.path().join("old.lease"), b"").expect("write");
+        let refusal = acquire_all(
+            &[lease("new.lease"), lease("old.lease"), req(&busy, LockMode::Exclusive)],
+            &HashSet::new(),
+            &Config::default(),
+            &paths,
+            &mut vec![],
+        )
+        .expect_err("busy image");
+        assert_eq!(refusal.lines.len(), 1, "{:?}", refusal.lines);
+        assert!(!dir.path().join("new.lease").exists(), "created for the refused start: removed");
+        assert!(dir.path().join("old.lease").exists(), "there before: kept");
     }
 }

@@ -7,6 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::Mutex;
@@ -35,16 +36,8 @@ impl Log for Logger {
         if self.stderr {
             eprintln!("lockhook: {}: {message}", record.level().as_str().to_lowercase());
         }
-        if let Some(sock) = self.syslog.then(syslog).flatten() {
-            // facility daemon (3), RFC 3164 framing as journald and rsyslog accept it.
-            let severity = match record.level() {
-                Level::Error => 3,
-                Level::Warn => 4,
-                Level::Info => 6,
-                Level::Debug | Level::Trace => 7,
-            };
-            let line = format!("<{}>lockhook[{}]: {message}", 3 * 8 + severity, std::process::id());
-            let _ = sock.send(line.as_bytes());
+        if self.syslog {
+            send_syslog(Path::new(DEV_LOG), record.level(), &message);
         }
         if let Some(file) = &self.file {
             if let Ok(mut f) = file.lock() {
@@ -68,25 +61,42 @@ fn install(logger: Logger, level: LevelFilter) {
     }
 }
 
-fn syslog() -> Option<UnixDatagram> {
-    let sock = UnixDatagram::unbound().ok()?;
-    sock.connect("/dev/log").ok()?;
-    Some(sock)
-}
+const DEV_LOG: &str = "/dev/log";
 
-fn log_file(path: Option<&Path>) -> Option<Mutex<File>> {
-    let file = OpenOptions::new().create(true).append(true).custom_flags_nofollow().open(path?).ok()?;
-    Some(Mutex::new(file))
-}
-
-trait NoFollow {
-    fn custom_flags_nofollow(&mut self) -> &mut Self;
-}
-
-impl NoFollow for OpenOptions {
-    fn custom_flags_nofollow(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::custom_flags(self, libc::O_NOFOLLOW | libc::O_CLOEXEC)
+/// Sends one line to the syslog socket at `dev_log` without ever waiting: the socket is
+/// non-blocking, so a stalled journald (its receive queue full) costs us the line, not the
+/// guest start the hook is deciding on.
+fn send_syslog(dev_log: &Path, level: Level, message: &str) {
+    let Ok(sock) = UnixDatagram::unbound() else { return };
+    if sock.set_nonblocking(true).is_err() || sock.connect(dev_log).is_err() {
+        return;
     }
+    // facility daemon (3), RFC 3164 framing as journald and rsyslog accept it.
+    let severity = match level {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    };
+    let line = format!("<{}>lockhook[{}]: {message}", 3 * 8 + severity, std::process::id());
+    // A full queue gives EAGAIN: the line is dropped.
+    let _ = sock.send(line.as_bytes());
+}
+
+/// Opens the configured log file for appending: never through a symlink, never blocking (a
+/// FIFO put there would stall every hook call), and only if it is a regular file.
+fn log_file(path: Option<&Path>) -> Option<Mutex<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path?)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    Some(Mutex::new(file))
 }
 
 /// CLI: log lines go to stderr.
@@ -97,4 +107,48 @@ pub fn init_cli(level: LevelFilter) {
 /// Hook and holder: syslog when there is one, and the configured log file.
 pub fn init_daemon(config: &Config) {
     install(Logger { stderr: false, syslog: true, file: log_file(config.log_file.as_deref()) }, config.level());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_stalled_syslog_drops_lines_instead_of_blocking() {
+        let dir = tempfile::tempdir().expect("dir");
+        let dev_log = dir.path().join("log");
+        // A journald that never reads: fill its receive queue until a send would block.
+        let server = UnixDatagram::bind(&dev_log).expect("bind");
+        let filler = UnixDatagram::unbound().expect("socket");
+        filler.set_nonblocking(true).expect("nonblocking");
+        filler.connect(&dev_log).expect("connect");
+        let mut sent = 0;
+        while filler.send(&[b'x'; 512]).is_ok() {
+            sent += 1;
+            assert!(sent < 1_000_000, "the receive queue never filled");
+        }
+        let started = Instant::now();
+        for _ in 0..100 {
+            send_syslog(&dev_log, Level::Error, "a line nobody will read");
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "logging blocked on a full syslog socket");
+        drop(server);
+    }
+
+    #[test]
+    fn log_file_is_regular_and_never_through_a_symlink_or_fifo() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("lockhook.log");
+        assert!(log_file(Some(&file)).is_some());
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &link).expect("symlink");
+        assert!(log_file(Some(&link)).is_none());
+        assert!(!dir.path().join("elsewhere").exists());
+        let fifo = dir.path().join("fifo.log");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        // No reader: a blocking open for writing would hang here.
+        assert!(log_file(Some(&fifo)).is_none());
+    }
 }

@@ -206,15 +206,19 @@ fn readonly_and_shareable_take_shared_locks() {
 
 #[test]
 fn holder_lets_go_when_its_qemu_dies() {
-    let setup = Setup::new("");
+    let libvirt_run = tempfile::tempdir().expect("libvirt run dir");
+    let setup = Setup::new(&format!("libvirt_run_dir = {:?}", libvirt_run.path()));
     let img = setup.image("q.img");
-    // A stand-in QEMU: any process whose argv carries `-uuid <uuid>`.
+    // A stand-in QEMU: a process whose argv carries `-uuid <uuid>`, named by libvirt's pid file
+    // written after it started (as libvirt does).
     let mut qemu = std::process::Command::new("sh")
         // `read` is a builtin: sh forks nothing that would share its argv or outlive it.
         .args(["-c", "read x", "-uuid", UUID1])
         .stdin(std::process::Stdio::piped())
         .spawn()
         .expect("spawn stand-in qemu");
+    std::fs::create_dir_all(libvirt_run.path().join("qemu")).expect("mkdir");
+    std::fs::write(libvirt_run.path().join("qemu/vm1.pid"), qemu.id().to_string()).expect("pid file");
     let vm = xml("vm1", UUID1, &file_disk(&img, "vda", ""));
     assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm).status.success());
     let out = setup.hook(&["vm1", "started", "begin", "-"], &vm);

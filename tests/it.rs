@@ -14,3 +14,4 @@ mod guard;
 mod hardening;
 mod hook_process;
 mod install;
+mod lease_targets;

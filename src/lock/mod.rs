@@ -10,7 +10,7 @@ mod ofd;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -69,6 +69,10 @@ pub enum LockError {
     },
     #[error("{path}: is a {kind}, not a disk image or lease file")]
     NotLockable { path: PathBuf, kind: &'static str },
+    #[error("{path}: is a symbolic link to a missing file; a lease file is never created through a symlink")]
+    DanglingSymlink { path: PathBuf },
+    #[error("{path}: was replaced while being opened")]
+    Replaced { path: PathBuf },
     #[error("{path}: byte {offset} is reserved for libvirt or QEMU and is never locked")]
     ReservedOffset { path: PathBuf, offset: u64 },
     #[error("{path}: lock offset {offset} is too large")]
@@ -91,6 +95,8 @@ pub struct HeldLock {
     pub identity: Identity,
     pub mode: LockMode,
     pub block_device: bool,
+    /// This call created the file (a missing lease target): `remove_created` may take it back.
+    pub created: bool,
 }
 
 /// How to open a lock target.
@@ -98,7 +104,8 @@ pub struct HeldLock {
 pub enum Create {
     /// The file must exist (disk images).
     No,
-    /// Create an empty file if missing (lease files).
+    /// Create an empty file if missing (lease files). It is created `O_EXCL|O_NOFOLLOW`: never
+    /// through a symlink, and never by following one that dangles.
     IfMissing,
 }
 
@@ -118,31 +125,137 @@ fn file_kind(ft: std::fs::FileType) -> Option<&'static str> {
     }
 }
 
-/// Opens `path` the way `mode` needs and returns the file with its identity.
-///
-/// `O_NONBLOCK` keeps FIFOs and odd devices from hanging the open (libvirt waits for the hook
-/// forever); `O_NOCTTY` keeps a terminal from becoming our controlling tty; `O_CLOEXEC` keeps the
-/// fd out of anything we exec. Whatever is not a regular file or block device is refused after
-/// the open, by `fstat` of what was actually opened.
-pub fn open(path: &Path, mode: LockMode, create: Create, offset: u64) -> Result<(File, Identity, bool), LockError> {
-    let mut opts = OpenOptions::new();
-    opts.read(true)
-        .write(mode == LockMode::Exclusive)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC);
-    if create == Create::IfMissing {
-        opts.create(true).mode(0o600);
-    }
-    let file = opts.open(path).map_err(|source| match source.raw_os_error() {
+/// A lock target opened for locking.
+struct Opened {
+    file: File,
+    identity: Identity,
+    block_device: bool,
+    created: bool,
+}
+
+/// Flags of every open of a lock target. `O_NONBLOCK` keeps FIFOs and odd devices from hanging
+/// the open (libvirt waits for the hook forever); `O_NOCTTY` keeps a terminal from becoming our
+/// controlling tty; `O_CLOEXEC` keeps the fd out of anything we exec.
+const OPEN_FLAGS: libc::c_int = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+
+/// How often a lease target that appears, vanishes or is replaced while we open it is retried.
+const RACE_RETRIES: usize = 3;
+
+fn open_error(path: &Path, source: io::Error) -> LockError {
+    match source.raw_os_error() {
         Some(libc::EISDIR) => LockError::NotLockable { path: path.to_owned(), kind: "directory" },
         Some(libc::ENXIO) => LockError::NotLockable { path: path.to_owned(), kind: "FIFO or unconnected device" },
         _ => LockError::Open { path: path.to_owned(), source },
-    })?;
-    let meta = file.metadata().map_err(|source| LockError::Open { path: path.to_owned(), source })?;
-    if let Some(kind) = file_kind(meta.file_type()) {
-        return Err(LockError::NotLockable { path: path.to_owned(), kind });
     }
-    let identity = Identity { dev: meta.dev(), ino: meta.ino(), offset };
-    Ok((file, identity, meta.file_type().is_block_device()))
+}
+
+/// Opens `path` the way `mode` needs and returns the file with its identity (and whether it is
+/// a block device).
+///
+/// Nothing that is not a regular file or block device is ever opened for reading or writing:
+/// opening a device can have effects of its own (opening `/dev/watchdog` arms it). So an existing
+/// target is first opened `O_PATH` (which opens nothing: no driver `open` runs, FIFOs do not
+/// block) and checked by `fstat`; only then is that same inode reopened through
+/// `/proc/self/fd/N`, and the result checked again by `fstat`. Symlinks are followed, as QEMU
+/// follows them: the domain XML is root's. A missing target (`Create::IfMissing`) is created
+/// `O_CREAT|O_EXCL|O_NOFOLLOW`, so root never creates a file where a symlink points.
+pub fn open(path: &Path, mode: LockMode, create: Create, offset: u64) -> Result<(File, Identity, bool), LockError> {
+    open_target(path, mode, create, offset).map(|o| (o.file, o.identity, o.block_device))
+}
+
+fn open_target(path: &Path, mode: LockMode, create: Create, offset: u64) -> Result<Opened, LockError> {
+    let write = mode == LockMode::Exclusive;
+    for _ in 0..RACE_RETRIES {
+        if create == Create::IfMissing {
+            let created = OpenOptions::new()
+                .read(true)
+                .write(write)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(OPEN_FLAGS | libc::O_NOFOLLOW)
+                .open(path);
+            match created {
+                Ok(file) => {
+                    let meta = file.metadata().map_err(|source| LockError::Open { path: path.to_owned(), source })?;
+                    let identity = Identity { dev: meta.dev(), ino: meta.ino(), offset };
+                    return Ok(Opened { file, identity, block_device: false, created: true });
+                }
+                // Something is there already (maybe a symlink, dangling or not): open it below.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => return Err(open_error(path, source)),
+            }
+        }
+        // Step 1: look without opening.
+        let handle = match OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_CLOEXEC).open(path) {
+            Ok(handle) => handle,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create == Create::IfMissing => {
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(LockError::DanglingSymlink { path: path.to_owned() });
+                }
+                // It vanished between the two opens: try creating it again.
+                continue;
+            }
+            Err(source) => return Err(open_error(path, source)),
+        };
+        let meta = handle.metadata().map_err(|source| LockError::Open { path: path.to_owned(), source })?;
+        if let Some(kind) = file_kind(meta.file_type()) {
+            return Err(LockError::NotLockable { path: path.to_owned(), kind });
+        }
+        // Step 2: open that very inode. Through /proc the path is not resolved again, so a
+        // rename or symlink swap in between cannot substitute a device.
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(write).custom_flags(OPEN_FLAGS);
+        let file = match opts.open(format!("/proc/self/fd/{}", handle.as_raw_fd())) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !Path::new("/proc/self/fd").exists() => opts.open(path),
+            other => other,
+        }
+        .map_err(|source| open_error(path, source))?;
+        // Step 3: make sure it is what step 1 looked at.
+        let got = file.metadata().map_err(|source| LockError::Open { path: path.to_owned(), source })?;
+        if (got.dev(), got.ino(), got.rdev()) != (meta.dev(), meta.ino(), meta.rdev())
+            || file_kind(got.file_type()).is_some()
+        {
+            return Err(LockError::Replaced { path: path.to_owned() });
+        }
+        let identity = Identity { dev: meta.dev(), ino: meta.ino(), offset };
+        return Ok(Opened { file, identity, block_device: meta.file_type().is_block_device(), created: false });
+    }
+    Err(LockError::Replaced { path: path.to_owned() })
+}
+
+/// Whether `path` still names the inode of `identity` (a lease file removed by
+/// `remove_created` between our open and our lock must not be locked: nobody else would see it).
+fn still_named(path: &Path, identity: &Identity) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (identity.dev, identity.ino))
+}
+
+/// Removes a lease file `held` created, when its start is refused: only if `path` still names
+/// that inode, it is still an empty regular file, and nobody else holds a lock on any byte of
+/// it. The last check is a whole-file `F_WRLCK` held while unlinking: whoever opened the file
+/// meanwhile either holds a lock (and the file stays), or locks only after the unlink, and then
+/// `acquire` sees the name gone and creates the file afresh. Returns whether it was removed;
+/// the lock is released either way.
+pub fn remove_created(path: &Path, held: HeldLock) -> io::Result<bool> {
+    if !held.created {
+        return Ok(false);
+    }
+    let file = File::from(held.fd);
+    let empty = |f: &File| f.metadata().is_ok_and(|m| m.is_file() && m.len() == 0);
+    let same = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == (held.identity.dev, held.identity.ino));
+    if !same || !empty(&file) {
+        return Ok(false);
+    }
+    match ofd::try_lock_whole(file.as_fd()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    if !empty(&file) {
+        return Ok(false);
+    }
+    std::fs::remove_file(path)?;
+    Ok(true)
 }
 
 fn check_offset(path: &Path, offset: u64, is_lease: bool) -> Result<i64, LockError> {
@@ -162,24 +275,38 @@ fn check_offset(path: &Path, offset: u64, is_lease: bool) -> Result<i64, LockErr
 pub fn acquire(path: &Path, mode: LockMode, offset: u64, create: Create) -> Result<HeldLock, LockError> {
     let is_lease = create == Create::IfMissing;
     let start = check_offset(path, offset, is_lease)?;
-    let (file, identity, block_device) = open(path, mode, create, offset)?;
-    ofd::try_lock(file.as_fd(), mode, start).map_err(|source| {
-        if source.kind() == io::ErrorKind::WouldBlock {
-            LockError::AlreadyLocked { path: path.to_owned(), identity }
-        } else {
-            LockError::Lock { path: path.to_owned(), source }
+    for _ in 0..RACE_RETRIES {
+        let Opened { file, identity, block_device, created } = open_target(path, mode, create, offset)?;
+        ofd::try_lock(file.as_fd(), mode, start).map_err(|source| {
+            if source.kind() == io::ErrorKind::WouldBlock {
+                LockError::AlreadyLocked { path: path.to_owned(), identity }
+            } else {
+                LockError::Lock { path: path.to_owned(), source }
+            }
+        })?;
+        // Invariant: a lease file may be removed by a refused start (`remove_created`), so a lock
+        // counts only if the name still leads to the inode locked.
+        if !is_lease || still_named(path, &identity) {
+            return Ok(HeldLock { fd: file.into(), identity, mode, block_device, created });
         }
-    })?;
-    Ok(HeldLock { fd: file.into(), identity, mode, block_device })
+    }
+    Err(LockError::Replaced { path: path.to_owned() })
 }
 
 /// Like `acquire`, but waits until the lock is free instead of failing (live migration hand-over:
 /// the destination waits for the source to let go). Blocks the calling thread.
 pub fn acquire_wait(path: &Path, mode: LockMode, offset: u64, create: Create) -> Result<HeldLock, LockError> {
-    let start = check_offset(path, offset, create == Create::IfMissing)?;
-    let (file, identity, block_device) = open(path, mode, create, offset)?;
-    ofd::lock_wait(file.as_fd(), mode, start).map_err(|source| LockError::Lock { path: path.to_owned(), source })?;
-    Ok(HeldLock { fd: file.into(), identity, mode, block_device })
+    let is_lease = create == Create::IfMissing;
+    let start = check_offset(path, offset, is_lease)?;
+    for _ in 0..RACE_RETRIES {
+        let Opened { file, identity, block_device, created } = open_target(path, mode, create, offset)?;
+        ofd::lock_wait(file.as_fd(), mode, start)
+            .map_err(|source| LockError::Lock { path: path.to_owned(), source })?;
+        if !is_lease || still_named(path, &identity) {
+            return Ok(HeldLock { fd: file.into(), identity, mode, block_device, created });
+        }
+    }
+    Err(LockError::Replaced { path: path.to_owned() })
 }
 
 /// Which lock, if any, someone holds on byte `offset` of `path`. Opens read-only and never locks.
@@ -309,5 +436,105 @@ mod tests {
             acquire(Path::new("/dev/null"), LockMode::Shared, 0, Create::No),
             Err(LockError::NotLockable { kind: "character device", .. })
         ));
+    }
+
+    #[test]
+    fn dangling_symlink_lease_target_is_refused_not_created() {
+        let dir = tempfile::tempdir().expect("dir");
+        let target = dir.path().join("where-root-would-write");
+        let lease = dir.path().join("lease");
+        std::os::unix::fs::symlink(&target, &lease).expect("symlink");
+        let err = acquire(&lease, LockMode::Exclusive, 1024, Create::IfMissing).expect_err("dangling");
+        assert!(matches!(err, LockError::DanglingSymlink { .. }), "{err:?}");
+        assert!(err.to_string().starts_with(&format!("{}: ", lease.display())), "{err}");
+        assert!(!target.exists(), "nothing created through the symlink");
+    }
+
+    #[test]
+    fn existing_lease_target_through_a_symlink_is_followed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let real = dir.path().join("real.lease");
+        std::fs::write(&real, b"").expect("write");
+        let link = dir.path().join("link.lease");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let held = acquire(&link, LockMode::Exclusive, 1024, Create::IfMissing).expect("lock through symlink");
+        assert!(!held.created);
+        assert_eq!(probe(&real, 1024).expect("probe").0, Some(LockMode::Exclusive));
+    }
+
+    /// The inotify events of `fd`: any open for reading or writing shows as IN_OPEN; an
+    /// `O_PATH` open shows nothing.
+    fn opened(fd: &nix::sys::inotify::Inotify) -> bool {
+        fd.read_events().map(|events| !events.is_empty()).unwrap_or(false)
+    }
+
+    #[test]
+    fn fifos_and_devices_are_checked_before_any_real_open() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let dir = tempfile::tempdir().expect("dir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        let watch = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).expect("inotify");
+        watch.add_watch(&fifo, AddWatchFlags::IN_ALL_EVENTS).expect("watch");
+        for (mode, create) in [
+            (LockMode::Exclusive, Create::IfMissing),
+            (LockMode::Exclusive, Create::No),
+            (LockMode::Shared, Create::No),
+        ] {
+            let offset = if create == Create::IfMissing { 1024 } else { 0 };
+            match acquire(&fifo, mode, offset, create) {
+                Err(LockError::NotLockable { kind: "FIFO", .. }) => {}
+                other => panic!("{mode:?} {create:?}: expected NotLockable, got {other:?}"),
+            }
+        }
+        // Sanity: the watch does see a real open.
+        assert!(!opened(&watch), "the FIFO was opened for I/O before it was checked");
+        drop(OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).expect("open fifo"));
+        assert!(opened(&watch), "inotify sees real opens");
+        for dev in ["/dev/zero", "/dev/null"] {
+            assert!(matches!(
+                acquire(Path::new(dev), LockMode::Exclusive, 1024, Create::IfMissing),
+                Err(LockError::NotLockable { kind: "character device", .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn created_lease_file_is_removed_only_when_untouched() {
+        let dir = tempfile::tempdir().expect("dir");
+        // Created by us, still empty, nobody else locks it: removed.
+        let lease = dir.path().join("new.lease");
+        let held = acquire(&lease, LockMode::Exclusive, 1024, Create::IfMissing).expect("lease");
+        assert!(held.created);
+        assert!(remove_created(&lease, held).expect("remove"));
+        assert!(!lease.exists());
+        // Someone else locks another byte of it meanwhile: it stays.
+        let held = acquire(&lease, LockMode::Exclusive, 1024, Create::IfMissing).expect("lease");
+        let other = acquire(&lease, LockMode::Exclusive, 4096, Create::IfMissing).expect("other byte");
+        assert!(!other.created);
+        assert!(!remove_created(&lease, held).expect("remove"));
+        assert!(lease.exists());
+        assert_eq!(probe(&lease, 1024).expect("probe").0, None, "the lock is released either way");
+        drop(other);
+        // Not created by us: it stays.
+        let held = acquire(&lease, LockMode::Exclusive, 1024, Create::IfMissing).expect("lease");
+        assert!(!remove_created(&lease, held).expect("remove"));
+        assert!(lease.exists());
+        // Created by us but written to since: it stays.
+        let written = dir.path().join("written.lease");
+        let held = acquire(&written, LockMode::Exclusive, 1024, Create::IfMissing).expect("lease");
+        std::fs::write(&written, b"data").expect("write");
+        assert!(!remove_created(&written, held).expect("remove"));
+        assert!(written.exists());
+    }
+
+    #[test]
+    fn a_removed_lease_file_is_created_afresh() {
+        let dir = tempfile::tempdir().expect("dir");
+        let lease = dir.path().join("lease");
+        let first = acquire(&lease, LockMode::Exclusive, 1024, Create::IfMissing).expect("lease");
+        assert!(remove_created(&lease, first).expect("remove"));
+        let again = acquire(&lease, LockMode::Exclusive, 1024, Create::IfMissing).expect("lease again");
+        assert!(again.created && still_named(&lease, &again.identity));
     }
 }

@@ -62,6 +62,18 @@ pub fn try_lock(fd: BorrowedFd<'_>, mode: LockMode, offset: i64) -> io::Result<(
     })
 }
 
+/// Takes an exclusive lock on the whole file (`l_len` 0: every byte, including past EOF) without
+/// waiting: it is granted only if nobody else holds a lock on any byte. Used only before removing
+/// a lease file this process created, never on a disk image (bytes 1-204 belong to libvirt and
+/// QEMU).
+pub fn try_lock_whole(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut lock = libc::flock { l_type: WRLCK, l_whence: SEEK_SET, l_start: 0, l_len: 0, l_pid: 0 };
+    fcntl_lock(fd, libc::F_OFD_SETLK, &mut lock).map_err(|err| match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => io::Error::from(io::ErrorKind::WouldBlock),
+        _ => err,
+    })
+}
+
 /// Takes the lock, waiting as long as someone else holds a conflicting one (`F_OFD_SETLKW`):
 /// the kernel (or the shared filesystem's lock manager) grants it the moment it is released.
 pub fn lock_wait(fd: BorrowedFd<'_>, mode: LockMode, offset: i64) -> io::Result<()> {

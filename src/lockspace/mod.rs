@@ -322,7 +322,7 @@ impl Lockspace {
                 LockError::Lock { path: path.clone(), source }
             }
         })?;
-        Ok(lock::HeldLock { fd: file.into(), identity, mode, block_device: false })
+        Ok(lock::HeldLock { fd: file.into(), identity, mode, block_device: false, created: false })
     }
 
     /// Opens the lockspace directory (not through a symlink).

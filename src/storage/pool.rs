@@ -47,7 +47,7 @@ struct RawPoolTarget {
     path: Option<String>,
 }
 
-fn safe_component(name: &str) -> bool {
+pub(crate) fn safe_component(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
