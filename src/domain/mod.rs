@@ -204,21 +204,20 @@ impl Domain {
     /// `<backingStore>` chain until the stack overflows), and DTD entities are never expanded
     /// (quick-xml does not implement them; an undefined entity is an error).
     pub fn parse(bytes: &[u8]) -> Result<Domain, DomainError> {
-        let text = Self::checked_text(bytes)?;
-        let raw: RawDomain =
-            quick_xml::de::from_str(text).map_err(|e| DomainError::Malformed(one_line(&e.to_string())))?;
+        let (text, depth) = Self::checked_text(bytes)?;
+        let raw: RawDomain = deserialize(text, depth)?;
         Domain::from_raw(raw)
     }
 
     /// Parses libvirt's status file of a running guest: `<domstatus ...><domain>...</domain>`.
     pub fn parse_status(bytes: &[u8]) -> Result<Domain, DomainError> {
-        let text = Self::checked_text(bytes)?;
-        let raw: RawStatus =
-            quick_xml::de::from_str(text).map_err(|e| DomainError::Malformed(one_line(&e.to_string())))?;
+        let (text, depth) = Self::checked_text(bytes)?;
+        let raw: RawStatus = deserialize(text, depth)?;
         Domain::from_raw(raw.domain.ok_or(DomainError::Malformed("no <domain> in <domstatus>".to_owned()))?)
     }
 
-    fn checked_text(bytes: &[u8]) -> Result<&str, DomainError> {
+    /// The text and its nesting depth, once both are within bounds.
+    fn checked_text(bytes: &[u8]) -> Result<(&str, usize), DomainError> {
         if bytes.len() > MAX_XML_BYTES {
             return Err(DomainError::TooLarge);
         }
@@ -226,8 +225,8 @@ impl Domain {
         if text.trim().is_empty() {
             return Err(DomainError::Empty);
         }
-        check_depth(text)?;
-        Ok(text)
+        let depth = check_depth(text)?;
+        Ok((text, depth))
     }
 
     fn from_raw(raw: RawDomain) -> Result<Domain, DomainError> {
@@ -257,15 +256,41 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn check_depth(text: &str) -> Result<(), DomainError> {
+/// Documents nested deeper than this are deserialized on a thread with `DEEP_STACK` of stack:
+/// serde follows a `<backingStore>` chain (up to libvirt's 200 images) by recursion, a few KiB
+/// of stack per level in a debug build, more than a test thread's 2 MiB.
+const SHALLOW: usize = 32;
+const DEEP_STACK: usize = 64 << 20;
+
+fn deserialize<T: for<'de> serde::Deserialize<'de> + Send>(text: &str, depth: usize) -> Result<T, DomainError> {
+    let parse =
+        |text: &str| quick_xml::de::from_str(text).map_err(|e| DomainError::Malformed(one_line(&e.to_string())));
+    if depth <= SHALLOW {
+        return parse(text);
+    }
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("parse".into())
+            .stack_size(DEEP_STACK)
+            .spawn_scoped(scope, || parse(text))
+            .map_err(|e| DomainError::Malformed(format!("cannot start the parser thread: {e}")))?
+            .join()
+            .unwrap_or_else(|_| Err(DomainError::Malformed("the XML parser panicked".to_owned())))
+    })
+}
+
+/// Checks nesting depth and attribute counts; returns the deepest nesting seen.
+fn check_depth(text: &str) -> Result<usize, DomainError> {
     let mut reader = Reader::from_str(text);
     let mut depth = 0usize;
+    let mut deepest = 0usize;
     let too_many =
         |e: &quick_xml::events::BytesStart<'_>| e.attributes().with_checks(false).nth(MAX_ATTRIBUTES).is_some();
     loop {
         match reader.read_event() {
             Ok(Event::Start(e)) => {
                 depth += 1;
+                deepest = deepest.max(depth);
                 if depth > MAX_DEPTH {
                     return Err(DomainError::TooDeep);
                 }
@@ -277,7 +302,7 @@ fn check_depth(text: &str) -> Result<(), DomainError> {
             // DTDs are never expanded, and one inside text trips the parser (quick-xml #964).
             Ok(Event::DocType(_)) => return Err(DomainError::DocType),
             Ok(Event::End(_)) => depth = depth.saturating_sub(1),
-            Ok(Event::Eof) => return Ok(()),
+            Ok(Event::Eof) => return Ok(deepest),
             Ok(_) => {}
             Err(e) => return Err(DomainError::Malformed(one_line(&e.to_string()))),
         }
@@ -359,8 +384,11 @@ fn disk_from_raw(mut raw: RawDisk) -> Disk {
     let kind = raw.kind.unwrap_or_else(|| "file".to_owned());
     let device = raw.device.unwrap_or_else(|| "disk".to_owned());
     let data_store = raw.source.as_mut().and_then(|s| s.data_store.take()).and_then(|ds| {
-        let (source, _) = source_from_raw(ds.kind.as_deref().unwrap_or("file"), ds.source);
-        (source != Source::Empty).then_some(source)
+        let source = ds.source?;
+        match ds.kind.as_deref().unwrap_or("file") {
+            "block" => non_empty(source.dev).map(|d| Source::Block(d.into())),
+            _ => non_empty(source.file).map(|f| Source::File(f.into())),
+        }
     });
     let (source, optional) = source_from_raw(&kind, raw.source);
     Disk {
@@ -513,6 +541,20 @@ mod tests {
         assert_eq!(chain[0].source, Source::File("/i/mid.qcow2".into()));
         assert_eq!(chain[1].source, Source::Block("/dev/base".into()));
         assert_eq!(d.disks[1].backing, Some(vec![]));
+    }
+
+    #[test]
+    fn chains_as_deep_as_libvirts_parse_on_a_small_stack() {
+        // libvirt refuses chains deeper than 200 images; this runs on a 2 MiB test thread.
+        let mut chain = String::new();
+        for i in 0..200 {
+            chain.push_str(&format!("<backingStore type='file'><format type='qcow2'/><source file='/i/{i}'/>"));
+        }
+        chain.push_str("<backingStore/>");
+        chain.push_str(&"</backingStore>".repeat(200));
+        let xml = domain(&format!("<disk type='file'><source file='/i/top'/>{chain}<target dev='vda'/></disk>"));
+        let d = Domain::parse(xml.as_bytes()).expect("parse");
+        assert_eq!(d.disks[0].backing.as_ref().map(Vec::len), Some(200));
     }
 
     #[test]

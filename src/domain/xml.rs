@@ -144,7 +144,17 @@ pub struct RawSource {
 pub struct RawDataStore {
     #[serde(rename = "@type")]
     pub kind: Option<String>,
-    pub source: Option<RawSource>,
+    /// Not a `RawSource`: a data file has no data file of its own, and the types must not nest
+    /// (serde would follow hostile nesting down the stack).
+    pub source: Option<RawDataSource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDataSource {
+    #[serde(rename = "@file")]
+    pub file: Option<String>,
+    #[serde(rename = "@dev")]
+    pub dev: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -15,8 +15,9 @@ use crate::lock::LockMode;
 use crate::lockspace::{LockFileKind, Lockspace, LockspaceError};
 use crate::resource::{Plan, Planned, Role, Target};
 
-/// A chain deeper than this is refused (QEMU's own limit is lower in practice).
-pub const MAX_CHAIN: usize = 64;
+/// A chain deeper than this is refused: libvirt's own limit ("backing chains more than 200
+/// layers deep are not supported").
+pub const MAX_CHAIN: usize = 200;
 
 /// One lock to take, with its final path.
 #[derive(Debug, Clone, PartialEq, Eq)]
