@@ -479,3 +479,60 @@ fn an_unmounted_lockspace_is_detected() {
     assert!(report.contains("is not the shared lockspace"), "doctor: {report}");
     assert_eq!(doctor.status.code(), Some(2), "doctor: {report}");
 }
+
+/// Issue 9: objects planted in the shared lockspace by another host are never followed, never
+/// block and never make lockhook touch anything outside the lockspace, on real libvirt hosts.
+#[test]
+fn planted_lockspace_objects_are_harmless() {
+    use lockhook::lockspace::{file_key, hash, LockFileKind, Lockspace};
+    let storage = Storage::new();
+    let (a, b) = (Host::new(&storage), Host::new(&storage));
+    let ls = storage.lockspace();
+    let outside = tempfile::tempdir().expect("outside dir");
+    std::fs::write(outside.path().join("precious.json"), b"{}").expect("write");
+    let img = storage.image("planted.raw");
+    // A symlink planted as the owner-record directory of img, pointing outside the lockspace.
+    std::fs::create_dir_all(ls.join("owners")).expect("mkdir owners");
+    std::os::unix::fs::symlink(outside.path(), ls.join("owners").join(hash(&file_key(&img, 0)))).expect("symlink");
+    let uuid1 = random_uuid();
+    define(&a, "vm1", &uuid1, &raw(&img));
+    define(&b, "vm2", &random_uuid(), &raw(&img));
+    a.lv.virsh_ok(&["start", "vm1"]);
+    let err = b.refused("vm2");
+    assert!(err.contains(&format!("lockhook: {} is locked", img.display())), "{err}");
+    assert!(outside.path().join("precious.json").exists(), "nothing outside the lockspace was deleted");
+    assert_eq!(std::fs::read_dir(outside.path()).expect("dir").count(), 1, "nothing was written there either");
+    a.lv.virsh_ok(&["destroy", "vm1"]);
+
+    // A FIFO planted as an owner record: a refused start still returns at once.
+    let img2 = storage.image("fifo.raw");
+    let uuid3 = random_uuid();
+    define(&a, "vm3", &uuid3, &raw(&img2));
+    define(&b, "vm4", &random_uuid(), &raw(&img2));
+    a.lv.virsh_ok(&["start", "vm3"]);
+    let dir = ls.join("owners").join(hash(&file_key(&img2, 0)));
+    assert!(wait_until(Duration::from_secs(10), || dir.is_dir()), "vm3's record directory");
+    nix::unistd::mkfifo(&dir.join("planted.json"), nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+    let began = std::time::Instant::now();
+    let err = b.refused("vm4");
+    assert!(began.elapsed() < Duration::from_secs(10), "refusal took {:?}", began.elapsed());
+    assert!(err.contains(&format!("by guest vm3 ({uuid3}) on host {}", a.lv.hostname())), "{err}");
+    a.lv.virsh_ok(&["destroy", "vm3"]);
+
+    // A symlink planted as a network disk's lock file: never created through, never opened.
+    let target = outside.path().join("created-through-a-link");
+    let socket = storage.dir.path().join("nowhere.sock");
+    let nbd = format!(
+        "<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='x'>\
+         <host transport='unix' socket='{}'/></source><target dev='vda' bus='virtio'/></disk>",
+        socket.display()
+    );
+    let key = format!("net:nbd://unix:{}/x", socket.display());
+    let lock_file = Lockspace::new(&ls).lock_file(LockFileKind::Network, &key);
+    std::fs::create_dir_all(lock_file.parent().expect("parent")).expect("mkdir network");
+    std::os::unix::fs::symlink(&target, &lock_file).expect("symlink");
+    define(&b, "vm5", &random_uuid(), &nbd);
+    let err = b.refused("vm5");
+    assert!(err.contains("lockhook: ") && err.contains("symbolic link"), "{err}");
+    assert!(!target.exists(), "root created a file through a planted symlink");
+}
