@@ -193,8 +193,19 @@ pub fn acquire_available(
             }
             Err(LockError::AlreadyLocked { path, identity }) => {
                 let key = request.key.clone().unwrap_or_else(|| crate::lockspace::file_key(&path, request.offset));
-                let name = request.label.clone().unwrap_or_else(|| path.display().to_string());
-                let line = format!("{name} {}", crate::owner::find(paths, &lockspace, &identity, &key).phrase());
+                let mut name = request.label.clone().unwrap_or_else(|| path.display().to_string());
+                let ours = roles.iter().find(|r| r.worth_saying()).map(ToString::to_string);
+                if let Some(role) = &ours {
+                    name = format!("{name} ({role})");
+                }
+                let mut owner = crate::owner::find(paths, &lockspace, &identity, &key);
+                if let crate::owner::Owner::Guest { role, .. } = &mut owner {
+                    // The same role on both sides goes without saying twice.
+                    if *role == ours {
+                        *role = None;
+                    }
+                }
+                let line = format!("{name} {}", owner.phrase());
                 failures.busy.push(Busy { request, roles, identity, key, line });
             }
             Err(e) => failures.errors.push(format!("{} ({})", crate::error_chain(&e), request.role)),

@@ -16,9 +16,28 @@ use crate::state::{self, HolderKind};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Owner {
-    Guest { name: String, uuid: String, host: String, mode: LockMode, since: String },
-    Command { command: String, pid: u32, host: String, mode: LockMode, since: String },
-    Process { pid: u32, comm: String, mode: LockMode },
+    Guest {
+        name: String,
+        uuid: String,
+        host: String,
+        mode: LockMode,
+        since: String,
+        /// What the holder uses the resource as, when worth saying ("disk of /dev/loop0p1").
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<String>,
+    },
+    Command {
+        command: String,
+        pid: u32,
+        host: String,
+        mode: LockMode,
+        since: String,
+    },
+    Process {
+        pid: u32,
+        comm: String,
+        mode: LockMode,
+    },
     Unknown,
 }
 
@@ -31,6 +50,7 @@ pub fn find(paths: &Paths, lockspace: &Lockspace, identity: &Identity, key: &str
         holder.host = state::hostname();
         return match holder.kind {
             HolderKind::Guest => Owner::Guest {
+                role: resource.roles.iter().find(|r| r.worth_saying()).map(ToString::to_string),
                 name: holder.name,
                 uuid: holder.uuid.to_string(),
                 host: holder.host,
@@ -48,6 +68,7 @@ pub fn find(paths: &Paths, lockspace: &Lockspace, identity: &Identity, key: &str
     }
     if let Some(record) = lockspace.owners(key).into_iter().next() {
         return Owner::Guest {
+            role: record.role,
             name: record.guest,
             uuid: record.uuid.to_string(),
             host: record.host,
@@ -65,8 +86,9 @@ impl Owner {
     /// "is locked exclusively by guest vm1 (uuid) on this host since ..." (no path, no prefix).
     pub fn phrase(&self) -> String {
         match self {
-            Owner::Guest { name, uuid, host, mode, since } => {
-                format!("is locked {} by guest {name} ({uuid}) {} since {since}", mode.adverb(), on_host(host))
+            Owner::Guest { name, uuid, host, mode, since, role } => {
+                let role = role.as_ref().map(|r| format!(" ({r})")).unwrap_or_default();
+                format!("is locked {}{role} by guest {name} ({uuid}) {} since {since}", mode.adverb(), on_host(host))
             }
             Owner::Command { command, pid, host, mode, since } => {
                 format!(

@@ -7,13 +7,20 @@
 //! | `<readonly/>` (and cdrom) / `<shareable/>`  | the image, shared (or none: config)  |
 //! | backing chain (XML, else qcow2 header)      | each backing image, shared           |
 //! | `<lease>`                                   | byte `offset` of `target path`, excl.|
-//! | empty cdrom, `dir`, network, nvme, ...      | nothing (a skip note for the log)    |
+//! | `<source><dataStore>` (and qcow2 header)    | the data file, in the disk's mode    |
+//! | `<transient shareBacking='yes'/>`           | the image shared; libvirt's overlay `<image>.TRANSIENT-<guest>` exclusive once it exists |
+//! | `<os><nvram>` / `<os><loader>`              | the variable store exclusive / the code shared (writable pflash: exclusive) |
+//! | `<memory model='nvdimm'/'virtio-pmem'>`     | its backing file, exclusive          |
+//! | empty cdrom, `dir`, nvme, vhostuser, ...    | nothing (a skip note for the log)    |
+//!
+//! The layers beneath a block device (partition → disk, device-mapper/md slaves, loop → file)
+//! are added by `storage`, which looks at the device.
 
 use std::fmt;
 use std::path::PathBuf;
 
 use crate::config::{Config, SharedPolicy};
-use crate::domain::{Backing, Disk, Domain, Source};
+use crate::domain::{Backing, Disk, Domain, FirmwareKind, Source, Transient};
 use crate::lock::LockMode;
 
 /// What a request is for; shown in messages and in `lockhook status`.
@@ -36,6 +43,27 @@ pub enum Role {
     },
     /// Locked by `lockhook run` for the command it runs.
     Command,
+    /// A layer beneath a block device a guest writes: `kind` of the device `above` (a path),
+    /// itself beneath disk `of`.
+    Layer {
+        layer: crate::storage::stack::LayerKind,
+        above: String,
+        of: Option<String>,
+    },
+    /// The external data file of a qcow2 image of disk `of`.
+    DataFile {
+        of: Option<String>,
+    },
+    /// The overlay libvirt puts on a `<transient/>` disk `of`.
+    Overlay {
+        of: Option<String>,
+    },
+    /// The UEFI variable store (`<nvram>`).
+    Nvram,
+    /// The firmware code (`<loader>`).
+    Loader,
+    /// A file backing guest memory (nvdimm, virtio-pmem).
+    Memory,
 }
 
 impl fmt::Display for Role {
@@ -50,6 +78,15 @@ impl fmt::Display for Role {
             Role::Lease { key, lockspace: Some(ls) } => write!(f, "lease {ls}/{key}"),
             Role::Lease { key, lockspace: None } => write!(f, "lease {key}"),
             Role::Command => f.write_str("used by a command"),
+            Role::Layer { layer, above, of: Some(t) } => write!(f, "{} {above}, disk {t}", layer.phrase()),
+            Role::Layer { layer, above, of: None } => write!(f, "{} {above}", layer.phrase()),
+            Role::DataFile { of: Some(t) } => write!(f, "data file of {t}"),
+            Role::DataFile { of: None } => f.write_str("data file"),
+            Role::Overlay { of: Some(t) } => write!(f, "transient overlay of {t}"),
+            Role::Overlay { of: None } => f.write_str("transient overlay"),
+            Role::Nvram => f.write_str("UEFI variable store"),
+            Role::Loader => f.write_str("firmware"),
+            Role::Memory => f.write_str("memory backing file"),
         }
     }
 }
@@ -96,9 +133,13 @@ pub struct Plan {
 }
 
 fn disk_mode(disk: &Disk, config: &Config) -> Option<LockMode> {
-    let policy = if disk.readonly {
+    disk_mode_for(disk.readonly, disk.shareable, config)
+}
+
+fn disk_mode_for(readonly: bool, shareable: bool, config: &Config) -> Option<LockMode> {
+    let policy = if readonly {
         config.readonly
-    } else if disk.shareable {
+    } else if shareable {
         config.shareable
     } else {
         return Some(LockMode::Exclusive);
@@ -159,6 +200,48 @@ pub fn network_label(protocol: &str, name: Option<&str>, hosts: &[crate::domain:
     format!("{protocol}://{}/{}", servers.join(","), name.unwrap_or("").trim_start_matches('/'))
 }
 
+fn plan_data_store(disk: &Disk, data: &Source, mode: Option<LockMode>, plan: &mut Plan) {
+    let role = Role::DataFile { of: disk.target.clone() };
+    match (target_of(data), mode) {
+        (Ok(target), Some(mode)) => plan.requests.push(simple(target, mode, role, false)),
+        (Ok(_), None) => plan.skipped.push(format!("{role}: read-only or shareable, not locked by config")),
+        (Err(why), _) => plan.skipped.push(format!("{role}: {why}")),
+    }
+}
+
+/// `<transient shareBacking='yes'/>`: QEMU opens the image read-only (several guests may share
+/// it) and writes libvirt's per-guest overlay, which libvirt creates after `prepare`.
+fn plan_shared_transient(disk: &Disk, _t: Transient, domain: &Domain, config: &Config, plan: &mut Plan) {
+    let Some((overlay, base)) = transient_parts(disk, &domain.name) else {
+        plan.skipped.push(format!("disk {}: a transient disk that is not a file; not locked", label(disk)));
+        return;
+    };
+    plan.requests.push(simple(
+        Target::Path(overlay),
+        LockMode::Exclusive,
+        Role::Overlay { of: disk.target.clone() },
+        true,
+    ));
+    let Ok(target) = target_of(&base) else { return };
+    plan.requests.push(Planned {
+        target,
+        mode: LockMode::Shared,
+        offset: 0,
+        role: Role::Disk { target: disk.target.clone() },
+        is_lease: false,
+        optional: disk.optional,
+        read_chain: config.backing_chains && matches!(disk.format.as_deref(), Some("qcow2")),
+        format: disk.format.clone(),
+    });
+    // In the live XML the overlay is the source and the image its first backing entry.
+    if config.backing_chains {
+        if let Some(chain) = &disk.backing {
+            let below: Vec<Backing> = chain.iter().filter(|b| b.source != base).cloned().collect();
+            plan_backing(&below, &disk.target, plan);
+        }
+    }
+}
+
 fn label(disk: &Disk) -> String {
     disk.target.clone().unwrap_or_else(|| "(no target)".to_owned())
 }
@@ -181,10 +264,37 @@ fn plan_backing(chain: &[Backing], of: &Option<String>, plan: &mut Plan) {
     }
 }
 
+impl Role {
+    /// Whether messages should say the role next to the path (it is not the obvious one).
+    pub fn worth_saying(&self) -> bool {
+        !matches!(self, Role::Disk { .. } | Role::Command)
+    }
+}
+
+/// The overlay libvirt creates for a `<transient shareBacking='yes'/>` disk: `<image>.TRANSIENT-<guest name>`
+/// (libvirt's naming), and the image beneath it. In the live XML the disk's source already is
+/// the overlay and the image is its `<backingStore>`.
+fn transient_parts(disk: &Disk, guest: &str) -> Option<(PathBuf, Source)> {
+    let Source::File(path) = &disk.source else { return None };
+    let suffix = format!(".TRANSIENT-{guest}");
+    match path.to_str().and_then(|p| p.strip_suffix(&suffix)) {
+        Some(base) => Some((path.clone(), Source::File(base.into()))),
+        None => Some((PathBuf::from(format!("{}{suffix}", path.display())), disk.source.clone())),
+    }
+}
+
+fn simple(target: Target, mode: LockMode, role: Role, optional: bool) -> Planned {
+    Planned { target, mode, offset: 0, role, is_lease: false, optional, read_chain: false, format: None }
+}
+
 /// Plans the locks for `domain` under `config`.
 pub fn plan(domain: &Domain, config: &Config) -> Plan {
     let mut plan = Plan::default();
     for disk in &domain.disks {
+        if let Some(t) = disk.transient.filter(|t| t.share_backing) {
+            plan_shared_transient(disk, t, domain, config, &mut plan);
+            continue;
+        }
         let target = match target_of(&disk.source) {
             Ok(target) => target,
             Err(why) => {
@@ -212,6 +322,9 @@ pub fn plan(domain: &Domain, config: &Config) -> Plan {
                 plan_backing(chain, &disk.target, &mut plan);
             }
         }
+        if let Some(data) = &disk.data_store {
+            plan_data_store(disk, data, disk_mode(disk, config), &mut plan);
+        }
         if let Some(mirror) = &disk.mirror {
             // QEMU writes the copy's destination from the start of the job: exclusive.
             match target_of(mirror) {
@@ -228,6 +341,26 @@ pub fn plan(domain: &Domain, config: &Config) -> Plan {
                 Err(why) => plan.skipped.push(format!("block copy of {}: {why}", label(disk))),
             }
         }
+    }
+    for fw in &domain.firmware {
+        let (role, mode) = match (fw.kind, fw.readonly) {
+            (FirmwareKind::Nvram, _) => (Role::Nvram, Some(LockMode::Exclusive)),
+            (FirmwareKind::Loader, true) => (Role::Loader, disk_mode_for(true, false, config)),
+            (FirmwareKind::Loader, false) => (Role::Loader, Some(LockMode::Exclusive)),
+        };
+        match (target_of(&fw.source), mode) {
+            // libvirt creates the variable store from its template after `prepare`: it is
+            // locked at `start`, once it exists.
+            (Ok(target), Some(mode)) => {
+                plan.requests.push(simple(target, mode, role.clone(), fw.kind == FirmwareKind::Nvram))
+            }
+            (Ok(_), None) => plan.skipped.push(format!("{role}: read-only, not locked by config")),
+            (Err(why), _) => plan.skipped.push(format!("{role}: {why}")),
+        }
+    }
+    for file in &domain.memory_files {
+        // QEMU creates a missing backing file itself: locked once it exists.
+        plan.requests.push(simple(Target::Path(file.clone()), LockMode::Exclusive, Role::Memory, true));
     }
     for lease in &domain.leases {
         plan.requests.push(Planned {

@@ -128,7 +128,11 @@ fn leases_and_path_aliases_collide() {
     assert!(lease.exists(), "a missing lease file is created");
     assert_eq!(lock_state(&lease, 1024), Some(LockMode::Exclusive));
     let err = host.refused("vm2");
-    assert!(err.contains(&refusal_line(&lease, LockMode::Exclusive, "vm1", &uuid1)), "{err}");
+    let lease_line = format!(
+        "lockhook: {} (lease fleet/vm-key) is locked exclusively by guest vm1 ({uuid1}) on this host",
+        lease.display()
+    );
+    assert!(err.contains(&lease_line), "{err}");
     let err = host.refused("vm3");
     assert!(err.contains(&refusal_line(&link, LockMode::Exclusive, "vm1", &uuid1)), "{err}");
     host.destroy("vm1");
@@ -158,7 +162,10 @@ fn backing_chain_is_locked_shared() {
     assert_eq!(lock_state(&base, 0), Some(LockMode::Shared));
     host.start("vm2");
     let err = host.refused("writer");
-    assert!(err.contains(&format!("lockhook: {} is locked shared by guest vm", base.display())), "{err}");
+    assert!(
+        err.contains(&format!("lockhook: {} is locked shared (backing image of vda) by guest vm", base.display())),
+        "{err}"
+    );
     let status = host.status();
     let vm1 = status["guests"].as_array().expect("guests").iter().find(|g| g["uuid"] == uuid1.as_str()).expect("vm1");
     let roles: Vec<String> =

@@ -285,7 +285,7 @@ fn external_snapshot_moves_the_exclusive_lock_to_the_overlay() {
         host.setup.status_json()
     );
     let err = host.refused("writer");
-    assert!(err.contains(&format!("{} is locked shared by guest vm1", base.display())), "{err}");
+    assert!(err.contains(&format!("{} is locked shared (backing image of vda) by guest vm1", base.display())), "{err}");
     host.lv.virsh_ok(&["destroy", "vm1"]);
     assert_eq!(lock_state(&overlay, 0), None);
     assert_eq!(lock_state(&base, 0), None);

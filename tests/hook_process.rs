@@ -305,6 +305,7 @@ fn a_pending_holder_without_qemu_gives_up() {
     let uuid = lockhook::domain::Uuid::parse(UUID1).expect("uuid");
     let key = lockhook::lockspace::file_key(&lease, 4096);
     let record = lockhook::lockspace::OwnerRecord {
+        role: None,
         key,
         host: "source-host".into(),
         guest: "vm1".into(),

@@ -15,3 +15,4 @@ mod hardening;
 mod hook_process;
 mod install;
 mod lease_targets;
+mod storage;

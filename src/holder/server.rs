@@ -822,6 +822,7 @@ impl Holder {
             .iter()
             .filter(|(r, _)| !r.key.is_empty())
             .map(|(r, _)| crate::lockspace::OwnerRecord {
+                role: r.roles.iter().find(|role| role.worth_saying()).map(ToString::to_string),
                 key: r.key.clone(),
                 host: self.host.clone(),
                 guest: guest.name.clone(),

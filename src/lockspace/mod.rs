@@ -71,6 +71,10 @@ pub struct OwnerRecord {
     pub mode: LockMode,
     pub since: String,
     pub holder_pid: u32,
+    /// What the holder uses it as, when that is not the obvious (a layer beneath its disk, a
+    /// data file, firmware...), for messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -534,6 +538,7 @@ mod tests {
 
     fn record(key: &str, uuid: &str, host: &str) -> OwnerRecord {
         OwnerRecord {
+            role: None,
             key: key.to_owned(),
             host: host.to_owned(),
             guest: "vm1".to_owned(),

@@ -1,13 +1,16 @@
 //! Turns a `resource::Plan` into concrete paths: pool volumes are looked up in libvirt's pool
 //! definitions, and qcow2 backing chains the XML does not list yet are read from image headers.
 
+// A resolution error ends the hook call that made it (one per call): its size does not matter.
+#![allow(clippy::result_large_err)]
+
 pub mod block;
 pub mod pool;
 pub mod qcow2;
 pub mod stack;
 
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::PathBuf;
 
 use crate::config::Config;
@@ -106,28 +109,97 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, Storage
             }
         };
         out.push(request(planned, path.clone()));
-        if let Some(id) = block::stable_id(&path) {
-            // Across hosts a device node lock is host-local: lock its stable identity too.
-            // Without a usable lockspace that lock cannot be taken, and skipping it would leave
-            // the device unprotected from other hosts without a word: refuse instead.
-            let key = format!("block:{id}");
-            prepare(&lockspace, LockFileKind::Block, planned)?;
-            let lock_file = lockspace.lock_file(LockFileKind::Block, &key);
-            let label = format!("{} ({id})", path.display());
-            out.push(Request {
-                key: Some(key),
-                label: Some(label),
-                is_lease: true,
-                lock_file: Some(LockFileKind::Block),
-                ..request(planned, lock_file)
-            });
+        let is_block = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_block_device());
+        if is_block {
+            identity_request(&lockspace, planned, &path, planned.mode, planned.role.clone(), &mut out)?;
+            layer_requests(&lockspace, planned, &path, &mut out, &mut plan.skipped)?;
         }
-        if planned.read_chain {
-            read_chain(planned, path, &mut out, &mut plan.skipped)?;
+        if matches!(planned.role, Role::Disk { .. } | Role::Backing { .. } | Role::Mirror { .. }) {
+            image_files(planned, path, &mut out, &mut plan.skipped)?;
         }
     }
     Ok(out)
 }
+
+/// Across hosts a device node lock is host-local: the device's stable identity is locked in the
+/// lockspace too. Without a usable lockspace that lock cannot be taken, and skipping it would
+/// leave the device unprotected from other hosts without a word: refuse instead.
+fn identity_request(
+    lockspace: &Lockspace,
+    planned: &Planned,
+    node: &std::path::Path,
+    mode: LockMode,
+    role: Role,
+    out: &mut Vec<Request>,
+) -> Result<(), StorageError> {
+    let Some(id) = block::stable_id(node) else { return Ok(()) };
+    let key = format!("block:{id}");
+    prepare(lockspace, LockFileKind::Block, planned)?;
+    let lock_file = lockspace.lock_file(LockFileKind::Block, &key);
+    let label = format!("{} ({id})", node.display());
+    out.push(Request {
+        key: Some(key),
+        label: Some(label),
+        is_lease: true,
+        lock_file: Some(LockFileKind::Block),
+        mode,
+        role,
+        optional: false,
+        ..request(planned, lock_file)
+    });
+    Ok(())
+}
+
+/// The disk target a request serves, for naming the layers beneath it.
+fn disk_of(role: &Role) -> Option<String> {
+    match role {
+        Role::Disk { target } => target.clone(),
+        Role::Backing { of } | Role::Mirror { of } | Role::DataFile { of } | Role::Overlay { of } => of.clone(),
+        Role::Layer { of, .. } => of.clone(),
+        _ => None,
+    }
+}
+
+/// Every layer beneath the block device `path` (see `stack`), shared: its node and stable
+/// identity, or the file behind a loop device.
+fn layer_requests(
+    lockspace: &Lockspace,
+    planned: &Planned,
+    path: &std::path::Path,
+    out: &mut Vec<Request>,
+    skipped: &mut Vec<String>,
+) -> Result<(), StorageError> {
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let rdev = meta.rdev();
+    let of = disk_of(&planned.role);
+    for layer in stack::layers(std::path::Path::new(SYS), libc::major(rdev), libc::minor(rdev)) {
+        let role = Role::Layer { layer: layer.kind, above: format!("/dev/{}", layer.above), of: of.clone() };
+        match &layer.target {
+            stack::LayerTarget::Block(dev) => match stack::node(std::path::Path::new(DEV), dev) {
+                Some(node) => {
+                    out.push(Request {
+                        mode: LockMode::Shared,
+                        role: role.clone(),
+                        optional: false,
+                        ..request(planned, node.clone())
+                    });
+                    identity_request(lockspace, planned, &node, LockMode::Shared, role, out)?;
+                }
+                None => {
+                    skipped.push(format!("{role}: {DEV}/{} (device {}:{}) has no node", dev.name, dev.major, dev.minor))
+                }
+            },
+            stack::LayerTarget::File(file) => {
+                out.push(Request { mode: LockMode::Shared, role, optional: false, ..request(planned, file.clone()) })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where sysfs and the device nodes are.
+const SYS: &str = "/sys";
+const DEV: &str = "/dev";
 
 /// Makes sure `kind`'s lock files can be taken: the lockspace is a directory (not a symlink) and
 /// has its `kind` directory.
@@ -152,47 +224,58 @@ fn request(planned: &Planned, path: PathBuf) -> Request {
     }
 }
 
-fn read_chain(
+/// The files QEMU opens for a qcow2 image besides the image: its external data file (in the
+/// image's mode) and, when the plan says to read it (`read_chain`), the backing chain from the
+/// headers, each link shared with its own data file.
+fn image_files(
     top: &Planned,
     top_path: PathBuf,
     out: &mut Vec<Request>,
     skipped: &mut Vec<String>,
 ) -> Result<(), StorageError> {
-    let of = match &top.role {
-        Role::Disk { target } => target.clone(),
-        _ => None,
-    };
-    let role = Role::Backing { of };
+    let of = disk_of(&top.role);
+    let role = if top.read_chain { Role::Backing { of: of.clone() } } else { top.role.clone() };
     let mut seen = HashSet::new();
     let mut current = top_path;
     let mut format = top.format.clone();
+    let mut mode = top.mode;
     loop {
-        // A missing top image is reported when it is locked; here there is just no chain to read.
+        // A missing top image is reported when it is locked; here there is just nothing to read.
         let Ok(meta) = std::fs::metadata(&current) else { return Ok(()) };
         if !seen.insert((meta.dev(), meta.ino())) || seen.len() > MAX_CHAIN {
             return Err(StorageError::ChainTooLong { role, path: current });
         }
+        let header_err = |source| StorageError::Header { role: role.clone(), path: current.clone(), source };
         let is_qcow2 = match format.as_deref() {
             Some("qcow2") => true,
             Some(_) => false,
             // Format unknown (not in the header extension): probe, as QEMU would.
-            None => qcow2::is_qcow2(&current).map_err(|source| StorageError::Header {
-                role: role.clone(),
-                path: current.clone(),
-                source,
-            })?,
+            None => qcow2::is_qcow2(&current).map_err(header_err)?,
         };
         if !is_qcow2 {
             return Ok(());
         }
-        let Some(backing) = qcow2::backing_of(&current).map_err(|source| StorageError::Header {
-            role: role.clone(),
-            path: current.clone(),
-            source,
-        })?
-        else {
+        let Some(header) = qcow2::read_header(&current).map_err(header_err)? else { return Ok(()) };
+        if let Some(name) = &header.data_file {
+            match qcow2::resolve_name(&current, name) {
+                Some(data) => out.push(Request {
+                    path: data,
+                    mode,
+                    offset: 0,
+                    role: Role::DataFile { of: of.clone() },
+                    is_lease: false,
+                    optional: false,
+                    key: None,
+                    label: None,
+                    lock_file: None,
+                }),
+                None => skipped.push(format!("data file of {}: {name:?} is not a local file", current.display())),
+            }
+        }
+        if !top.read_chain {
             return Ok(());
-        };
+        }
+        let Some(backing) = header.backing else { return Ok(()) };
         let Some(next) = qcow2::resolve_name(&current, &backing.name) else {
             skipped.push(format!("{role}: {:?} is not a local file", backing.name));
             return Ok(());
@@ -210,6 +293,7 @@ fn read_chain(
         });
         current = next;
         format = backing.format;
+        mode = LockMode::Shared;
     }
 }
 

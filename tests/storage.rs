@@ -1,0 +1,223 @@
+//! Issue 10 end to end, on a real libvirtd: every byte a guest can write is locked, whatever name
+//! reaches it (partitions and the disk beneath, a loop device and its file, qcow2 data files,
+//! UEFI variable stores), and shared transient bases are not refused.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::libvirtd::{guest_xml, kvm_usable, random_uuid, Libvirtd, LibvirtdOptions};
+use crate::common::{lockhook_bin, stderr, Setup};
+
+struct Host {
+    setup: Setup,
+    lv: Libvirtd,
+}
+
+impl Host {
+    fn new() -> Host {
+        let setup = Setup::new("");
+        let lv = Libvirtd::start(LibvirtdOptions {
+            hook_binary: Some(lockhook_bin()),
+            extra_mounts: vec![(setup.path("etc"), PathBuf::from("/etc/lockhook"))],
+            ..LibvirtdOptions::default()
+        });
+        Host { setup, lv }
+    }
+
+    fn define(&self, name: &str, devices: &str) {
+        self.lv.define(&guest_xml(name, &random_uuid(), devices));
+    }
+
+    fn refused(&self, name: &str) -> String {
+        let out = self.lv.virsh(&["start", name]);
+        assert!(!out.status.success(), "{name} should have been refused");
+        stderr(&out)
+    }
+}
+
+fn file_disk(path: &Path, format: &str, target: &str, extra: &str) -> String {
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{}'/>{extra}<target dev='{target}' bus='virtio'/></disk>",
+        path.display()
+    )
+}
+
+fn block_disk(dev: &str) -> String {
+    format!("<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{dev}'/><target dev='vda' bus='virtio'/></disk>")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A loop device over a file with two partitions (`partx` makes their nodes without udev);
+/// detached on drop.
+struct LoopDisk {
+    dev: String,
+}
+
+impl LoopDisk {
+    fn new(file: &Path) -> LoopDisk {
+        std::fs::File::create(file).and_then(|f| f.set_len(8 << 20)).expect("create");
+        let mut sfdisk = Command::new("sfdisk");
+        sfdisk.arg("-q").arg(file).stdin(std::process::Stdio::piped());
+        let mut child = sfdisk.spawn().expect("sfdisk (fdisk package)");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"label: dos\n,3M\n,3M\n").expect("write");
+        assert!(child.wait().expect("wait").success(), "sfdisk");
+        let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(file)).trim().to_owned();
+        let disk = LoopDisk { dev };
+        run(Command::new("partx").args(["-a", &disk.dev]));
+        assert!(Path::new(&disk.part(1)).exists() && Path::new(&disk.part(2)).exists(), "partition nodes");
+        disk
+    }
+
+    fn part(&self, n: u32) -> String {
+        format!("{}p{n}", self.dev)
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("partx").args(["-d", &self.dev]).output();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).output();
+    }
+}
+
+#[test]
+fn partitions_disks_and_loop_files_are_one_stack() {
+    let host = Host::new();
+    let file = host.setup.path("stack.raw");
+    let disk = LoopDisk::new(&file);
+    host.define("p1", &block_disk(&disk.part(1)));
+    host.define("p2", &block_disk(&disk.part(2)));
+    host.define("whole", &block_disk(&disk.dev));
+    host.define("file", &file_disk(&file, "raw", "vda", ""));
+    host.lv.virsh_ok(&["start", "p1"]);
+    // Two partitions of one disk share only the disk beneath.
+    host.lv.virsh_ok(&["start", "p2"]);
+    let err = host.refused("whole");
+    assert!(
+        err.contains(&format!("lockhook: {} is locked shared (disk of {}", disk.dev, disk.part(1)))
+            && err.contains("by guest p1"),
+        "the whole disk collides with a partition a guest writes: {err}"
+    );
+    let err = host.refused("file");
+    assert!(
+        err.contains(&format!("lockhook: {} is locked shared (backing file of {}", file.display(), disk.dev)),
+        "the file behind the loop device collides too: {err}"
+    );
+    let status = String::from_utf8_lossy(&host.setup.cli(&["status"]).stdout).into_owned();
+    assert!(status.contains(&format!("disk of {}", disk.part(1))), "status names the layer: {status}");
+    host.lv.virsh_ok(&["destroy", "p1"]);
+    host.lv.virsh_ok(&["destroy", "p2"]);
+    // The other way round: a guest on the file keeps the loop device's guests out.
+    host.lv.virsh_ok(&["start", "file"]);
+    let err = host.refused("p1");
+    assert!(
+        err.contains(&format!("{} (backing file of {}", file.display(), disk.dev)) && err.contains("by guest file"),
+        "{err}"
+    );
+    host.lv.virsh_ok(&["destroy", "file"]);
+    host.lv.virsh_ok(&["start", "whole"]);
+    host.lv.virsh_ok(&["destroy", "whole"]);
+}
+
+#[test]
+fn qcow2_data_files_are_locked_with_their_image() {
+    let host = Host::new();
+    let dir = host.setup.path("images");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let (img, data) = (dir.join("img.qcow2"), dir.join("img.data"));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o"])
+        .arg(format!("data_file={},data_file_raw=on", data.display()))
+        .arg(&img)
+        .arg("16M"));
+    host.define("q", &file_disk(&img, "qcow2", "vda", ""));
+    host.define("raw", &file_disk(&data, "raw", "vda", ""));
+    host.lv.virsh_ok(&["start", "q"]);
+    let err = host.refused("raw");
+    assert!(
+        err.contains(&format!("lockhook: {} is locked exclusively (data file of vda) by guest q", data.display())),
+        "{err}"
+    );
+    host.lv.virsh_ok(&["destroy", "q"]);
+    host.lv.virsh_ok(&["start", "raw"]);
+    let err = host.refused("q");
+    assert!(
+        err.contains(&format!("lockhook: {} (data file of vda) is locked exclusively by guest raw", data.display())),
+        "{err}"
+    );
+    host.lv.virsh_ok(&["destroy", "raw"]);
+}
+
+fn uefi_xml(name: &str, nvram: &Path) -> String {
+    let domain_type = if kvm_usable() { "kvm" } else { "qemu" };
+    format!(
+        "<domain type='{domain_type}'><name>{name}</name><uuid>{}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='q35'>hvm</type>\
+         <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>\
+         <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{}</nvram></os><features><acpi/></features>\
+         <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><controller type='usb' model='none'/>\
+         <memballoon model='none'/></devices></domain>",
+        random_uuid(),
+        nvram.display()
+    )
+}
+
+#[test]
+fn uefi_variable_stores_have_one_writer_and_the_code_is_shared() {
+    let host = Host::new();
+    let nvram = host.setup.path("vars/shared_VARS.fd");
+    std::fs::create_dir_all(nvram.parent().expect("parent")).expect("mkdir");
+    host.lv.define(&uefi_xml("uefi1", &nvram));
+    host.lv.define(&uefi_xml("uefi2", &nvram));
+    let other = host.setup.path("vars/own_VARS.fd");
+    host.lv.define(&uefi_xml("uefi3", &other));
+    host.lv.virsh_ok(&["start", "uefi1"]);
+    let err = host.refused("uefi2");
+    assert!(
+        err.contains(&format!(
+            "lockhook: {} (UEFI variable store) is locked exclusively by guest uefi1",
+            nvram.display()
+        )),
+        "{err}"
+    );
+    // Its own store: the firmware code is only read, shared by both.
+    host.lv.virsh_ok(&["start", "uefi3"]);
+    let status = host.setup.status_json().to_string();
+    assert!(status.contains("OVMF_CODE_4M.fd"), "{status}");
+    host.lv.virsh_ok(&["destroy", "uefi1"]);
+    host.lv.virsh_ok(&["destroy", "uefi3"]);
+}
+
+#[test]
+fn shared_transient_bases_are_shared_and_their_overlays_locked() {
+    let host = Host::new();
+    let dir = host.setup.path("images");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let base = dir.join("base.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&base).arg("16M"));
+    let transient = file_disk(&base, "qcow2", "vda", "<transient shareBacking='yes'/>");
+    host.define("t1", &transient);
+    host.define("t2", &transient);
+    host.define("writer", &file_disk(&base, "qcow2", "vda", ""));
+    host.lv.virsh_ok(&["start", "t1"]);
+    host.lv.virsh_ok(&["start", "t2"]);
+    let overlay = PathBuf::from(format!("{}.TRANSIENT-t1", base.display()));
+    assert!(overlay.exists(), "libvirt made t1's overlay");
+    assert!(
+        crate::common::wait_until(std::time::Duration::from_secs(10), || {
+            crate::common::lock_state(&overlay, 0) == Some(lockhook::lock::LockMode::Exclusive)
+        }),
+        "t1's overlay is locked exclusively"
+    );
+    let err = host.refused("writer");
+    assert!(err.contains(&format!("lockhook: {} is locked shared", base.display())), "{err}");
+    host.lv.virsh_ok(&["destroy", "t1"]);
+    host.lv.virsh_ok(&["destroy", "t2"]);
+    host.lv.virsh_ok(&["start", "writer"]);
+    host.lv.virsh_ok(&["destroy", "writer"]);
+}
