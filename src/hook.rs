@@ -106,6 +106,12 @@ pub enum HookError {
          stop it there first"
     )]
     NotIncoming { name: String, uuid: Uuid, why: String },
+    #[error("guest {name}: cannot note its admitted migration hand-over in the run directory")]
+    NoteAdmitted {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("guest {name} ({uuid}): cannot start its lock holder")]
     Spawn {
         name: String,
@@ -180,8 +186,8 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
     // Operations that lockhook ignores never read the config: a broken config must not stop
     // migrations or restores that lockhook has no part in.
     match event.op {
-        Op::Prepare | Op::Start | Op::Started | Op::Release | Op::Reconnect | Op::Migrate => {}
-        Op::Stopped | Op::Restore | Op::Attach | Op::Other(_) => return Ok(()),
+        Op::Prepare | Op::Start | Op::Started | Op::Release | Op::Reconnect | Op::Migrate | Op::Restore => {}
+        Op::Stopped | Op::Attach | Op::Other(_) => return Ok(()),
     }
     let config = Config::load(config_path)?;
     crate::logging::init_daemon(&config);
@@ -191,8 +197,10 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
     adopt_orphans_bounded(&ctx);
     // A lockspace that is not the fleet's (its filesystem not mounted) would keep every lock on
     // this host: refuse what can be refused, say it loudly where refusing would kill a guest.
-    let lockspace =
-        ctx.config.lockspace_id.as_ref().map(|id| crate::lockspace_id::verify(&ctx.config.lockspace_dir, id));
+    let lockspace = match (&event.op, &ctx.config.lockspace_id) {
+        (Op::Release | Op::Restore, _) | (_, None) => None,
+        (_, Some(id)) => Some(crate::lockspace_id::verify_bounded(&ctx.config.lockspace_dir, id, ADOPT_BOUND)),
+    };
     match (&event.op, lockspace) {
         (Op::Prepare | Op::Start | Op::Migrate, Some(Err(e))) => return Err(HookError::Lockspace(e)),
         (Op::Started | Op::Reconnect, Some(Err(e))) => {
@@ -233,6 +241,14 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
             Ok(())
         }
         Op::Release => release(&ctx, event, stdin),
+        Op::Restore => {
+            // A restore's QEMU runs with `-incoming` too: a marker left by a failed migration must
+            // not make it pass for one. Print nothing: stdout is XML here.
+            if let Ok(domain) = parse_domain(event, stdin) {
+                crate::migration::forget_incoming(&ctx.paths, &domain.uuid);
+            }
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -420,6 +436,10 @@ fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
     // Consumed here whatever happens next: a marker never outlives the start it announced.
     let incoming = crate::migration::take_incoming(&ctx.paths, &domain.uuid);
     let (acquired, pending) = acquire(ctx, domain, &HashSet::new(), incoming)?;
+    if !pending.is_empty() {
+        crate::migration::note_admitted(&ctx.paths, &domain.uuid)
+            .map_err(|source| HookError::NoteAdmitted { name: domain.name.clone(), source })?;
+    }
     if acquired.locks.is_empty() && pending.is_empty() {
         info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
         return Ok(());
@@ -499,15 +519,20 @@ pub(crate) fn adopt(ctx: &Ctx, guest: &Guest, requests: &[Request], qemu: Option
 /// incoming migration (QEMU with `-incoming`, paused until the switch-over). The holder kills a
 /// QEMU that is not as soon as it execs; this is the check of last resort.
 fn verify_incoming(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
-    let Some(client) = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))? else {
-        return Ok(());
+    let client = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))?;
+    let pending = match &client {
+        Some(c) => c.held().map_err(holder_err(&guest(domain)))?.pending,
+        None => 0,
     };
-    let held = client.held().map_err(holder_err(&guest(domain)))?;
-    if held.pending == 0 {
+    // The note outlives a holder that died or gave up: its guest must still be incoming.
+    if pending == 0 && !crate::migration::admitted(&ctx.paths, &domain.uuid) {
         return Ok(());
     }
     match crate::migration::find_qemu(&domain.name, &domain.uuid, &ctx.config.libvirt_run_dir) {
-        Some((_, crate::migration::QemuKind::Incoming)) => Ok(()),
+        Some((_, crate::migration::QemuKind::Incoming)) => {
+            crate::migration::forget_admitted(&ctx.paths, &domain.uuid);
+            Ok(())
+        }
         found => {
             let why = match found {
                 Some((pid, _)) => format!("its QEMU (pid {pid}) was not started with -incoming"),
@@ -515,7 +540,10 @@ fn verify_incoming(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
             };
             error!("guest {} ({}): waits for locks held by its migration source, but {why}", domain.name, domain.uuid);
             // The holder lets go of what it holds and of every wait.
-            client.release().map_err(holder_err(&guest(domain)))?;
+            if let Some(client) = client {
+                client.release().map_err(holder_err(&guest(domain)))?;
+            }
+            crate::migration::forget_admitted(&ctx.paths, &domain.uuid);
             Err(HookError::NotIncoming { name: domain.name.clone(), uuid: domain.uuid.clone(), why })
         }
     }
@@ -555,6 +583,7 @@ fn release_target(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Option<
 fn release(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Result<(), HookError> {
     let Some(uuid) = release_target(ctx, event, stdin) else { return Ok(()) };
     crate::migration::forget_incoming(&ctx.paths, &uuid);
+    crate::migration::forget_admitted(&ctx.paths, &uuid);
     let domain = Domain {
         name: event.domain.clone(),
         uuid: uuid.clone(),

@@ -43,6 +43,8 @@ pub enum IdError {
         #[source]
         source: io::Error,
     },
+    #[error("lockspace {dir} did not answer within {} s (is its filesystem hung?)", .secs)]
+    Timeout { dir: PathBuf, secs: u64 },
     #[error("lockspace {dir}: cannot write {ID_FILE}")]
     Write {
         dir: PathBuf,
@@ -90,6 +92,20 @@ pub fn verify(dir: &Path, expected: &Uuid) -> Result<(), IdError> {
         Some(found) => Err(IdError::Mismatch { dir: dir.to_owned(), expected: expected.clone(), found }),
         None => Err(IdError::Missing { dir: dir.to_owned(), expected: expected.clone() }),
     }
+}
+
+/// `verify` on a thread, waited for at most `bound`: a hung shared filesystem must not hang the
+/// hook (the thread, stuck in the kernel, dies with the hook process).
+pub fn verify_bounded(dir: &Path, expected: &Uuid, bound: std::time::Duration) -> Result<(), IdError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (dir_copy, id) = (dir.to_owned(), expected.clone());
+    let spawned = std::thread::Builder::new().name("lockspace-id".into()).spawn(move || {
+        let _ = tx.send(verify(&dir_copy, &id));
+    });
+    if let Err(source) = spawned {
+        return Err(IdError::Read { dir: dir.to_owned(), source });
+    }
+    rx.recv_timeout(bound).unwrap_or(Err(IdError::Timeout { dir: dir.to_owned(), secs: bound.as_secs() }))
 }
 
 /// A random (version 4) UUID from the kernel's generator.

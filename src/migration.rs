@@ -37,8 +37,12 @@ pub const MARKER_TTL: Duration = Duration::from_secs(5);
 /// A destination holder with pending locks and no QEMU gives up this long after its start.
 pub const PENDING_BOUND: Duration = Duration::from_secs(60);
 
+/// Milliseconds since boot (`CLOCK_BOOTTIME`): a marker's age must not depend on the wall
+/// clock, which an administrator or NTP may step.
 fn now_ms() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| u128::try_from(t.tv_sec()).unwrap_or(0) * 1000 + u128::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000)
+        .unwrap_or(0)
 }
 
 /// `migrate begin`: notes that an incoming migration of `uuid` is being prepared.
@@ -78,9 +82,33 @@ pub fn take_incoming(paths: &Paths, uuid: &Uuid) -> bool {
     written <= now && now - written < MARKER_TTL.as_millis()
 }
 
-/// Drops a marker nobody consumed (the migration ended).
+/// Drops a marker nobody consumed (the migration ended, or a restore begins: its QEMU carries
+/// `-incoming` too, and must not be taken for the migration the marker announced).
 pub fn forget_incoming(paths: &Paths, uuid: &Uuid) {
     let _ = std::fs::remove_file(paths.incoming(uuid));
+}
+
+/// `prepare` admitted pending locks for `uuid`: noted in the run directory, apart from the
+/// holder, so `started` insists on an incoming QEMU even when the holder died or gave up.
+pub fn note_admitted(paths: &Paths, uuid: &Uuid) -> std::io::Result<()> {
+    let path = paths.admitted(uuid);
+    let _ = std::fs::remove_file(&path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map(drop)
+}
+
+/// Whether `prepare` admitted pending locks for `uuid` and no `started` has verified them yet.
+pub fn admitted(paths: &Paths, uuid: &Uuid) -> bool {
+    std::fs::symlink_metadata(paths.admitted(uuid)).is_ok()
+}
+
+pub fn forget_admitted(paths: &Paths, uuid: &Uuid) {
+    let _ = std::fs::remove_file(paths.admitted(uuid));
 }
 
 /// During a verified incoming migration: whether a lock found taken is the migrating guest's

@@ -52,6 +52,11 @@ impl Paths {
         self.run_dir.join(format!("{uuid}.incoming"))
     }
 
+    /// Written when `prepare` admits pending locks (see `migration::note_admitted`).
+    pub fn admitted(&self, uuid: &Uuid) -> PathBuf {
+        self.run_dir.join(format!("{uuid}.admitted"))
+    }
+
     /// The UUID a run-directory file belongs to, if its name is `<uuid>.<ext>`.
     pub fn uuid_of(path: &Path, ext: &str) -> Option<Uuid> {
         if path.extension()?.to_str()? != ext {

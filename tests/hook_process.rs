@@ -339,3 +339,64 @@ fn a_pending_holder_without_qemu_gives_up() {
     drop(source);
     assert_eq!(lock_state(&lease, 4096), None, "nobody took the lease after the source let go");
 }
+
+/// The "source" of a migration for the tests below: this process holds `lease` at 4096 and
+/// publishes guest vm1's owner record for it from another host.
+struct FakeSource {
+    _lock: lockhook::lock::HeldLock,
+    _record: lockhook::lockspace::Published,
+}
+
+fn fake_source(setup: &Setup, lease: &Path) -> FakeSource {
+    std::fs::create_dir_all(lease.parent().expect("parent")).expect("mkdir");
+    let lock = lockhook::lock::acquire(lease, LockMode::Exclusive, 4096, lockhook::lock::Create::IfMissing)
+        .expect("the source's lease");
+    let record = lockhook::lockspace::OwnerRecord {
+        role: None,
+        key: lockhook::lockspace::file_key(lease, 4096),
+        host: "source-host".into(),
+        guest: "vm1".into(),
+        uuid: lockhook::domain::Uuid::parse(UUID1).expect("uuid"),
+        mode: LockMode::Exclusive,
+        since: "2026-12-01T00:00:00Z".into(),
+        holder_pid: std::process::id(),
+    };
+    let record = lockhook::lockspace::Lockspace::new(&setup.path("lockspace")).publish(&record).expect("record");
+    FakeSource { _lock: lock, _record: record }
+}
+
+/// Issue 9 review: a restore's QEMU carries `-incoming` too, so a `migrate` marker left by a
+/// failed migration must not let a restore of the same guest pass for the migration; and a
+/// guest admitted with pending locks is checked at `started` even when its holder is gone.
+#[test]
+fn restores_and_dead_holders_do_not_pass_for_migrations() {
+    let setup = Setup::new("");
+    let lease = setup.path("leases/restore");
+    let _source = fake_source(&setup, &lease);
+    let vm1 =
+        xml("vm1", UUID1, &format!("<lease><key>k</key><target path='{}' offset='4096'/></lease>", lease.display()));
+    assert!(setup.hook(&["vm1", "migrate", "begin", "-"], &vm1).status.success());
+    let out = setup.hook(&["vm1", "restore", "begin", "-"], &vm1);
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", stderr(&out));
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm1);
+    assert!(!out.status.success(), "a restore is not the migration the marker announced");
+    assert!(stderr(&out).contains("on host source-host"), "{}", stderr(&out));
+    let _ = setup.hook(&["vm1", "release", "end", "-"], &vm1);
+
+    // Admitted as pending, then the holder dies before QEMU shows up.
+    assert!(setup.hook(&["vm1", "migrate", "begin", "-"], &vm1).status.success());
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm1);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pid = holder_pid(&setup, UUID1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the holder");
+    assert!(wait_until(Duration::from_secs(5), || !std::path::Path::new(&format!("/proc/{pid}")).exists()));
+    let out = setup.hook(&["vm1", "started", "begin", "-"], &vm1);
+    assert!(!out.status.success(), "started must not let a guest with unverified pending locks run");
+    assert!(stderr(&out).contains("is not an incoming migration"), "{}", stderr(&out));
+    let _ = setup.hook(&["vm1", "release", "end", "-"], &vm1);
+    assert!(!setup.run_dir.join(format!("{UUID1}.admitted")).exists(), "release forgets the admission");
+}

@@ -71,6 +71,11 @@ pub enum LockError {
     NotLockable { path: PathBuf, kind: &'static str },
     #[error("{path}: is a symbolic link to a missing file; a lease file is never created through a symlink")]
     DanglingSymlink { path: PathBuf },
+    #[error(
+        "{path}: is a symbolic link; a lease file is never opened through one (on shared storage another host \
+         could point it at any file): name the file itself"
+    )]
+    SymlinkLease { path: PathBuf },
     #[error("{path}: was replaced while being opened")]
     Replaced { path: PathBuf },
     #[error("{path}: byte {offset} is reserved for libvirt or QEMU and is never locked")]
@@ -185,19 +190,30 @@ fn open_target(path: &Path, mode: LockMode, create: Create, offset: u64) -> Resu
                 Err(source) => return Err(open_error(path, source)),
             }
         }
-        // Step 1: look without opening.
-        let handle = match OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_CLOEXEC).open(path) {
-            Ok(handle) => handle,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && create == Create::IfMissing => {
-                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-                    return Err(LockError::DanglingSymlink { path: path.to_owned() });
+        // Step 1: look without opening. A lease target's last component is not followed: only
+        // lockhook opens lease files (QEMU never does), they live on shared storage, and a
+        // symlink planted there could make us lock any file, here or on no other host.
+        let nofollow = if create == Create::IfMissing { libc::O_NOFOLLOW } else { 0 };
+        let handle =
+            match OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_CLOEXEC | nofollow).open(path) {
+                Ok(handle) => handle,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create == Create::IfMissing => {
+                    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+                        return Err(LockError::DanglingSymlink { path: path.to_owned() });
+                    }
+                    // It vanished between the two opens: try creating it again.
+                    continue;
                 }
-                // It vanished between the two opens: try creating it again.
-                continue;
-            }
-            Err(source) => return Err(open_error(path, source)),
-        };
+                Err(source) => return Err(open_error(path, source)),
+            };
         let meta = handle.metadata().map_err(|source| LockError::Open { path: path.to_owned(), source })?;
+        if meta.file_type().is_symlink() {
+            return Err(if std::fs::metadata(path).is_err() {
+                LockError::DanglingSymlink { path: path.to_owned() }
+            } else {
+                LockError::SymlinkLease { path: path.to_owned() }
+            });
+        }
         if let Some(kind) = file_kind(meta.file_type()) {
             return Err(LockError::NotLockable { path: path.to_owned(), kind });
         }
@@ -221,6 +237,18 @@ fn open_target(path: &Path, mode: LockMode, create: Create, offset: u64) -> Resu
         return Ok(Opened { file, identity, block_device: meta.file_type().is_block_device(), created: false });
     }
     Err(LockError::Replaced { path: path.to_owned() })
+}
+
+/// Opens `path` read-only if it is a regular file or block device, checked as `open` checks it
+/// (`O_PATH` + `fstat` before any real open, so a device named by an image header is never
+/// opened); `Ok(None)` for anything else. For reading image headers.
+pub fn open_readable(path: &Path) -> io::Result<Option<File>> {
+    match open_target(path, LockMode::Shared, Create::No, 0) {
+        Ok(opened) => Ok(Some(opened.file)),
+        Err(LockError::NotLockable { .. }) => Ok(None),
+        Err(LockError::Open { source, .. }) => Err(source),
+        Err(e) => Err(io::Error::other(e.to_string())),
+    }
 }
 
 /// Whether `path` still names the inode of `identity` (a lease file removed by
@@ -451,15 +479,30 @@ mod tests {
     }
 
     #[test]
-    fn existing_lease_target_through_a_symlink_is_followed() {
+    fn existing_lease_target_through_a_symlink_is_refused() {
         let dir = tempfile::tempdir().expect("dir");
         let real = dir.path().join("real.lease");
         std::fs::write(&real, b"").expect("write");
         let link = dir.path().join("link.lease");
         std::os::unix::fs::symlink(&real, &link).expect("symlink");
-        let held = acquire(&link, LockMode::Exclusive, 1024, Create::IfMissing).expect("lock through symlink");
-        assert!(!held.created);
-        assert_eq!(probe(&real, 1024).expect("probe").0, Some(LockMode::Exclusive));
+        let err = acquire(&link, LockMode::Exclusive, 1024, Create::IfMissing).expect_err("a symlinked lease");
+        assert!(matches!(err, LockError::SymlinkLease { .. }), "{err:?}");
+        assert_eq!(probe(&real, 1024).expect("probe").0, None, "nothing locked through the link");
+        // A symlinked directory above the lease file is the administrator's: followed.
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("dir-link")).expect("symlink");
+        acquire(&dir.path().join("dir-link/real.lease"), LockMode::Exclusive, 1024, Create::IfMissing)
+            .expect("through a symlinked directory");
+    }
+
+    #[test]
+    fn readable_images_only() {
+        let f = image();
+        assert!(open_readable(f.path()).expect("regular").is_some());
+        assert!(open_readable(Path::new("/dev/null")).expect("char device").is_none());
+        let dir = tempfile::tempdir().expect("dir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        assert!(open_readable(&fifo).expect("fifo").is_none());
     }
 
     /// The inotify events of `fd`: any open for reading or writing shows as IN_OPEN; an

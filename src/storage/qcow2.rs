@@ -9,7 +9,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -39,19 +38,16 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn open(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC).open(path)
+/// Opens an image to read its header: only a regular file or block device, checked before it is
+/// opened (a header can name `/dev/watchdog` as its backing file; opening that arms it).
+fn open(path: &Path) -> io::Result<Option<File>> {
+    crate::lock::open_readable(path)
 }
 
 /// Whether the file starts with the qcow2 magic.
 pub fn is_qcow2(path: &Path) -> io::Result<bool> {
     let mut magic = [0u8; 4];
-    let mut file = open(path)?;
-    if !file.metadata()?.file_type().is_file()
-        && !std::os::unix::fs::FileTypeExt::is_block_device(&file.metadata()?.file_type())
-    {
-        return Ok(false);
-    }
+    let Some(mut file) = open(path)? else { return Ok(false) };
     match file.read_exact(&mut magic) {
         Ok(()) => Ok(&magic == MAGIC),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
@@ -76,11 +72,7 @@ pub fn backing_of(path: &Path) -> io::Result<Option<BackingRef>> {
 
 /// Reads the parts of a qcow2 header lockhook needs; `Ok(None)` when the file is not qcow2.
 pub fn read_header(path: &Path) -> io::Result<Option<Header>> {
-    let mut file = open(path)?;
-    let meta = file.metadata()?;
-    if !meta.file_type().is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-        return Ok(None);
-    }
+    let Some(mut file) = open(path)? else { return Ok(None) };
     let mut header = [0u8; 104];
     let got = read_up_to(&mut file, &mut header)?;
     if got < 72 || &header[..4] != MAGIC {
