@@ -325,3 +325,137 @@ fn block_copy_pivot_moves_the_lock_to_the_copy() {
     host.lv.virsh_ok(&["destroy", "vm1"]);
     assert_eq!(lock_state(&copy, 0), None);
 }
+
+/// A `qemu-nbd` server on a unix socket, killed on drop.
+struct Nbd(std::process::Child);
+
+impl Drop for Nbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 10: hot-plug locks exactly what a start would. A network disk no guest used before
+/// (its lockspace lock file does not exist yet) is locked when hot-plugged, so a second guest
+/// on that export is refused.
+#[test]
+fn hot_plugged_network_disks_never_used_before_are_locked() {
+    let host = Host::new();
+    let export = host.setup.image("images/export.raw");
+    let socket = host.setup.path("nbd.sock");
+    let nbd = Nbd(Command::new("qemu-nbd")
+        .args(["--persistent", "--shared=4", "-f", "raw", "-x", "fresh", "-k"])
+        .arg(&socket)
+        .arg(&export)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd (qemu-utils)"));
+    assert!(wait_until(Duration::from_secs(10), || socket.exists()), "qemu-nbd listens");
+    let disk = format!(
+        "<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='fresh'>\
+         <host transport='unix' socket='{}'/></source><target dev='vdb' bus='virtio'/></disk>",
+        socket.display()
+    );
+    let uuid1 = host.define("vm1", &raw(&host.setup.image("images/boot.raw"), "vda"));
+    host.define("vm2", &disk.replace("vdb", "vda"));
+    host.start("vm1");
+    let label = format!("nbd://unix:{}/fresh", socket.display());
+    assert!(
+        !host.setup.status_json().to_string().contains(&label),
+        "nothing locked for the export before it is plugged"
+    );
+    let xml = host.setup.path("nbd-disk.xml");
+    std::fs::write(&xml, &disk).expect("write");
+    host.lv.virsh_ok(&["attach-device", "vm1", xml.to_str().expect("utf8"), "--live"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || host.setup.status_json().to_string().contains(&label)),
+        "the hot-plugged export is locked: {}",
+        host.setup.status_json()
+    );
+    let err = host.refused("vm2");
+    assert!(err.contains(&format!("lockhook: {label} is locked exclusively by guest vm1 ({uuid1})")), "{err}");
+    host.destroy("vm1");
+    drop(nbd);
+}
+
+/// Issue 10: a role change that cannot be made (an active block commit into a base image that
+/// someone else reads) is a CONFLICT, shown and retried, and the base never goes unlocked.
+#[test]
+fn a_refused_role_change_is_a_conflict_and_never_unlocks() {
+    let host = Host::new();
+    let dir = host.setup.path("images");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
+    let qemu_img = |args: &[&str]| {
+        let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().expect("utf8"), "16M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().expect("utf8"),
+        "-F",
+        "qcow2",
+        top.to_str().expect("utf8"),
+    ]);
+    let disk = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+        top.display()
+    );
+    host.define("vm1", &disk);
+    host.start("vm1");
+    assert_eq!(lock_state(&base, 0), Some(LockMode::Shared));
+    // Another reader of the base (lockhook locks only: QEMU's own locks would stop the commit).
+    let mut reader = Command::new(lockhook_bin())
+        .arg("--config")
+        .arg(&host.setup.config)
+        .args(["run", "--shared"])
+        .arg(&base)
+        .args(["--", "sh", "-c", "read x"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn lockhook run");
+    assert!(wait_until(Duration::from_secs(5), || {
+        host.setup.status_json()["guests"].as_array().is_some_and(|g| g.len() == 2)
+    }));
+    // Sample the base's lock all along: it must never be free while the guest uses it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, base) = (std::sync::Arc::clone(&stop), base.clone());
+        std::thread::spawn(move || {
+            let mut free = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                free += usize::from(lock_state(&base, 0).is_none());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            free
+        })
+    };
+    host.lv.virsh_ok(&["blockcommit", "vm1", "vda", "--active", "--pivot", "--wait"]);
+    let conflicted = || {
+        let text = String::from_utf8_lossy(&host.setup.cli(&["status"]).stdout).into_owned();
+        text.contains("CONFLICT") && text.contains(&base.display().to_string())
+    };
+    assert!(wait_until(Duration::from_secs(10), conflicted), "a CONFLICT in status: {}", host.setup.status_json());
+    assert_eq!(lock_state(&base, 0), Some(LockMode::Shared), "still locked (shared) while the upgrade waits");
+    assert!(host.setup.log().contains("CONFLICT"), "logged: {}", host.setup.log());
+    // The reader goes away: the next retry takes the base exclusively.
+    writeln!(reader.stdin.as_mut().expect("stdin")).expect("tell the reader to finish");
+    reader.wait().expect("reader");
+    assert!(
+        wait_until(Duration::from_secs(10), || lock_state(&base, 0) == Some(LockMode::Exclusive)),
+        "the base is now the guest's to write: {}",
+        host.setup.status_json()
+    );
+    assert!(wait_until(Duration::from_secs(10), || !conflicted()), "the conflict is gone");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(sampler.join().expect("sampler"), 0, "the base was seen unlocked");
+    host.destroy("vm1");
+    assert_eq!(lock_state(&base, 0), None);
+}

@@ -5,35 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::libvirtd::{guest_xml, kvm_usable, random_uuid, Libvirtd, LibvirtdOptions};
-use crate::common::{lockhook_bin, stderr, Setup};
-
-struct Host {
-    setup: Setup,
-    lv: Libvirtd,
-}
-
-impl Host {
-    fn new() -> Host {
-        let setup = Setup::new("");
-        let lv = Libvirtd::start(LibvirtdOptions {
-            hook_binary: Some(lockhook_bin()),
-            extra_mounts: vec![(setup.path("etc"), PathBuf::from("/etc/lockhook"))],
-            ..LibvirtdOptions::default()
-        });
-        Host { setup, lv }
-    }
-
-    fn define(&self, name: &str, devices: &str) {
-        self.lv.define(&guest_xml(name, &random_uuid(), devices));
-    }
-
-    fn refused(&self, name: &str) -> String {
-        let out = self.lv.virsh(&["start", name]);
-        assert!(!out.status.success(), "{name} should have been refused");
-        stderr(&out)
-    }
-}
+use crate::common::host::Host;
+use crate::common::libvirtd::{kvm_usable, random_uuid};
 
 fn file_disk(path: &Path, format: &str, target: &str, extra: &str) -> String {
     format!(

@@ -8,8 +8,8 @@
 //! changes mode. A new image someone else holds cannot be refused after the fact; it becomes a
 //! `Conflict`, retried on every tick, and the configured policy applies.
 
-use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -17,7 +17,7 @@ use log::{info, warn};
 
 use crate::config::Config;
 use crate::domain::Domain;
-use crate::lock::{self, Create, Identity, LockError, LockMode};
+use crate::lock::{self, Create, HeldLock, Identity, LockError, LockMode};
 use crate::lockspace::{LockFileKind, Lockspace, Wait};
 use crate::paths::Paths;
 use crate::resource::Role;
@@ -77,10 +77,26 @@ struct Wanted {
     roles: Vec<Role>,
     is_lease: bool,
     lock_file: Option<LockFileKind>,
+    /// A lease file or lockspace lock file that did not exist yet, created and locked while
+    /// looking (as a start creates them): the lock, or why it could not be taken.
+    taken: Option<Result<HeldLock, LockError>>,
 }
 
-/// The resources `domain` wants, by identity. Images that do not exist are left out.
-fn wanted(domain: &Domain, config: &Config) -> Option<(Vec<Identity>, HashMap<Identity, Wanted>)> {
+/// What the live definition asks for.
+struct Wants {
+    /// Identities in the definition's order.
+    order: Vec<Identity>,
+    by_id: HashMap<Identity, Wanted>,
+    /// Every path the definition names, found or not: a held lock on one of them is kept even
+    /// when its file cannot be looked at right now (a transient error never drops a lock).
+    listed: HashSet<PathBuf>,
+}
+
+/// The resources `domain` wants, by identity, resolved exactly as a start resolves them. Lease
+/// files and lockspace lock files that do not exist yet are created and locked, as a start
+/// does; images that do not exist are left out. `None` when the definition cannot be resolved,
+/// or a file cannot be looked at: then nothing changes this round.
+fn wanted(domain: &Domain, config: &Config) -> Option<Wants> {
     let mut plan = crate::resource::plan(domain, config);
     let requests = match crate::storage::resolve(&mut plan, config) {
         Ok(requests) => requests,
@@ -90,12 +106,44 @@ fn wanted(domain: &Domain, config: &Config) -> Option<(Vec<Identity>, HashMap<Id
         }
     };
     let lockspace = Lockspace::new(&config.lockspace_dir);
-    let mut order = Vec::new();
-    let mut wanted: HashMap<Identity, Wanted> = HashMap::new();
+    let mut wants = Wants { order: Vec::new(), by_id: HashMap::new(), listed: HashSet::new() };
     for r in requests {
-        let Ok(Some((dev, ino))) = r.inode(&lockspace) else { continue };
-        let id = Identity { dev, ino, offset: r.offset };
-        match wanted.get_mut(&id) {
+        wants.listed.insert(r.path.clone());
+        let (id, taken) = match r.inode(&lockspace) {
+            Ok(Some((dev, ino))) => (Identity { dev, ino, offset: r.offset }, None),
+            Ok(None) if r.is_lease || r.lock_file.is_some() => {
+                let taken = match (r.lock_file, &r.key) {
+                    (Some(kind), Some(key)) => lockspace.acquire(kind, key, r.mode, r.offset, Wait::No),
+                    _ => lock::acquire(&r.path, r.mode, r.offset, Create::IfMissing),
+                };
+                let id = match &taken {
+                    Ok(held) => held.identity,
+                    Err(LockError::AlreadyLocked { identity, .. }) => *identity,
+                    Err(e) => {
+                        warn!(
+                            "guest {} ({}): {}: {}",
+                            domain.name,
+                            domain.uuid,
+                            r.path.display(),
+                            crate::error_chain(e)
+                        );
+                        continue;
+                    }
+                };
+                (id, Some(taken))
+            }
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(
+                    "guest {} ({}): cannot look at {}: {e}; its locks stay as they are until it can be",
+                    domain.name,
+                    domain.uuid,
+                    r.path.display()
+                );
+                return None;
+            }
+        };
+        match wants.by_id.get_mut(&id) {
             Some(w) => {
                 w.mode = w.mode.max(r.mode);
                 if !w.roles.contains(&r.role) {
@@ -103,8 +151,8 @@ fn wanted(domain: &Domain, config: &Config) -> Option<(Vec<Identity>, HashMap<Id
                 }
             }
             None => {
-                order.push(id);
-                wanted.insert(
+                wants.order.push(id);
+                wants.by_id.insert(
                     id,
                     Wanted {
                         path: r.path,
@@ -114,18 +162,21 @@ fn wanted(domain: &Domain, config: &Config) -> Option<(Vec<Identity>, HashMap<Id
                         roles: vec![r.role],
                         is_lease: r.is_lease,
                         lock_file: r.lock_file,
+                        taken,
                     },
                 );
             }
         }
     }
-    Some((order, wanted))
+    Some(wants)
 }
 
-/// Changes the mode of a lock held through `fd` (opened read-write when it was exclusive).
-/// Downgrading exclusive → shared is atomic on the same open file; upgrading needs a read-write
-/// open, so the old lock is dropped and the new one taken, and on failure the shared lock is
-/// taken back.
+/// Changes the mode of a lock held through `fd`, never leaving the resource unlocked.
+/// Downgrading exclusive → shared converts the lock on the same open file. Upgrading needs a
+/// read-write open: the file is opened read-write and locked shared beside the lock we hold
+/// (shared locks do not conflict), the old open is closed (the new one still holds the shared
+/// lock), and the lock is converted in place; a refused conversion leaves it shared, and it is
+/// tried again on the next tick.
 fn change_mode(lockspace: &Lockspace, res: &mut Resource, fd: &mut OwnedFd, to: LockMode) -> Result<(), LockError> {
     if to == LockMode::Shared {
         let file =
@@ -135,35 +186,32 @@ fn change_mode(lockspace: &Lockspace, res: &mut Resource, fd: &mut OwnedFd, to: 
         res.mode = LockMode::Shared;
         return Ok(());
     }
-    let take = |mode| match res.lock_file {
-        Some(kind) => lockspace.acquire(kind, &res.key, mode, res.identity.offset, Wait::No),
-        None => lock::acquire(&res.path, mode, res.identity.offset, Create::No),
-    };
-    let old = std::mem::replace(fd, placeholder()?);
-    drop(old);
-    match take(LockMode::Exclusive) {
-        Ok(held) => {
-            *fd = held.fd;
-            res.mode = LockMode::Exclusive;
-            Ok(())
+    if !lock::is_writable(fd.as_fd()) {
+        let offset = res.identity.offset;
+        let rw = match res.lock_file {
+            Some(kind) => lockspace.acquire_as(kind, &res.key, LockMode::Exclusive, LockMode::Shared, offset, Wait::No),
+            None => lock::acquire_as(&res.path, LockMode::Exclusive, LockMode::Shared, offset, Create::No),
+        }?;
+        if rw.identity != res.identity {
+            // Another file under that name now: ours stays as it is (dropping `rw` unlocks it).
+            return Err(LockError::Replaced { path: res.path.clone() });
         }
-        Err(e) => {
-            if let Ok(back) = take(LockMode::Shared) {
-                *fd = back.fd;
-            }
-            Err(e)
-        }
+        // Invariant: the new open holds a shared lock before the old one is closed.
+        *fd = rw.fd;
     }
+    lock::upgrade_fd(fd.as_fd(), res.identity.offset).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::WouldBlock {
+            LockError::AlreadyLocked { path: res.path.clone(), identity: res.identity }
+        } else {
+            LockError::Lock { path: res.path.clone(), source }
+        }
+    })?;
+    res.mode = LockMode::Exclusive;
+    Ok(())
 }
 
-/// A harmless fd to stand in while a lock is being replaced.
-fn placeholder() -> Result<OwnedFd, LockError> {
-    std::fs::File::open("/dev/null")
-        .map(OwnedFd::from)
-        .map_err(|source| LockError::Open { path: "/dev/null".into(), source })
-}
-
-/// Brings `held` in line with `domain`. Returns what changed and the current conflicts.
+/// Brings `held` in line with `domain`. Returns what changed and the current conflicts: every
+/// resource the guest wants and cannot have, and every mode change that was refused.
 /// Resources in `pending` (a migration hand-over in progress) are neither taken nor reported.
 pub fn sync(
     held: &mut Vec<(Resource, OwnedFd)>,
@@ -173,12 +221,28 @@ pub fn sync(
     paths: &Paths,
 ) -> Change {
     let mut change = Change::default();
-    let Some((order, mut wanted)) = wanted(domain, config) else { return change };
+    let Some(Wants { order, by_id: mut wanted, listed }) = wanted(domain, config) else { return change };
     wanted.retain(|id, _| !pending.contains(id));
     let guest = format!("{} ({})", domain.name, domain.uuid);
     let lockspace = Lockspace::new(&config.lockspace_dir);
+    let conflict = |path: PathBuf, mode: LockMode, key: Option<&str>, err: &LockError| Conflict {
+        held_by: match err {
+            LockError::AlreadyLocked { path, identity } => crate::owner::find(
+                paths,
+                &lockspace,
+                identity,
+                &key.map(str::to_owned).unwrap_or_else(|| crate::lockspace::file_key(path, identity.offset)),
+            )
+            .phrase(),
+            other => crate::error_chain(other),
+        },
+        path,
+        mode,
+        since: crate::clock::now(),
+    };
     held.retain(|(res, _)| {
-        let keep = wanted.contains_key(&res.identity);
+        // A file the definition still names but that cannot be found right now keeps its lock.
+        let keep = wanted.contains_key(&res.identity) || listed.contains(&res.path);
         if !keep {
             info!("guest {guest}: {} is no longer used; released", res.path.display());
             change.removed += 1;
@@ -194,15 +258,18 @@ pub fn sync(
                     info!("guest {guest}: {} is now locked {}", res.path.display(), res.mode.as_str());
                     change.changed_mode += 1;
                 }
-                Err(e) => warn!("guest {guest}: {}", crate::error_chain(&e)),
+                Err(e) => change.conflicts.push(conflict(res.path.clone(), w.mode, Some(res.key.as_str()), &e)),
             }
         }
     }
     for id in order {
         let Some(w) = wanted.remove(&id) else { continue };
-        let taken = match (w.lock_file, &w.key) {
-            (Some(kind), Some(key)) => lockspace.acquire(kind, key, w.mode, id.offset, Wait::No),
-            _ => lock::acquire(&w.path, w.mode, id.offset, if w.is_lease { Create::IfMissing } else { Create::No }),
+        let taken = match w.taken {
+            Some(taken) => taken,
+            None => match (w.lock_file, &w.key) {
+                (Some(kind), Some(key)) => lockspace.acquire(kind, key, w.mode, id.offset, Wait::No),
+                _ => lock::acquire(&w.path, w.mode, id.offset, if w.is_lease { Create::IfMissing } else { Create::No }),
+            },
         };
         match taken {
             Ok(lock) => {
@@ -221,19 +288,7 @@ pub fn sync(
                 held.push((res, lock.fd));
                 change.added += 1;
             }
-            Err(LockError::AlreadyLocked { path, identity }) => change.conflicts.push(Conflict {
-                held_by: crate::owner::find(
-                    paths,
-                    &lockspace,
-                    &identity,
-                    &w.key.unwrap_or_else(|| crate::lockspace::file_key(&path, id.offset)),
-                )
-                .phrase(),
-                path,
-                mode: w.mode,
-                since: crate::clock::now(),
-            }),
-            Err(e) => warn!("guest {guest}: hot-plugged {}: {}", w.path.display(), crate::error_chain(&e)),
+            Err(e) => change.conflicts.push(conflict(w.path.clone(), w.mode, w.key.as_deref(), &e)),
         }
     }
     change

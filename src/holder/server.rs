@@ -498,10 +498,15 @@ impl Holder {
         let conflicts_changed = conflicts != self.conflicts;
         self.conflicts = conflicts;
         for c in &fresh {
+            let now = match self.held.iter().find(|(r, _)| r.path == c.path) {
+                Some((r, _)) => format!("it stays locked {} for this guest", r.mode.as_str()),
+                None => "it is NOT locked for this guest".to_owned(),
+            };
             error!(
-                "guest {}: CONFLICT: hot-plugged {} {}; it is NOT locked for this guest (on_conflict = {:?})",
+                "guest {}: CONFLICT: {} wanted {}, but it {}; {now}; retrying (on_conflict = {:?})",
                 self.describe(),
                 c.path.display(),
+                c.mode.as_str(),
                 c.held_by,
                 self.config.on_conflict
             );

@@ -10,7 +10,7 @@ mod ofd;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -301,10 +301,23 @@ fn check_offset(path: &Path, offset: u64, is_lease: bool) -> Result<i64, LockErr
 /// `offset` is 0 for disk images; for leases it comes from the XML and must avoid the bytes
 /// libvirt and QEMU use (see the module doc).
 pub fn acquire(path: &Path, mode: LockMode, offset: u64, create: Create) -> Result<HeldLock, LockError> {
+    acquire_as(path, mode, mode, offset, create)
+}
+
+/// Like `acquire`, but opens the file as `open` needs (read-write for `Exclusive`) and locks it
+/// in `mode`. A shared lock taken through a read-write open can later be upgraded in place
+/// (`upgrade_fd`), with no moment unlocked in between.
+pub fn acquire_as(
+    path: &Path,
+    open: LockMode,
+    mode: LockMode,
+    offset: u64,
+    create: Create,
+) -> Result<HeldLock, LockError> {
     let is_lease = create == Create::IfMissing;
     let start = check_offset(path, offset, is_lease)?;
     for _ in 0..RACE_RETRIES {
-        let Opened { file, identity, block_device, created } = open_target(path, mode, create, offset)?;
+        let Opened { file, identity, block_device, created } = open_target(path, open.max(mode), create, offset)?;
         ofd::try_lock(file.as_fd(), mode, start).map_err(|source| {
             if source.kind() == io::ErrorKind::WouldBlock {
                 LockError::AlreadyLocked { path: path.to_owned(), identity }
@@ -343,6 +356,20 @@ pub fn probe(path: &Path, offset: u64) -> Result<(Option<LockMode>, Identity), L
     let (file, identity, _) = open(path, LockMode::Shared, Create::No, offset)?;
     let state = ofd::probe(file.as_fd(), start).map_err(|source| LockError::Lock { path: path.to_owned(), source })?;
     Ok((state, identity))
+}
+
+/// Upgrades the shared lock held through `fd` (opened read-write: `acquire_as`) to exclusive, in
+/// place: on the same open file description the kernel converts the lock atomically, and a
+/// refused conversion leaves the shared lock as it was. `AlreadyLocked`-style refusals come back
+/// as `io::ErrorKind::WouldBlock`.
+pub fn upgrade_fd(fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
+    ofd::try_lock(fd, LockMode::Exclusive, offset as i64)
+}
+
+/// Whether `fd` was opened for writing (so its lock can be upgraded in place).
+pub fn is_writable(fd: BorrowedFd<'_>) -> bool {
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .is_ok_and(|flags| flags & libc::O_ACCMODE == libc::O_RDWR)
 }
 
 /// Probes an already open file (used for the holder's own single-instance lock file).

@@ -300,6 +300,20 @@ impl Lockspace {
         offset: u64,
         wait: Wait,
     ) -> Result<lock::HeldLock, LockError> {
+        self.acquire_as(kind, key, mode, mode, offset, wait)
+    }
+
+    /// Like `acquire`, but opens the file as `open` needs (read-write for `Exclusive`), so a
+    /// shared lock can later be upgraded in place (`lock::upgrade_fd`).
+    pub fn acquire_as(
+        &self,
+        kind: LockFileKind,
+        key: &str,
+        open: LockMode,
+        mode: LockMode,
+        offset: u64,
+        wait: Wait,
+    ) -> Result<lock::HeldLock, LockError> {
         let path = self.lock_file(kind, key);
         if offset > lock::MAX_OFFSET {
             return Err(LockError::OffsetTooLarge { path, offset });
@@ -309,7 +323,7 @@ impl Lockspace {
         let dir = subdir(&self.root().map_err(open_error)?, kind.dir_name(), true)
             .map_err(open_error)?
             .ok_or_else(|| open_error(LockspaceError::Missing { path: self.dir.clone() }))?;
-        let access = if mode == LockMode::Exclusive { libc::O_RDWR } else { libc::O_RDONLY };
+        let access = if open.max(mode) == LockMode::Exclusive { libc::O_RDWR } else { libc::O_RDONLY };
         let (file, entry) = dir.open_file(&lock_file_name(key), access | libc::O_CREAT).map_err(|e| match e {
             DirError::Unexpected { kind } => LockError::NotLockable { path: path.clone(), kind },
             DirError::Io(source) => LockError::Open { path: path.clone(), source },
