@@ -78,6 +78,14 @@ pub enum Command {
         #[command(subcommand)]
         action: LockspaceAction,
     },
+    /// Internal: PID 1 of `lockhook run`'s command (see `supervise`).
+    #[command(name = "run-init", hide = true)]
+    RunInit {
+        #[arg(long)]
+        alive_fd: i32,
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
+    },
     /// Internal: the per-guest lock holder (started by the hook).
     #[command(hide = true)]
     Holder {
@@ -138,8 +146,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let lockspace = crate::lockspace::Lockspace::new(&config.lockspace_dir);
-            let results = crate::guard::check(&Paths::new(&config.run_dir), &lockspace, &paths, offset.unwrap_or(0));
+            let results = crate::guard::check(&config, &paths, offset.unwrap_or(0));
             match crate::guard::report(&results, json, &mut std::io::stdout().lock()) {
                 Ok(code) => ExitCode::from(code),
                 Err(_) => ExitCode::from(2),
@@ -205,6 +212,9 @@ pub fn run(cli: Cli) -> ExitCode {
             } else {
                 ExitCode::from(1)
             }
+        }
+        Command::RunInit { alive_fd, command } => {
+            ExitCode::from(u8::try_from(crate::supervise::init(alive_fd, &command)).unwrap_or(1))
         }
         Command::Holder { uuid, ready_fd, spare } => {
             let config_path = config::path_from(cli.config.as_deref());

@@ -8,15 +8,15 @@
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, ExitStatus};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
 
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::domain::Uuid;
 use crate::lock::{self, LockMode};
+use crate::lockspace::Lockspace;
 use crate::owner::{self, Owner};
 use crate::paths::Paths;
 use crate::resource::Role;
@@ -34,6 +34,10 @@ pub enum PathState {
     Locked {
         mode: LockMode,
         holder: Owner,
+        /// What is locked, when not the path itself: a layer beneath a block device, its stable
+        /// identity in the lockspace, a qcow2 data file or backing image.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        via: Option<String>,
     },
     /// Free of lockhook/virtlockd locks, but a QEMU process (or qemu-img, qemu-nbd) has it open.
     OpenInQemu,
@@ -50,23 +54,77 @@ pub struct Checked {
     pub state: PathState,
 }
 
-/// Checks each path (byte `offset`, 0 for images) without taking any lock.
-pub fn check(paths: &Paths, lockspace: &crate::lockspace::Lockspace, targets: &[PathBuf], offset: u64) -> Vec<Checked> {
+/// Checks each path (byte `offset`, 0 for images) without taking any lock. An image is resolved
+/// as `run` (and a guest) would lock it, exclusively: it is in use when anything that would be
+/// locked is held in a conflicting mode (the image, a block device's stable identity or the
+/// layers beneath it, a data file, a backing image held exclusively).
+pub fn check(config: &Config, targets: &[PathBuf], offset: u64) -> Vec<Checked> {
+    let paths = Paths::new(&config.run_dir);
+    let lockspace = Lockspace::new(&config.lockspace_dir);
     targets
         .iter()
         .map(|path| {
-            let state = match lock::probe(path, offset) {
-                Ok((Some(mode), identity)) => PathState::Locked {
-                    mode,
-                    holder: owner::find(paths, lockspace, &identity, &crate::lockspace::file_key(path, offset)),
-                },
-                Ok((None, _)) if offset == 0 && owner::qemu_has_open(path) => PathState::OpenInQemu,
-                Ok((None, _)) => PathState::Free,
-                Err(e) => PathState::Error { error: crate::error_chain(&e) },
+            let state = if offset != 0 {
+                probe_path(&paths, &lockspace, path, offset, None)
+            } else {
+                match crate::storage::resolve_paths(std::slice::from_ref(path), LockMode::Exclusive, config) {
+                    Ok(requests) => check_requests(&paths, &lockspace, path, &requests),
+                    Err(e) => PathState::Error { error: crate::error_chain(&e) },
+                }
             };
             Checked { path: path.clone(), offset, state }
         })
         .collect()
+}
+
+/// The state of byte `offset` of `path` itself.
+fn probe_path(paths: &Paths, lockspace: &Lockspace, path: &Path, offset: u64, via: Option<String>) -> PathState {
+    match lock::probe(path, offset) {
+        Ok((Some(mode), identity)) => PathState::Locked {
+            mode,
+            holder: owner::find(paths, lockspace, &identity, &crate::lockspace::file_key(path, offset)),
+            via,
+        },
+        Ok((None, _)) if offset == 0 && via.is_none() && owner::qemu_has_open(path) => PathState::OpenInQemu,
+        Ok((None, _)) => PathState::Free,
+        Err(e) => PathState::Error { error: crate::error_chain(&e) },
+    }
+}
+
+/// The first of `requests` (for `top`) that someone holds in a mode that conflicts with it.
+fn check_requests(paths: &Paths, lockspace: &Lockspace, top: &Path, requests: &[Request]) -> PathState {
+    for request in requests {
+        let is_top = request.path == top && request.lock_file.is_none();
+        let via = (!is_top).then(|| {
+            let name = request.label.clone().unwrap_or_else(|| request.path.display().to_string());
+            match &request.role {
+                Role::Command => name,
+                role => format!("{name} ({role})"),
+            }
+        });
+        let found = match (request.lock_file, &request.key) {
+            (Some(kind), Some(key)) => match lockspace.probe(kind, key, request.offset) {
+                Ok(Some((Some(mode), identity))) => {
+                    Some(PathState::Locked { mode, holder: owner::find(paths, lockspace, &identity, key), via })
+                }
+                Ok(_) => None,
+                Err(e) => Some(PathState::Error { error: crate::error_chain(&e) }),
+            },
+            _ if is_top => Some(probe_path(paths, lockspace, &request.path, request.offset, None)),
+            _ => match probe_path(paths, lockspace, &request.path, request.offset, via) {
+                // A layer or backing image that cannot be opened is not ours to report.
+                PathState::Error { .. } | PathState::Free | PathState::OpenInQemu => None,
+                locked => Some(locked),
+            },
+        };
+        match found {
+            Some(PathState::Locked { mode, .. }) if request.mode == LockMode::Shared && mode == LockMode::Shared => {}
+            Some(PathState::Free) | Some(PathState::OpenInQemu) | None => {}
+            Some(state) => return state,
+        }
+    }
+    // Nothing conflicts: say whether a QEMU has the image open.
+    probe_path(paths, lockspace, top, 0, None)
 }
 
 /// Prints `check` results; returns the exit code: 0 all free, 1 any in use, 2 any error.
@@ -80,8 +138,11 @@ pub fn report(results: &[Checked], json: bool, out: &mut dyn Write) -> std::io::
             let at = if r.offset == 0 { String::new() } else { format!(" @{}", r.offset) };
             match &r.state {
                 PathState::Free => writeln!(out, "{path}{at}: free")?,
-                PathState::Locked { holder, .. } => {
+                PathState::Locked { holder, via: None, .. } => {
                     writeln!(out, "{path}{at}: in use: {}", crate::one_line(&holder.phrase()))?
+                }
+                PathState::Locked { holder, via: Some(via), .. } => {
+                    writeln!(out, "{path}{at}: in use: {} {}", crate::one_line(via), crate::one_line(&holder.phrase()))?
                 }
                 PathState::OpenInQemu => writeln!(
                     out,
@@ -105,6 +166,8 @@ pub fn report(results: &[Checked], json: bool, out: &mut dyn Write) -> std::io::
 pub enum RunError {
     #[error("{0}")]
     Refused(#[from] crate::lockset::Refusal),
+    #[error("cannot resolve the images")]
+    Resolve(#[source] Box<crate::storage::StorageError>),
     #[error("cannot register in the run directory")]
     Register(#[source] crate::holder::server::HolderError),
     #[error("cannot record the locks")]
@@ -115,16 +178,6 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-}
-
-static CHILD: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward(sig: libc::c_int) {
-    let pid = CHILD.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill is async-signal-safe; it only sends a signal to the child we started.
-        unsafe { libc::kill(pid, sig) };
-    }
 }
 
 fn command_line(command: &[OsString]) -> String {
@@ -153,21 +206,9 @@ pub fn run(config: &Config, mode: LockMode, targets: &[PathBuf], command: &[OsSt
     let id = new_id();
     crate::holder::server::ensure_run_dir(paths.run_dir()).map_err(RunError::Register)?;
     let _instance = crate::holder::server::take_instance_lock(&paths, &id).map_err(RunError::Register)?;
-    let requests: Vec<Request> = targets
-        .iter()
-        .map(|path| Request {
-            path: path.clone(),
-            mode,
-            offset: 0,
-            role: Role::Command,
-            is_lease: false,
-            optional: false,
-            key: None,
-            label: None,
-            lock_file: None,
-        })
-        .collect();
     let strict = Config { on_missing: crate::config::MissingPolicy::Fail, ..config.clone() };
+    // The locks a guest would take on these images: stable identities, layers, data files.
+    let requests = crate::storage::resolve_paths(targets, mode, &strict).map_err(|e| RunError::Resolve(Box::new(e)))?;
     let acquired = crate::lockset::acquire_all(&requests, &Default::default(), &strict, &paths, &mut Vec::new())?;
     let record = GuestState {
         version: state::STATE_VERSION,
@@ -179,13 +220,37 @@ pub fn run(config: &Config, mode: LockMode, targets: &[PathBuf], command: &[OsSt
         qemu_pid: None,
         qemu_start_time: None,
         since: crate::clock::now(),
-        resources: acquired.resources,
+        resources: acquired.resources.clone(),
         conflicts: Vec::new(),
         pending: Vec::new(),
     };
     let state_path = paths.state(&id);
     state::write(&state_path, &record).map_err(RunError::State)?;
+    // Other hosts sharing the lockspace name the command too (records live while this runs).
+    let lockspace = Lockspace::new(&config.lockspace_dir);
+    let published: Vec<_> = record
+        .resources
+        .iter()
+        .filter(|r| !r.key.is_empty())
+        .filter_map(|r| {
+            let owner = crate::lockspace::OwnerRecord {
+                key: r.key.clone(),
+                host: record.host.clone(),
+                guest: line.clone(),
+                uuid: id.clone(),
+                mode: r.mode,
+                since: r.since.clone(),
+                holder_pid: std::process::id(),
+                role: None,
+                command: true,
+            };
+            lockspace.publish(&owner).map_err(|e| log::warn!("{}", crate::error_chain(&e))).ok()
+        })
+        .collect();
     let result = spawn_and_wait(command, &line);
+    for p in published {
+        lockspace.unpublish(p);
+    }
     // Invariant: the locks (acquired.locks) stay open until the command has exited.
     drop(acquired.locks);
     let _ = std::fs::remove_file(&state_path);
@@ -194,29 +259,8 @@ pub fn run(config: &Config, mode: LockMode, targets: &[PathBuf], command: &[OsSt
 }
 
 fn spawn_and_wait(command: &[OsString], line: &str) -> Result<ExitStatus, RunError> {
-    let mut child = Command::new(&command[0])
-        .args(&command[1..])
-        .spawn()
-        .map_err(|source| RunError::Spawn { command: line.to_owned(), source })?;
-    CHILD.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
-    // While the command runs, this process must not die before it: ^C and ^\ reach the whole
-    // foreground group anyway, so they are ignored here; SIGTERM and SIGHUP are passed on.
-    // SAFETY: SIG_IGN runs no code; `forward` only calls the async-signal-safe kill(2).
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-        libc::signal(libc::SIGTERM, forward as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGHUP, forward as *const () as libc::sighandler_t);
-    }
-    let status = loop {
-        match child.wait() {
-            Ok(status) => break status,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(source) => return Err(RunError::Spawn { command: line.to_owned(), source }),
-        }
-    };
-    CHILD.store(0, Ordering::SeqCst);
-    Ok(status)
+    // The command dies with this process (see `supervise`): it never writes without the locks.
+    crate::supervise::run_command(command).map_err(|source| RunError::Spawn { command: line.to_owned(), source })
 }
 
 /// Maps a finished command's status to this process's exit code (128 + signal when killed).

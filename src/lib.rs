@@ -23,6 +23,7 @@ pub mod resource;
 pub mod state;
 pub mod status;
 pub mod storage;
+pub mod supervise;
 #[cfg(test)]
 pub(crate) mod test_support;
 

@@ -67,6 +67,15 @@ pub fn find(paths: &Paths, lockspace: &Lockspace, identity: &Identity, key: &str
         };
     }
     if let Some(record) = lockspace.owners(key).into_iter().next() {
+        if record.command {
+            return Owner::Command {
+                command: record.guest,
+                pid: record.holder_pid,
+                host: record.host,
+                mode: record.mode,
+                since: record.since,
+            };
+        }
         return Owner::Guest {
             role: record.role,
             name: record.guest,

@@ -536,3 +536,44 @@ fn planted_lockspace_objects_are_harmless() {
     assert!(err.contains("lockhook: ") && err.contains("symbolic link"), "{err}");
     assert!(!target.exists(), "root created a file through a planted symlink");
 }
+
+/// Issue 10: `lockhook run` takes a block device's stable identity in the shared lockspace, as a
+/// guest does, so a guest on another host is refused even through its own device node (a
+/// `mknod` copy: another inode for the same device, as another host sees a shared LUN).
+#[test]
+fn run_on_one_host_stops_a_guest_on_another() {
+    use std::os::unix::fs::MetadataExt;
+    let storage = Storage::new();
+    let (a, b) = (Host::new(&storage), Host::new(&storage));
+    let backing = storage.image("run-loop.raw");
+    let out = Command::new("losetup").args(["-f", "--show"]).arg(&backing).output().expect("losetup");
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let dev = String::from_utf8(out.stdout).expect("utf8").trim().to_owned();
+    let rdev = std::fs::metadata(&dev).expect("stat").rdev();
+    let node = storage.dir.path().join("host-b-node");
+    nix::sys::stat::mknod(&node, nix::sys::stat::SFlag::S_IFBLK, nix::sys::stat::Mode::from_bits_truncate(0o600), rdev)
+        .expect("mknod");
+    let mut tool = Command::new(lockhook_bin())
+        .arg("--config")
+        .arg(&a.setup.config)
+        .args(["run", &dev, "--", "sh", "-c", "read x"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("lockhook run");
+    assert!(wait_until(Duration::from_secs(5), || lock_state(&PathBuf::from(&dev), 0) == Some(LockMode::Exclusive)));
+    let block = format!(
+        "<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{}'/><target dev='vda' bus='virtio'/></disk>",
+        node.display()
+    );
+    define(&b, "blk", &random_uuid(), &block);
+    let err = b.refused("blk");
+    let _ = std::io::Write::write_all(tool.stdin.as_mut().expect("stdin"), b"\n");
+    let _ = tool.wait();
+    let _ = Command::new("losetup").args(["-d", &dev]).output();
+    assert!(
+        err.contains(&format!("(loop:{}@0) is locked exclusively by `lockhook run`", backing.display()))
+            && err.contains("(pid ") && err.contains(": sh -c read x) on host "),
+        "{err}"
+    );
+}

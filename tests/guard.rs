@@ -459,3 +459,46 @@ fn a_refused_role_change_is_a_conflict_and_never_unlocks() {
     host.destroy("vm1");
     assert_eq!(lock_state(&base, 0), None);
 }
+
+/// Issue 10: a command under `lockhook run` never goes on writing without the locks: when the
+/// `run` process is killed, the command and everything it started are killed with it.
+#[test]
+fn a_killed_run_takes_its_command_tree_with_it() {
+    let setup = crate::common::Setup::new("");
+    let img = setup.image("images/tool.raw");
+    let pids = setup.path("pids");
+    let mut run = Command::new(lockhook_bin())
+        .arg("--config")
+        .arg(&setup.config)
+        .arg("run")
+        .arg(&img)
+        .arg("--")
+        .args(["sh", "-c"])
+        .arg(format!("sleep 600 & echo $$ $! > {}; wait", pids.display()))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn lockhook run");
+    assert!(wait_until(Duration::from_secs(10), || std::fs::read_to_string(&pids)
+        .is_ok_and(|t| t.split_whitespace().count() == 2)));
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+    // The pids the shell wrote are its own namespace's; find the real ones by command line.
+    let tree: Vec<i32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline == b"sleep\x00600\x00" && {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                status.lines().any(|l| l.starts_with("NSpid:") && l.split_whitespace().count() > 2)
+            }
+        })
+        .collect();
+    assert!(!tree.is_empty(), "the command's sleep runs in a PID namespace of its own");
+    kill(i32::try_from(run.id()).expect("pid"));
+    run.wait().expect("reap run");
+    assert!(
+        wait_until(Duration::from_secs(10), || tree.iter().all(|pid| !Path::new(&format!("/proc/{pid}")).exists())),
+        "the command tree died with `lockhook run`"
+    );
+    assert_eq!(lock_state(&img, 0), None);
+}

@@ -306,6 +306,7 @@ fn a_pending_holder_without_qemu_gives_up() {
     let key = lockhook::lockspace::file_key(&lease, 4096);
     let record = lockhook::lockspace::OwnerRecord {
         role: None,
+        command: false,
         key,
         host: "source-host".into(),
         guest: "vm1".into(),
@@ -353,6 +354,7 @@ fn fake_source(setup: &Setup, lease: &Path) -> FakeSource {
         .expect("the source's lease");
     let record = lockhook::lockspace::OwnerRecord {
         role: None,
+        command: false,
         key: lockhook::lockspace::file_key(lease, 4096),
         host: "source-host".into(),
         guest: "vm1".into(),

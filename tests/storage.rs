@@ -7,6 +7,7 @@ use std::process::Command;
 
 use crate::common::host::Host;
 use crate::common::libvirtd::{kvm_usable, random_uuid};
+use crate::common::stderr;
 
 fn file_disk(path: &Path, format: &str, target: &str, extra: &str) -> String {
     format!(
@@ -193,4 +194,29 @@ fn shared_transient_bases_are_shared_and_their_overlays_locked() {
     host.lv.virsh_ok(&["destroy", "t2"]);
     host.lv.virsh_ok(&["start", "writer"]);
     host.lv.virsh_ok(&["destroy", "writer"]);
+}
+
+/// Issue 10: `lockhook check` and `lockhook run` resolve an image as a guest does, layers and
+/// all: a tool on the whole disk is refused while a guest writes one of its partitions.
+#[test]
+fn check_and_run_see_the_layers_beneath_a_device() {
+    let host = Host::new();
+    let file = host.setup.path("tools.raw");
+    let disk = LoopDisk::new(&file);
+    host.define("p1", &block_disk(&disk.part(1)));
+    host.lv.virsh_ok(&["start", "p1"]);
+    let out = host.setup.cli(&["check", &disk.dev]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("disk of {}", disk.part(1))) && text.contains("by guest p1"), "{text}");
+    let out = host.setup.cli(&["check", file.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1), "the file behind the loop device: {}", String::from_utf8_lossy(&out.stdout));
+    let out = host.setup.cli(&["run", &disk.dev, "--", "true"]);
+    assert_eq!(out.status.code(), Some(75), "run on the whole disk: {}", stderr(&out));
+    assert!(stderr(&out).contains("by guest p1"), "{}", stderr(&out));
+    let out = host.setup.cli(&["run", &disk.part(2), "--", "true"]);
+    assert!(out.status.success(), "the other partition is free: {}", stderr(&out));
+    let out = host.setup.cli(&["check", &disk.part(2)]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    host.lv.virsh_ok(&["destroy", "p1"]);
 }

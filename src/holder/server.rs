@@ -827,6 +827,7 @@ impl Holder {
             .iter()
             .filter(|(r, _)| !r.key.is_empty())
             .map(|(r, _)| crate::lockspace::OwnerRecord {
+                command: false,
                 role: r.roles.iter().find(|role| role.worth_saying()).map(ToString::to_string),
                 key: r.key.clone(),
                 host: self.host.clone(),

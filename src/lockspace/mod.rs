@@ -75,6 +75,9 @@ pub struct OwnerRecord {
     /// data file, firmware...), for messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// Held by `lockhook run` (`guest` is then the command line, `holder_pid` the `run`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub command: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -343,6 +346,31 @@ impl Lockspace {
         Ok(lock::HeldLock { fd: file.into(), identity, mode, block_device: false, created: false })
     }
 
+    /// Which lock, if any, someone holds on byte `offset` of `kind`'s lock file for `key`, and
+    /// the file's identity; `Ok(None)` when the lock file does not exist (nobody ever locked it).
+    /// Never creates anything and never locks.
+    pub fn probe(
+        &self,
+        kind: LockFileKind,
+        key: &str,
+        offset: u64,
+    ) -> Result<Option<(Option<LockMode>, lock::Identity)>, LockError> {
+        let path = self.lock_file(kind, key);
+        let open_error =
+            |source: LockspaceError| LockError::Open { path: path.clone(), source: io::Error::other(source) };
+        let Some(dir) = subdir(&self.root().map_err(open_error)?, kind.dir_name(), false).map_err(open_error)? else {
+            return Ok(None);
+        };
+        let (file, entry) = match dir.open_file(&lock_file_name(key), libc::O_RDONLY) {
+            Ok(opened) => opened,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(DirError::Unexpected { kind }) => return Err(LockError::NotLockable { path, kind }),
+            Err(DirError::Io(source)) => return Err(LockError::Open { path, source }),
+        };
+        let state = lock::probe_fd(&file, offset).map_err(|source| LockError::Lock { path: path.clone(), source })?;
+        Ok(Some((state, lock::Identity { dev: entry.dev, ino: entry.ino, offset })))
+    }
+
     /// Opens the lockspace directory (not through a symlink).
     fn root(&self) -> Result<Dir, LockspaceError> {
         Dir::open_root(&self.dir).map_err(|source| match source.raw_os_error() {
@@ -553,6 +581,7 @@ mod tests {
     fn record(key: &str, uuid: &str, host: &str) -> OwnerRecord {
         OwnerRecord {
             role: None,
+            command: false,
             key: key.to_owned(),
             host: host.to_owned(),
             guest: "vm1".to_owned(),

@@ -114,7 +114,7 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, Storage
             identity_request(&lockspace, planned, &path, planned.mode, planned.role.clone(), &mut out)?;
             layer_requests(&lockspace, planned, &path, &mut out, &mut plan.skipped)?;
         }
-        if matches!(planned.role, Role::Disk { .. } | Role::Backing { .. } | Role::Mirror { .. }) {
+        if matches!(planned.role, Role::Disk { .. } | Role::Backing { .. } | Role::Mirror { .. } | Role::Command) {
             image_files(planned, path, &mut out, &mut plan.skipped)?;
         }
     }
@@ -200,6 +200,29 @@ fn layer_requests(
 /// Where sysfs and the device nodes are.
 const SYS: &str = "/sys";
 const DEV: &str = "/dev";
+
+/// The requests for images named directly (`lockhook run`, `lockhook check`), resolved as a
+/// guest's disks are: block devices with their stable identities and the layers beneath, qcow2
+/// data files, and (with `backing_chains`) the chain read from the headers, shared.
+pub fn resolve_paths(targets: &[PathBuf], mode: LockMode, config: &Config) -> Result<Vec<Request>, StorageError> {
+    let mut plan = Plan {
+        requests: targets
+            .iter()
+            .map(|path| Planned {
+                target: Target::Path(path.clone()),
+                mode,
+                offset: 0,
+                role: Role::Command,
+                is_lease: false,
+                optional: false,
+                read_chain: config.backing_chains,
+                format: None,
+            })
+            .collect(),
+        skipped: Vec::new(),
+    };
+    resolve(&mut plan, config)
+}
 
 /// Makes sure `kind`'s lock files can be taken: the lockspace is a directory (not a symlink) and
 /// has its `kind` directory.
