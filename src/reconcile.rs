@@ -175,25 +175,19 @@ pub fn reconcile(config: &Config, config_path: &Path) -> Report {
         if qemu_alive || crate::qemu::find(&record.name, &record.uuid, &config.libvirt_run_dir).is_some() {
             continue;
         }
+        let Ok(Some(client)) = Client::connect(&ctx.paths, &record.uuid) else { continue };
         // A guest between `prepare` and `started` has a holder and no QEMU yet: leave young
-        // holders alone.
-        let age = std::fs::metadata(ctx.paths.state(&record.uuid))
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok());
-        if record.qemu_pid.is_none() && age.is_none_or(|age| age < STARTING_GRACE) {
+        // holders alone. Their age is the holder's own (monotonic), never the wall clock.
+        let young = client.held().map_or(true, |held| held.age < STARTING_GRACE.as_secs());
+        if record.qemu_pid.is_none() && young {
             continue;
         }
-        if let Ok(Some(client)) = Client::connect(&ctx.paths, &record.uuid) {
-            match client.release() {
-                Ok(()) => {
-                    info!("guest {} ({}): not running; its holder released", record.name, record.uuid);
-                    report
-                        .released
-                        .push(format!("{} ({}): guest not running; locks released", record.name, record.uuid));
-                }
-                Err(e) => report.failed.push(format!("{} ({}): {}", record.name, record.uuid, crate::error_chain(&e))),
+        match client.release() {
+            Ok(()) => {
+                info!("guest {} ({}): not running; its holder released", record.name, record.uuid);
+                report.released.push(format!("{} ({}): guest not running; locks released", record.name, record.uuid));
             }
+            Err(e) => report.failed.push(format!("{} ({}): {}", record.name, record.uuid, crate::error_chain(&e))),
         }
     }
     report

@@ -573,7 +573,8 @@ fn run_on_one_host_stops_a_guest_on_another() {
     let _ = Command::new("losetup").args(["-d", &dev]).output();
     assert!(
         err.contains(&format!("(loop:{}@0) is locked exclusively by `lockhook run`", backing.display()))
-            && err.contains("(pid ") && err.contains(": sh -c read x) on host "),
+            && err.contains("(pid ")
+            && err.contains(": sh -c read x) on host "),
         "{err}"
     );
 }
