@@ -171,15 +171,10 @@ fn classify(cmdline: &[u8], uuid: &Uuid) -> QemuKind {
     }
 }
 
-/// The QEMU libvirt started for guest `name`, from libvirt's pid file (root's directory: the
-/// pid cannot be planted), once it has exec'd.
+/// The QEMU libvirt started for guest `name` (see `qemu::find`: libvirt's pid file, the
+/// process's start time and owner), once it has exec'd.
 pub fn find_qemu(name: &str, uuid: &Uuid, libvirt_run_dir: &Path) -> Option<(u32, QemuKind)> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return None;
-    }
-    let text = std::fs::read_to_string(libvirt_run_dir.join("qemu").join(format!("{name}.pid"))).ok()?;
-    let pid = text.trim().parse::<u32>().ok()?;
-    crate::qemu::start_time(pid)?;
+    let (pid, _) = crate::qemu::find(name, uuid, libvirt_run_dir)?;
     match qemu_kind(pid, uuid) {
         QemuKind::NotYet => None,
         kind => Some((pid, kind)),
