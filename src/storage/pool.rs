@@ -10,7 +10,7 @@
 //! | `dir`, `fs`, `netfs`, `vstorage` | `<target><path>` | the file `<target path>/<vol>` |
 //! | `logical` | `<source><name>` (the VG) | `/dev/<vg>/<vol>` (libvirt ignores the target path) |
 //! | `zfs` | `<source><name>` (the zpool) | `/dev/zvol/<zpool>/<vol>` |
-//! | `disk` | `<source><device path>` (else `<target><path>`) | the partition `<dir of device>/<vol>`: the volume name is the basename of the partition node libvirt's parthelper printed (`sdb1`) |
+//! | `disk` | `<source><device path>` (else `<target><path>`) | the partition `<dir of the resolved device>/<vol>`: the volume name is the basename of the partition node libvirt's parthelper printed (`sdb1`) |
 //! | `iscsi` | `<source><host>`, `<source><device path>` (the IQN) | network `iscsi` `IQN/LUN` from the volume name `unit:B:T:LUN`, plus the kernel initiator's `/dev/disk/by-path/ip-HOST:PORT-iscsi-IQN-lun-LUN` when it exists |
 //! | `iscsi-direct` | as `iscsi` | network `iscsi` `IQN/LUN` (volume `unit:0:0:LUN`) |
 //! | `rbd` | `<source><name>` (the Ceph pool) | network `rbd` `<ceph pool>/<vol>` |
@@ -195,13 +195,11 @@ pub fn resolve(pool: &str, volume: &str, run_dir: &Path, config_dir: &Path, dev:
             Ok(Volume::Path(Path::new("/dev/zvol").join(zpool).join(volume)))
         }
         "disk" => {
-            // libvirt names a partition after the node parthelper printed for it, which is the
-            // source device's path with the partition number appended.
             let device = source.devices.first().and_then(|d| d.path.as_deref()).map(str::trim);
-            match (device.and_then(|d| Path::new(d).parent()), target) {
-                (Some(dir), _) if dir.is_absolute() => Ok(Volume::Path(dir.join(volume))),
-                (_, Some(target)) => Ok(Volume::Path(Path::new(&target).join(volume))),
-                _ => Err(need("<source><device path> or <target><path>")),
+            match (device.and_then(|d| partition_dir(Path::new(d))), target) {
+                (Some(dir), _) => Ok(Volume::Path(dir.join(volume))),
+                (None, Some(target)) => Ok(Volume::Path(Path::new(&target).join(volume))),
+                (None, None) => Err(need("<source><device path> or <target><path>")),
             }
         }
         "iscsi" | "iscsi-direct" => {
@@ -258,6 +256,16 @@ pub fn resolve(pool: &str, volume: &str, run_dir: &Path, config_dir: &Path, dev:
         "scsi" | "mpath" => Err(PoolError::Unidentifiable { pool: pool.to_owned(), volume: volume.to_owned(), kind }),
         _ => Err(PoolError::UnknownType { pool: pool.to_owned(), volume: volume.to_owned(), kind }),
     }
+}
+
+/// Where the partitions of a `disk` pool's device are. libvirt names a partition volume after
+/// the node its parthelper prints: the device's path with the number appended, resolved through
+/// symlinks (`/dev/disk/by-id/wwn-X` → `/dev/sdb` → volume `sdb1`) except for device-mapper
+/// devices (`/dev/mapper/mpatha` → `mpathap1`). `None` when the device is not there to resolve.
+fn partition_dir(device: &Path) -> Option<PathBuf> {
+    let node =
+        if device.starts_with("/dev/mapper") { device.to_owned() } else { std::fs::canonicalize(device).ok()? };
+    node.parent().filter(|dir| dir.is_absolute()).map(Path::to_owned)
 }
 
 fn network_host(host: &RawPoolHost) -> NetworkHost {
@@ -418,18 +426,25 @@ mod tests {
         assert_eq!(d.both("tank", zfs, "vm1-disk").expect("zfs"), path("/dev/zvol/tank/vm1-disk"));
         let dataset = "<pool type='zfs'><name>ds</name><source><name>tank/vms</name></source></pool>";
         assert_eq!(d.both("ds", dataset, "v").expect("zfs dataset"), path("/dev/zvol/tank/vms/v"));
-        let disk = "<pool type='disk'><name>sdb</name><source><device path='/dev/sdb'/><format type='gpt'/></source>\
-                    <target><path>/dev</path></target></pool>";
-        assert_eq!(d.both("sdb", disk, "sdb1").expect("disk"), path("/dev/sdb1"));
-        // A stable target path does not name the partitions: the device's directory does.
-        let by_id = "<pool type='disk'><name>byid</name><source><device path='/dev/disk/by-id/wwn-0x5000c5'/>\
-                     </source><target><path>/dev/disk/by-path</path></target></pool>";
-        assert_eq!(
-            d.both("byid", by_id, "wwn-0x5000c5-part2").expect("disk"),
-            path("/dev/disk/by-id/wwn-0x5000c5-part2")
+        // The source device is resolved as libvirt's parthelper does: its partitions are next
+        // to the node the link names, not next to the link or in the target path.
+        let root = d.run.parent().expect("root").to_owned();
+        std::fs::write(root.join("sdb"), "").expect("node");
+        std::fs::create_dir_all(root.join("by-id")).expect("mkdir");
+        std::os::unix::fs::symlink("../sdb", root.join("by-id/wwn-0x5000c5")).expect("link");
+        let disk = format!(
+            "<pool type='disk'><name>sdb</name><source><device path='{}'/><format type='gpt'/></source>\
+             <target><path>/dev/disk/by-path</path></target></pool>",
+            root.join("by-id/wwn-0x5000c5").display()
         );
-        let no_device = "<pool type='disk'><name>nd</name><source/><target><path>/dev</path></target></pool>";
-        assert_eq!(d.both("nd", no_device, "sdd1").expect("disk"), path("/dev/sdd1"));
+        assert_eq!(d.both("sdb", &disk, "sdb1").expect("disk"), Volume::Path(root.join("sdb1")));
+        let mapper = "<pool type='disk'><name>mp</name><source><device path='/dev/mapper/mpatha'/></source>\
+                      <target><path>/dev</path></target></pool>";
+        assert_eq!(d.both("mp", mapper, "mpathap1").expect("disk"), path("/dev/mapper/mpathap1"));
+        // A device that is not there: the target path (the partition is missing anyway).
+        let gone = "<pool type='disk'><name>g</name><source><device path='/nonexistent/sdz'/></source>\
+                    <target><path>/dev</path></target></pool>";
+        assert_eq!(d.both("g", gone, "sdz1").expect("disk"), path("/dev/sdz1"));
     }
 
     const ISCSI: &str = "<pool type='iscsi'><name>san</name><source><host name='192.0.2.10' port='3260'/>\
