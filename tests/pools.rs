@@ -171,3 +171,52 @@ fn unknown_pool_type_fails_or_starts_unlocked() {
     let out = setup.hook(&["vm1", "release", "end", "destroyed"], &vm1);
     assert!(out.status.success());
 }
+
+/// On a real libvirtd: a `disk` pool over a partitioned loop device, started by libvirt (so the
+/// hook reads libvirt's own `<poolstate>`), and its partition volume collides with the same
+/// partition as a block disk and with the whole disk beneath. Needs root, libvirt and parted
+/// (libvirt's disk backend runs it): `tests/run-all.sh` installs them.
+#[test]
+fn real_libvirt_disk_pool_volume_is_its_partition() {
+    use crate::common::host::Host;
+    if Command::new("parted").arg("--version").output().is_err() {
+        eprintln!("SKIPPED real_libvirt_disk_pool_volume_is_its_partition: no parted (libvirt's disk pools need it)");
+        return;
+    }
+    let host = Host::new();
+    let disk = crate::storage::LoopDisk::new(&host.setup.path("pooldisk.raw"));
+    let vol = Path::new(&disk.part(1)).file_name().and_then(|n| n.to_str()).expect("name").to_owned();
+    host.lv.virsh_ok(&[
+        "pool-define-as",
+        "lp",
+        "disk",
+        "--source-dev",
+        &disk.dev,
+        "--source-format",
+        "dos",
+        "--target",
+        "/dev",
+    ]);
+    host.lv.virsh_ok(&["pool-start", "lp"]);
+    let vols = host.lv.virsh_ok(&["vol-list", "lp"]);
+    assert!(vols.contains(&vol), "libvirt names the partition {vol}: {vols}");
+    let block = |dev: &str| {
+        format!("<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{dev}'/><target dev='vda' bus='virtio'/></disk>")
+    };
+    let uuid = host.define(
+        "volg",
+        &format!("<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='lp' volume='{vol}'/><target dev='vda' bus='virtio'/></disk>"),
+    );
+    host.define("partg", &block(&disk.part(1)));
+    host.define("wholeg", &block(&disk.dev));
+    host.start("volg");
+    assert_eq!(lock_state(Path::new(&disk.part(1)), 0), Some(LockMode::Exclusive));
+    let err = host.refused("partg");
+    assert!(err.contains(&format!("lockhook: {} is locked exclusively by guest volg ({uuid})", disk.part(1))), "{err}");
+    let err = host.refused("wholeg");
+    assert!(err.contains(&format!("lockhook: {} is locked shared (disk of {}", disk.dev, disk.part(1))), "{err}");
+    host.destroy("volg");
+    host.start("partg");
+    host.destroy("partg");
+    host.lv.virsh_ok(&["pool-destroy", "lp"]);
+}
