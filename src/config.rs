@@ -24,11 +24,13 @@ pub enum SharedPolicy {
     None,
 }
 
-/// What to do when a disk's image does not exist at `prepare`.
+/// What to do when a disk's image does not exist at `prepare` (`on_missing`), or when lockhook
+/// cannot tell what a disk is (`on_unidentified`: a `scsi`/`mpath` pool volume, an unknown pool
+/// type, a missing or broken pool definition).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MissingPolicy {
-    /// Refuse the start, naming the missing path.
+    /// Refuse the start, naming the disk and why.
     Fail,
     /// Start without a lock on it (logged).
     Skip,
@@ -67,6 +69,7 @@ pub struct Config {
     pub shareable: SharedPolicy,
     pub backing_chains: bool,
     pub on_missing: MissingPolicy,
+    pub on_unidentified: MissingPolicy,
     pub on_reconnect_failure: ReconnectPolicy,
     pub on_conflict: ConflictPolicy,
     pub trust_migrations: bool,
@@ -86,6 +89,7 @@ impl Default for Config {
             shareable: SharedPolicy::Shared,
             backing_chains: true,
             on_missing: MissingPolicy::Fail,
+            on_unidentified: MissingPolicy::Fail,
             on_reconnect_failure: ReconnectPolicy::Keep,
             on_conflict: ConflictPolicy::Warn,
             trust_migrations: false,
@@ -201,7 +205,7 @@ mod tests {
     #[test]
     fn keys_parse() {
         let c = Config::parse(
-            "run_dir = '/tmp/r'\nreadonly = 'none'\nshareable = 'shared'\nbacking_chains = false\non_missing = 'skip'\n\
+            "run_dir = '/tmp/r'\nreadonly = 'none'\nshareable = 'shared'\nbacking_chains = false\non_missing = 'skip'\non_unidentified = 'skip'\n\
              on_reconnect_failure = 'kill'\nlog_file = '/tmp/l'\n",
         )
         .expect("parse");
@@ -209,6 +213,7 @@ mod tests {
         assert_eq!(c.readonly, SharedPolicy::None);
         assert!(!c.backing_chains);
         assert_eq!(c.on_missing, MissingPolicy::Skip);
+        assert_eq!(c.on_unidentified, MissingPolicy::Skip);
         assert_eq!(c.on_reconnect_failure, ReconnectPolicy::Kill);
         assert_eq!(c.log_file, Some(PathBuf::from("/tmp/l")));
     }

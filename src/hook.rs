@@ -300,6 +300,9 @@ fn requests(ctx: &Ctx, domain: &Domain) -> Result<Vec<Request>, HookError> {
     for note in &plan.skipped {
         info!("guest {} ({}): {note}; not locked", domain.name, domain.uuid);
     }
+    for note in &plan.unlocked {
+        warn!("guest {} ({}): {note}", domain.name, domain.uuid);
+    }
     Ok(requests)
 }
 

@@ -130,6 +130,9 @@ pub struct Plan {
     pub requests: Vec<Planned>,
     /// One line per disk that gets no lock, for the log.
     pub skipped: Vec<String>,
+    /// One line per disk left unlocked although it should have been (lockhook cannot identify
+    /// it and `on_unidentified = "skip"`), for the log at warning level. Filled by `storage`.
+    pub unlocked: Vec<String>,
 }
 
 fn disk_mode(disk: &Disk, config: &Config) -> Option<LockMode> {
@@ -154,10 +157,7 @@ fn target_of(source: &Source) -> Result<Target, String> {
     match source {
         Source::File(p) | Source::Block(p) => Ok(Target::Path(p.clone())),
         Source::Volume { pool, volume } => Ok(Target::Volume { pool: pool.clone(), volume: volume.clone() }),
-        Source::Network { protocol, name, hosts } => {
-            let label = network_label(protocol, name.as_deref(), hosts);
-            Ok(Target::LockFile { kind: crate::lockspace::LockFileKind::Network, key: format!("net:{label}"), label })
-        }
+        Source::Network { protocol, name, hosts } => Ok(network_target(protocol, name.as_deref(), hosts)),
         Source::Unsupported(kind) => Err(format!("type '{kind}' has no image lockhook can lock")),
         Source::Empty => Err("no source (empty drive)".to_owned()),
     }
@@ -181,9 +181,38 @@ fn default_port(protocol: &str) -> &'static str {
     }
 }
 
+/// The lockspace lock file for a network disk (or a pool volume that is one): keyed by
+/// `network_label`, the same on every host.
+pub fn network_target(protocol: &str, name: Option<&str>, hosts: &[crate::domain::NetworkHost]) -> Target {
+    let label = network_label(protocol, name, hosts);
+    Target::LockFile { kind: crate::lockspace::LockFileKind::Network, key: format!("net:{label}"), label }
+}
+
+/// Protocols whose names are global to a cluster, whichever of its servers a disk lists (or none:
+/// Ceph's `ceph.conf` names the monitors): an rbd `pool/image`, a gluster `volume/path` reached
+/// through any server of its trusted pool, a sheepdog VDI, a VxHS volume UUID. Their keys leave
+/// the servers out, or two guests listing different monitors would not collide. (Two clusters
+/// with the same names collide too: a false refusal, never a missed one.)
+fn names_are_global(protocol: &str) -> bool {
+    matches!(protocol, "rbd" | "gluster" | "sheepdog" | "vxhs")
+}
+
 /// `protocol://host:port[,host:port...]/name`, hosts sorted: the same on every host for the same
-/// export, whatever order the XML lists the servers in. A unix socket is `unix:<path>`.
+/// export, whatever order the XML lists the servers in. A unix socket is `unix:<path>`. For
+/// cluster-wide namespaces (`names_are_global`) it is `protocol:///name`. An iSCSI name without
+/// a LUN is LUN 0, as for libvirt.
 pub fn network_label(protocol: &str, name: Option<&str>, hosts: &[crate::domain::NetworkHost]) -> String {
+    let name = name.unwrap_or("").trim_start_matches('/');
+    if names_are_global(protocol) {
+        return format!("{protocol}:///{name}");
+    }
+    let lun0;
+    let name = if protocol == "iscsi" && !name.is_empty() && !name.contains('/') {
+        lun0 = format!("{name}/0");
+        lun0.as_str()
+    } else {
+        name
+    };
     let mut servers: Vec<String> = hosts
         .iter()
         .map(|h| match (h.transport.as_deref(), h.socket.as_deref()) {
@@ -197,7 +226,7 @@ pub fn network_label(protocol: &str, name: Option<&str>, hosts: &[crate::domain:
         .collect();
     servers.sort();
     servers.dedup();
-    format!("{protocol}://{}/{}", servers.join(","), name.unwrap_or("").trim_start_matches('/'))
+    format!("{protocol}://{}/{name}", servers.join(","))
 }
 
 fn plan_data_store(disk: &Disk, data: &Source, mode: Option<LockMode>, plan: &mut Plan) {

@@ -15,4 +15,5 @@ mod hardening;
 mod hook_process;
 mod install;
 mod lease_targets;
+mod pools;
 mod storage;

@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ "$(id -u)" = 0 ] || { echo "tests/run-all.sh: run as root (the end-to-end tests start libvirtd and QEMU)" >&2; exit 1; }
 
 need_apt=0
-for cmd in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img unshare nsenter losetup partx sfdisk; do
+for cmd in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img unshare nsenter losetup partx sfdisk parted; do
   command -v "$cmd" >/dev/null || need_apt=1
 done
 [ -x /usr/bin/python3 ] || need_apt=1 # a non-root socket client in the hardening tests
@@ -21,7 +21,7 @@ if [ "$need_apt" = 1 ]; then
   qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   apt-get install -y -qq --no-install-recommends --allow-downgrades \
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
-    "qemu-utils=${qemu_version}" util-linux mount python3-minimal fdisk ovmf >/dev/null
+    "qemu-utils=${qemu_version}" util-linux mount python3-minimal fdisk parted ovmf >/dev/null
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 

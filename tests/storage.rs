@@ -28,12 +28,12 @@ fn run(cmd: &mut Command) -> String {
 
 /// A loop device over a file with two partitions (`partx` makes their nodes without udev);
 /// detached on drop.
-struct LoopDisk {
-    dev: String,
+pub(crate) struct LoopDisk {
+    pub(crate) dev: String,
 }
 
 impl LoopDisk {
-    fn new(file: &Path) -> LoopDisk {
+    pub(crate) fn new(file: &Path) -> LoopDisk {
         std::fs::File::create(file).and_then(|f| f.set_len(8 << 20)).expect("create");
         let mut sfdisk = Command::new("sfdisk");
         sfdisk.arg("-q").arg(file).stdin(std::process::Stdio::piped());
@@ -47,7 +47,7 @@ impl LoopDisk {
         disk
     }
 
-    fn part(&self, n: u32) -> String {
+    pub(crate) fn part(&self, n: u32) -> String {
         format!("{}p{n}", self.dev)
     }
 }

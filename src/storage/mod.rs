@@ -11,9 +11,9 @@ pub mod stack;
 
 use std::collections::HashSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::config::Config;
+use crate::config::{Config, MissingPolicy};
 use crate::lock::LockMode;
 use crate::lockspace::{LockFileKind, Lockspace, LockspaceError};
 use crate::resource::{Plan, Planned, Role, Target};
@@ -85,27 +85,39 @@ pub enum StorageError {
 }
 
 /// Resolves every planned request. Skipped chain links (protocol backing files) are appended
-/// to `plan.skipped` for the log.
+/// to `plan.skipped` for the log, volumes left unlocked by `on_unidentified` to `plan.unlocked`.
 pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, StorageError> {
     let mut out = Vec::with_capacity(plan.requests.len());
     let lockspace = Lockspace::new(&config.lockspace_dir);
     for planned in &plan.requests {
         let path = match &planned.target {
             Target::LockFile { kind, key, label } => {
-                prepare(&lockspace, *kind, planned)?;
-                out.push(Request {
-                    key: Some(key.clone()),
-                    label: Some(label.clone()),
-                    is_lease: true,
-                    lock_file: Some(*kind),
-                    ..request(planned, lockspace.lock_file(*kind, key))
-                });
+                lock_file_request(&lockspace, planned, *kind, key, label, &mut out)?;
                 continue;
             }
             Target::Path(p) => p.clone(),
             Target::Volume { pool, volume } => {
-                pool::resolve(pool, volume, &config.libvirt_run_dir, &config.libvirt_config_dir)
-                    .map_err(|source| StorageError::Pool { role: planned.role.clone(), source })?
+                let resolved =
+                    pool::resolve(pool, volume, &config.libvirt_run_dir, &config.libvirt_config_dir, Path::new(DEV));
+                let volume = match resolved {
+                    Ok(volume) => volume,
+                    Err(source) if source.is_unidentified() && config.on_unidentified == MissingPolicy::Skip => {
+                        plan.unlocked
+                            .push(format!("{}: {source}; started unlocked (on_unidentified = \"skip\")", planned.role));
+                        continue;
+                    }
+                    Err(source) => return Err(StorageError::Pool { role: planned.role.clone(), source }),
+                };
+                let (path, network) = volume.into_parts();
+                // A volume that is a network disk is the same lock as that disk named directly.
+                if let Some(net) = network {
+                    let target = crate::resource::network_target(&net.protocol, Some(&net.name), &net.hosts);
+                    if let Target::LockFile { kind, key, label } = &target {
+                        lock_file_request(&lockspace, planned, *kind, key, label, &mut out)?;
+                    }
+                }
+                let Some(path) = path else { continue };
+                path
             }
         };
         out.push(request(planned, path.clone()));
@@ -119,6 +131,26 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, Storage
         }
     }
     Ok(out)
+}
+
+/// The lock file `key` of `kind` in the lockspace, called `label` in messages.
+fn lock_file_request(
+    lockspace: &Lockspace,
+    planned: &Planned,
+    kind: LockFileKind,
+    key: &str,
+    label: &str,
+    out: &mut Vec<Request>,
+) -> Result<(), StorageError> {
+    prepare(lockspace, kind, planned)?;
+    out.push(Request {
+        key: Some(key.to_owned()),
+        label: Some(label.to_owned()),
+        is_lease: true,
+        lock_file: Some(kind),
+        ..request(planned, lockspace.lock_file(kind, key))
+    });
+    Ok(())
 }
 
 /// Across hosts a device node lock is host-local: the device's stable identity is locked in the
@@ -346,6 +378,100 @@ mod tests {
         assert_eq!(got, vec![(top, LockMode::Exclusive), (mid, LockMode::Shared), (base, LockMode::Shared)]);
     }
 
+    /// The lockspace keys `devices` resolve to, with `storage/<pool>.xml` files from `pools`.
+    fn keys_of(devices: &str, pools: &[(&str, &str)]) -> Vec<String> {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::create_dir_all(dir.path().join("etc/storage")).expect("mkdir");
+        for (name, xml) in pools {
+            std::fs::write(dir.path().join(format!("etc/storage/{name}.xml")), xml).expect("write");
+        }
+        std::fs::create_dir_all(dir.path().join("lockspace")).expect("mkdir");
+        let config = Config {
+            libvirt_config_dir: dir.path().join("etc"),
+            libvirt_run_dir: dir.path().join("run"),
+            lockspace_dir: dir.path().join("lockspace"),
+            ..Config::default()
+        };
+        let xml = format!(
+            "<domain><name>v</name><uuid>f3fa73d4-1c2b-4e5f-8a9b-0123456789ab</uuid><devices>{devices}</devices></domain>"
+        );
+        let domain = Domain::parse(xml.as_bytes()).expect("parse");
+        let mut plan = crate::resource::plan(&domain, &config);
+        resolve(&mut plan, &config).expect("resolve").into_iter().filter_map(|r| r.key).collect()
+    }
+
+    fn volume_disk(pool: &str, volume: &str) -> String {
+        format!("<disk type='volume'><source pool='{pool}' volume='{volume}'/><target dev='vda'/></disk>")
+    }
+
+    fn network_disk(protocol: &str, name: &str, hosts: &str) -> String {
+        format!(
+            "<disk type='network'><source protocol='{protocol}' name='{name}'>{hosts}</source><target dev='vda'/></disk>"
+        )
+    }
+
+    #[test]
+    fn network_volumes_are_their_direct_disks() {
+        let rbd = "<pool type='rbd'><name>ceph</name><source><name>rbd</name><host name='mon1' port='6789'/>\
+                   <host name='mon2'/></source></pool>";
+        let volume = keys_of(&volume_disk("ceph", "vm1"), &[("ceph", rbd)]);
+        assert_eq!(volume, vec!["net:rbd:///rbd/vm1".to_owned()]);
+        // Other monitors, or none at all (ceph.conf): the same image, the same lock.
+        assert_eq!(keys_of(&network_disk("rbd", "rbd/vm1", "<host name='mon3'/>"), &[]), volume);
+        assert_eq!(keys_of(&network_disk("rbd", "rbd/vm1", ""), &[]), volume);
+
+        let gluster = "<pool type='gluster'><name>gl</name><source><host name='gl1'/><dir path='/vms'/>\
+                       <name>gv0</name></source></pool>";
+        let volume = keys_of(&volume_disk("gl", "a.qcow2"), &[("gl", gluster)]);
+        assert_eq!(volume, vec!["net:gluster:///gv0/vms/a.qcow2".to_owned()]);
+        let direct = keys_of(&network_disk("gluster", "gv0/vms/a.qcow2", "<host name='gl2' port='24007'/>"), &[]);
+        assert_eq!(direct, volume);
+
+        let iscsi = "<pool type='iscsi'><name>san</name><source><host name='SAN.example.com'/>\
+                     <device path='iqn.2013-06.com.example:t1'/></source><target><path>/dev/disk/by-path</path>\
+                     </target></pool>";
+        let volume = keys_of(&volume_disk("san", "unit:0:0:1"), &[("san", iscsi)]);
+        assert_eq!(volume, vec!["net:iscsi://san.example.com:3260/iqn.2013-06.com.example:t1/1".to_owned()]);
+        let host = "<host name='san.example.com' port='3260'/>";
+        assert_eq!(keys_of(&network_disk("iscsi", "iqn.2013-06.com.example:t1/1", host), &[]), volume);
+        // An iSCSI target is named by its portal: another server is another LUN.
+        let other = keys_of(&network_disk("iscsi", "iqn.2013-06.com.example:t1/1", "<host name='b'/>"), &[]);
+        assert_ne!(other, volume);
+        // No LUN is LUN 0.
+        let lun0 = keys_of(&volume_disk("san", "unit:0:0:0"), &[("san", iscsi)]);
+        assert_eq!(keys_of(&network_disk("iscsi", "iqn.2013-06.com.example:t1", host), &[]), lun0);
+    }
+
+    #[test]
+    fn unidentified_volumes_follow_the_policy() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::create_dir_all(dir.path().join("etc/storage")).expect("mkdir");
+        std::fs::write(dir.path().join("etc/storage/hba.xml"), "<pool type='scsi'><name>hba</name></pool>")
+            .expect("write");
+        let xml = format!(
+            "<domain><name>v</name><uuid>f3fa73d4-1c2b-4e5f-8a9b-0123456789ab</uuid><devices>{}{}</devices></domain>",
+            volume_disk("hba", "unit:0:0:1"),
+            volume_disk("gone", "v")
+        );
+        let domain = Domain::parse(xml.as_bytes()).expect("parse");
+        let fail = Config { libvirt_config_dir: dir.path().join("etc"), ..Config::default() };
+        let err = resolve(&mut crate::resource::plan(&domain, &fail), &fail).expect_err("fail");
+        let line = crate::error_chain(&err);
+        assert!(line.contains("disk vda: pool \"hba\", volume \"unit:0:0:1\": the paths of scsi pool"), "{line}");
+        let skip = Config { on_unidentified: MissingPolicy::Skip, ..fail };
+        let mut plan = crate::resource::plan(&domain, &skip);
+        assert!(resolve(&mut plan, &skip).expect("skip").is_empty());
+        assert_eq!(plan.unlocked.len(), 2, "{:?}", plan.unlocked);
+        assert!(plan.unlocked[1].contains("pool \"gone\", volume \"v\": no pool definition"), "{:?}", plan.unlocked);
+        // A name that is unsafe to use is refused whatever the policy.
+        let bad = Domain::parse(
+            b"<domain><name>v</name><uuid>f3fa73d4-1c2b-4e5f-8a9b-0123456789ab</uuid><devices>\
+              <disk type='volume'><source pool='../x' volume='v'/><target dev='vda'/></disk></devices></domain>",
+        )
+        .expect("parse");
+        assert!(resolve(&mut crate::resource::plan(&bad, &skip), &skip).is_err());
+    }
+
     #[test]
     fn looping_chain_is_refused() {
         let dir = tempfile::tempdir().expect("dir");
@@ -363,7 +489,7 @@ mod tests {
             read_chain: true,
             format: Some("qcow2".into()),
         };
-        let mut plan = Plan { requests: vec![planned], skipped: vec![] };
+        let mut plan = Plan { requests: vec![planned], ..Plan::default() };
         assert!(matches!(resolve(&mut plan, &Config::default()), Err(StorageError::ChainTooLong { .. })));
     }
 }
