@@ -32,6 +32,7 @@ fn refusal_line(path: &Path, mode: LockMode, holder: &str, uuid: &str) -> String
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn exclusive_refusal_names_the_holder_and_destroy_frees() {
     let host = Host::new();
     let img = host.setup.image("images/a.raw");
@@ -75,6 +76,7 @@ fn exclusive_refusal_names_the_holder_and_destroy_frees() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn readonly_and_shareable_disks_share_but_exclude_writers() {
     let host = Host::new();
     let img = host.setup.image("images/shared.raw");
@@ -109,6 +111,7 @@ fn readonly_and_shareable_disks_share_but_exclude_writers() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn leases_and_path_aliases_collide() {
     let host = Host::new();
     let a = host.setup.image("images/a.raw");
@@ -144,6 +147,7 @@ fn leases_and_path_aliases_collide() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn backing_chain_is_locked_shared() {
     let host = Host::new();
     let dir = host.setup.path("chain");
@@ -196,6 +200,7 @@ impl Drop for Loop {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn block_devices_and_pool_volumes_are_locked_by_identity() {
     let host = Host::new();
     let backing = host.setup.image("loop-backing.raw");
@@ -236,6 +241,7 @@ fn block_devices_and_pool_volumes_are_locked_by_identity() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn pause_keeps_locks_and_save_restore_moves_them() {
     let host = Host::new();
     let img = host.setup.image("images/p.raw");
@@ -263,6 +269,7 @@ fn pause_keeps_locks_and_save_restore_moves_them() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn libvirtd_restart_keeps_locks_and_dead_qemu_frees_them() {
     let host = Host::new();
     let img = host.setup.image("images/r.raw");

@@ -55,6 +55,7 @@ fn kill(pid: i32) {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn check_and_run_guard_images_against_guests() {
     let host = Host::new();
     let img = host.setup.image("images/a.raw");
@@ -117,6 +118,7 @@ fn check_and_run_guard_images_against_guests() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn hot_plugged_disks_are_locked_and_unplugged_ones_freed() {
     let host = Host::new();
     let boot = host.setup.image("images/boot.raw");
@@ -181,6 +183,7 @@ fn hot_plugged_disks_are_locked_and_unplugged_ones_freed() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn killed_holders_are_readopted_by_the_next_hook_call_and_by_reconcile() {
     let host = Host::new();
     let img = host.setup.image("images/a.raw");
@@ -235,6 +238,7 @@ fn killed_holders_are_readopted_by_the_next_hook_call_and_by_reconcile() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn pause_policy_pauses_a_guest_whose_hot_plug_conflicts() {
     let host = Host::with_config("on_conflict = \"pause\"\n");
     let boot = host.setup.image("images/boot.raw");
@@ -256,6 +260,7 @@ fn pause_policy_pauses_a_guest_whose_hot_plug_conflicts() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn external_snapshot_moves_the_exclusive_lock_to_the_overlay() {
     let host = Host::new();
     let base = host.setup.path("images/base.qcow2");
@@ -292,6 +297,7 @@ fn external_snapshot_moves_the_exclusive_lock_to_the_overlay() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn block_copy_pivot_moves_the_lock_to_the_copy() {
     let host = Host::new();
     let src = host.setup.image("images/src.raw");
@@ -340,6 +346,7 @@ impl Drop for Nbd {
 /// (its lockspace lock file does not exist yet) is locked when hot-plugged, so a second guest
 /// on that export is refused.
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn hot_plugged_network_disks_never_used_before_are_locked() {
     let host = Host::new();
     let export = host.setup.image("images/export.raw");
@@ -382,6 +389,7 @@ fn hot_plugged_network_disks_never_used_before_are_locked() {
 /// Issue 10: a role change that cannot be made (an active block commit into a base image that
 /// someone else reads) is a CONFLICT, shown and retried, and the base never goes unlocked.
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn a_refused_role_change_is_a_conflict_and_never_unlocks() {
     let host = Host::new();
     let dir = host.setup.path("images");
@@ -463,6 +471,7 @@ fn a_refused_role_change_is_a_conflict_and_never_unlocks() {
 /// Issue 10: a command under `lockhook run` never goes on writing without the locks: when the
 /// `run` process is killed, the command and everything it started are killed with it.
 #[test]
+#[ignore = "needs root (a PID namespace): tests/run-all.sh runs it"]
 fn a_killed_run_takes_its_command_tree_with_it() {
     let setup = crate::common::Setup::new("");
     let img = setup.image("images/tool.raw");

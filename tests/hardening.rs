@@ -218,6 +218,7 @@ impl Drop for Tmpfs {
 }
 
 #[test]
+#[ignore = "needs root (mounts a tmpfs): tests/run-all.sh runs it"]
 fn full_disk_refuses_cleanly() {
     let setup = Setup::new("");
     let img = setup.image("a.img");
@@ -299,6 +300,7 @@ fn many_guests_at_once() {
 }
 
 #[test]
+#[ignore = "needs root (talks to a holder as another user): tests/run-all.sh runs it"]
 fn only_root_may_talk_to_a_holder() {
     let setup = Setup::new("");
     let img = setup.image("a.img");
@@ -333,6 +335,7 @@ print(s.recv(65536).decode())
 }
 
 #[test]
+#[ignore = "needs root (chowns the config): tests/run-all.sh runs it"]
 fn insecure_config_is_refused() {
     let setup = Setup::new("");
     let img = setup.image("a.img");
@@ -416,6 +419,7 @@ impl Drop for StuckMount {
 /// (a dead NFS server; here a FUSE mount nobody serves) must not hang another guest's hook:
 /// the re-adoption pass that every hook call runs first is waited for only a bounded time.
 #[test]
+#[ignore = "needs root (mounts FUSE): tests/run-all.sh runs it"]
 fn storage_that_hangs_behind_another_guest_does_not_hang_the_hook() {
     let setup = Setup::new("");
     let stuck = StuckMount::new(&setup.path("dead-nfs"));

@@ -26,4 +26,5 @@ fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
 cargo fmt --all -- --check
-cargo nextest run --locked --no-fail-fast "$@"
+# Tests that need root or a libvirtd are #[ignore]d for a plain `cargo test`; run them all here.
+cargo nextest run --locked --no-fail-fast --run-ignored all "$@"

@@ -60,6 +60,7 @@ impl Drop for LoopDisk {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn partitions_disks_and_loop_files_are_one_stack() {
     let host = Host::new();
     let file = host.setup.path("stack.raw");
@@ -99,6 +100,7 @@ fn partitions_disks_and_loop_files_are_one_stack() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn qcow2_data_files_are_locked_with_their_image() {
     let host = Host::new();
     let dir = host.setup.path("images");
@@ -142,6 +144,7 @@ fn uefi_xml(name: &str, nvram: &Path) -> String {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn uefi_variable_stores_have_one_writer_and_the_code_is_shared() {
     let host = Host::new();
     let nvram = host.setup.path("vars/shared_VARS.fd");
@@ -168,6 +171,7 @@ fn uefi_variable_stores_have_one_writer_and_the_code_is_shared() {
 }
 
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn shared_transient_bases_are_shared_and_their_overlays_locked() {
     let host = Host::new();
     let dir = host.setup.path("images");
@@ -199,6 +203,7 @@ fn shared_transient_bases_are_shared_and_their_overlays_locked() {
 /// Issue 10: `lockhook check` and `lockhook run` resolve an image as a guest does, layers and
 /// all: a tool on the whole disk is refused while a guest writes one of its partitions.
 #[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn check_and_run_see_the_layers_beneath_a_device() {
     let host = Host::new();
     let file = host.setup.path("tools.raw");

@@ -252,6 +252,7 @@ pub fn resolve_paths(targets: &[PathBuf], mode: LockMode, config: &Config) -> Re
             })
             .collect(),
         skipped: Vec::new(),
+        unlocked: Vec::new(),
     };
     resolve(&mut plan, config)
 }
