@@ -63,6 +63,10 @@ pub enum Command {
         /// Take exclusive locks (the default).
         #[arg(long)]
         exclusive: bool,
+        /// The command writes the backing chain too (`qemu-img commit` writes the image below):
+        /// lock every backing image and data file exclusively, not shared.
+        #[arg(long, conflicts_with = "shared")]
+        write_backing: bool,
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
         /// The command and its arguments, after `--`.
@@ -152,14 +156,14 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(_) => ExitCode::from(2),
             }
         }
-        Command::Run { shared, exclusive: _, paths, command } => {
+        Command::Run { shared, exclusive: _, write_backing, paths, command } => {
             let config = match load(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             crate::logging::init_cli(config.level().min(log::LevelFilter::Warn));
             let mode = if shared { crate::lock::LockMode::Shared } else { crate::lock::LockMode::Exclusive };
-            match crate::guard::run(&config, mode, &paths, &command) {
+            match crate::guard::run(&config, mode, write_backing, &paths, &command) {
                 Ok(status) => ExitCode::from(crate::guard::exit_code(status)),
                 Err(crate::guard::RunError::Refused(refusal)) => {
                     for line in &refusal.lines {

@@ -200,15 +200,32 @@ fn new_id() -> Uuid {
 }
 
 /// Runs `command` while holding `mode` locks on `targets`. Returns the command's exit status.
-pub fn run(config: &Config, mode: LockMode, targets: &[PathBuf], command: &[OsString]) -> Result<ExitStatus, RunError> {
+/// With `write_backing`, backing images and data files are locked exclusively too.
+pub fn run(
+    config: &Config,
+    mode: LockMode,
+    write_backing: bool,
+    targets: &[PathBuf],
+    command: &[OsString],
+) -> Result<ExitStatus, RunError> {
     let paths = Paths::new(&config.run_dir);
     let line = command_line(command);
     let id = new_id();
     crate::holder::server::ensure_run_dir(paths.run_dir()).map_err(RunError::Register)?;
+    // Removed however `run` ends (a refusal too), after the instance lock below is let go.
+    let _registered = RemoveOnDrop(vec![paths.instance_lock(&id), paths.state(&id)]);
     let _instance = crate::holder::server::take_instance_lock(&paths, &id).map_err(RunError::Register)?;
     let strict = Config { on_missing: crate::config::MissingPolicy::Fail, ..config.clone() };
     // The locks a guest would take on these images: stable identities, layers, data files.
-    let requests = crate::storage::resolve_paths(targets, mode, &strict).map_err(|e| RunError::Resolve(Box::new(e)))?;
+    let mut requests =
+        crate::storage::resolve_paths(targets, mode, &strict).map_err(|e| RunError::Resolve(Box::new(e)))?;
+    if write_backing {
+        for r in &mut requests {
+            if matches!(r.role, Role::Backing { .. } | Role::DataFile { .. }) {
+                r.mode = LockMode::Exclusive;
+            }
+        }
+    }
     let acquired = crate::lockset::acquire_all(&requests, &Default::default(), &strict, &paths, &mut Vec::new())?;
     let record = GuestState {
         version: state::STATE_VERSION,
@@ -256,6 +273,17 @@ pub fn run(config: &Config, mode: LockMode, targets: &[PathBuf], command: &[OsSt
     let _ = std::fs::remove_file(&state_path);
     let _ = std::fs::remove_file(paths.instance_lock(&id));
     result
+}
+
+/// Files of this `run` in the run directory, removed when it ends.
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 fn spawn_and_wait(command: &[OsString], line: &str) -> Result<ExitStatus, RunError> {

@@ -208,6 +208,9 @@ pub fn acquire_available(
                 let line = format!("{name} {}", owner.phrase());
                 failures.busy.push(Busy { request, roles, identity, key, line });
             }
+            Err(e @ LockError::Open { .. }) if roles.iter().all(Role::best_effort) => {
+                notes.push(format!("{} ({}); not locked", crate::error_chain(&e), request.role))
+            }
             Err(e) => failures.errors.push(format!("{} ({})", crate::error_chain(&e), request.role)),
         }
     }

@@ -241,16 +241,22 @@ fn plan_data_store(disk: &Disk, data: &Source, mode: Option<LockMode>, plan: &mu
 /// `<transient shareBacking='yes'/>`: QEMU opens the image read-only (several guests may share
 /// it) and writes libvirt's per-guest overlay, which libvirt creates after `prepare`.
 fn plan_shared_transient(disk: &Disk, _t: Transient, domain: &Domain, config: &Config, plan: &mut Plan) {
-    let Some((overlay, base)) = transient_parts(disk, &domain.name) else {
-        plan.skipped.push(format!("disk {}: a transient disk that is not a file; not locked", label(disk)));
-        return;
+    let base = match transient_parts(disk, &domain.name) {
+        Some((overlay, base)) => {
+            plan.requests.push(simple(
+                Target::Path(overlay),
+                LockMode::Exclusive,
+                Role::Overlay { of: disk.target.clone() },
+                true,
+            ));
+            base
+        }
+        None => {
+            // Not a file: libvirt's overlay goes elsewhere; the image is still only read.
+            plan.skipped.push(format!("disk {}: transient overlay of a non-file image; not locked", label(disk)));
+            disk.source.clone()
+        }
     };
-    plan.requests.push(simple(
-        Target::Path(overlay),
-        LockMode::Exclusive,
-        Role::Overlay { of: disk.target.clone() },
-        true,
-    ));
     let Ok(target) = target_of(&base) else { return };
     plan.requests.push(Planned {
         target,
@@ -297,6 +303,13 @@ impl Role {
     /// Whether messages should say the role next to the path (it is not the obvious one).
     pub fn worth_saying(&self) -> bool {
         !matches!(self, Role::Disk { .. } | Role::Command)
+    }
+
+    /// Locked when it can be opened, skipped (with a note) when it cannot: the device holding an
+    /// image's filesystem is a protection beyond the image's own lock, and a host may not let
+    /// even root open it (a device cgroup, a sandbox).
+    pub fn best_effort(&self) -> bool {
+        matches!(self, Role::Layer { layer: crate::storage::stack::LayerKind::Filesystem, .. })
     }
 }
 

@@ -46,7 +46,10 @@ fn forward_signals(child: u32) {
 ///
 /// # Safety
 /// Runs between fork and exec: only async-signal-safe calls.
-unsafe fn die_with_parent(alive: RawFd) -> std::io::Result<()> {
+unsafe fn die_with_parent(alive: RawFd, parent_end: RawFd) -> std::io::Result<()> {
+    // Our own copy of the write end would keep the pipe from ever hanging up.
+    // SAFETY: close is async-signal-safe; `parent_end` is this child's copy of the write end.
+    unsafe { libc::close(parent_end) };
     // SAFETY: prctl is async-signal-safe and only sets this process's parent-death signal.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -80,6 +83,7 @@ pub fn run_command(command: &[OsString]) -> std::io::Result<ExitStatus> {
         direct
     };
     let alive = alive_r.as_raw_fd();
+    let parent_end = alive_w.as_raw_fd();
     // The init needs the read end across exec.
     let keep = isolated.then_some(alive);
     // SAFETY: the closure only makes async-signal-safe calls (fcntl, prctl, poll).
@@ -90,7 +94,7 @@ pub fn run_command(command: &[OsString]) -> std::io::Result<ExitStatus> {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            die_with_parent(alive)
+            die_with_parent(alive, parent_end)
         });
     }
     let mut child = cmd.spawn()?;

@@ -128,7 +128,8 @@ fn disk_pool_volume_locks_the_partition_node() {
     let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm1);
     assert!(out.status.success(), "vm1: {}", stderr(&out));
     assert_eq!(lock_state(Path::new(&dev.0), 0), Some(LockMode::Exclusive), "the volume's node {}", dev.0);
-    assert_eq!(lock_state(&file, 0), Some(LockMode::Shared), "the file beneath the loop device");
+    // The loop device is the volume itself: the file behind it is written, exclusively.
+    assert_eq!(lock_state(&file, 0), Some(LockMode::Exclusive), "the file behind the loop device");
     let block = format!("<disk type='block'><source dev='{}'/><target dev='vdb'/></disk>", dev.0);
     let out = setup.hook(&["vm2", "prepare", "begin", "-"], &xml("vm2", UUID2, &block));
     let err = stderr(&out);

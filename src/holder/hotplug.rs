@@ -105,6 +105,9 @@ fn wanted(domain: &Domain, config: &Config) -> Option<Wants> {
             return None;
         }
     };
+    for line in &plan.unlocked {
+        warn!("guest {} ({}): live definition: {line}", domain.name, domain.uuid);
+    }
     let lockspace = Lockspace::new(&config.lockspace_dir);
     let mut wants = Wants { order: Vec::new(), by_id: HashMap::new(), listed: HashSet::new() };
     for r in requests {
@@ -288,6 +291,7 @@ pub fn sync(
                 held.push((res, lock.fd));
                 change.added += 1;
             }
+            Err(LockError::Open { .. }) if w.roles.iter().all(Role::best_effort) => {}
             Err(e) => change.conflicts.push(conflict(w.path.clone(), w.mode, w.key.as_deref(), &e)),
         }
     }

@@ -39,14 +39,18 @@ fn from_sysfs(sys: &Path) -> Option<String> {
         let offset = read_trimmed(&sys.join("loop/offset")).unwrap_or_else(|| "0".to_owned());
         return Some(format!("loop:{file}@{offset}"));
     }
-    // A partition: the whole disk's identity plus the partition number.
-    let (disk, part) = match read_trimmed(&sys.join("partition")) {
-        Some(n) => (fs::canonicalize(sys).ok()?.parent()?.to_owned(), format!("-part{n}")),
-        None => (sys.to_owned(), String::new()),
-    };
+    // A partition: the whole disk's identity (whatever kind: wwid, serial, a loop device's file,
+    // a device-mapper UUID) plus the partition number.
+    if let Some(n) = read_trimmed(&sys.join("partition")) {
+        let disk = fs::canonicalize(sys).ok()?.parent()?.to_owned();
+        if disk.join("partition").exists() {
+            return None;
+        }
+        return from_sysfs(&disk).map(|id| format!("{id}-part{n}"));
+    }
     for (file, kind) in [("device/wwid", "wwid"), ("wwid", "wwid"), ("device/serial", "serial"), ("serial", "serial")] {
-        if let Some(value) = read_trimmed(&disk.join(file)) {
-            return Some(format!("{kind}:{value}{part}"));
+        if let Some(value) = read_trimmed(&sys.join(file)) {
+            return Some(format!("{kind}:{value}"));
         }
     }
     None
@@ -73,6 +77,25 @@ mod tests {
         let f = tempfile::NamedTempFile::new().expect("temp");
         assert_eq!(stable_id(f.path()), None);
         assert_eq!(stable_id(Path::new("/dev/null")), None);
+    }
+
+    #[test]
+    fn partitions_take_their_disks_identity_whatever_its_kind() {
+        let root = tempfile::tempdir().expect("dir");
+        let disk = root.path().join("loop0");
+        std::fs::create_dir_all(disk.join("loop")).expect("mkdir");
+        std::fs::write(disk.join("loop/backing_file"), "/srv/f.raw\n").expect("write");
+        let part = disk.join("loop0p1");
+        std::fs::create_dir_all(&part).expect("mkdir");
+        std::fs::write(part.join("partition"), "1\n").expect("write");
+        assert_eq!(from_sysfs(&part).as_deref(), Some("loop:/srv/f.raw@0-part1"));
+        let sdb = root.path().join("sdb");
+        std::fs::create_dir_all(sdb.join("device")).expect("mkdir");
+        std::fs::write(sdb.join("device/wwid"), "naa.1\n").expect("write");
+        let sdb2 = sdb.join("sdb2");
+        std::fs::create_dir_all(&sdb2).expect("mkdir");
+        std::fs::write(sdb2.join("partition"), "2\n").expect("write");
+        assert_eq!(from_sysfs(&sdb2).as_deref(), Some("wwid:naa.1-part2"));
     }
 
     #[test]

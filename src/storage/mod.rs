@@ -120,17 +120,71 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, Storage
                 path
             }
         };
-        out.push(request(planned, path.clone()));
-        let is_block = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_block_device());
-        if is_block {
-            identity_request(&lockspace, planned, &path, planned.mode, planned.role.clone(), &mut out)?;
-            layer_requests(&lockspace, planned, &path, &mut out, &mut plan.skipped)?;
+        if planned.role == Role::Memory && std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_char_device()) {
+            // A device-DAX nvdimm (`/dev/daxN.M`): a character device is never opened here.
+            plan.skipped.push(format!("{}: {} is a character device (device DAX)", planned.role, path.display()));
+            continue;
         }
+        file_requests(&lockspace, planned, &path, planned.mode, planned.role.clone(), &mut out, &mut plan.skipped)?;
         if matches!(planned.role, Role::Disk { .. } | Role::Backing { .. } | Role::Mirror { .. } | Role::Command) {
-            image_files(planned, path, &mut out, &mut plan.skipped)?;
+            image_files(&lockspace, planned, path, &mut out, &mut plan.skipped)?;
         }
     }
     Ok(out)
+}
+
+/// The requests for one file a guest opens, `path`, in `mode` as `role`: the file itself and,
+/// - for a block device: its node under `/dev` too (another node for the same device, made with
+///   `mknod`, is another inode: the `/dev` one is what everybody locks), its stable identity in
+///   the lockspace, and every layer beneath it (see `stack`);
+/// - for an image file on a block device's filesystem: that device, shared, with its identity
+///   and layers (whoever writes the device writes the image).
+fn file_requests(
+    lockspace: &Lockspace,
+    planned: &Planned,
+    path: &Path,
+    mode: LockMode,
+    role: Role,
+    out: &mut Vec<Request>,
+    skipped: &mut Vec<String>,
+) -> Result<(), StorageError> {
+    out.push(Request { mode, role: role.clone(), ..request(planned, path.to_owned()) });
+    // A lease is one byte of its file, locked there and nowhere else.
+    if matches!(role, Role::Lease { .. }) {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let sys = Path::new(SYS);
+    if meta.file_type().is_block_device() {
+        let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+        let top = stack::device(sys, major, minor);
+        if let Some(node) = top.as_ref().and_then(|dev| stack::node(Path::new(DEV), dev)) {
+            let same = std::fs::metadata(&node).is_ok_and(|n| (n.dev(), n.ino()) == (meta.dev(), meta.ino()));
+            if !same {
+                out.push(Request { mode, role: role.clone(), optional: false, ..request(planned, node) });
+            }
+        }
+        identity_request(lockspace, planned, path, mode, role, out)?;
+        layer_requests(lockspace, planned, (major, minor), top.map(|d| d.name), mode, out, skipped)?;
+    } else if meta.is_file() && !matches!(role, Role::Lease { .. } | Role::Loader) {
+        let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        let Some(fs_dev) = stack::device(sys, major, minor) else { return Ok(()) };
+        let Some(node) = stack::node(Path::new(DEV), &fs_dev) else { return Ok(()) };
+        let layer = Role::Layer {
+            layer: stack::LayerKind::Filesystem,
+            above: path.display().to_string(),
+            of: disk_of(&planned.role),
+        };
+        out.push(Request {
+            mode: LockMode::Shared,
+            role: layer.clone(),
+            optional: false,
+            ..request(planned, node.clone())
+        });
+        identity_request(lockspace, planned, &node, LockMode::Shared, layer, out)?;
+        layer_requests(lockspace, planned, (major, minor), Some(fs_dev.name), LockMode::Shared, out, skipped)?;
+    }
+    Ok(())
 }
 
 /// The lock file `key` of `kind` in the lockspace, called `label` in messages.
@@ -192,19 +246,21 @@ fn disk_of(role: &Role) -> Option<String> {
     }
 }
 
-/// Every layer beneath the block device `path` (see `stack`), shared: its node and stable
-/// identity, or the file behind a loop device.
+/// Every layer beneath the block device `major:minor` (called `top` by the kernel), shared: its
+/// node and stable identity, or the file behind a loop device. The file behind the device
+/// itself, when it is a loop device, is locked in the device's own `mode`: two loop devices over
+/// one file (another offset, another path to it) are two writers of its bytes.
 fn layer_requests(
     lockspace: &Lockspace,
     planned: &Planned,
-    path: &std::path::Path,
+    (major, minor): (u32, u32),
+    top: Option<String>,
+    mode: LockMode,
     out: &mut Vec<Request>,
     skipped: &mut Vec<String>,
 ) -> Result<(), StorageError> {
-    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
-    let rdev = meta.rdev();
     let of = disk_of(&planned.role);
-    for layer in stack::layers(std::path::Path::new(SYS), libc::major(rdev), libc::minor(rdev)) {
+    for layer in stack::layers(Path::new(SYS), major, minor) {
         let role = Role::Layer { layer: layer.kind, above: format!("/dev/{}", layer.above), of: of.clone() };
         match &layer.target {
             stack::LayerTarget::Block(dev) => match stack::node(std::path::Path::new(DEV), dev) {
@@ -222,7 +278,8 @@ fn layer_requests(
                 }
             },
             stack::LayerTarget::File(file) => {
-                out.push(Request { mode: LockMode::Shared, role, optional: false, ..request(planned, file.clone()) })
+                let mode = if top.as_deref() == Some(layer.above.as_str()) { mode } else { LockMode::Shared };
+                out.push(Request { mode, role, optional: false, ..request(planned, file.clone()) })
             }
         }
     }
@@ -284,6 +341,7 @@ fn request(planned: &Planned, path: PathBuf) -> Request {
 /// image's mode) and, when the plan says to read it (`read_chain`), the backing chain from the
 /// headers, each link shared with its own data file.
 fn image_files(
+    lockspace: &Lockspace,
     top: &Planned,
     top_path: PathBuf,
     out: &mut Vec<Request>,
@@ -314,17 +372,18 @@ fn image_files(
         let Some(header) = qcow2::read_header(&current).map_err(header_err)? else { return Ok(()) };
         if let Some(name) = &header.data_file {
             match qcow2::resolve_name(&current, name) {
-                Some(data) => out.push(Request {
-                    path: data,
-                    mode,
-                    offset: 0,
-                    role: Role::DataFile { of: of.clone() },
-                    is_lease: false,
-                    optional: false,
-                    key: None,
-                    label: None,
-                    lock_file: None,
-                }),
+                Some(data) => {
+                    let role = Role::DataFile { of: of.clone() };
+                    // QEMU 7.2 opens a relative data file name relative to its own working
+                    // directory (`/` under libvirt), newer libvirt relative to the image: both.
+                    if !Path::new(name).is_absolute() {
+                        let from_root = Path::new("/").join(name);
+                        if from_root != data && from_root.exists() {
+                            file_requests(lockspace, top, &from_root, mode, role.clone(), out, skipped)?;
+                        }
+                    }
+                    file_requests(lockspace, top, &data, mode, role, out, skipped)?;
+                }
                 None => skipped.push(format!("data file of {}: {name:?} is not a local file", current.display())),
             }
         }
@@ -336,17 +395,7 @@ fn image_files(
             skipped.push(format!("{role}: {:?} is not a local file", backing.name));
             return Ok(());
         };
-        out.push(Request {
-            path: next.clone(),
-            mode: LockMode::Shared,
-            offset: 0,
-            role: role.clone(),
-            is_lease: false,
-            optional: false,
-            key: None,
-            label: None,
-            lock_file: None,
-        });
+        file_requests(lockspace, top, &next, LockMode::Shared, role.clone(), out, skipped)?;
         current = next;
         format = backing.format;
         mode = LockMode::Shared;
@@ -375,7 +424,9 @@ mod tests {
         let domain = Domain::parse(xml.as_bytes()).expect("parse");
         let mut plan = crate::resource::plan(&domain, &Config::default());
         let reqs = resolve(&mut plan, &Config::default()).expect("resolve");
-        let got: Vec<_> = reqs.iter().map(|r| (r.path.clone(), r.mode)).collect();
+        // The filesystem the temp dir is on may be a block device: its layer is beside the point.
+        let got: Vec<_> =
+            reqs.iter().filter(|r| !matches!(r.role, Role::Layer { .. })).map(|r| (r.path.clone(), r.mode)).collect();
         assert_eq!(got, vec![(top, LockMode::Exclusive), (mid, LockMode::Shared), (base, LockMode::Shared)]);
     }
 

@@ -31,8 +31,10 @@ pub enum LayerKind {
     /// A device a device-mapper or md device is built on (LVM PV, multipath path, crypt
     /// backing, md member).
     Slave,
-    /// The file behind a loop device.
+    /// The file (or block device) behind a loop device.
     BackingFile,
+    /// The block device holding the filesystem an image file lives on.
+    Filesystem,
 }
 
 impl LayerKind {
@@ -42,6 +44,7 @@ impl LayerKind {
             LayerKind::Disk => "disk of",
             LayerKind::Slave => "component of",
             LayerKind::BackingFile => "backing file of",
+            LayerKind::Filesystem => "filesystem holding",
         }
     }
 }
@@ -89,9 +92,28 @@ fn block_at(dir: &Path) -> Option<BlockDev> {
     Some(BlockDev { name, major, minor })
 }
 
+/// The block device `major:minor` as sysfs names it; `None` when sysfs does not know it (an
+/// anonymous device: NFS, FUSE, tmpfs, btrfs subvolumes).
+pub fn device(sys: &Path, major: u32, minor: u32) -> Option<BlockDev> {
+    block_at(&fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}"))).ok()?)
+}
+
+/// The device numbers of `path` when it is a block device (following symlinks).
+fn block_numbers(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = fs::metadata(path).ok()?;
+    meta.file_type().is_block_device().then(|| (libc::major(meta.rdev()), libc::minor(meta.rdev())))
+}
+
 /// The layers beneath the block device `major:minor`, nearest first, read from `sys` (normally
 /// `/sys`). Empty for a device with nothing beneath it (a plain disk) or unknown to sysfs.
 pub fn layers(sys: &Path, major: u32, minor: u32) -> Vec<Layer> {
+    layers_with(sys, major, minor, &block_numbers)
+}
+
+/// `layers`, with `block_of` saying whether a loop device's backing file is itself a block
+/// device (a loop over a partition, or over another loop device), whose layers then follow.
+fn layers_with(sys: &Path, major: u32, minor: u32, block_of: &dyn Fn(&Path) -> Option<(u32, u32)>) -> Vec<Layer> {
     let Ok(root) = fs::canonicalize(sys) else { return Vec::new() };
     let Ok(start) = fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}"))) else { return Vec::new() };
     let mut out = Vec::new();
@@ -116,11 +138,18 @@ pub fn layers(sys: &Path, major: u32, minor: u32) -> Vec<Layer> {
         if let Some(file) = read_trimmed(&dir.join("loop/backing_file")) {
             // The kernel appends " (deleted)" when the file was unlinked: nothing to lock then.
             if !file.ends_with(" (deleted)") {
-                out.push(Layer {
-                    target: LayerTarget::File(PathBuf::from(file)),
-                    kind: LayerKind::BackingFile,
-                    above: above.clone(),
-                });
+                let file = PathBuf::from(file);
+                match block_of(&file)
+                    .and_then(|(ma, mi)| fs::canonicalize(sys.join(format!("dev/block/{ma}:{mi}"))).ok())
+                {
+                    // A loop over a block device: that device is the layer, and its own follow.
+                    Some(lower) => below.push((lower, LayerKind::BackingFile)),
+                    None => out.push(Layer {
+                        target: LayerTarget::File(file),
+                        kind: LayerKind::BackingFile,
+                        above: above.clone(),
+                    }),
+                }
             }
         }
         for (lower, kind) in below {
@@ -252,6 +281,37 @@ pub(crate) mod tests {
         sys.slave(&md, &sde);
         sys.slave(&md, &sdf);
         assert_eq!(summary(&layers(sys.root(), 9, 0)), ["sde component of md0", "sdf component of md0"]);
+    }
+
+    #[test]
+    fn loops_over_block_devices_are_followed() {
+        let sys = FakeSys::new();
+        let loop0 = sys.device("virtual/block/loop0", 7, 0);
+        fs::create_dir_all(loop0.join("loop")).expect("mkdir");
+        fs::write(loop0.join("loop/backing_file"), "/srv/f.raw\n").expect("backing");
+        sys.partition("virtual/block/loop0/loop0p1", 259, 0, 1);
+        // loop1 over /dev/loop0p1, loop2 over /dev/loop1.
+        for (n, of) in [(1, "/dev/loop0p1"), (2, "/dev/loop1")] {
+            let dir = sys.device(&format!("virtual/block/loop{n}"), 7, n);
+            fs::create_dir_all(dir.join("loop")).expect("mkdir");
+            fs::write(dir.join("loop/backing_file"), format!("{of}\n")).expect("backing");
+        }
+        let block_of = |p: &Path| match p.to_str() {
+            Some("/dev/loop0p1") => Some((259, 0)),
+            Some("/dev/loop1") => Some((7, 1)),
+            _ => None,
+        };
+        assert_eq!(
+            summary(&layers_with(sys.root(), 7, 2, &block_of)),
+            [
+                "loop1 backing file of loop2",
+                "loop0p1 backing file of loop1",
+                "loop0 disk of loop0p1",
+                "/srv/f.raw backing file of loop0"
+            ]
+        );
+        assert_eq!(device(sys.root(), 259, 0).map(|d| d.name), Some("loop0p1".to_owned()));
+        assert_eq!(device(sys.root(), 8, 0), None);
     }
 
     #[test]

@@ -153,6 +153,11 @@ pub struct Libvirtd {
     mnt_ns: String,
     /// `readlink /proc/<holder>/ns/uts`.
     uts_ns: String,
+    /// Open references to both namespaces, closed only after [`Drop`] is done: the kernel reuses
+    /// a freed namespace's inode number at once, so without them a fixture still tearing down
+    /// would take the next fixture's brand-new namespaces (same `mnt:[N]`) for its own and kill
+    /// their processes.
+    _ns_refs: Vec<fs::File>,
 }
 
 impl Libvirtd {
@@ -211,8 +216,19 @@ impl Libvirtd {
             Some(&mnt_ns) != own_ns("mnt").as_ref() && Some(&uts_ns) != own_ns("uts").as_ref(),
             "unshare did not create new namespaces (holder {holder_pid} shares ours)"
         );
+        let ns_refs = ["mnt", "uts"]
+            .iter()
+            .zip([&mnt_ns, &uts_ns])
+            .filter_map(|(kind, id)| {
+                use std::os::unix::fs::MetadataExt;
+                let file = fs::File::open(format!("/proc/{holder_pid}/ns/{kind}")).ok()?;
+                let ino = file.metadata().ok()?.ino();
+                id.contains(&format!("[{ino}]")).then_some(file)
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(ns_refs.len(), 2, "namespace holder {holder_pid} died during setup: {}", setup_output());
         // From here on, a panic drops `this`, which kills what was started.
-        let this = Libvirtd { dir, hostname, holder_pid, mnt_ns, uts_ns };
+        let this = Libvirtd { dir, hostname, holder_pid, mnt_ns, uts_ns, _ns_refs: ns_refs };
         assert!(status.success(), "namespace setup failed ({status}): {}", setup_output());
         this.wait_until_answering();
         save_capabilities_cache(this.dir.path());
