@@ -169,7 +169,7 @@ pub enum RunError {
     #[error("cannot resolve the images")]
     Resolve(#[source] Box<crate::storage::StorageError>),
     #[error("cannot register in the run directory")]
-    Register(#[source] crate::holder::server::HolderError),
+    Register(#[source] crate::rundir::RunDirError),
     #[error("cannot record the locks")]
     State(#[source] crate::state::StateError),
     #[error("cannot run {command}")]
@@ -211,10 +211,10 @@ pub fn run(
     let paths = Paths::new(&config.run_dir);
     let line = command_line(command);
     let id = new_id();
-    crate::holder::server::ensure_run_dir(paths.run_dir()).map_err(RunError::Register)?;
+    crate::rundir::ensure_run_dir(paths.run_dir()).map_err(RunError::Register)?;
     // Removed however `run` ends (a refusal too), after the instance lock below is let go.
     let _registered = RemoveOnDrop(vec![paths.instance_lock(&id), paths.state(&id)]);
-    let _instance = crate::holder::server::take_instance_lock(&paths, &id).map_err(RunError::Register)?;
+    let _instance = crate::rundir::take_instance_lock(&paths, &id).map_err(RunError::Register)?;
     let strict = Config { on_missing: crate::config::MissingPolicy::Fail, ..config.clone() };
     // The locks a guest would take on these images: stable identities, layers, data files.
     let mut requests =

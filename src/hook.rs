@@ -233,7 +233,7 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
             // Destination of an incoming live migration. Note it for `prepare` and `start`, and
             // print nothing: libvirt reads stdout as replacement XML here.
             let domain = parse_domain(event, stdin)?;
-            crate::holder::server::ensure_run_dir(ctx.paths.run_dir()).ok();
+            crate::rundir::ensure_run_dir(ctx.paths.run_dir()).ok();
             if let Err(e) = crate::migration::note_incoming(&ctx.paths, &domain.uuid) {
                 warn!("guest {} ({}): cannot note the incoming migration: {e}", domain.name, domain.uuid);
             }

@@ -20,6 +20,7 @@ pub mod paths;
 pub mod qemu;
 pub mod reconcile;
 pub mod resource;
+pub mod rundir;
 pub mod state;
 pub mod status;
 pub mod storage;

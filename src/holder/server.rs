@@ -17,18 +17,16 @@
 //! missing or corrupt state file is rewritten, a deleted instance-lock file is recreated and
 //! locked, so the guest stays reachable and nameable.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{signal, SigHandler, Signal};
-use nix::sys::socket::{
-    self, accept4, bind, listen, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
-};
+use nix::sys::socket::{self, accept4, setsockopt, sockopt, SockFlag};
 use nix::sys::time::TimeVal;
 
 use super::protocol::{self, ErrorCode, Guest, Request, Response, MAX_FRAME};
@@ -36,8 +34,9 @@ use super::records::RecordKeeper;
 use super::{fdpass, footprint, handover, hotplug};
 use crate::config::Config;
 use crate::domain::Uuid;
-use crate::lock::{self, LockMode};
 use crate::paths::Paths;
+use crate::rundir::RunDirError as HolderError;
+use crate::rundir::{ensure_run_dir, listen_on, take_instance_lock};
 use crate::state::{self, GuestState, Resource};
 
 /// A holder that was given nothing this long after its start exits.
@@ -51,30 +50,6 @@ pub const TICK: Duration = Duration::from_secs(1);
 const GUARD_POLL: Duration = Duration::from_millis(10);
 /// Every this many ticks the holder re-publishes owner records someone removed.
 const RECORD_REFRESH_TICKS: u64 = 60;
-
-#[derive(Debug, thiserror::Error)]
-pub enum HolderError {
-    #[error("{path}: cannot create the run directory")]
-    RunDir {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: cannot open the instance lock")]
-    InstanceLock {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("another holder already runs for guest {0}")]
-    AlreadyRunning(Uuid),
-    #[error("{path}: cannot listen")]
-    Listen {
-        path: std::path::PathBuf,
-        #[source]
-        source: nix::Error,
-    },
-}
 
 struct Qemu {
     pid: u32,
@@ -168,51 +143,6 @@ pub(crate) fn protect_self() {
     if let Err(e) = fs::write("/proc/self/oom_score_adj", "-1000") {
         warn!("cannot set oom_score_adj: {e}");
     }
-}
-
-pub(crate) fn ensure_run_dir(dir: &Path) -> Result<(), HolderError> {
-    let err = |source| HolderError::RunDir { path: dir.to_owned(), source };
-    fs::create_dir_all(dir).map_err(err)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)
-}
-
-/// Opens (creating, never following a symlink) a single-instance lock file in the run directory
-/// and takes its exclusive OFD lock without waiting.
-pub(crate) fn lock_instance_file(path: &Path) -> std::io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    lock::try_lock_fd(&file, LockMode::Exclusive, 0)?;
-    Ok(file)
-}
-
-pub(crate) fn take_instance_lock(paths: &Paths, uuid: &Uuid) -> Result<File, HolderError> {
-    let path = paths.instance_lock(uuid);
-    match lock_instance_file(&path) {
-        Ok(file) => Ok(file),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(HolderError::AlreadyRunning(uuid.clone())),
-        Err(source) => Err(HolderError::InstanceLock { path, source }),
-    }
-}
-
-pub(crate) fn listen_on(path: &Path) -> Result<OwnedFd, HolderError> {
-    let err = |source| HolderError::Listen { path: path.to_owned(), source };
-    // Only a holder holding the instance lock gets here, so a socket file left at this path
-    // belongs to a dead holder of this guest.
-    let _ = fs::remove_file(path);
-    let sock = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(err)?;
-    let addr = UnixAddr::new(path).map_err(err)?;
-    // Bind with a umask that leaves the socket 0600 from its first moment.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = bind(sock.as_raw_fd(), &addr);
-    nix::sys::stat::umask(old);
-    bound.map_err(err)?;
-    listen(&sock, Backlog::new(16).map_err(err)?).map_err(err)?;
-    Ok(sock)
 }
 
 fn pidfd_open(pid: u32) -> Option<OwnedFd> {

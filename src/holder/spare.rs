@@ -42,12 +42,12 @@ pub fn run(config_path: &Path) -> i32 {
     let Ok(config) = Config::load(config_path) else { return 1 };
     crate::logging::init_daemon(&config);
     let paths = Paths::new(&config.run_dir);
-    if server::ensure_run_dir(paths.run_dir()).is_err() {
+    if crate::rundir::ensure_run_dir(paths.run_dir()).is_err() {
         return 1;
     }
-    let Ok(spare_lock) = server::lock_instance_file(&paths.spare_lock()) else { return 0 }; // another spare runs
+    let Ok(spare_lock) = crate::rundir::lock_instance_file(&paths.spare_lock()) else { return 0 }; // another spare runs
     let socket = paths.spare_socket();
-    let Ok(listener) = server::listen_on(&socket) else { return 1 };
+    let Ok(listener) = crate::rundir::listen_on(&socket) else { return 1 };
     let code = CodePages::new();
     let mut buf = vec![0u8; MAX_FRAME];
     loop {

@@ -1,0 +1,82 @@
+//! The run directory (`run_dir`, see `paths`): creating it, the single-instance lock files, and
+//! listening on a holder's socket. Used by holders, the spare holder, the hook and `lockhook run`.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use nix::sys::socket::{self, bind, listen, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+
+use crate::domain::Uuid;
+use crate::lock::{self, LockMode};
+use crate::paths::Paths;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("{path}: cannot create the run directory")]
+    RunDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot open the instance lock")]
+    InstanceLock {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another holder already runs for guest {0}")]
+    AlreadyRunning(Uuid),
+    #[error("{path}: cannot listen")]
+    Listen {
+        path: std::path::PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+pub fn ensure_run_dir(dir: &Path) -> Result<(), RunDirError> {
+    let err = |source| RunDirError::RunDir { path: dir.to_owned(), source };
+    fs::create_dir_all(dir).map_err(err)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// Opens (creating, never following a symlink) a single-instance lock file in the run directory
+/// and takes its exclusive OFD lock without waiting.
+pub fn lock_instance_file(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    lock::try_lock_fd(&file, LockMode::Exclusive, 0)?;
+    Ok(file)
+}
+
+pub fn take_instance_lock(paths: &Paths, uuid: &Uuid) -> Result<File, RunDirError> {
+    let path = paths.instance_lock(uuid);
+    match lock_instance_file(&path) {
+        Ok(file) => Ok(file),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(RunDirError::AlreadyRunning(uuid.clone())),
+        Err(source) => Err(RunDirError::InstanceLock { path, source }),
+    }
+}
+
+pub fn listen_on(path: &Path) -> Result<OwnedFd, RunDirError> {
+    let err = |source| RunDirError::Listen { path: path.to_owned(), source };
+    // Only a holder holding the instance lock gets here, so a socket file left at this path
+    // belongs to a dead holder of this guest.
+    let _ = fs::remove_file(path);
+    let sock = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(err)?;
+    let addr = UnixAddr::new(path).map_err(err)?;
+    // Bind with a umask that leaves the socket 0600 from its first moment.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = bind(sock.as_raw_fd(), &addr);
+    nix::sys::stat::umask(old);
+    bound.map_err(err)?;
+    listen(&sock, Backlog::new(16).map_err(err)?).map_err(err)?;
+    Ok(sock)
+}
