@@ -411,3 +411,17 @@ fn restores_and_dead_holders_do_not_pass_for_migrations() {
     let _ = setup.hook(&["vm1", "release", "end", "-"], &vm1);
     assert!(!setup.run_dir.join(format!("{UUID1}.admitted")).exists(), "release forgets the admission");
 }
+
+/// A file image needs no lockspace: without one (not created yet, not mounted), only what
+/// cannot do without it (network disks, block devices) is refused; the device holding the
+/// image's filesystem is a best-effort layer and is skipped.
+#[test]
+fn file_images_start_without_a_lockspace() {
+    let setup = Setup::new("");
+    std::fs::remove_dir_all(setup.path("lockspace")).expect("remove the lockspace");
+    let img = setup.image("images/plain.img");
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &xml("vm1", UUID1, &file_disk(&img, "vda", "")));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+    let _ = setup.hook(&["vm1", "release", "end", "-"], &xml("vm1", UUID1, ""));
+}

@@ -181,8 +181,17 @@ fn file_requests(
             optional: false,
             ..request(planned, node.clone())
         });
-        identity_request(lockspace, planned, &node, LockMode::Shared, layer, out)?;
-        layer_requests(lockspace, planned, (major, minor), Some(fs_dev.name), LockMode::Shared, out, skipped)?;
+        // Best effort, like the node lock: without a usable lockspace these are only skipped.
+        let mut beneath = Vec::new();
+        let taken = identity_request(lockspace, planned, &node, LockMode::Shared, layer.clone(), &mut beneath)
+            .and_then(|()| {
+                let top = Some(fs_dev.name);
+                layer_requests(lockspace, planned, (major, minor), top, LockMode::Shared, &mut beneath, skipped)
+            });
+        match taken {
+            Ok(()) => out.append(&mut beneath),
+            Err(e) => skipped.push(format!("{layer}: {}; its identity is not locked", crate::error_chain(&e))),
+        }
     }
     Ok(())
 }
