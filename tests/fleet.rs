@@ -4,7 +4,7 @@
 //! a coherent cluster filesystem's lock manager does.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use lockhook::lock::LockMode;
@@ -256,16 +256,6 @@ fn cancelled_migration_leaves_the_source_locks_alone() {
     assert_eq!(lock_state(&img, 0), None);
 }
 
-/// A `qemu-nbd` server on a unix socket, killed on drop.
-struct Nbd(Child);
-
-impl Drop for Nbd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 #[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn network_and_block_disks_collide_across_hosts() {
@@ -273,14 +263,7 @@ fn network_and_block_disks_collide_across_hosts() {
     let (a, b) = (Host::new(&storage), Host::new(&storage));
     let export = storage.image("nbd-export.raw");
     let socket = storage.dir.path().join("nbd.sock");
-    let nbd = Nbd(Command::new("qemu-nbd")
-        .args(["--persistent", "--shared=4", "-f", "raw", "-x", "export1", "-k"])
-        .arg(&socket)
-        .arg(&export)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd (qemu-utils)"));
-    assert!(wait_until(Duration::from_secs(10), || socket.exists()), "qemu-nbd listens");
+    let nbd = crate::common::Nbd::serve(&export, "export1", &socket);
     let nbd_disk = format!(
         "<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='export1'>\
          <host transport='unix' socket='{}'/></source><target dev='vda' bus='virtio'/></disk>",

@@ -332,16 +332,6 @@ fn block_copy_pivot_moves_the_lock_to_the_copy() {
     assert_eq!(lock_state(&copy, 0), None);
 }
 
-/// A `qemu-nbd` server on a unix socket, killed on drop.
-struct Nbd(std::process::Child);
-
-impl Drop for Nbd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Issue 10: hot-plug locks exactly what a start would. A network disk no guest used before
 /// (its lockspace lock file does not exist yet) is locked when hot-plugged, so a second guest
 /// on that export is refused.
@@ -351,14 +341,7 @@ fn hot_plugged_network_disks_never_used_before_are_locked() {
     let host = Host::new();
     let export = host.setup.image("images/export.raw");
     let socket = host.setup.path("nbd.sock");
-    let nbd = Nbd(Command::new("qemu-nbd")
-        .args(["--persistent", "--shared=4", "-f", "raw", "-x", "fresh", "-k"])
-        .arg(&socket)
-        .arg(&export)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd (qemu-utils)"));
-    assert!(wait_until(Duration::from_secs(10), || socket.exists()), "qemu-nbd listens");
+    let nbd = crate::common::Nbd::serve(&export, "fresh", &socket);
     let disk = format!(
         "<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='fresh'>\
          <host transport='unix' socket='{}'/></source><target dev='vdb' bus='virtio'/></disk>",

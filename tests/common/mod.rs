@@ -145,3 +145,27 @@ pub fn lock_state(path: &Path, offset: u64) -> Option<lockhook::lock::LockMode> 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A `qemu-nbd` server exporting `image` as `export` on the unix socket `socket`, killed on drop.
+pub struct Nbd(std::process::Child);
+
+impl Nbd {
+    pub fn serve(image: &Path, export: &str, socket: &Path) -> Nbd {
+        let nbd = Nbd(Command::new("qemu-nbd")
+            .args(["--persistent", "--shared=4", "-f", "raw", "-x", export, "-k"])
+            .arg(socket)
+            .arg(image)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-nbd (qemu-utils)"));
+        assert!(wait_until(Duration::from_secs(10), || socket.exists()), "qemu-nbd listens on {}", socket.display());
+        nbd
+    }
+}
+
+impl Drop for Nbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
