@@ -167,6 +167,14 @@ fn file_requests(
         identity_request(lockspace, planned, path, mode, role, out)?;
         layer_requests(lockspace, planned, (major, minor), top.map(|d| d.name), mode, out, skipped)?;
     } else if meta.is_file() && !matches!(role, Role::Lease { .. } | Role::Loader) {
+        // Many images share one filesystem: its device is resolved once per call.
+        let seen = out.iter().any(|r| {
+            matches!(r.role, Role::Layer { layer: stack::LayerKind::Filesystem, .. })
+                && std::fs::metadata(&r.path).is_ok_and(|m| m.rdev() == meta.dev())
+        });
+        if seen {
+            return Ok(());
+        }
         let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
         let Some(fs_dev) = stack::device(sys, major, minor) else { return Ok(()) };
         let Some(node) = stack::node(Path::new(DEV), &fs_dev) else { return Ok(()) };
