@@ -44,16 +44,41 @@ pub fn ensure_run_dir(dir: &Path) -> Result<(), RunDirError> {
 
 /// Opens (creating, never following a symlink) a single-instance lock file in the run directory
 /// and takes its exclusive OFD lock without waiting.
+///
+/// A holder removes its lock file (while it still holds the lock) when it lets go, so a host
+/// running many short-lived guests does not collect one file per guest ever started. So the lock
+/// counts only if, once taken, the path still names the file locked; otherwise the file was
+/// removed meanwhile, and a fresh one is made.
 pub fn lock_instance_file(path: &Path) -> std::io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    lock::try_lock_fd(&file, LockMode::Exclusive, 0)?;
-    Ok(file)
+    use std::os::unix::fs::MetadataExt;
+    for _ in 0..3 {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        lock::try_lock_fd(&file, LockMode::Exclusive, 0)?;
+        let ours = file.metadata()?;
+        if fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (ours.dev(), ours.ino())) {
+            return Ok(file);
+        }
+    }
+    Err(std::io::Error::other(format!("{}: removed each time it was locked", path.display())))
+}
+
+/// Removes the lock file `held` (locked through `lock_instance_file`) while still holding it,
+/// if `path` still names it.
+pub fn remove_instance_file(path: &Path, held: &File) {
+    use std::os::unix::fs::MetadataExt;
+    let same = match (fs::symlink_metadata(path), held.metadata()) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    };
+    if same {
+        let _ = fs::remove_file(path);
+    }
 }
 
 pub fn take_instance_lock(paths: &Paths, uuid: &Uuid) -> Result<File, RunDirError> {

@@ -781,6 +781,10 @@ impl Holder {
         let _ = fs::remove_file(self.paths.state(&self.uuid));
         let _ = fs::remove_file(self.paths.socket(&self.uuid));
         self.held.clear();
+        // Invariant: the lock file goes while still locked (see `rundir::lock_instance_file`).
+        if let Some(instance) = &self.instance {
+            crate::rundir::remove_instance_file(&self.paths.instance_lock(&self.uuid), instance);
+        }
         self.instance = None;
     }
 
