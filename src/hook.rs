@@ -439,10 +439,7 @@ fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
     // Consumed here whatever happens next: a marker never outlives the start it announced.
     let incoming = crate::migration::take_incoming(&ctx.paths, &domain.uuid);
     let (acquired, pending) = acquire(ctx, domain, &HashSet::new(), incoming)?;
-    if !pending.is_empty() {
-        crate::migration::note_admitted(&ctx.paths, &domain.uuid)
-            .map_err(|source| HookError::NoteAdmitted { name: domain.name.clone(), source })?;
-    }
+    note_admitted(ctx, domain, &pending)?;
     if acquired.locks.is_empty() && pending.is_empty() {
         info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
         return Ok(());
@@ -461,6 +458,7 @@ fn start(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
         None => (HashSet::new(), false),
     };
     let (acquired, pending) = acquire(ctx, domain, &held, incoming)?;
+    note_admitted(ctx, domain, &pending)?;
     if acquired.locks.is_empty() && pending.is_empty() {
         return Ok(());
     }
@@ -518,17 +516,22 @@ pub(crate) fn adopt(ctx: &Ctx, guest: &Guest, requests: &[Request], qemu: Option
     }
 }
 
+/// Notes that `pending` locks were admitted for `domain` (see `migration::note_admitted`).
+fn note_admitted(ctx: &Ctx, domain: &Domain, pending: &[Resource]) -> Result<(), HookError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    crate::migration::note_admitted(&ctx.paths, &domain.uuid)
+        .map_err(|source| HookError::NoteAdmitted { name: domain.name.clone(), source })
+}
+
 /// `started`: a guest whose holder still waits for a migration source must be running as an
 /// incoming migration (QEMU with `-incoming`, paused until the switch-over). The holder kills a
 /// QEMU that is not as soon as it execs; this is the check of last resort.
 fn verify_incoming(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
-    let client = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))?;
-    let pending = match &client {
-        Some(c) => c.held().map_err(holder_err(&guest(domain)))?.pending,
-        None => 0,
-    };
-    // The note outlives a holder that died or gave up: its guest must still be incoming.
-    if pending == 0 && !crate::migration::admitted(&ctx.paths, &domain.uuid) {
+    // Every admission of pending locks is noted (`note_admitted`), and the note outlives a
+    // holder that died or gave up: one stat decides, with no holder round trip on a plain start.
+    if !crate::migration::admitted(&ctx.paths, &domain.uuid) {
         return Ok(());
     }
     match crate::migration::find_qemu(&domain.name, &domain.uuid, &ctx.config.libvirt_run_dir) {
@@ -543,7 +546,7 @@ fn verify_incoming(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
             };
             error!("guest {} ({}): waits for locks held by its migration source, but {why}", domain.name, domain.uuid);
             // The holder lets go of what it holds and of every wait.
-            if let Some(client) = client {
+            if let Some(client) = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))? {
                 client.release().map_err(holder_err(&guest(domain)))?;
             }
             crate::migration::forget_admitted(&ctx.paths, &domain.uuid);

@@ -378,10 +378,7 @@ fn a_refused_role_change_is_a_conflict_and_never_unlocks() {
     let dir = host.setup.path("images");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
-    let qemu_img = |args: &[&str]| {
-        let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
+    let qemu_img = |args: &[&str]| drop(crate::common::run_ok(Command::new("qemu-img").args(args)));
     qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().expect("utf8"), "16M"]);
     qemu_img(&[
         "create",

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use crate::common::host::Host;
 use crate::common::libvirtd::{kvm_usable, random_uuid};
+use crate::common::run_ok as run;
 use crate::common::stderr;
 
 fn file_disk(path: &Path, format: &str, target: &str, extra: &str) -> String {
@@ -18,12 +19,6 @@ fn file_disk(path: &Path, format: &str, target: &str, extra: &str) -> String {
 
 fn block_disk(dev: &str) -> String {
     format!("<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{dev}'/><target dev='vda' bus='virtio'/></disk>")
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A loop device over a file with two partitions (`partx` makes their nodes without udev);

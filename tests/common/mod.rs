@@ -169,3 +169,10 @@ impl Drop for Nbd {
         let _ = self.0.wait();
     }
 }
+
+/// Runs `cmd`, asserting it succeeds; returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
