@@ -7,6 +7,7 @@ pub mod config;
 pub mod doctor;
 pub mod domain;
 pub mod guard;
+pub mod guest;
 pub mod holder;
 pub mod hook;
 pub mod lock;

@@ -150,6 +150,32 @@ pub enum QemuKind {
     Plain,
 }
 
+/// Why a guest whose holder was admitted pending locks is not an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotIncoming {
+    #[error("its QEMU (pid {0}) was not started with -incoming")]
+    Plain(u32),
+    #[error("its QEMU process cannot be found")]
+    NoQemu,
+}
+
+/// `started`: a guest admitted with pending locks (see `note_admitted`) must be running as an
+/// incoming migration (QEMU with `-incoming`, paused until the switch-over). The note outlives
+/// a holder that died or gave up, so one stat decides, with no holder round trip on a plain
+/// start. The note is consumed either way.
+pub fn check_started(paths: &Paths, domain: &Domain, libvirt_run_dir: &Path) -> Result<(), NotIncoming> {
+    if !admitted(paths, &domain.uuid) {
+        return Ok(());
+    }
+    let found = find_qemu(&domain.name, &domain.uuid, libvirt_run_dir);
+    forget_admitted(paths, &domain.uuid);
+    match found {
+        Some((_, QemuKind::Incoming)) => Ok(()),
+        Some((pid, _)) => Err(NotIncoming::Plain(pid)),
+        None => Err(NotIncoming::NoQemu),
+    }
+}
+
 /// Classifies process `pid` from its command line.
 pub fn qemu_kind(pid: u32, uuid: &Uuid) -> QemuKind {
     match std::fs::read(format!("/proc/{pid}/cmdline")) {

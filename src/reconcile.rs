@@ -11,16 +11,13 @@ use log::{error, info, warn};
 
 use crate::config::Config;
 use crate::domain::{Domain, Uuid};
+use crate::guest::{self, Ctx};
 use crate::holder::client::Client;
 use crate::holder::protocol::Guest;
-use crate::hook::{self, Ctx};
 use crate::paths::Paths;
 use crate::resource::Role;
 use crate::state::{self, GuestState, HolderKind};
 use crate::storage::Request;
-
-/// A holder whose guest has no QEMU yet is left alone this long (a start in progress).
-pub const STARTING_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// What a pass did, one line per action.
 #[derive(Debug, Default)]
@@ -123,7 +120,7 @@ pub(crate) fn adopt_orphans(ctx: &Ctx) -> Report {
         };
         let guest = Guest { name: record.name.clone(), uuid: uuid.clone() };
         warn!("guest {} ({uuid}) runs but its holder died; re-taking its locks", record.name);
-        match hook::adopt(ctx, &guest, &requests_from(&record), Some(qemu)) {
+        match guest::adopt(ctx, &guest, &requests_from(&record), Some(qemu)) {
             Ok(()) => report.adopted.push(format!("{} ({uuid}): locks re-taken", record.name)),
             Err(e) => {
                 let lines = e.lines().join("; ");
@@ -157,7 +154,7 @@ pub fn reconcile(config: &Config, config_path: &Path) -> Report {
     let running = running_guests(&config.libvirt_run_dir);
     for (domain, qemu) in &running {
         let had_holder = state::holder_alive(&ctx.paths, &domain.uuid);
-        match hook::ensure_running(&ctx, domain, Some(*qemu)) {
+        match guest::ensure_running(&ctx, domain, Some(*qemu)) {
             Ok(()) if !had_holder => report.adopted.push(format!("{} ({}): locks taken", domain.name, domain.uuid)),
             Ok(()) => {}
             Err(e) => report.failed.push(format!("{} ({}): {}", domain.name, domain.uuid, e.lines().join("; "))),
@@ -178,7 +175,7 @@ pub fn reconcile(config: &Config, config_path: &Path) -> Report {
         let Ok(Some(client)) = Client::connect(&ctx.paths, &record.uuid) else { continue };
         // A guest between `prepare` and `started` has a holder and no QEMU yet: leave young
         // holders alone. Their age is the holder's own (monotonic), never the wall clock.
-        let young = client.held().map_or(true, |held| held.age < STARTING_GRACE.as_secs());
+        let young = client.held().map_or(true, |held| held.age < guest::START_GRACE.as_secs());
         if record.qemu_pid.is_none() && young {
             continue;
         }

@@ -1,0 +1,381 @@
+//! Guest orchestration: what lockhook does to a guest, as operations on it (`prepare`, lock
+//! more at `start`, `ensure` a running guest's locks, `adopt` it after its holder died,
+//! `release`). The hook (`hook`), self-healing (`reconcile`) and `lockhook reconcile` call these;
+//! none of them talks to a holder or the lock set on its own.
+//!
+//! Invariants kept here:
+//! - all or nothing at start: a refused `prepare`/`start` leaves no lock and no lease file it
+//!   created (`Acquired::discard`);
+//! - our copies of lock fds are dropped only after the holder's ACK (`hand_over`), so no lock is
+//!   ever unowned;
+//! - a running guest is never refused what it holds: `adopt` takes what is free and reports the
+//!   rest, which its holder keeps retrying;
+//! - `release` lets go only of the holder of this UUID, and only when its QEMU is gone.
+
+// A guest operation builds at most one GuestError before it returns; its size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use log::{error, info, warn};
+
+use crate::config::Config;
+use crate::domain::{Domain, Uuid};
+use crate::holder::client::{Client, ClientError, Held};
+use crate::holder::protocol::Guest;
+use crate::holder::spawn::{self, SpawnError};
+use crate::lock::Identity;
+use crate::lockset::{self, Acquired, Refusal};
+use crate::migration::NotIncoming;
+use crate::paths::Paths;
+use crate::state::Resource;
+use crate::storage::{self, Request, StorageError};
+
+/// A holder without QEMU this old belongs to a start that was abandoned (libvirtd died between
+/// `prepare` and `started`); a younger one to a start still in progress. `prepare` refuses a
+/// second start of a guest whose holder is younger, `reconcile` releases older ones.
+pub const START_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Everything a guest operation needs.
+pub struct Ctx {
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub paths: Paths,
+}
+
+impl Ctx {
+    pub fn new(config: Config, config_path: &Path) -> Ctx {
+        Ctx { paths: Paths::new(&config.run_dir), config, config_path: config_path.to_owned() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("guest {name}")]
+    Storage {
+        name: String,
+        #[source]
+        source: StorageError,
+    },
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("guest {name} ({uuid}) is already running on this host (QEMU pid {pid}); not locking it twice")]
+    AlreadyRunning { name: String, uuid: Uuid, pid: u32 },
+    #[error("guest {name} ({uuid}) is being started on this host already ({age} s ago); not locking it twice")]
+    StartInProgress { name: String, uuid: Uuid, age: u64 },
+    #[error(
+        "guest {name} ({uuid}) is still running on another host and this is not an incoming migration ({why}); \
+         stop it there first"
+    )]
+    NotIncoming { name: String, uuid: Uuid, why: NotIncoming },
+    #[error("guest {name}: cannot note its admitted migration hand-over in the run directory")]
+    NoteAdmitted {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest {name} ({uuid}): cannot start its lock holder")]
+    Spawn {
+        name: String,
+        uuid: Uuid,
+        #[source]
+        source: SpawnError,
+    },
+    #[error("guest {name} ({uuid}): lock holder")]
+    Holder {
+        name: String,
+        uuid: Uuid,
+        #[source]
+        source: ClientError,
+    },
+}
+
+impl GuestError {
+    /// The lines the user sees: one per refused resource, else the error and its causes.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            GuestError::Refused(refusal) => refusal.lines.clone(),
+            other => vec![crate::error_chain(other)],
+        }
+    }
+}
+
+pub fn guest(domain: &Domain) -> Guest {
+    Guest { name: domain.name.clone(), uuid: domain.uuid.clone() }
+}
+
+fn holder_err(guest: &Guest) -> impl Fn(ClientError) -> GuestError + '_ {
+    move |source| GuestError::Holder { name: guest.name.clone(), uuid: guest.uuid.clone(), source }
+}
+
+/// The requests for `domain`, with skip notes logged.
+pub fn requests(ctx: &Ctx, domain: &Domain) -> Result<Vec<Request>, GuestError> {
+    let mut plan = crate::resource::plan(domain, &ctx.config);
+    let requests = storage::resolve(&mut plan, &ctx.config)
+        .map_err(|source| GuestError::Storage { name: domain.name.clone(), source })?;
+    for note in &plan.skipped {
+        info!("guest {} ({}): {note}; not locked", domain.name, domain.uuid);
+    }
+    for note in &plan.unlocked {
+        warn!("guest {} ({}): {note}", domain.name, domain.uuid);
+    }
+    Ok(requests)
+}
+
+/// Takes every lock of `domain` or none. During a verified incoming migration (`incoming`, see
+/// `migration`), a lock the same guest (UUID) holds on another host, as the owner records show,
+/// is not a refusal: it comes back as pending, for the holder to take when the source lets go.
+fn acquire(
+    ctx: &Ctx,
+    domain: &Domain,
+    held: &HashSet<Identity>,
+    incoming: bool,
+) -> Result<(Acquired, Vec<Resource>), GuestError> {
+    let requests = requests(ctx, domain)?;
+    let mut notes = Vec::new();
+    let (acquired, failures) = lockset::acquire_available(&requests, held, &ctx.config, &ctx.paths, &mut notes);
+    for note in notes {
+        warn!("guest {} ({}): {note}", domain.name, domain.uuid);
+    }
+    let migrating = incoming && !failures.busy.is_empty();
+    let mut lines = failures.errors;
+    let mut pending = Vec::new();
+    for busy in failures.busy {
+        if !migrating {
+            lines.push(busy.line);
+            continue;
+        }
+        match crate::migration::verdict(&ctx.config, domain, &busy) {
+            Ok(()) => pending.push(Resource {
+                path: busy.request.path,
+                key: busy.key,
+                label: busy.request.label,
+                lock_file: busy.request.lock_file,
+                mode: busy.request.mode,
+                roles: busy.roles,
+                identity: busy.identity,
+                since: crate::clock::now(),
+            }),
+            Err(line) => lines.push(line),
+        }
+    }
+    if !lines.is_empty() {
+        for line in &lines {
+            warn!("guest {} ({}) refused: {line}", domain.name, domain.uuid);
+        }
+        // Invariant: discarding `acquired` here releases every lock taken above and removes
+        // the lease files this call created.
+        for path in acquired.discard() {
+            info!(
+                "guest {} ({}): removed lease file {} created for this refused start",
+                domain.name,
+                domain.uuid,
+                path.display()
+            );
+        }
+        return Err(GuestError::Refused(Refusal { lines }));
+    }
+    Ok((acquired, pending))
+}
+
+/// Gives `acquired` to the guest's holder, starting one if there is none.
+fn hand_over(
+    ctx: &Ctx,
+    guest: &Guest,
+    client: Option<Client>,
+    acquired: Acquired,
+    pending: Vec<Resource>,
+    incoming: bool,
+) -> Result<Client, GuestError> {
+    let client = match client.or_else(|| Client::claim_spare(&ctx.paths, &guest.uuid)) {
+        Some(client) => client,
+        None => {
+            spawn::spawn(&ctx.config_path, &guest.uuid).map_err(|source| GuestError::Spawn {
+                name: guest.name.clone(),
+                uuid: guest.uuid.clone(),
+                source,
+            })?;
+            Client::connect(&ctx.paths, &guest.uuid)
+                .map_err(holder_err(guest))?
+                .ok_or_else(|| holder_err(guest)(ClientError::Closed))?
+        }
+    };
+    let fds: Vec<_> = acquired.locks.into_iter().map(|l| l.fd).collect();
+    fault_point("before-handover");
+    client.acquire(guest, &acquired.resources, &fds, &pending, incoming).map_err(holder_err(guest))?;
+    // Invariant: `fds` (our copies) are dropped only now, after the holder's ACK.
+    drop(fds);
+    ensure_spare(ctx);
+    for r in &acquired.resources {
+        info!("guest {} ({}): locked {} {}", guest.name, guest.uuid, r.mode.as_str(), r.path.display());
+    }
+    Ok(client)
+}
+
+/// Fault injection for tests: `LOCKHOOK_FAULT=<point>` stalls the hook there for a minute so a
+/// test can kill it at that point. libvirt scrubs the environment of hooks, so this never
+/// triggers under libvirt.
+fn fault_point(point: &str) {
+    if std::env::var_os("LOCKHOOK_FAULT").is_some_and(|v| v == point) {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
+
+/// Starts a spare holder in the background when this host has none, for the next start.
+fn ensure_spare(ctx: &Ctx) {
+    if !crate::holder::spare::exists(&ctx.paths) {
+        if let Err(e) = spawn::spawn_spare(&ctx.config_path) {
+            warn!("cannot start a spare holder: {}", crate::error_chain(&e));
+        }
+    }
+}
+
+pub fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
+    if let Some(client) = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))? {
+        let held = client.held().map_err(holder_err(&guest(domain)))?;
+        if let Some(pid) = held.qemu_pid {
+            return Err(GuestError::AlreadyRunning { name: domain.name.clone(), uuid: domain.uuid.clone(), pid });
+        }
+        if held.age < START_GRACE.as_secs() {
+            return Err(GuestError::StartInProgress {
+                name: domain.name.clone(),
+                uuid: domain.uuid.clone(),
+                age: held.age,
+            });
+        }
+        // A holder whose guest never got a QEMU: left over from a start that failed after
+        // `prepare` without a `release` (libvirtd died). Let it go, then start afresh.
+        warn!("guest {} ({}): releasing a stale holder before start", domain.name, domain.uuid);
+        client.release().map_err(holder_err(&guest(domain)))?;
+    }
+    // Consumed here whatever happens next: a marker never outlives the start it announced.
+    let incoming = crate::migration::take_incoming(&ctx.paths, &domain.uuid);
+    let (acquired, pending) = acquire(ctx, domain, &HashSet::new(), incoming)?;
+    note_admitted(ctx, domain, &pending)?;
+    if acquired.locks.is_empty() && pending.is_empty() {
+        info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
+        return Ok(());
+    }
+    hand_over(ctx, &guest(domain), None, acquired, pending, incoming).map(drop)
+}
+
+/// `start`: lock what `prepare` could not see (the chain libvirt detected, resolved volumes).
+pub fn start(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
+    let client = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))?;
+    let (held, incoming) = match &client {
+        Some(c) => {
+            let held = c.held().map_err(holder_err(&guest(domain)))?;
+            (held.identities.into_iter().collect(), held.incoming)
+        }
+        None => (HashSet::new(), false),
+    };
+    let (acquired, pending) = acquire(ctx, domain, &held, incoming)?;
+    note_admitted(ctx, domain, &pending)?;
+    if acquired.locks.is_empty() && pending.is_empty() {
+        return Ok(());
+    }
+    hand_over(ctx, &guest(domain), client, acquired, pending, incoming).map(drop)
+}
+
+/// Makes sure a live holder holds every lock of a running guest and knows its QEMU. Used by
+/// `started` and `reconnect`; re-adopts the guest when its holder is gone.
+pub fn ensure(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
+    let qemu = crate::qemu::find(&domain.name, &domain.uuid, &ctx.config.libvirt_run_dir);
+    ensure_running(ctx, domain, qemu)
+}
+
+/// `ensure` for a guest whose QEMU process is already known.
+pub fn ensure_running(ctx: &Ctx, domain: &Domain, qemu: Option<(u32, u64)>) -> Result<(), GuestError> {
+    adopt(ctx, &guest(domain), &requests(ctx, domain)?, qemu)
+}
+
+/// Gives a running guest's holder (started if missing) every lock of `requests` that is free,
+/// and tells it the QEMU process. The guest runs already, so this takes what it can: locks
+/// someone else took meanwhile come back as a refusal *after* the others are held, and the
+/// holder keeps retrying them (see `holder::hotplug`).
+pub fn adopt(ctx: &Ctx, guest: &Guest, requests: &[Request], qemu: Option<(u32, u64)>) -> Result<(), GuestError> {
+    let client = Client::connect(&ctx.paths, &guest.uuid).map_err(holder_err(guest))?;
+    let held = match &client {
+        Some(c) => c.held().map_err(holder_err(guest))?,
+        None => {
+            warn!("guest {} ({}): no holder; re-taking its locks", guest.name, guest.uuid);
+            Held { identities: Vec::new(), qemu_pid: None, age: 0, pending: 0, incoming: false }
+        }
+    };
+    let mut notes = Vec::new();
+    let held_ids = held.identities.iter().copied().collect();
+    let (acquired, failures) = lockset::acquire_available(requests, &held_ids, &ctx.config, &ctx.paths, &mut notes);
+    let lines = failures.lines();
+    for note in notes {
+        warn!("guest {} ({}): {note}", guest.name, guest.uuid);
+    }
+    let client = if acquired.locks.is_empty() {
+        client
+    } else {
+        Some(hand_over(ctx, guest, client, acquired, Vec::new(), false)?)
+    };
+    match (client, qemu) {
+        (Some(client), Some((pid, start_time))) if held.qemu_pid != Some(pid) => {
+            client.set_qemu(pid, start_time).map_err(holder_err(guest))?
+        }
+        (_, None) => warn!("guest {} ({}): QEMU process not found; its holder cannot watch it", guest.name, guest.uuid),
+        _ => {}
+    }
+    if lines.is_empty() {
+        Ok(())
+    } else {
+        Err(GuestError::Refused(Refusal { lines }))
+    }
+}
+
+/// Notes that `pending` locks were admitted for `domain` (see `migration::note_admitted`).
+fn note_admitted(ctx: &Ctx, domain: &Domain, pending: &[Resource]) -> Result<(), GuestError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    crate::migration::note_admitted(&ctx.paths, &domain.uuid)
+        .map_err(|source| GuestError::NoteAdmitted { name: domain.name.clone(), source })
+}
+
+/// `started`: a guest admitted with pending locks must be an incoming migration (the holder
+/// kills a QEMU that is not as soon as it execs; this is the check of last resort, and a
+/// failure makes libvirt stop the guest). Then its holder is made to hold every lock and to
+/// watch its QEMU; that cannot fail the guest, which runs already.
+pub fn started(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
+    crate::migration::forget_incoming(&ctx.paths, &domain.uuid);
+    if let Err(why) = crate::migration::check_started(&ctx.paths, domain, &ctx.config.libvirt_run_dir) {
+        error!("guest {} ({}): waits for locks held by its migration source, but {why}", domain.name, domain.uuid);
+        // The holder lets go of what it holds and of every wait.
+        if let Some(client) = Client::connect(&ctx.paths, &domain.uuid).map_err(holder_err(&guest(domain)))? {
+            client.release().map_err(holder_err(&guest(domain)))?;
+        }
+        return Err(GuestError::NotIncoming { name: domain.name.clone(), uuid: domain.uuid.clone(), why });
+    }
+    if let Err(e) = ensure(ctx, domain) {
+        error!("guest {} ({}): running WITHOUT lockhook's locks: {}", domain.name, domain.uuid, e.lines().join("; "));
+    }
+    Ok(())
+}
+
+/// `release`: lets go of guest `name` (`uuid`)'s holder, unless that guest's QEMU still runs
+/// (libvirt calls `release` only after QEMU is gone, so a live one means this call is not about
+/// the guest this holder protects, e.g. a refused second start).
+pub fn release(ctx: &Ctx, name: &str, uuid: &Uuid) -> Result<(), GuestError> {
+    crate::migration::forget_incoming(&ctx.paths, uuid);
+    crate::migration::forget_admitted(&ctx.paths, uuid);
+    let guest = Guest { name: name.to_owned(), uuid: uuid.clone() };
+    let Some(client) = Client::connect(&ctx.paths, uuid).map_err(holder_err(&guest))? else {
+        return Ok(());
+    };
+    let held = client.held().map_err(holder_err(&guest))?;
+    if let Some(pid) = held.qemu_pid {
+        if crate::qemu::start_time(pid).is_some()
+            && crate::qemu::find(name, uuid, &ctx.config.libvirt_run_dir).is_some_and(|(p, _)| p == pid)
+        {
+            warn!("release of {name} ({uuid}) ignored: its QEMU (pid {pid}) still runs");
+            return Ok(());
+        }
+    }
+    client.release().map_err(holder_err(&guest))
+}
