@@ -19,9 +19,9 @@ use crate::lock::{self, LockMode};
 use crate::lockspace::Lockspace;
 use crate::owner::{self, Owner};
 use crate::paths::Paths;
-use crate::resource::Role;
 use crate::state::{self, GuestState, HolderKind};
-use crate::storage::Request;
+use crate::target::LockTarget;
+use crate::target::Role;
 
 /// Exit status of `run` when a lock is taken by someone else (EX_TEMPFAIL: try again later).
 pub const EXIT_REFUSED: u8 = 75;
@@ -92,7 +92,7 @@ fn probe_path(paths: &Paths, lockspace: &Lockspace, path: &Path, offset: u64, vi
 }
 
 /// The first of `requests` (for `top`) that someone holds in a mode that conflicts with it.
-fn check_requests(paths: &Paths, lockspace: &Lockspace, top: &Path, requests: &[Request]) -> PathState {
+fn check_requests(paths: &Paths, lockspace: &Lockspace, top: &Path, requests: &[LockTarget]) -> PathState {
     for request in requests {
         let is_top = request.path == top && request.lock_file.is_none();
         let via = (!is_top).then(|| {

@@ -30,7 +30,8 @@ use crate::lockset::{self, Acquired, Refusal};
 use crate::migration::NotIncoming;
 use crate::paths::Paths;
 use crate::state::Resource;
-use crate::storage::{self, Request, StorageError};
+use crate::storage::{self, StorageError};
+use crate::target::LockTarget;
 
 /// A holder without QEMU this old belongs to a start that was abandoned (libvirtd died between
 /// `prepare` and `started`); a younger one to a start still in progress. `prepare` refuses a
@@ -110,7 +111,7 @@ fn holder_err(guest: &Guest) -> impl Fn(ClientError) -> GuestError + '_ {
 }
 
 /// The requests for `domain`, with skip notes logged.
-pub fn requests(ctx: &Ctx, domain: &Domain) -> Result<Vec<Request>, GuestError> {
+pub fn requests(ctx: &Ctx, domain: &Domain) -> Result<Vec<LockTarget>, GuestError> {
     let mut plan = crate::resource::plan(domain, &ctx.config);
     let requests = storage::resolve(&mut plan, &ctx.config)
         .map_err(|source| GuestError::Storage { name: domain.name.clone(), source })?;
@@ -147,16 +148,7 @@ fn acquire(
             continue;
         }
         match crate::migration::verdict(&ctx.config, domain, &busy) {
-            Ok(()) => pending.push(Resource {
-                path: busy.request.path,
-                key: busy.key,
-                label: busy.request.label,
-                lock_file: busy.request.lock_file,
-                mode: busy.request.mode,
-                roles: busy.roles,
-                identity: busy.identity,
-                since: crate::clock::now(),
-            }),
+            Ok(()) => pending.push(Resource::new(&busy.request, busy.roles, busy.request.mode, busy.identity)),
             Err(line) => lines.push(line),
         }
     }
@@ -294,7 +286,7 @@ pub fn ensure_running(ctx: &Ctx, domain: &Domain, qemu: Option<(u32, u64)>) -> R
 /// and tells it the QEMU process. The guest runs already, so this takes what it can: locks
 /// someone else took meanwhile come back as a refusal *after* the others are held, and the
 /// holder keeps retrying them (see `holder::hotplug`).
-pub fn adopt(ctx: &Ctx, guest: &Guest, requests: &[Request], qemu: Option<(u32, u64)>) -> Result<(), GuestError> {
+pub fn adopt(ctx: &Ctx, guest: &Guest, requests: &[LockTarget], qemu: Option<(u32, u64)>) -> Result<(), GuestError> {
     let client = Client::connect(&ctx.paths, &guest.uuid).map_err(holder_err(guest))?;
     let held = match &client {
         Some(c) => c.held().map_err(holder_err(guest))?,

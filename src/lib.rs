@@ -26,6 +26,7 @@ pub mod state;
 pub mod status;
 pub mod storage;
 pub mod supervise;
+pub mod target;
 #[cfg(test)]
 pub(crate) mod test_support;
 

@@ -4,16 +4,15 @@
 //! as a disk and as a backing image, is one lock in the strongest mode asked for. Every request is
 //! tried even after a refusal, so the user sees every conflict at once, one line each.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use crate::config::{Config, MissingPolicy};
-use crate::lock::{self, Create, HeldLock, Identity, LockError};
-use crate::lockspace::{Lockspace, Wait};
+use crate::lock::{self, HeldLock, Identity, LockError};
+use crate::lockspace::Lockspace;
 use crate::paths::Paths;
-use crate::resource::Role;
 use crate::state::Resource;
-use crate::storage::Request;
+use crate::target::{Creation, Groups, LockTarget, Role};
 
 /// Locks taken, with the record of each (same order).
 #[derive(Debug, Default)]
@@ -30,8 +29,7 @@ impl Acquired {
     pub fn discard(self) -> Vec<PathBuf> {
         let mut removed = Vec::new();
         for (held, resource) in self.locks.into_iter().zip(&self.resources) {
-            let is_lease_target = resource.roles.iter().any(|r| matches!(r, Role::Lease { .. }));
-            if !(held.created && is_lease_target) {
+            if !(held.created && resource.create == Some(Creation::Lease)) {
                 continue;
             }
             match lock::remove_created(&resource.path, held) {
@@ -58,7 +56,7 @@ pub struct Refusal {
 #[derive(Debug, Clone)]
 pub struct Busy {
     /// The request (merged over duplicates), with the roles it was asked for.
-    pub request: Request,
+    pub request: LockTarget,
     pub roles: Vec<Role>,
     pub identity: Identity,
     /// The resource's lockspace key.
@@ -92,15 +90,10 @@ enum Key {
     Missing(PathBuf, u64),
 }
 
-struct Group {
-    request: Request,
-    roles: Vec<Role>,
-}
-
 /// Takes the locks for `requests`, skipping identities in `held` (already held by this guest's
 /// holder): all of them, or none. `notes` receives one line per request skipped by policy.
 pub fn acquire_all(
-    requests: &[Request],
+    requests: &[LockTarget],
     held: &HashSet<Identity>,
     config: &Config,
     paths: &Paths,
@@ -121,20 +114,19 @@ pub fn acquire_all(
 /// Takes every lock of `requests` that is free, for a guest that already runs (re-adoption):
 /// returns what it took and one line per resource it could not take.
 pub fn acquire_available(
-    requests: &[Request],
+    requests: &[LockTarget],
     held: &HashSet<Identity>,
     config: &Config,
     paths: &Paths,
     notes: &mut Vec<String>,
 ) -> (Acquired, Failures) {
     let mut failures = Failures::default();
-    let mut order: Vec<Key> = Vec::new();
-    let mut groups: HashMap<Key, Group> = HashMap::new();
+    let mut groups: Groups<Key> = Groups::default();
     let lockspace = Lockspace::new(&config.lockspace_dir);
     for request in requests {
         let key = match request.inode(&lockspace) {
             Ok(Some((dev, ino))) => Key::Inode(dev, ino, request.offset),
-            Ok(None) if request.is_lease => Key::Missing(request.path.clone(), request.offset),
+            Ok(None) if request.create != Creation::Never => Key::Missing(request.path.clone(), request.offset),
             Ok(None) if request.optional || config.on_missing == MissingPolicy::Skip => {
                 notes.push(format!("{} ({}): does not exist; not locked", request.path.display(), request.role));
                 continue;
@@ -158,37 +150,13 @@ pub fn acquire_available(
                 continue;
             }
         }
-        match groups.get_mut(&key) {
-            Some(group) => {
-                group.request.mode = group.request.mode.max(request.mode);
-                if !group.roles.contains(&request.role) {
-                    group.roles.push(request.role.clone());
-                }
-            }
-            None => {
-                order.push(key.clone());
-                groups.insert(key, Group { request: request.clone(), roles: vec![request.role.clone()] });
-            }
-        }
+        groups.add(key, request.clone());
     }
     let mut acquired = Acquired::default();
-    for key in order {
-        let Group { request, roles } = groups.remove(&key).expect("every key in order has a group");
-        match take(&lockspace, &request) {
+    for (_, request, roles) in groups.into_ordered() {
+        match request.take(&lockspace) {
             Ok(held) => {
-                acquired.resources.push(Resource {
-                    key: request
-                        .key
-                        .clone()
-                        .unwrap_or_else(|| crate::lockspace::file_key(&request.path, request.offset)),
-                    label: request.label.clone(),
-                    lock_file: request.lock_file,
-                    path: request.path.clone(),
-                    mode: held.mode,
-                    roles,
-                    identity: held.identity,
-                    since: crate::clock::now(),
-                });
+                acquired.resources.push(Resource::new(&request, roles, held.mode, held.identity));
                 acquired.locks.push(held);
             }
             Err(LockError::AlreadyLocked { path, identity }) => {
@@ -217,30 +185,19 @@ pub fn acquire_available(
     (acquired, failures)
 }
 
-/// Takes one request's lock without waiting: a lockspace lock file through the lockspace (never
-/// through a symlink), anything else by its path.
-fn take(lockspace: &Lockspace, request: &Request) -> Result<HeldLock, LockError> {
-    match (request.lock_file, &request.key) {
-        (Some(kind), Some(key)) => lockspace.acquire(kind, key, request.mode, request.offset, Wait::No),
-        _ => {
-            let create = if request.is_lease { Create::IfMissing } else { Create::No };
-            lock::acquire(&request.path, request.mode, request.offset, create)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lock::Create;
     use crate::lock::LockMode;
 
-    fn req(path: &std::path::Path, mode: LockMode) -> Request {
-        Request {
+    fn req(path: &std::path::Path, mode: LockMode) -> LockTarget {
+        LockTarget {
             path: path.to_owned(),
             mode,
             offset: 0,
             role: Role::Disk { target: Some("vda".into()) },
-            is_lease: false,
+            create: Creation::Never,
             optional: false,
             key: None,
             label: None,
@@ -313,10 +270,10 @@ mod tests {
         let cfg = Config { lockspace_dir: dir.path().join("ls"), ..Config::default() };
         std::fs::create_dir_all(cfg.lockspace_dir.join("network")).expect("mkdir");
         let ls = Lockspace::new(&cfg.lockspace_dir);
-        let net = |key: &str| Request {
+        let net = |key: &str| LockTarget {
             key: Some(key.to_owned()),
             label: Some(key.to_owned()),
-            is_lease: true,
+            create: Creation::LockFile,
             lock_file: Some(LockFileKind::Network),
             ..req(&ls.lock_file(LockFileKind::Network, key), LockMode::Exclusive)
         };
@@ -341,10 +298,10 @@ mod tests {
         let busy = dir.path().join("busy.img");
         std::fs::write(&busy, b"x").expect("write");
         let _other_guest = lock::acquire(&busy, LockMode::Exclusive, 0, Create::No).expect("lock");
-        let lease = |name: &str| Request {
+        let lease = |name: &str| LockTarget {
             offset: 1024,
             role: Role::Lease { key: name.into(), lockspace: None },
-            is_lease: true,
+            create: Creation::Lease,
             ..req(&dir.path().join(name), LockMode::Exclusive)
         };
         std::fs::write(dir.path().join("old.lease"), b"").expect("write");

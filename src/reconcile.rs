@@ -15,9 +15,8 @@ use crate::guest::{self, Ctx};
 use crate::holder::client::Client;
 use crate::holder::protocol::Guest;
 use crate::paths::Paths;
-use crate::resource::Role;
 use crate::state::{self, GuestState, HolderKind};
-use crate::storage::Request;
+use crate::target::LockTarget;
 
 /// What a pass did, one line per action.
 #[derive(Debug, Default)]
@@ -28,22 +27,9 @@ pub struct Report {
     pub failed: Vec<String>,
 }
 
-fn requests_from(state: &GuestState) -> Vec<Request> {
-    state
-        .resources
-        .iter()
-        .map(|r| Request {
-            path: r.path.clone(),
-            mode: r.mode,
-            offset: r.identity.offset,
-            role: r.roles.first().cloned().unwrap_or(Role::Disk { target: None }),
-            is_lease: r.roles.iter().any(|role| matches!(role, Role::Lease { .. })) || r.label.is_some(),
-            optional: false,
-            key: Some(r.key.clone()).filter(|k| !k.is_empty()),
-            label: r.label.clone(),
-            lock_file: r.lock_file,
-        })
-        .collect()
+/// What a dead holder held, to take again.
+fn targets_of(state: &GuestState) -> Vec<LockTarget> {
+    state.resources.iter().flat_map(|r| r.targets()).collect()
 }
 
 fn remove_records(paths: &Paths, uuid: &Uuid) {
@@ -120,7 +106,7 @@ pub(crate) fn adopt_orphans(ctx: &Ctx) -> Report {
         };
         let guest = Guest { name: record.name.clone(), uuid: uuid.clone() };
         warn!("guest {} ({uuid}) runs but its holder died; re-taking its locks", record.name);
-        match guest::adopt(ctx, &guest, &requests_from(&record), Some(qemu)) {
+        match guest::adopt(ctx, &guest, &targets_of(&record), Some(qemu)) {
             Ok(()) => report.adopted.push(format!("{} ({uuid}): locks re-taken", record.name)),
             Err(e) => {
                 let lines = e.lines().join("; ");

@@ -16,80 +16,12 @@
 //! The layers beneath a block device (partition → disk, device-mapper/md slaves, loop → file)
 //! are added by `storage`, which looks at the device.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use crate::config::{Config, SharedPolicy};
 use crate::domain::{Backing, Disk, Domain, FirmwareKind, Source, Transient};
 use crate::lock::LockMode;
-
-/// What a request is for; shown in messages and in `lockhook status`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Role {
-    Disk {
-        target: Option<String>,
-    },
-    Backing {
-        of: Option<String>,
-    },
-    /// The destination of a running block copy of disk `of`.
-    Mirror {
-        of: Option<String>,
-    },
-    Lease {
-        key: String,
-        lockspace: Option<String>,
-    },
-    /// Locked by `lockhook run` for the command it runs.
-    Command,
-    /// A layer beneath a block device a guest writes: `kind` of the device `above` (a path),
-    /// itself beneath disk `of`.
-    Layer {
-        layer: crate::storage::stack::LayerKind,
-        above: String,
-        of: Option<String>,
-    },
-    /// The external data file of a qcow2 image of disk `of`.
-    DataFile {
-        of: Option<String>,
-    },
-    /// The overlay libvirt puts on a `<transient/>` disk `of`.
-    Overlay {
-        of: Option<String>,
-    },
-    /// The UEFI variable store (`<nvram>`).
-    Nvram,
-    /// The firmware code (`<loader>`).
-    Loader,
-    /// A file backing guest memory (nvdimm, virtio-pmem).
-    Memory,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Role::Disk { target: Some(t) } => write!(f, "disk {t}"),
-            Role::Disk { target: None } => f.write_str("disk"),
-            Role::Backing { of: Some(t) } => write!(f, "backing image of {t}"),
-            Role::Backing { of: None } => f.write_str("backing image"),
-            Role::Mirror { of: Some(t) } => write!(f, "block copy of {t}"),
-            Role::Mirror { of: None } => f.write_str("block copy"),
-            Role::Lease { key, lockspace: Some(ls) } => write!(f, "lease {ls}/{key}"),
-            Role::Lease { key, lockspace: None } => write!(f, "lease {key}"),
-            Role::Command => f.write_str("used by a command"),
-            Role::Layer { layer, above, of: Some(t) } => write!(f, "{} {above}, disk {t}", layer.phrase()),
-            Role::Layer { layer, above, of: None } => write!(f, "{} {above}", layer.phrase()),
-            Role::DataFile { of: Some(t) } => write!(f, "data file of {t}"),
-            Role::DataFile { of: None } => f.write_str("data file"),
-            Role::Overlay { of: Some(t) } => write!(f, "transient overlay of {t}"),
-            Role::Overlay { of: None } => f.write_str("transient overlay"),
-            Role::Nvram => f.write_str("UEFI variable store"),
-            Role::Loader => f.write_str("firmware"),
-            Role::Memory => f.write_str("memory backing file"),
-        }
-    }
-}
+use crate::target::{Creation, Role};
 
 /// Where the lock goes before storage resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +47,7 @@ pub struct Planned {
     pub offset: u64,
     pub role: Role,
     /// Leases create their file when missing; images must exist.
-    pub is_lease: bool,
+    pub create: Creation,
     /// `startupPolicy='optional'`: a missing image is skipped, as libvirt drops the disk.
     pub optional: bool,
     /// Read the backing chain from the image header once the path is known (qcow2 disk with no
@@ -263,7 +195,7 @@ fn plan_shared_transient(disk: &Disk, _t: Transient, domain: &Domain, config: &C
         mode: LockMode::Shared,
         offset: 0,
         role: Role::Disk { target: disk.target.clone() },
-        is_lease: false,
+        create: Creation::Never,
         optional: disk.optional,
         read_chain: config.backing_chains && matches!(disk.format.as_deref(), Some("qcow2")),
         format: disk.format.clone(),
@@ -289,27 +221,13 @@ fn plan_backing(chain: &[Backing], of: &Option<String>, plan: &mut Plan) {
                 mode: LockMode::Shared,
                 offset: 0,
                 role: Role::Backing { of: of.clone() },
-                is_lease: false,
+                create: Creation::Never,
                 optional: false,
                 read_chain: false,
                 format: backing.format.clone(),
             }),
             Err(why) => plan.skipped.push(format!("backing image of {}: {why}", of.as_deref().unwrap_or("?"))),
         }
-    }
-}
-
-impl Role {
-    /// Whether messages should say the role next to the path (it is not the obvious one).
-    pub fn worth_saying(&self) -> bool {
-        !matches!(self, Role::Disk { .. } | Role::Command)
-    }
-
-    /// Locked when it can be opened, skipped (with a note) when it cannot: the device holding an
-    /// image's filesystem is a protection beyond the image's own lock, and a host may not let
-    /// even root open it (a device cgroup, a sandbox).
-    pub fn best_effort(&self) -> bool {
-        matches!(self, Role::Layer { layer: crate::storage::stack::LayerKind::Filesystem, .. })
     }
 }
 
@@ -326,7 +244,7 @@ fn transient_parts(disk: &Disk, guest: &str) -> Option<(PathBuf, Source)> {
 }
 
 fn simple(target: Target, mode: LockMode, role: Role, optional: bool) -> Planned {
-    Planned { target, mode, offset: 0, role, is_lease: false, optional, read_chain: false, format: None }
+    Planned { target, mode, offset: 0, role, create: Creation::Never, optional, read_chain: false, format: None }
 }
 
 /// Plans the locks for `domain` under `config`.
@@ -350,7 +268,7 @@ pub fn plan(domain: &Domain, config: &Config) -> Plan {
                 mode,
                 offset: 0,
                 role: Role::Disk { target: disk.target.clone() },
-                is_lease: false,
+                create: Creation::Never,
                 optional: disk.optional,
                 read_chain: config.backing_chains
                     && disk.backing.is_none()
@@ -375,7 +293,7 @@ pub fn plan(domain: &Domain, config: &Config) -> Plan {
                     mode: LockMode::Exclusive,
                     offset: 0,
                     role: Role::Mirror { of: disk.target.clone() },
-                    is_lease: false,
+                    create: Creation::Never,
                     optional: false,
                     read_chain: false,
                     format: None,
@@ -410,7 +328,7 @@ pub fn plan(domain: &Domain, config: &Config) -> Plan {
             mode: LockMode::Exclusive,
             offset: lease.offset,
             role: Role::Lease { key: lease.key.clone(), lockspace: lease.lockspace.clone() },
-            is_lease: true,
+            create: Creation::Lease,
             optional: false,
             read_chain: false,
             format: None,
@@ -434,10 +352,14 @@ mod tests {
                 Target::Volume { pool, volume } => format!("volume {pool:?}/{volume:?}"),
                 Target::LockFile { kind, key, .. } => format!("{kind} {key:?}"),
             };
-            let extra = [(p.read_chain, " +chain-from-header"), (p.optional, " optional"), (p.is_lease, " create")]
-                .iter()
-                .filter_map(|(on, text)| on.then_some(*text))
-                .collect::<String>();
+            let extra = [
+                (p.read_chain, " +chain-from-header"),
+                (p.optional, " optional"),
+                (p.create == Creation::Lease, " create"),
+            ]
+            .iter()
+            .filter_map(|(on, text)| on.then_some(*text))
+            .collect::<String>();
             out.push_str(&format!("{} @{} {target} ({}){extra}\n", p.mode.as_str(), p.offset, p.role));
         }
         for s in &plan.skipped {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::Uuid;
 use crate::lock::{self, Identity, LockMode};
 use crate::paths::Paths;
-use crate::resource::Role;
+use crate::target::{Creation, LockTarget, Role};
 
 pub const STATE_VERSION: u32 = 1;
 
@@ -38,6 +38,10 @@ pub struct Resource {
     pub roles: Vec<Role>,
     pub identity: Identity,
     pub since: String,
+    /// Whether the file may be created when missing (see `target::Creation`); absent in the
+    /// state files of holders older than this field, whose resources are read back as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create: Option<Creation>,
 }
 
 /// Who holds the locks of a state file.
@@ -52,6 +56,55 @@ pub enum HolderKind {
 }
 
 impl Resource {
+    /// The record of `target`, locked in `mode` as `identity`, for `roles`.
+    pub fn new(target: &LockTarget, roles: Vec<Role>, mode: LockMode, identity: Identity) -> Resource {
+        Resource {
+            key: target.lockspace_key(),
+            label: target.label.clone(),
+            lock_file: target.lock_file,
+            path: target.path.clone(),
+            mode,
+            roles,
+            identity,
+            since: crate::clock::now(),
+            create: Some(target.create),
+        }
+    }
+
+    /// The targets this record stands for, one per role (grouping them again gives this
+    /// resource back): what re-adoption and hot-plug take again.
+    pub fn targets(&self) -> Vec<LockTarget> {
+        let create = self.creation();
+        let roles = if self.roles.is_empty() { vec![Role::Disk { target: None }] } else { self.roles.clone() };
+        roles
+            .into_iter()
+            .map(|role| LockTarget {
+                path: self.path.clone(),
+                mode: self.mode,
+                offset: self.identity.offset,
+                role,
+                create,
+                optional: false,
+                key: Some(self.key.clone()).filter(|k| !k.is_empty()),
+                label: self.label.clone(),
+                lock_file: self.lock_file,
+            })
+            .collect()
+    }
+
+    /// Whether its file may be created when missing.
+    pub fn creation(&self) -> Creation {
+        // State files of older holders did not say; lockspace lock files and leases were the
+        // only files ever created.
+        self.create.unwrap_or(if self.lock_file.is_some() {
+            Creation::LockFile
+        } else if self.roles.iter().any(|r| matches!(r, Role::Lease { .. })) {
+            Creation::Lease
+        } else {
+            Creation::Never
+        })
+    }
+
     /// What to call it in messages.
     pub fn name(&self) -> String {
         self.label.clone().unwrap_or_else(|| self.path.display().to_string())
@@ -232,8 +285,35 @@ mod tests {
                 roles: vec![Role::Disk { target: Some("vda".into()) }],
                 identity: Identity { dev: 1, ino: 2, offset: 0 },
                 since: crate::clock::now(),
+                create: Some(Creation::Never),
             }],
         }
+    }
+
+    #[test]
+    fn a_record_gives_back_its_targets() {
+        let lease = Role::Lease { key: "k".into(), lockspace: Some("ls".into()) };
+        let disk = Role::Disk { target: Some("vdb".into()) };
+        let target = LockTarget {
+            offset: 4096,
+            create: Creation::Lease,
+            ..LockTarget::new("/l/f".into(), LockMode::Exclusive, lease.clone())
+        };
+        let id = Identity { dev: 1, ino: 9, offset: 4096 };
+        let record = Resource::new(&target, vec![lease.clone(), disk.clone()], LockMode::Exclusive, id);
+        let back = record.targets();
+        assert_eq!(back.len(), 2, "one target per role");
+        assert_eq!(back[0], LockTarget { key: Some(target.lockspace_key()), ..target.clone() });
+        assert_eq!(back[1].role, disk);
+        // A record written by an older holder (no `create`) is read as before: leases and
+        // lockspace lock files may be created, images not.
+        let mut old: Resource =
+            serde_json::from_str(&serde_json::to_string(&record).expect("json").replace(r#","create":"lease""#, ""))
+                .expect("old record");
+        assert_eq!(old.create, None);
+        assert_eq!(old.targets()[0].create, Creation::Lease);
+        old.roles = vec![disk];
+        assert_eq!(old.targets()[0].create, Creation::Never);
     }
 
     #[test]

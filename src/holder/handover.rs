@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use crate::lock::{self, Create, HeldLock, LockError};
 use crate::lockspace::{Lockspace, Wait};
-use crate::resource::Role;
 use crate::state::Resource;
+use crate::target::Creation;
 
 /// A finished wait: the resource and its lock, or why it could not be taken.
 pub type Done = (Resource, Result<HeldLock, LockError>);
@@ -47,8 +47,7 @@ impl Handover {
         let (tx, wake) = (self.tx.clone(), Arc::clone(&self.wake_w));
         // Lease files and lockspace lock files exist already (the source holds them), but may be
         // recreated if the source's cleanup raced us.
-        let create =
-            if resource.roles.iter().any(|r| matches!(r, Role::Lease { .. })) { Create::IfMissing } else { Create::No };
+        let create = if resource.creation() == Creation::Never { Create::No } else { Create::IfMissing };
         let lockspace = lockspace.clone();
         let spawned = std::thread::Builder::new().name("handover".into()).spawn(move || {
             let (mode, offset) = (resource.mode, resource.identity.offset);

@@ -18,10 +18,10 @@ use log::{info, warn};
 use crate::config::Config;
 use crate::domain::Domain;
 use crate::lock::{self, Create, HeldLock, Identity, LockError, LockMode};
-use crate::lockspace::{LockFileKind, Lockspace, Wait};
+use crate::lockspace::{Lockspace, Wait};
 use crate::paths::Paths;
-use crate::resource::Role;
 use crate::state::{Conflict, Resource};
+use crate::target::{Creation, Groups, LockTarget, Role};
 
 /// libvirt's status file of one guest, and what it looked like when last read.
 pub struct StatusFile {
@@ -70,13 +70,9 @@ impl Change {
 }
 
 struct Wanted {
-    path: PathBuf,
-    key: Option<String>,
-    label: Option<String>,
-    mode: LockMode,
+    /// The target, in the strongest mode asked for.
+    target: LockTarget,
     roles: Vec<Role>,
-    is_lease: bool,
-    lock_file: Option<LockFileKind>,
     /// A lease file or lockspace lock file that did not exist yet, created and locked while
     /// looking (as a start creates them): the lock, or why it could not be taken.
     taken: Option<Result<HeldLock, LockError>>,
@@ -109,16 +105,15 @@ fn wanted(domain: &Domain, config: &Config) -> Option<Wants> {
         warn!("guest {} ({}): live definition: {line}", domain.name, domain.uuid);
     }
     let lockspace = Lockspace::new(&config.lockspace_dir);
-    let mut wants = Wants { order: Vec::new(), by_id: HashMap::new(), listed: HashSet::new() };
+    let mut groups: Groups<Identity> = Groups::default();
+    let mut taken_while_looking = HashMap::new();
+    let mut listed = HashSet::new();
     for r in requests {
-        wants.listed.insert(r.path.clone());
+        listed.insert(r.path.clone());
         let (id, taken) = match r.inode(&lockspace) {
             Ok(Some((dev, ino))) => (Identity { dev, ino, offset: r.offset }, None),
-            Ok(None) if r.is_lease || r.lock_file.is_some() => {
-                let taken = match (r.lock_file, &r.key) {
-                    (Some(kind), Some(key)) => lockspace.acquire(kind, key, r.mode, r.offset, Wait::No),
-                    _ => lock::acquire(&r.path, r.mode, r.offset, Create::IfMissing),
-                };
+            Ok(None) if r.create != Creation::Never => {
+                let taken = r.take(&lockspace);
                 let id = match &taken {
                     Ok(held) => held.identity,
                     Err(LockError::AlreadyLocked { identity, .. }) => *identity,
@@ -146,30 +141,16 @@ fn wanted(domain: &Domain, config: &Config) -> Option<Wants> {
                 return None;
             }
         };
-        match wants.by_id.get_mut(&id) {
-            Some(w) => {
-                w.mode = w.mode.max(r.mode);
-                if !w.roles.contains(&r.role) {
-                    w.roles.push(r.role);
-                }
-            }
-            None => {
-                wants.order.push(id);
-                wants.by_id.insert(
-                    id,
-                    Wanted {
-                        path: r.path,
-                        key: r.key,
-                        label: r.label,
-                        mode: r.mode,
-                        roles: vec![r.role],
-                        is_lease: r.is_lease,
-                        lock_file: r.lock_file,
-                        taken,
-                    },
-                );
+        if groups.add(id, r) {
+            if let Some(taken) = taken {
+                taken_while_looking.insert(id, taken);
             }
         }
+    }
+    let mut wants = Wants { order: Vec::new(), by_id: HashMap::new(), listed };
+    for (id, target, roles) in groups.into_ordered() {
+        wants.order.push(id);
+        wants.by_id.insert(id, Wanted { target, roles, taken: taken_while_looking.remove(&id) });
     }
     Some(wants)
 }
@@ -255,44 +236,28 @@ pub fn sync(
     for (res, fd) in held.iter_mut() {
         let Some(w) = wanted.remove(&res.identity) else { continue };
         res.roles = w.roles;
-        if w.mode != res.mode {
-            match change_mode(&lockspace, res, fd, w.mode) {
+        if w.target.mode != res.mode {
+            match change_mode(&lockspace, res, fd, w.target.mode) {
                 Ok(()) => {
                     info!("guest {guest}: {} is now locked {}", res.path.display(), res.mode.as_str());
                     change.changed_mode += 1;
                 }
-                Err(e) => change.conflicts.push(conflict(res.path.clone(), w.mode, Some(res.key.as_str()), &e)),
+                Err(e) => change.conflicts.push(conflict(res.path.clone(), w.target.mode, Some(res.key.as_str()), &e)),
             }
         }
     }
     for id in order {
         let Some(w) = wanted.remove(&id) else { continue };
-        let taken = match w.taken {
-            Some(taken) => taken,
-            None => match (w.lock_file, &w.key) {
-                (Some(kind), Some(key)) => lockspace.acquire(kind, key, w.mode, id.offset, Wait::No),
-                _ => lock::acquire(&w.path, w.mode, id.offset, if w.is_lease { Create::IfMissing } else { Create::No }),
-            },
-        };
+        let Wanted { target, roles, taken } = w;
+        let taken = taken.unwrap_or_else(|| target.take(&lockspace));
         match taken {
             Ok(lock) => {
-                info!("guest {guest}: hot-plugged {} locked {}", w.path.display(), w.mode.as_str());
-                let key = w.key.unwrap_or_else(|| crate::lockspace::file_key(&w.path, id.offset));
-                let res = Resource {
-                    key,
-                    label: w.label,
-                    lock_file: w.lock_file,
-                    path: w.path,
-                    mode: lock.mode,
-                    roles: w.roles,
-                    identity: lock.identity,
-                    since: crate::clock::now(),
-                };
-                held.push((res, lock.fd));
+                info!("guest {guest}: hot-plugged {} locked {}", target.path.display(), target.mode.as_str());
+                held.push((Resource::new(&target, roles, lock.mode, lock.identity), lock.fd));
                 change.added += 1;
             }
-            Err(LockError::Open { .. }) if w.roles.iter().all(Role::best_effort) => {}
-            Err(e) => change.conflicts.push(conflict(w.path.clone(), w.mode, w.key.as_deref(), &e)),
+            Err(LockError::Open { .. }) if roles.iter().all(Role::best_effort) => {}
+            Err(e) => change.conflicts.push(conflict(target.path.clone(), target.mode, target.key.as_deref(), &e)),
         }
     }
     change

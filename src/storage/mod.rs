@@ -16,46 +16,12 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, MissingPolicy};
 use crate::lock::LockMode;
 use crate::lockspace::{LockFileKind, Lockspace, LockspaceError};
-use crate::resource::{Plan, Planned, Role, Target};
+use crate::resource::{Plan, Planned, Target};
+use crate::target::{Creation, LockTarget, Role};
 
 /// A chain deeper than this is refused: libvirt's own limit ("backing chains more than 200
 /// layers deep are not supported").
 pub const MAX_CHAIN: usize = 200;
-
-/// One lock to take, with its final path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub path: PathBuf,
-    pub mode: LockMode,
-    pub offset: u64,
-    pub role: Role,
-    /// Create the file when missing (lease files and lockspace lock files).
-    pub is_lease: bool,
-    pub optional: bool,
-    /// The lockspace key, when it is not the file's own (`lockspace::file_key`).
-    pub key: Option<String>,
-    /// What to call the resource in messages, when not its path (a network disk's URL).
-    pub label: Option<String>,
-    /// Set when `path` is a lock file in the lockspace (`key` is then set too): it is opened
-    /// only through `Lockspace::acquire`, never by its path.
-    pub lock_file: Option<LockFileKind>,
-}
-
-impl Request {
-    /// The device and inode the request locks; `None` while the file does not exist. A lockspace
-    /// lock file is looked up without following symlinks; anything else by its path, following
-    /// symlinks as QEMU will.
-    pub fn inode(&self, lockspace: &Lockspace) -> std::io::Result<Option<(u64, u64)>> {
-        match (self.lock_file, &self.key) {
-            (Some(kind), Some(key)) => lockspace.lock_file_inode(kind, key),
-            _ => match std::fs::metadata(&self.path) {
-                Ok(meta) => Ok(Some((meta.dev(), meta.ino()))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e),
-            },
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -86,7 +52,7 @@ pub enum StorageError {
 
 /// Resolves every planned request. Skipped chain links (protocol backing files) are appended
 /// to `plan.skipped` for the log, volumes left unlocked by `on_unidentified` to `plan.unlocked`.
-pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<Request>, StorageError> {
+pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<LockTarget>, StorageError> {
     let mut out = Vec::with_capacity(plan.requests.len());
     let lockspace = Lockspace::new(&config.lockspace_dir);
     for planned in &plan.requests {
@@ -145,10 +111,10 @@ fn file_requests(
     path: &Path,
     mode: LockMode,
     role: Role,
-    out: &mut Vec<Request>,
+    out: &mut Vec<LockTarget>,
     skipped: &mut Vec<String>,
 ) -> Result<(), StorageError> {
-    out.push(Request { mode, role: role.clone(), ..request(planned, path.to_owned()) });
+    out.push(LockTarget { mode, role: role.clone(), ..request(planned, path.to_owned()) });
     // A lease is one byte of its file, locked there and nowhere else.
     if matches!(role, Role::Lease { .. }) {
         return Ok(());
@@ -161,7 +127,7 @@ fn file_requests(
         if let Some(node) = top.as_ref().and_then(|dev| stack::node(Path::new(DEV), dev)) {
             let same = std::fs::metadata(&node).is_ok_and(|n| (n.dev(), n.ino()) == (meta.dev(), meta.ino()));
             if !same {
-                out.push(Request { mode, role: role.clone(), optional: false, ..request(planned, node) });
+                out.push(LockTarget { mode, role: role.clone(), optional: false, ..request(planned, node) });
             }
         }
         identity_request(lockspace, planned, path, mode, role, out)?;
@@ -183,7 +149,7 @@ fn file_requests(
             above: path.display().to_string(),
             of: disk_of(&planned.role),
         };
-        out.push(Request {
+        out.push(LockTarget {
             mode: LockMode::Shared,
             role: layer.clone(),
             optional: false,
@@ -211,13 +177,13 @@ fn lock_file_request(
     kind: LockFileKind,
     key: &str,
     label: &str,
-    out: &mut Vec<Request>,
+    out: &mut Vec<LockTarget>,
 ) -> Result<(), StorageError> {
     prepare(lockspace, kind, planned)?;
-    out.push(Request {
+    out.push(LockTarget {
         key: Some(key.to_owned()),
         label: Some(label.to_owned()),
-        is_lease: true,
+        create: Creation::LockFile,
         lock_file: Some(kind),
         ..request(planned, lockspace.lock_file(kind, key))
     });
@@ -233,17 +199,17 @@ fn identity_request(
     node: &std::path::Path,
     mode: LockMode,
     role: Role,
-    out: &mut Vec<Request>,
+    out: &mut Vec<LockTarget>,
 ) -> Result<(), StorageError> {
     let Some(id) = block::stable_id(node) else { return Ok(()) };
     let key = format!("block:{id}");
     prepare(lockspace, LockFileKind::Block, planned)?;
     let lock_file = lockspace.lock_file(LockFileKind::Block, &key);
     let label = format!("{} ({id})", node.display());
-    out.push(Request {
+    out.push(LockTarget {
         key: Some(key),
         label: Some(label),
-        is_lease: true,
+        create: Creation::LockFile,
         lock_file: Some(LockFileKind::Block),
         mode,
         role,
@@ -273,7 +239,7 @@ fn layer_requests(
     (major, minor): (u32, u32),
     top: Option<String>,
     mode: LockMode,
-    out: &mut Vec<Request>,
+    out: &mut Vec<LockTarget>,
     skipped: &mut Vec<String>,
 ) -> Result<(), StorageError> {
     let of = disk_of(&planned.role);
@@ -282,7 +248,7 @@ fn layer_requests(
         match &layer.target {
             stack::LayerTarget::Block(dev) => match stack::node(std::path::Path::new(DEV), dev) {
                 Some(node) => {
-                    out.push(Request {
+                    out.push(LockTarget {
                         mode: LockMode::Shared,
                         role: role.clone(),
                         optional: false,
@@ -296,7 +262,7 @@ fn layer_requests(
             },
             stack::LayerTarget::File(file) => {
                 let mode = if top.as_deref() == Some(layer.above.as_str()) { mode } else { LockMode::Shared };
-                out.push(Request { mode, role, optional: false, ..request(planned, file.clone()) })
+                out.push(LockTarget { mode, role, optional: false, ..request(planned, file.clone()) })
             }
         }
     }
@@ -310,7 +276,7 @@ const DEV: &str = "/dev";
 /// The requests for images named directly (`lockhook run`, `lockhook check`), resolved as a
 /// guest's disks are: block devices with their stable identities and the layers beneath, qcow2
 /// data files, and (with `backing_chains`) the chain read from the headers, shared.
-pub fn resolve_paths(targets: &[PathBuf], mode: LockMode, config: &Config) -> Result<Vec<Request>, StorageError> {
+pub fn resolve_paths(targets: &[PathBuf], mode: LockMode, config: &Config) -> Result<Vec<LockTarget>, StorageError> {
     let mut plan = Plan {
         requests: targets
             .iter()
@@ -319,7 +285,7 @@ pub fn resolve_paths(targets: &[PathBuf], mode: LockMode, config: &Config) -> Re
                 mode,
                 offset: 0,
                 role: Role::Command,
-                is_lease: false,
+                create: Creation::Never,
                 optional: false,
                 read_chain: config.backing_chains,
                 format: None,
@@ -340,13 +306,13 @@ fn prepare(lockspace: &Lockspace, kind: LockFileKind, planned: &Planned) -> Resu
     })
 }
 
-fn request(planned: &Planned, path: PathBuf) -> Request {
-    Request {
+fn request(planned: &Planned, path: PathBuf) -> LockTarget {
+    LockTarget {
         path,
         mode: planned.mode,
         offset: planned.offset,
         role: planned.role.clone(),
-        is_lease: planned.is_lease,
+        create: planned.create,
         optional: planned.optional,
         key: None,
         label: None,
@@ -361,7 +327,7 @@ fn image_files(
     lockspace: &Lockspace,
     top: &Planned,
     top_path: PathBuf,
-    out: &mut Vec<Request>,
+    out: &mut Vec<LockTarget>,
     skipped: &mut Vec<String>,
 ) -> Result<(), StorageError> {
     let of = disk_of(&top.role);
@@ -553,7 +519,7 @@ mod tests {
             mode: LockMode::Exclusive,
             offset: 0,
             role: Role::Disk { target: Some("vda".into()) },
-            is_lease: false,
+            create: Creation::Never,
             optional: false,
             read_chain: true,
             format: Some("qcow2".into()),

@@ -22,32 +22,7 @@ use std::path::{Path, PathBuf};
 /// More layers than this under one device are not followed (real stacks have a handful).
 pub const MAX_LAYERS: usize = 64;
 
-/// How a layer relates to the device above it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LayerKind {
-    /// The whole disk a partition is part of.
-    Disk,
-    /// A device a device-mapper or md device is built on (LVM PV, multipath path, crypt
-    /// backing, md member).
-    Slave,
-    /// The file (or block device) behind a loop device.
-    BackingFile,
-    /// The block device holding the filesystem an image file lives on.
-    Filesystem,
-}
-
-impl LayerKind {
-    /// "disk of", "component of", "backing file of": how messages name the layer.
-    pub fn phrase(self) -> &'static str {
-        match self {
-            LayerKind::Disk => "disk of",
-            LayerKind::Slave => "component of",
-            LayerKind::BackingFile => "backing file of",
-            LayerKind::Filesystem => "filesystem holding",
-        }
-    }
-}
+pub use crate::target::LayerKind;
 
 /// A block device, as sysfs names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
