@@ -10,6 +10,7 @@ pub mod guard;
 pub mod guest;
 pub mod holder;
 pub mod hook;
+pub mod libvirt;
 pub mod lock;
 pub mod lockset;
 pub mod lockspace;

@@ -136,23 +136,13 @@ pub fn qemu_has_open(path: &Path) -> bool {
 
 /// Finds a POSIX lock (which, unlike an OFD lock, shows its pid) covering the identity's byte.
 fn posix_holder(identity: &Identity) -> Option<(u32, LockMode, String)> {
-    let text = std::fs::read_to_string("/proc/locks").ok()?;
-    let major = libc::major(identity.dev);
-    let minor = libc::minor(identity.dev);
-    let want = format!("{major:02x}:{minor:02x}:{}", identity.ino);
-    text.lines().find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().filter(|f| *f != "->").collect();
-        // "1: POSIX  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
-        if f.len() < 8 || f[1] != "POSIX" || f[5] != want {
+    use crate::lock::proc_locks::{self, Kind};
+    let dev = (libc::major(identity.dev), libc::minor(identity.dev));
+    proc_locks::read()?.into_iter().find_map(|l| {
+        if l.kind != Kind::Posix || l.dev != dev || l.ino != identity.ino || !l.covers(identity.offset) {
             return None;
         }
-        let start: u64 = f[6].parse().ok()?;
-        let covers = start <= identity.offset && (f[7] == "EOF" || f[7].parse::<u64>().ok()? >= identity.offset);
-        let pid: u32 = f[4].parse().ok()?;
-        if !covers {
-            return None;
-        }
-        let mode = if f[3] == "WRITE" { LockMode::Exclusive } else { LockMode::Shared };
+        let (pid, mode) = (l.pid?, l.mode);
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .map(|c| c.trim().to_owned())
             .unwrap_or_else(|_| "?".to_owned());

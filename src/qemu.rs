@@ -128,17 +128,13 @@ fn dac_uid(status_xml: &Path) -> Option<u32> {
 /// - runs as root, as the pid file's owner, or as the uid of the guest's DAC label (libvirt's
 ///   `user` in qemu.conf, e.g. `qemu`), and carries `-uuid <uuid>` as libvirt passes it.
 pub fn find(name: &str, uuid: &Uuid, libvirt_run_dir: &Path) -> Option<(u32, u64)> {
-    if !crate::storage::pool::safe_component(name) {
-        return None;
-    }
-    let dir = libvirt_run_dir.join("qemu");
-    let file = read_pid_file(&dir.join(format!("{name}.pid")))?;
+    let file = read_pid_file(&crate::libvirt::pid_file(libvirt_run_dir, name)?)?;
     let start = start_time(file.pid)?;
     if started_at(start)? > file.written + START_TOLERANCE {
         return None;
     }
     let uid = uid_of(file.pid)?;
-    if uid != 0 && uid != file.owner && Some(uid) != dac_uid(&dir.join(format!("{name}.xml"))) {
+    if uid != 0 && uid != file.owner && Some(uid) != dac_uid(&crate::libvirt::status_xml(libvirt_run_dir, name)?) {
         return None;
     }
     if !cmdline_has_uuid(file.pid, uuid) {

@@ -40,18 +40,14 @@ fn remove_records(paths: &Paths, uuid: &Uuid) {
 /// Inodes (on device `dev`) that carry an OFD write lock on byte 0, from one read of
 /// `/proc/locks`; `None` when it cannot be read.
 fn ofd_locked_inodes(dev: u64) -> Option<std::collections::HashSet<u64>> {
-    let text = std::fs::read_to_string("/proc/locks").ok()?;
-    let prefix = format!("{:02x}:{:02x}:", libc::major(dev), libc::minor(dev));
+    use crate::lock::proc_locks::{self, Kind};
+    let dev = (libc::major(dev), libc::minor(dev));
     Some(
-        text.lines()
-            .filter_map(|line| {
-                // "12: OFDLCK ADVISORY  WRITE -1 fd:01:5678 0 0"
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() < 8 || f[1] != "OFDLCK" || f[3] != "WRITE" || f[6] != "0" {
-                    return None;
-                }
-                f[5].strip_prefix(&prefix)?.parse().ok()
-            })
+        proc_locks::read()?
+            .into_iter()
+            .filter(|l| l.kind == Kind::Ofd && l.mode == crate::lock::LockMode::Exclusive && l.start == 0)
+            .filter(|l| l.dev == dev)
+            .map(|l| l.ino)
             .collect(),
     )
 }
@@ -120,7 +116,7 @@ pub(crate) fn adopt_orphans(ctx: &Ctx) -> Report {
 
 /// The running guests libvirt knows about: status files whose QEMU process is alive.
 fn running_guests(libvirt_run_dir: &Path) -> Vec<(Domain, (u32, u64))> {
-    let Ok(dir) = std::fs::read_dir(libvirt_run_dir.join("qemu")) else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir(crate::libvirt::guests_dir(libvirt_run_dir)) else { return Vec::new() };
     dir.filter_map(|e| {
         let path = e.ok()?.path();
         if path.extension()? != "xml" {

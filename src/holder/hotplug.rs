@@ -25,27 +25,29 @@ use crate::target::{Creation, Groups, LockTarget, Role};
 
 /// libvirt's status file of one guest, and what it looked like when last read.
 pub struct StatusFile {
-    path: PathBuf,
+    /// `None` for a name that is no file name: such a guest has no status file to follow.
+    path: Option<PathBuf>,
     seen: Option<(u64, u64, i64, i64, u64)>,
 }
 
 impl StatusFile {
     pub fn new(libvirt_run_dir: &Path, name: &str) -> StatusFile {
-        StatusFile { path: libvirt_run_dir.join("qemu").join(format!("{name}.xml")), seen: None }
+        StatusFile { path: crate::libvirt::status_xml(libvirt_run_dir, name), seen: None }
     }
 
     /// The live domain, when the file changed since the last call (and parses).
     pub fn changed(&mut self) -> Option<Domain> {
-        let meta = std::fs::metadata(&self.path).ok()?;
+        let path = self.path.as_ref()?;
+        let meta = std::fs::metadata(path).ok()?;
         let now = (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.size());
         if self.seen == Some(now) {
             return None;
         }
         self.seen = Some(now);
-        match std::fs::read(&self.path).map(|b| Domain::parse_status(&b)) {
+        match std::fs::read(path).map(|b| Domain::parse_status(&b)) {
             Ok(Ok(domain)) => Some(domain),
             Ok(Err(e)) => {
-                warn!("{}: {}", self.path.display(), crate::error_chain(&e));
+                warn!("{}: {}", path.display(), crate::error_chain(&e));
                 None
             }
             Err(_) => None,

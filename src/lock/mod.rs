@@ -7,6 +7,7 @@
 //! place every lock passes through.
 
 mod ofd;
+pub mod proc_locks;
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -128,9 +128,7 @@ struct RawPoolTarget {
     path: Option<String>,
 }
 
-pub(crate) fn safe_component(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
-}
+use crate::libvirt::is_file_name as safe_component;
 
 /// A `/`-separated name (a ZFS dataset) whose every component is safe.
 fn safe_components(name: &str) -> bool {
@@ -156,8 +154,8 @@ pub fn resolve(pool: &str, volume: &str, run_dir: &Path, config_dir: &Path, dev:
     if !safe_component(volume) {
         return Err(PoolError::BadVolumeName { pool: pool.to_owned(), volume: volume.to_owned() });
     }
-    let candidates =
-        [run_dir.join("storage").join(format!("{pool}.xml")), config_dir.join("storage").join(format!("{pool}.xml"))];
+    let candidates = crate::libvirt::pool_files(run_dir, config_dir, pool)
+        .ok_or_else(|| PoolError::BadPoolName { pool: pool.to_owned() })?;
     let Some((path, text)) = candidates.iter().find_map(|p| std::fs::read_to_string(p).ok().map(|t| (p, t))) else {
         let searched = candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ");
         return Err(PoolError::NotFound { pool: pool.to_owned(), volume: volume.to_owned(), searched });
