@@ -109,20 +109,38 @@ pub enum ConfigError {
         #[source]
         source: io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("{path}")]
+    Parse { path: PathBuf, source: ParseError },
     #[error("{path}: must be owned by root and not writable by others (owner uid {uid}, mode {mode:o}); refusing it")]
     Insecure { path: PathBuf, uid: u32, mode: u32 },
     #[error("{path}: {key} = {value:?}: {why}")]
     Invalid { path: PathBuf, key: &'static str, value: String, why: &'static str },
 }
 
+/// Why a config text does not parse, and where (the line and column of the offending text,
+/// when the parser can tell).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", where_.map(|(line, column)| format!("line {line}, column {column}: ")).unwrap_or_default())]
+pub struct ParseError {
+    pub where_: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl ParseError {
+    fn new(text: &str, err: &toml::de::Error) -> ParseError {
+        let where_ = err.span().map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            (before.matches('\n').count() + 1, before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1)
+        });
+        let message = err.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+        ParseError { where_, message }
+    }
+}
+
 impl Config {
     /// Parses TOML text. Pure: no file access. Unknown keys are errors naming the key and line.
-    pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| {
-            e.to_string().lines().filter(|l| !l.trim().is_empty()).map(str::trim).collect::<Vec<_>>().join(": ")
-        })
+    pub fn parse(text: &str) -> Result<Config, ParseError> {
+        toml::from_str(text).map_err(|e| ParseError::new(text, &e))
     }
 
     /// Reads the config at `path`; a missing file means all defaults. The file must belong to
@@ -141,7 +159,7 @@ impl Config {
             return Err(ConfigError::Insecure { path: path.to_owned(), uid: meta.uid(), mode: meta.mode() & 0o7777 });
         }
         let text = fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let config = Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
+        let config = Config::parse(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         config.validate(path)?;
         Ok(config)
     }
@@ -221,8 +239,10 @@ mod tests {
     #[test]
     fn unknown_key_names_key_and_line() {
         let err = Config::parse("run_dir = '/x'\n\nrun_dri = '/y'\n").expect_err("unknown key");
-        assert!(err.contains("run_dri") && err.contains("line 3"), "{err}");
-        assert!(!err.contains('\n'));
+        assert_eq!(err.where_, Some((3, 1)));
+        let text = err.to_string();
+        assert!(text.contains("run_dri") && text.starts_with("line 3, column 1: "), "{text}");
+        assert!(!text.contains('\n'));
     }
 
     #[test]

@@ -164,7 +164,7 @@ pub fn report(results: &[Checked], json: bool, out: &mut dyn Write) -> std::io::
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("{0}")]
+    #[error(transparent)]
     Refused(#[from] crate::lockset::Refusal),
     #[error("cannot resolve the images")]
     Resolve(#[source] Box<crate::storage::StorageError>),

@@ -149,7 +149,7 @@ fn acquire(
         }
         match crate::migration::verdict(&ctx.config, domain, &busy) {
             Ok(()) => pending.push(Resource::new(&busy.request, busy.roles, busy.request.mode, busy.identity)),
-            Err(line) => lines.push(line),
+            Err(why) => lines.push(why.to_string()),
         }
     }
     if !lines.is_empty() {

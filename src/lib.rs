@@ -37,17 +37,29 @@ pub fn one_line(text: &str) -> String {
     text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
 }
 
-/// An error and its sources on one line: `outer: inner: innermost`.
+/// An error and its sources on one line: `outer: inner: innermost`. Wrappers that add nothing
+/// are `#[error(transparent)]`, so no text is said twice.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(inner) = source {
-        let next = inner.to_string();
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
         source = inner.source();
     }
     text.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chains_say_each_cause_once() {
+        let parse = crate::config::Config::parse("x = 1").expect_err("unknown key");
+        let err = crate::config::ConfigError::Parse { path: "/etc/lockhook/lockhook.toml".into(), source: parse };
+        let text = super::error_chain(&err);
+        assert!(text.starts_with("/etc/lockhook/lockhook.toml: line 1, column 1: unknown field `x`"), "{text}");
+        assert_eq!(text.matches("unknown field").count(), 1, "{text}");
+        let refusal = crate::lockset::Refusal { lines: vec!["/i/a is locked".into()] };
+        assert_eq!(super::error_chain(&crate::guard::RunError::Refused(refusal)), "/i/a is locked");
+    }
 }

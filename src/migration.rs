@@ -111,10 +111,23 @@ pub fn forget_admitted(paths: &Paths, uuid: &Uuid) {
     let _ = std::fs::remove_file(paths.admitted(uuid));
 }
 
+/// Why a lock found taken during an incoming migration is not the migrating guest's own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotTheSource {
+    /// Someone else holds it: the refusal line naming the holder.
+    #[error("{0}")]
+    HeldByOther(String),
+    #[error(
+        "{name} is locked and no owner record in {} says by whom, so this incoming migration cannot be verified: \
+         share lockspace_dir between the hosts (same path on each), or set trust_migrations = true",
+        lockspace.display()
+    )]
+    Unverifiable { name: String, lockspace: std::path::PathBuf },
+}
+
 /// During a verified incoming migration: whether a lock found taken is the migrating guest's
-/// own (held by the same UUID on another host, as the owner records show). `Err` is the
-/// refusal line.
-pub fn verdict(config: &Config, domain: &Domain, busy: &Busy) -> Result<(), String> {
+/// own (held by the same UUID on another host, as the owner records show).
+pub fn verdict(config: &Config, domain: &Domain, busy: &Busy) -> Result<(), NotTheSource> {
     let owners = crate::lockspace::Lockspace::new(&config.lockspace_dir).owners(&busy.key);
     let here = crate::state::hostname();
     if owners.is_empty() {
@@ -126,16 +139,12 @@ pub fn verdict(config: &Config, domain: &Domain, busy: &Busy) -> Result<(), Stri
             return Ok(());
         }
         let name = busy.request.label.clone().unwrap_or_else(|| busy.request.path.display().to_string());
-        return Err(format!(
-            "{name} is locked and no owner record in {} says by whom, so this incoming migration cannot be verified: \
-             share lockspace_dir between the hosts (same path on each), or set trust_migrations = true",
-            config.lockspace_dir.display()
-        ));
+        return Err(NotTheSource::Unverifiable { name, lockspace: config.lockspace_dir.clone() });
     }
     if owners.iter().all(|o| o.uuid == domain.uuid && o.host != here) {
         Ok(())
     } else {
-        Err(busy.line.clone())
+        Err(NotTheSource::HeldByOther(busy.line.clone()))
     }
 }
 

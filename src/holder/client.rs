@@ -9,7 +9,7 @@ use nix::sys::socket::{self, connect, setsockopt, sockopt, AddressFamily, SockFl
 use nix::sys::time::TimeVal;
 
 use super::fdpass::{self, FdPassError};
-use super::protocol::{self, Guest, ProtocolError, Request, Response, MAX_FDS, MAX_FRAME};
+use super::protocol::{self, ErrorCode, Guest, ProtocolError, Request, Response, MAX_FDS, MAX_FRAME};
 use crate::domain::Uuid;
 use crate::lock::Identity;
 use crate::paths::Paths;
@@ -32,8 +32,8 @@ pub enum ClientError {
     Closed,
     #[error("holder protocol")]
     Protocol(#[from] ProtocolError),
-    #[error("holder refused: {0}")]
-    Refused(String),
+    #[error("holder refused: {message} ({code:?})")]
+    Refused { code: ErrorCode, message: String },
 }
 
 /// What a holder holds, as far as the hook needs to know.
@@ -101,7 +101,7 @@ impl Client {
             return Err(ClientError::Closed);
         }
         match protocol::decode::<Response>(&buf[..len])? {
-            Response::Error { code, message } => Err(ClientError::Refused(format!("{message} ({code:?})"))),
+            Response::Error { code, message } => Err(ClientError::Refused { code, message }),
             other => Ok(other),
         }
     }
