@@ -14,10 +14,9 @@ use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
 use crate::config::Config;
 use crate::lock::{self, Create, LockError, LockMode};
+use crate::storage::pool;
 
 /// Where `install.sh` puts the binary.
 pub const INSTALLED_BINARY: &str = "/usr/local/sbin/lockhook";
@@ -676,29 +675,6 @@ fn try_ofd_lock(dir: &Path) -> Result<(), LockTestError> {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct PoolXml {
-    #[serde(rename = "@type")]
-    kind: Option<String>,
-    target: Option<PoolTargetXml>,
-}
-
-#[derive(Debug, Deserialize)]
-struct PoolTargetXml {
-    path: Option<String>,
-}
-
-/// The image directory of a `dir`, `fs` or `netfs` pool definition; `None` for other pools and
-/// anything that does not parse.
-fn pool_target(xml: &str) -> Option<PathBuf> {
-    let pool: PoolXml = quick_xml::de::from_str(xml).ok()?;
-    if !matches!(pool.kind.as_deref(), Some("dir" | "fs" | "netfs")) {
-        return None;
-    }
-    let path = PathBuf::from(pool.target?.path?.trim());
-    path.is_absolute().then_some(path)
-}
-
 /// Image directories: libvirt's default one and every file-based pool's target.
 fn image_dirs(layout: &Layout) -> Vec<PathBuf> {
     let mut dirs = vec![PathBuf::from(DEFAULT_IMAGES_DIR)];
@@ -711,7 +687,7 @@ fn image_dirs(layout: &Layout) -> Vec<PathBuf> {
         // Pool definitions are small; a huge file is not one.
         let read =
             |p: &Path| fs::metadata(p).ok().filter(|m| m.len() <= 1 << 20).and_then(|_| fs::read_to_string(p).ok());
-        dirs.extend(files.iter().filter_map(|p| pool_target(&read(p)?)));
+        dirs.extend(files.iter().filter_map(|p| pool::target_dir(&read(p)?)));
     }
     dirs
 }
@@ -1047,16 +1023,6 @@ mod tests {
         assert_eq!((point, fstype.as_str()), (PathBuf::from("/var/lib/lock space"), "nfs4"));
         let (point, _, _) = mount_of(info, Path::new("/var/lib/lockhookx")).expect("found");
         assert_eq!(point, PathBuf::from("/"));
-    }
-
-    #[test]
-    fn pool_targets() {
-        let dir = "<!--\nWARNING: THIS IS AN AUTO-GENERATED FILE.\n-->\n<pool type='dir'><name>images</name>\
-                   <target><path> /srv/images </path></target></pool>";
-        assert_eq!(pool_target(dir), Some(PathBuf::from("/srv/images")));
-        assert_eq!(pool_target("<pool type='logical'><target><path>/dev/vg</path></target></pool>"), None);
-        assert_eq!(pool_target("<pool type='netfs'><target><path>relative</path></target></pool>"), None);
-        assert_eq!(pool_target("<pool type='fs'><target>"), None);
     }
 
     #[test]
