@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::lock::{self, Create, LockError, LockMode};
 use crate::storage::pool;
 
+mod config;
 mod daemon;
 mod hook;
 
@@ -100,7 +101,7 @@ pub fn diagnose(layout: &Layout) -> Vec<Finding> {
         ));
     }
     let hooks = hook::check(layout, &mut out);
-    let config = check_config(layout, &mut out);
+    let config = config::check(layout, &mut out);
     daemon::check(&hooks, &config.run_dir, &mut out);
     check_run_dir(&config.run_dir, &mut out);
     check_lockspace_dir(&config.lockspace_dir, &mut out);
@@ -146,34 +147,6 @@ pub fn print(findings: &[Finding], out: &mut dyn Write) -> io::Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // 3. config, 4. run dir, 5. lockspace dir
-
-/// Loads the config; on failure the remaining checks use the defaults.
-fn check_config(layout: &Layout, out: &mut Vec<Finding>) -> Config {
-    const CHECK: &str = "config";
-    let path = &layout.config_path;
-    match Config::load(path) {
-        Ok(config) => {
-            let message = if path.exists() {
-                format!("{} is valid", path.display())
-            } else {
-                format!("{} does not exist: lockhook uses the defaults", path.display())
-            };
-            out.push(Finding::new(Severity::Ok, CHECK, message));
-            config
-        }
-        Err(e) => {
-            out.push(Finding::new(
-                Severity::Error,
-                CHECK,
-                format!(
-                    "{}: the hook refuses every guest start until this is fixed (the checks below use the defaults)",
-                    crate::error_chain(&e)
-                ),
-            ));
-            Config::default()
-        }
-    }
-}
 
 fn check_run_dir(dir: &Path, out: &mut Vec<Finding>) {
     const CHECK: &str = "run_dir";
