@@ -20,6 +20,7 @@ use crate::storage::pool;
 
 mod config;
 mod daemon;
+mod dirs;
 mod hook;
 
 /// Where `install.sh` puts the binary.
@@ -103,8 +104,8 @@ pub fn diagnose(layout: &Layout) -> Vec<Finding> {
     let hooks = hook::check(layout, &mut out);
     let config = config::check(layout, &mut out);
     daemon::check(&hooks, &config.run_dir, &mut out);
-    check_run_dir(&config.run_dir, &mut out);
-    check_lockspace_dir(&config.lockspace_dir, &mut out);
+    dirs::check_run_dir(&config.run_dir, &mut out);
+    dirs::check_lockspace_dir(&config.lockspace_dir, &mut out);
     check_lockspace_id(&config, &mut out);
     check_locks(layout, &config, &mut out);
     check_shared(&config.lockspace_dir, &mut out);
@@ -147,60 +148,6 @@ pub fn print(findings: &[Finding], out: &mut dyn Write) -> io::Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // 3. config, 4. run dir, 5. lockspace dir
-
-fn check_run_dir(dir: &Path, out: &mut Vec<Finding>) {
-    const CHECK: &str = "run_dir";
-    let shown = dir.display();
-    match fs::metadata(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => out.push(Finding::new(
-            Severity::Warn,
-            CHECK,
-            format!("{shown} does not exist: the first guest start creates it (or: install -d -m 0700 {shown})"),
-        )),
-        Err(e) => out.push(Finding::new(Severity::Error, CHECK, format!("{shown}: cannot stat: {e}"))),
-        Ok(meta) if !meta.is_dir() => out.push(Finding::new(
-            Severity::Error,
-            CHECK,
-            format!("{shown} is not a directory: remove it (the first guest start creates the directory)"),
-        )),
-        Ok(meta) if meta.uid() != 0 || meta.mode() & 0o7777 != 0o700 => out.push(Finding::new(
-            Severity::Error,
-            CHECK,
-            format!(
-                "{shown} is mode {:04o} owned by uid {}: holder sockets and state must be in a 0700 root directory: \
-                 chown root:root {shown} && chmod 0700 {shown}",
-                meta.mode() & 0o7777,
-                meta.uid()
-            ),
-        )),
-        Ok(_) => out.push(Finding::new(Severity::Ok, CHECK, format!("{shown} (0700 root)"))),
-    }
-}
-
-fn check_lockspace_dir(dir: &Path, out: &mut Vec<Finding>) {
-    const CHECK: &str = "lockspace";
-    let shown = dir.display();
-    // Not followed: lockhook opens the lockspace O_NOFOLLOW (another host may plant a symlink).
-    match fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => out.push(Finding::new(
-            Severity::Warn,
-            CHECK,
-            format!("{shown} does not exist: create it (install -d -m 0755 {shown}), on shared storage for a fleet"),
-        )),
-        Ok(meta) if meta.file_type().is_symlink() => out.push(Finding::new(
-            Severity::Error,
-            CHECK,
-            format!("{shown} is a symlink, which lockhook never follows in the lockspace: set lockspace_dir to the real path"),
-        )),
-        Err(e) => out.push(Finding::new(Severity::Error, CHECK, format!("{shown}: cannot stat: {e}"))),
-        Ok(meta) if !meta.is_dir() => out.push(Finding::new(
-            Severity::Error,
-            CHECK,
-            format!("{shown} is not a directory: set lockspace_dir to a directory"),
-        )),
-        Ok(_) => out.push(Finding::new(Severity::Ok, CHECK, format!("{shown} exists"))),
-    }
-}
 
 /// The lockspace is the initialised one (see `lockspace_id`), so an unmounted share is noticed.
 fn check_lockspace_id(config: &Config, out: &mut Vec<Finding>) {
@@ -724,20 +671,6 @@ mod tests {
         assert_eq!((point, fstype.as_str()), (PathBuf::from("/var/lib/lock space"), "nfs4"));
         let (point, _, _) = mount_of(info, Path::new("/var/lib/lockhookx")).expect("found");
         assert_eq!(point, PathBuf::from("/"));
-    }
-
-    #[test]
-    fn a_symlinked_or_missing_lockspace_is_reported() {
-        let dir = tempfile::tempdir().expect("dir");
-        std::os::unix::fs::symlink(dir.path(), dir.path().join("link")).expect("symlink");
-        let severity = |p: &Path| {
-            let mut out = Vec::new();
-            check_lockspace_dir(p, &mut out);
-            out[0].severity
-        };
-        assert_eq!(severity(dir.path()), Severity::Ok);
-        assert_eq!(severity(&dir.path().join("link")), Severity::Error);
-        assert_eq!(severity(&dir.path().join("missing")), Severity::Warn);
     }
 
     #[test]
