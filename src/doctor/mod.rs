@@ -22,6 +22,7 @@ mod config;
 mod daemon;
 mod dirs;
 mod hook;
+mod identity;
 
 /// Where `install.sh` puts the binary.
 pub const INSTALLED_BINARY: &str = "/usr/local/sbin/lockhook";
@@ -106,7 +107,7 @@ pub fn diagnose(layout: &Layout) -> Vec<Finding> {
     daemon::check(&hooks, &config.run_dir, &mut out);
     dirs::check_run_dir(&config.run_dir, &mut out);
     dirs::check_lockspace_dir(&config.lockspace_dir, &mut out);
-    check_lockspace_id(&config, &mut out);
+    identity::check(&config, &mut out);
     check_locks(layout, &config, &mut out);
     check_shared(&config.lockspace_dir, &mut out);
     check_lock_manager(layout, &mut out);
@@ -144,40 +145,6 @@ pub fn print(findings: &[Finding], out: &mut dyn Write) -> io::Result<()> {
         count(Severity::Info),
         count(Severity::Ok),
     )
-}
-
-// ---------------------------------------------------------------------------------------------
-// 3. config, 4. run dir, 5. lockspace dir
-
-/// The lockspace is the initialised one (see `lockspace_id`), so an unmounted share is noticed.
-fn check_lockspace_id(config: &Config, out: &mut Vec<Finding>) {
-    const CHECK: &str = "lockspace identity";
-    let dir = &config.lockspace_dir;
-    match (&config.lockspace_id, crate::lockspace_id::read(dir)) {
-        (Some(expected), _) => match crate::lockspace_id::verify(dir, expected) {
-            Ok(()) => out.push(Finding::new(Severity::Ok, CHECK, format!("{} is lockspace {expected}", dir.display()))),
-            Err(e) => out.push(Finding::new(Severity::Error, CHECK, crate::error_chain(&e))),
-        },
-        (None, Ok(Some(found))) => out.push(Finding::new(
-            Severity::Warn,
-            CHECK,
-            format!(
-                "{} is lockspace {found} but lockspace_id is not set: set lockspace_id = \"{found}\" so a start \
-                 is refused when the shared filesystem is not mounted",
-                dir.display()
-            ),
-        )),
-        (None, Ok(None)) => out.push(Finding::new(
-            Severity::Info,
-            CHECK,
-            format!(
-                "{} has no identity (lockspace_id unset): fine for one host; a fleet should run `lockhook lockspace \
-                 init` and set lockspace_id",
-                dir.display()
-            ),
-        )),
-        (None, Err(e)) => out.push(Finding::new(Severity::Warn, CHECK, crate::error_chain(&e))),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
