@@ -18,9 +18,12 @@ use crate::config::Config;
 use crate::lock::{self, Create, LockError, LockMode};
 use crate::storage::pool;
 
+use filesystem::{fs_kind, fs_magic};
+
 mod config;
 mod daemon;
 mod dirs;
+mod filesystem;
 mod hook;
 mod identity;
 
@@ -109,7 +112,7 @@ pub fn diagnose(layout: &Layout) -> Vec<Finding> {
     dirs::check_lockspace_dir(&config.lockspace_dir, &mut out);
     identity::check(&config, &mut out);
     check_locks(layout, &config, &mut out);
-    check_shared(&config.lockspace_dir, &mut out);
+    filesystem::check_shared(&config.lockspace_dir, &mut out);
     check_lock_manager(layout, &mut out);
     check_confinement(layout, &config, &mut out);
     out
@@ -149,93 +152,6 @@ pub fn print(findings: &[Finding], out: &mut dyn Write) -> io::Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // 6. OFD locks work, 7. shared lockspace
-
-/// Filesystem magic numbers (`statfs.f_type`) and whether locks on them can reach other hosts.
-const FILESYSTEMS: &[(u64, &str, bool)] = &[
-    (0x6969, "nfs", true),
-    (0x0116_1970, "gfs2", true),
-    (0x7461_636f, "ocfs2", true),
-    (0x00c3_6400, "cephfs", true),
-    (0x6573_5546, "fuse", true),
-    (0xfe53_4d42, "smb2", true),
-    (0xff53_4d42, "cifs", true),
-    (0xef53, "ext4", false),
-    (0x5846_5342, "xfs", false),
-    (0x9123_683e, "btrfs", false),
-    (0x2fc1_2fc1, "zfs", false),
-    (0xf2f5_2010, "f2fs", false),
-    (0xca45_1a4e, "bcachefs", false),
-    (0x0102_1994, "tmpfs", false),
-    (0x8584_58f6, "ramfs", false),
-    (0x794c_7630, "overlayfs", false),
-    (0x0102_1997, "9p", false),
-    (0x6a65_6a63, "virtiofs", false),
-    (0x4d44, "vfat", false),
-    (0x2011_bab0, "exfat", false),
-    (0x5346_544e, "ntfs", false),
-    (0x7366_746e, "ntfs3", false),
-];
-
-/// The name of a filesystem type and whether it is shared between hosts (unknown types are
-/// named by number and counted as local).
-fn fs_kind(magic: u64) -> (String, bool) {
-    FILESYSTEMS
-        .iter()
-        .find(|(m, _, _)| *m == magic)
-        .map_or_else(|| (format!("type 0x{magic:x}"), false), |(_, name, shared)| ((*name).to_owned(), *shared))
-}
-
-/// `statfs(path).f_type`, as the unsigned 32-bit magic the kernel headers spell.
-fn fs_magic(path: &Path) -> nix::Result<u64> {
-    let raw = nix::sys::statfs::statfs(path)?.filesystem_type().0;
-    // f_type is a signed long on 64-bit glibc; the magic is the low 32 bits either way.
-    Ok((raw as u64) & 0xffff_ffff)
-}
-
-/// The mount (point, fs type, mount + super options) that `path` is on, from the text of
-/// `/proc/self/mountinfo`: the longest mount point that is a prefix of the canonical path (the
-/// last one listed wins when mounts are stacked).
-fn mount_of(mountinfo: &str, path: &Path) -> Option<(PathBuf, String, String)> {
-    let mut best: Option<(PathBuf, String, String)> = None;
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else { continue };
-        let left: Vec<&str> = left.split(' ').collect();
-        let right: Vec<&str> = right.split(' ').collect();
-        let (Some(point), Some(opts), Some(fstype)) = (left.get(4), left.get(5), right.first()) else { continue };
-        let point = PathBuf::from(unescape_mount(point));
-        if !path.starts_with(&point) {
-            continue;
-        }
-        if best.as_ref().is_some_and(|(b, _, _)| b.as_os_str().len() > point.as_os_str().len()) {
-            continue;
-        }
-        let options = format!("{opts},{}", right.get(2).copied().unwrap_or(""));
-        best = Some((point, (*fstype).to_owned(), options));
-    }
-    best
-}
-
-/// Mount points escape space, tab, newline and backslash as `\ooo`.
-fn unescape_mount(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut rest = field;
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
-        match code {
-            Some(byte) => {
-                out.push(char::from(byte));
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
 
 /// Why a test lock in a directory failed.
 #[derive(Debug, thiserror::Error)]
@@ -351,62 +267,6 @@ fn check_locks(layout: &Layout, config: &Config, out: &mut Vec<Finding>) {
             )),
         }
     }
-}
-
-fn check_shared(lockspace: &Path, out: &mut Vec<Finding>) {
-    const CHECK: &str = "shared";
-    // A missing lockspace would be created in its nearest existing parent: judge that one.
-    let Some(dir) = lockspace.ancestors().find(|p| p.is_dir()) else { return };
-    let magic = match fs_magic(dir) {
-        Ok(magic) => magic,
-        Err(e) => {
-            out.push(Finding::new(Severity::Info, CHECK, format!("{}: cannot statfs: {e}", dir.display())));
-            return;
-        }
-    };
-    let (mut name, shared) = fs_kind(magic);
-    let canonical = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-    let mount = fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| mount_of(&m, &canonical));
-    if let Some((_, fstype, _)) = mount.as_ref().filter(|(_, t, _)| t.starts_with("fuse.")) {
-        name = fstype.clone(); // fuse.glusterfs, fuse.sshfs, ...
-    }
-    let shown = lockspace.display();
-    if !shared {
-        out.push(Finding::new(
-            Severity::Info,
-            CHECK,
-            format!(
-                "{shown}: local filesystem ({name}): locks protect this host only; put lockspace_dir on shared \
-                 storage for a fleet"
-            ),
-        ));
-        return;
-    }
-    if let Some((point, _, options)) = &mount {
-        let local = options.split(',').find(|o| *o == "nolock" || *o == "local_lock=all" || *o == "local_lock=posix");
-        if let Some(option) = local.filter(|_| name == "nfs") {
-            out.push(Finding::new(
-                Severity::Warn,
-                CHECK,
-                format!(
-                    "{shown}: shared ({name}), but {} is mounted with {option}: fcntl locks stay on this host, so \
-                     other hosts do not see them; remount without nolock/local_lock",
-                    point.display()
-                ),
-            ));
-            return;
-        }
-    }
-    let caveat = if name.starts_with("fuse") {
-        " (if this FUSE filesystem passes locks between hosts, as glusterfs does)"
-    } else {
-        ""
-    };
-    out.push(Finding::new(
-        Severity::Info,
-        CHECK,
-        format!("{shown}: shared ({name}): cross-host refusals work{caveat}"),
-    ));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -600,19 +460,6 @@ mod tests {
     }
 
     #[test]
-    fn filesystem_names() {
-        assert_eq!(fs_kind(0x6969), ("nfs".to_owned(), true));
-        assert_eq!(fs_kind(0xff53_4d42), ("cifs".to_owned(), true));
-        assert_eq!(fs_kind(0x6573_5546), ("fuse".to_owned(), true));
-        assert_eq!(fs_kind(0x00c3_6400), ("cephfs".to_owned(), true));
-        assert_eq!(fs_kind(0xef53), ("ext4".to_owned(), false));
-        assert_eq!(fs_kind(0x0102_1994), ("tmpfs".to_owned(), false));
-        assert_eq!(fs_kind(0x1234), ("type 0x1234".to_owned(), false));
-        // The root filesystem has some type, and it fits 32 bits.
-        assert!(fs_magic(Path::new("/")).expect("statfs /") <= u64::from(u32::MAX));
-    }
-
-    #[test]
     fn apparmor_parsing() {
         let profiles = "/usr/sbin/libvirtd (enforce)\nlibvirtd//qemu_bridge_helper (enforce)\n\
                         virtqemud (complain)\nlibvirt-f3fa73d4 (enforce)\n/usr/bin/man (enforce)\n";
@@ -623,21 +470,6 @@ mod tests {
                 ("virtqemud".to_owned(), "complain".to_owned())
             ]
         );
-    }
-
-    #[test]
-    fn mountinfo_parsing() {
-        let info = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
-                    40 22 0:40 / /var/lib/lock\\040space rw shared:2 - nfs4 srv:/ls rw,vers=4.2,local_lock=none\n\
-                    41 22 0:41 / /var/lib/lockhook rw - nfs srv:/lh rw,vers=3,nolock,local_lock=all\n";
-        let (point, fstype, opts) = mount_of(info, Path::new("/var/lib/lockhook/leases")).expect("found");
-        assert_eq!(point, PathBuf::from("/var/lib/lockhook"));
-        assert_eq!(fstype, "nfs");
-        assert!(opts.split(',').any(|o| o == "local_lock=all"), "{opts}");
-        let (point, fstype, _) = mount_of(info, Path::new("/var/lib/lock space/x")).expect("found");
-        assert_eq!((point, fstype.as_str()), (PathBuf::from("/var/lib/lock space"), "nfs4"));
-        let (point, _, _) = mount_of(info, Path::new("/var/lib/lockhookx")).expect("found");
-        assert_eq!(point, PathBuf::from("/"));
     }
 
     #[test]
