@@ -9,13 +9,13 @@
 //! removes it again. It never signals, traces or reads anything of a process in another mount
 //! namespace beyond the namespace link itself (a test libvirtd in a private namespace is not ours).
 
-use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 
 mod config;
+mod confinement;
 mod daemon;
 mod dirs;
 mod filesystem;
@@ -111,7 +111,7 @@ pub fn diagnose(layout: &Layout) -> Vec<Finding> {
     locks::check(layout, &config, &mut out);
     filesystem::check_shared(&config.lockspace_dir, &mut out);
     lock_manager::check(layout, &mut out);
-    check_confinement(layout, &config, &mut out);
+    confinement::check(layout, &config, &mut out);
     out
 }
 
@@ -147,76 +147,6 @@ pub fn print(findings: &[Finding], out: &mut dyn Write) -> io::Result<()> {
     )
 }
 
-// ---------------------------------------------------------------------------------------------
-// 9. confinement
-
-/// The libvirt daemon profiles in the text of `/sys/kernel/security/apparmor/profiles`
-/// (`name (mode)` per line), as (profile, mode). Child profiles (`libvirtd//...`) are skipped.
-fn apparmor_daemon_profiles(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|line| {
-            let (name, mode) = line.trim().rsplit_once(" (")?;
-            let mode = mode.strip_suffix(')')?;
-            let base = name.rsplit('/').next()?;
-            (!name.contains("//") && daemon::DAEMONS.contains(&base)).then(|| (name.to_owned(), mode.to_owned()))
-        })
-        .collect()
-}
-
-fn check_confinement(layout: &Layout, config: &Config, out: &mut Vec<Finding>) {
-    const CHECK: &str = "confinement";
-    let binary = fs::canonicalize(&layout.binary).unwrap_or_else(|_| layout.binary.clone());
-    let (binary, run_dir) = (binary.display(), config.run_dir.display());
-    let before = out.len();
-    let profiles = Path::new("/sys/kernel/security/apparmor/profiles");
-    if profiles.exists() {
-        match fs::read_to_string(profiles) {
-            Ok(text) => {
-                for (profile, mode) in apparmor_daemon_profiles(&text) {
-                    let base = profile.rsplit('/').next().unwrap_or(&profile).to_owned();
-                    let (severity, what) = match mode.as_str() {
-                        "enforce" | "kill" => (Severity::Warn, "make sure"),
-                        _ => (Severity::Info, "denials are only logged in this mode; still make sure"),
-                    };
-                    out.push(Finding::new(
-                        severity,
-                        CHECK,
-                        format!(
-                            "{base} is confined by AppArmor ({mode}): hooks inherit it; {what} its profile allows \
-                             executing {binary} and writing {run_dir} (see /etc/apparmor.d/usr.sbin.{base} and \
-                             /etc/apparmor.d/local/usr.sbin.{base})"
-                        ),
-                    ));
-                }
-            }
-            Err(e) => out.push(Finding::new(
-                Severity::Info,
-                CHECK,
-                format!("AppArmor is active but {} is unreadable ({e}): confinement not checked", profiles.display()),
-            )),
-        }
-    }
-    match fs::read_to_string("/sys/fs/selinux/enforce").map(|t| t.trim().to_owned()).as_deref() {
-        Ok("1") => out.push(Finding::new(
-            Severity::Warn,
-            CHECK,
-            format!(
-                "SELinux is enforcing: hooks run in libvirtd's domain (virtd_t); make sure the policy allows executing \
-                 {binary} and writing {run_dir} (after a guest start: ausearch -m avc -c lockhook)"
-            ),
-        )),
-        Ok("0") => out.push(Finding::new(
-            Severity::Info,
-            CHECK,
-            "SELinux is permissive: denials of the hook are only logged (ausearch -m avc -c lockhook)",
-        )),
-        _ => {}
-    }
-    if out.len() == before {
-        out.push(Finding::new(Severity::Ok, CHECK, "libvirtd is not confined by AppArmor or SELinux"));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,18 +179,5 @@ mod tests {
         assert_eq!(lines[1], "WARN  daemon: two\\nlines");
         assert_eq!(lines[2], "ERROR lock_manager: bad");
         assert!(lines[3].starts_with("summary: 1 error, 1 warning, 0 info, 1 ok"), "{text}");
-    }
-
-    #[test]
-    fn apparmor_parsing() {
-        let profiles = "/usr/sbin/libvirtd (enforce)\nlibvirtd//qemu_bridge_helper (enforce)\n\
-                        virtqemud (complain)\nlibvirt-f3fa73d4 (enforce)\n/usr/bin/man (enforce)\n";
-        assert_eq!(
-            apparmor_daemon_profiles(profiles),
-            vec![
-                ("/usr/sbin/libvirtd".to_owned(), "enforce".to_owned()),
-                ("virtqemud".to_owned(), "complain".to_owned())
-            ]
-        );
     }
 }
