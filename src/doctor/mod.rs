@@ -1,18 +1,25 @@
 //! `lockhook doctor`: checks an installation and says what to fix, one finding per line.
 //!
-//! It looks at the hook links, the libvirt daemons of this mount namespace, the config, the run
-//! and lockspace directories, whether OFD locks work on every filesystem lockhook locks files on,
-//! whether the lockspace is shared, `lock_manager` in `qemu.conf`, and AppArmor/SELinux.
+//! Each check has its own submodule, whose header says what it checks and why; `diagnose` runs
+//! them in this order:
+//!
+//! | check | submodule |
+//! |---|---|
+//! | `privileges`: doctor runs as root | here |
+//! | `hook`: libvirt's hook entries lead to this lockhook | `hook` |
+//! | `config`: the config loads | `config` |
+//! | `daemon`: the running libvirt daemons have found the hook | `daemon` |
+//! | `run_dir`, `lockspace`: lockhook's own directories | `dirs` |
+//! | `lockspace identity`: the lockspace is the initialised one | `identity` |
+//! | `locks`: OFD locks work in the lockspace, run and image directories | `locks` |
+//! | `shared`: the lockspace's filesystem reaches other hosts | `filesystem` |
+//! | `lock_manager`: libvirt's own lock manager (`qemu.conf`) does not fight lockhook | `lock_manager` |
+//! | `confinement`: AppArmor or SELinux | `confinement` |
 //!
 //! Read-only except for one thing: to try OFD locks on a filesystem it creates a test file
 //! (`O_EXCL|O_NOFOLLOW`, mode 0600, named `.lockhook-doctor.<pid>.<n>`) in the directory and
 //! removes it again. It never signals, traces or reads anything of a process in another mount
 //! namespace beyond the namespace link itself (a test libvirtd in a private namespace is not ours).
-
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
-
-use crate::config::Config;
 
 mod config;
 mod confinement;
@@ -24,10 +31,16 @@ mod identity;
 mod lock_manager;
 mod locks;
 
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+
 /// Where `install.sh` puts the binary.
 pub const INSTALLED_BINARY: &str = "/usr/local/sbin/lockhook";
 /// libvirt's default image directory, tested for OFD locks when it exists.
 pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/libvirt/images";
+
 /// Severity of one finding; the exit code of `lockhook doctor` is the worst one: Ok→0, Info→0,
 /// Warn→1, Error→2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -54,8 +67,8 @@ impl Severity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     pub severity: Severity,
-    /// Which check: `hook`, `daemon`, `config`, `run_dir`, `lockspace`, `locks`, `shared`,
-    /// `lock_manager`, `confinement`, `privileges`.
+    /// Which check: `hook`, `daemon`, `config`, `run_dir`, `lockspace`, `lockspace identity`,
+    /// `locks`, `shared`, `lock_manager`, `confinement`, `privileges`.
     pub check: &'static str,
     /// One line: what is wrong and how to fix it (or what is fine).
     pub message: String,
