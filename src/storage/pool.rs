@@ -145,6 +145,19 @@ fn parse_pool(text: &str) -> Result<RawPool, String> {
     }
 }
 
+/// The image directory of a persistent `dir`, `fs` or `netfs` pool definition (a `<pool>`, as in
+/// `<libvirt_config_dir>/storage`): its `<target><path>`, trimmed, when that is absolute. `None`
+/// for other pool types, for a running pool's `<poolstate>`, and for anything that does not
+/// parse. `doctor` tests OFD locks there.
+pub fn target_dir(text: &str) -> Option<PathBuf> {
+    let pool: RawPool = quick_xml::de::from_str(text).ok()?;
+    if !matches!(pool.kind.as_deref(), Some("dir" | "fs" | "netfs")) {
+        return None;
+    }
+    let path = PathBuf::from(pool.target?.path?.trim());
+    path.is_absolute().then_some(path)
+}
+
 /// What `volume` of `pool` is, from the pool XML under the two libvirt directories; `dev` is
 /// where device nodes are (`/dev`), for the kernel initiator's iSCSI nodes.
 pub fn resolve(pool: &str, volume: &str, run_dir: &Path, config_dir: &Path, dev: &Path) -> Result<Volume, PoolError> {
@@ -411,6 +424,19 @@ mod tests {
         let vstorage = "<pool type='vstorage'><name>vs</name><source><name>cluster1</name></source>\
                         <target><path>/mnt/vstorage/cluster1</path></target></pool>";
         assert_eq!(d.both("vs", vstorage, "d.img").expect("vstorage"), path("/mnt/vstorage/cluster1/d.img"));
+    }
+
+    #[test]
+    fn target_dirs() {
+        let dir = "<!--\nWARNING: THIS IS AN AUTO-GENERATED FILE.\n-->\n<pool type='dir'><name>images</name>\
+                   <target><path> /srv/images </path></target></pool>";
+        assert_eq!(target_dir(dir), Some(PathBuf::from("/srv/images")));
+        assert_eq!(target_dir("<pool type='logical'><target><path>/dev/vg</path></target></pool>"), None);
+        assert_eq!(target_dir("<pool type='netfs'><target><path>relative</path></target></pool>"), None);
+        assert_eq!(target_dir("<pool type='fs'><target>"), None);
+        // A running pool's state is not a definition.
+        let state = "<poolstate version='1'><pool type='fs'><target><path>/srv/fs</path></target></pool></poolstate>";
+        assert_eq!(target_dir(state), None);
     }
 
     #[test]
