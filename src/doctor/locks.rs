@@ -80,7 +80,7 @@ fn try_ofd_lock(dir: &Path) -> Result<(), LockTestError> {
 /// Image directories: libvirt's default one and every file-based pool's target.
 fn image_dirs(layout: &Layout) -> Vec<PathBuf> {
     let mut dirs = vec![PathBuf::from(DEFAULT_IMAGES_DIR)];
-    if let Ok(entries) = fs::read_dir(layout.libvirt_config_dir.join("storage")) {
+    if let Ok(entries) = fs::read_dir(crate::libvirt::pool_definitions(&layout.libvirt_config_dir)) {
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| Some(e.ok()?.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "xml"))
