@@ -58,37 +58,60 @@ struct Qemu {
 }
 
 pub(crate) struct Holder {
-    /// The hook that started us (a pidfd), until it has handed something over.
-    spawner: Option<OwnedFd>,
     uuid: Uuid,
     paths: Paths,
-    guest: Option<Guest>,
-    held: Vec<(Resource, OwnedFd)>,
-    qemu: Option<Qemu>,
+    config: Config,
     since: String,
     host: String,
     /// When this holder started.
     started: Instant,
-    /// The single-instance lock; `None` once released.
-    instance: Option<File>,
-    listener: OwnedFd,
-    config: Config,
-    /// The guest's live definition (libvirt's status file), watched for hot-plug once QEMU runs.
+    guest: Option<Guest>,
+    held: Vec<(Resource, OwnedFd)>,
+    watched: Watched,
+    hotplug: Hotplug,
+    migration: Migration,
+    files: RunFiles,
+    records: Records,
+}
+
+/// The processes the holder watches through pidfds.
+struct Watched {
+    /// The hook that started us (a pidfd), until it has handed something over.
+    spawner: Option<OwnedFd>,
+    qemu: Option<Qemu>,
+}
+
+/// The guest's live definition (libvirt's status file), watched for hot-plug once QEMU runs.
+struct Hotplug {
     status: Option<hotplug::StatusFile>,
     live: Option<crate::domain::Domain>,
     conflicts: Vec<state::Conflict>,
-    lockspace: crate::lockspace::Lockspace,
-    /// Publishes owner records in the lockspace (started when there is something to publish).
-    records: Option<RecordKeeper>,
-    /// (dev, inode, size) of the state file as last written, to notice a replaced one cheaply.
-    state_written: Option<(u64, u64, u64)>,
-    /// Incoming live migration: what the source still holds, and the threads waiting for it.
+}
+
+/// Incoming live migration: what the source still holds, and the threads waiting for it.
+struct Migration {
     pending: Vec<Resource>,
     handover: Option<handover::Handover>,
     /// Started for an incoming live migration (the hook consumed a fresh `migrate` marker).
     incoming: bool,
     /// The guest's QEMU was seen with `-incoming`.
-    incoming_verified: bool,
+    verified: bool,
+}
+
+/// The run-directory files that make this holder reachable and nameable.
+struct RunFiles {
+    /// The single-instance lock; `None` once released.
+    instance: Option<File>,
+    listener: OwnedFd,
+    /// (dev, inode, size) of the state file as last written, to notice a replaced one cheaply.
+    state_written: Option<(u64, u64, u64)>,
+}
+
+/// The lockspace, and the thread that publishes owner records in it.
+struct Records {
+    lockspace: crate::lockspace::Lockspace,
+    /// Publishes owner records in the lockspace (started when there is something to publish).
+    keeper: Option<RecordKeeper>,
 }
 
 /// What woke the holder up.
@@ -225,28 +248,19 @@ impl Holder {
         let parent = nix::unistd::getppid().as_raw();
         let spawner = u32::try_from(parent).ok().filter(|p| *p > 1 && watch_parent).and_then(pidfd_open);
         Ok(Holder {
-            spawner,
             uuid: uuid.clone(),
             paths,
-            guest: None,
-            held: Vec::new(),
-            qemu: None,
+            config: config.clone(),
             since: crate::clock::now(),
             host: state::hostname(),
             started: Instant::now(),
-            instance: Some(instance),
-            listener,
-            config: config.clone(),
-            status: None,
-            live: None,
-            conflicts: Vec::new(),
-            lockspace: crate::lockspace::Lockspace::new(&config.lockspace_dir),
-            records: None,
-            state_written: None,
-            pending: Vec::new(),
-            handover: None,
-            incoming: false,
-            incoming_verified: false,
+            guest: None,
+            held: Vec::new(),
+            watched: Watched { spawner, qemu: None },
+            hotplug: Hotplug { status: None, live: None, conflicts: Vec::new() },
+            migration: Migration { pending: Vec::new(), handover: None, incoming: false, verified: false },
+            files: RunFiles { instance: Some(instance), listener, state_written: None },
+            records: Records { lockspace: crate::lockspace::Lockspace::new(&config.lockspace_dir), keeper: None },
         })
     }
 
@@ -256,8 +270,8 @@ impl Holder {
         let code = footprint::CodePages::new();
         let mut ticks = 0u64;
         loop {
-            let idle = self.held.is_empty() && self.pending.is_empty();
-            if idle && (started.elapsed() >= IDLE_EXIT || self.spawner.is_none()) {
+            let idle = self.held.is_empty() && self.migration.pending.is_empty();
+            if idle && (started.elapsed() >= IDLE_EXIT || self.watched.spawner.is_none()) {
                 info!("holder for {}: nothing was handed over; exiting", self.uuid);
                 return self.exit();
             }
@@ -277,12 +291,12 @@ impl Holder {
                 }
             };
             if events.qemu_gone || self.qemu_exited() {
-                let pid = self.qemu.as_ref().map_or(0, |q| q.pid);
+                let pid = self.watched.qemu.as_ref().map_or(0, |q| q.pid);
                 warn!("guest {}: QEMU (pid {pid}) is gone and no release came; releasing its locks", self.describe());
                 return self.exit();
             }
             if events.spawner_gone {
-                self.spawner = None;
+                self.watched.spawner = None;
             }
             if events.handover {
                 self.take_over();
@@ -307,7 +321,7 @@ impl Holder {
                 // Owner records removed by someone else come back, once a minute: the record
                 // thread's work would otherwise map code pages again after every tick.
                 if ticks % RECORD_REFRESH_TICKS == 0 {
-                    if let Some(records) = &self.records {
+                    if let Some(records) = &self.records.keeper {
                         records.refresh();
                     }
                 }
@@ -320,15 +334,15 @@ impl Holder {
     }
 
     fn wait(&self, timeout: Duration) -> nix::Result<Events> {
-        let mut fds = vec![PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
-        let qemu = self.qemu.as_ref().and_then(|q| q.pidfd.as_ref());
+        let mut fds = vec![PollFd::new(self.files.listener.as_fd(), PollFlags::POLLIN)];
+        let qemu = self.watched.qemu.as_ref().and_then(|q| q.pidfd.as_ref());
         if let Some(pidfd) = qemu {
             fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
         }
-        if let Some(pidfd) = &self.spawner {
+        if let Some(pidfd) = &self.watched.spawner {
             fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
         }
-        if let Some(handover) = &self.handover {
+        if let Some(handover) = &self.migration.handover {
             fds.push(PollFd::new(handover.fd(), PollFlags::POLLIN));
         }
         let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
@@ -343,11 +357,11 @@ impl Holder {
             events.qemu_gone = is_ready(&fds[next]);
             next += 1;
         }
-        if self.spawner.is_some() {
+        if self.watched.spawner.is_some() {
             events.spawner_gone = is_ready(&fds[next]);
             next += 1;
         }
-        if self.handover.is_some() {
+        if self.migration.handover.is_some() {
             events.handover = is_ready(&fds[next]);
         }
         Ok(events)
@@ -362,19 +376,19 @@ impl Holder {
             match relisten {
                 Ok(listener) => {
                     warn!("holder for {}: {} was removed; listening again", self.uuid, socket.display());
-                    self.listener = listener;
+                    self.files.listener = listener;
                 }
                 Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
             }
         }
         let lock_path = self.paths.instance_lock(&self.uuid);
-        let ours = self.instance.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
+        let ours = self.files.instance.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
         let on_disk = fs::metadata(&lock_path).ok().map(|m| (m.dev(), m.ino()));
         if ours.is_none() || ours != on_disk {
             match take_instance_lock(&self.paths, &self.uuid) {
                 Ok(file) => {
                     warn!("holder for {}: {} was removed or replaced; locked it again", self.uuid, lock_path.display());
-                    self.instance = Some(file);
+                    self.files.instance = Some(file);
                 }
                 Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
             }
@@ -383,7 +397,7 @@ impl Holder {
             let state_path = self.paths.state(&self.uuid);
             // A stat a second; the file is parsed only when it is not the one last written.
             let current = fs::metadata(&state_path).ok().map(|m| (m.dev(), m.ino(), m.len()));
-            if current.is_none() || current != self.state_written {
+            if current.is_none() || current != self.files.state_written {
                 match self.save() {
                     Ok(()) => {
                         warn!("holder for {}: {} was missing or damaged; rewrote it", self.uuid, state_path.display())
@@ -397,20 +411,20 @@ impl Holder {
     /// Re-reads the guest's live definition when libvirt changed it (or while a conflict is
     /// pending) and brings the locks in line; see `hotplug`.
     fn follow_hotplug(&mut self) {
-        let Some(status) = self.status.as_mut() else { return };
+        let Some(status) = self.hotplug.status.as_mut() else { return };
         let domain = match status.changed() {
             Some(domain) if domain.uuid == self.uuid => {
-                self.live = Some(domain.clone());
+                self.hotplug.live = Some(domain.clone());
                 domain
             }
             Some(_) => return,
-            None if !self.conflicts.is_empty() => match &self.live {
+            None if !self.hotplug.conflicts.is_empty() => match &self.hotplug.live {
                 Some(domain) => domain.clone(),
                 None => return,
             },
             None => return,
         };
-        let pending: Vec<_> = self.pending.iter().map(|r| r.identity).collect();
+        let pending: Vec<_> = self.migration.pending.iter().map(|r| r.identity).collect();
         let change = hotplug::sync(&mut self.held, &pending, &domain, &self.config, &self.paths);
         let locks_changed = !change.is_empty();
         let mut fresh = Vec::new();
@@ -418,15 +432,15 @@ impl Holder {
             .conflicts
             .into_iter()
             .map(|mut c| {
-                match self.conflicts.iter().find(|old| old.path == c.path) {
+                match self.hotplug.conflicts.iter().find(|old| old.path == c.path) {
                     Some(old) => c.since = old.since.clone(),
                     None => fresh.push(c.clone()),
                 }
                 c
             })
             .collect();
-        let conflicts_changed = conflicts != self.conflicts;
-        self.conflicts = conflicts;
+        let conflicts_changed = conflicts != self.hotplug.conflicts;
+        self.hotplug.conflicts = conflicts;
         for c in &fresh {
             let now = match self.held.iter().find(|(r, _)| r.path == c.path) {
                 Some((r, _)) => format!("it stays locked {} for this guest", r.mode.as_str()),
@@ -467,7 +481,7 @@ impl Holder {
     }
 
     fn qemu_exited(&self) -> bool {
-        self.qemu.as_ref().is_some_and(|q| q.pidfd.is_none() && !crate::qemu::is_alive(q.pid, q.start_time))
+        self.watched.qemu.as_ref().is_some_and(|q| q.pidfd.is_none() && !crate::qemu::is_alive(q.pid, q.start_time))
     }
 
     fn describe(&self) -> String {
@@ -478,7 +492,7 @@ impl Holder {
     }
 
     fn accept_one(&mut self) -> Next {
-        match accept_conn(&self.listener) {
+        match accept_conn(&self.files.listener) {
             Ok((conn, allowed)) => self.serve_conn(&conn, allowed),
             Err(e) => {
                 warn!("holder for {}: accept failed: {e}", self.uuid);
@@ -531,7 +545,7 @@ impl Holder {
             Request::Acquire { guest, resources, pending, incoming } => {
                 let response = self.acquire(guest, resources, fds);
                 if response == Response::Ok {
-                    self.incoming |= incoming;
+                    self.migration.incoming |= incoming;
                     self.wait_for(pending);
                 }
                 (response, Next::Continue)
@@ -543,12 +557,12 @@ impl Holder {
                         .held
                         .iter()
                         .map(|(r, _)| r.identity)
-                        .chain(self.pending.iter().map(|r| r.identity))
+                        .chain(self.migration.pending.iter().map(|r| r.identity))
                         .collect(),
-                    qemu_pid: self.qemu.as_ref().map(|q| q.pid),
+                    qemu_pid: self.watched.qemu.as_ref().map(|q| q.pid),
                     age: self.started.elapsed().as_secs(),
-                    pending: self.pending.len(),
-                    incoming: self.incoming,
+                    pending: self.migration.pending.len(),
+                    incoming: self.migration.incoming,
                 },
                 Next::Continue,
             ),
@@ -565,25 +579,25 @@ impl Holder {
         if pending.is_empty() {
             return;
         }
-        if self.handover.is_none() {
+        if self.migration.handover.is_none() {
             match handover::Handover::new() {
-                Ok(h) => self.handover = Some(h),
+                Ok(h) => self.migration.handover = Some(h),
                 Err(e) => {
                     error!("guest {}: cannot wait for the migration hand-over: {e}", self.describe());
                     return;
                 }
             }
         }
-        let Some(handover) = &self.handover else { return };
+        let Some(handover) = &self.migration.handover else { return };
         for resource in pending {
             let known = self.held.iter().any(|(r, _)| r.identity == resource.identity)
-                || self.pending.iter().any(|r| r.identity == resource.identity);
+                || self.migration.pending.iter().any(|r| r.identity == resource.identity);
             if known {
                 continue;
             }
             info!("guest {}: waiting for {} to be released by its source host", self.describe(), resource.name());
-            handover.wait_for(resource.clone(), &self.lockspace);
-            self.pending.push(resource);
+            handover.wait_for(resource.clone(), &self.records.lockspace);
+            self.migration.pending.push(resource);
         }
         if let Err(e) = self.save() {
             warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
@@ -593,7 +607,7 @@ impl Holder {
     /// Whether this holder must watch for its guest's QEMU: it waits for a migration source and
     /// has not seen an incoming QEMU yet.
     fn guarding(&self) -> bool {
-        !self.pending.is_empty() && self.qemu.is_none() && !self.incoming_verified
+        !self.migration.pending.is_empty() && self.watched.qemu.is_none() && !self.migration.verified
     }
 
     /// The guard of a destination holder (see `migration`): the QEMU libvirt starts for this
@@ -607,7 +621,7 @@ impl Holder {
                 "guest {}: gave up waiting for {} resource(s) held by its migration source: no QEMU came within {} s; \
                  releasing",
                 self.describe(),
-                self.pending.len(),
+                self.migration.pending.len(),
                 crate::migration::PENDING_BOUND.as_secs()
             );
             return Next::Exit;
@@ -616,11 +630,11 @@ impl Holder {
         match crate::migration::find_qemu(&guest.name, &self.uuid, &self.config.libvirt_run_dir) {
             Some((pid, crate::migration::QemuKind::Incoming)) => {
                 info!("guest {}: QEMU (pid {pid}) is an incoming migration; waiting for its source", self.describe());
-                self.incoming_verified = true;
+                self.migration.verified = true;
                 Next::Continue
             }
             Some((pid, _)) => {
-                let names: Vec<String> = self.pending.iter().map(Resource::name).collect();
+                let names: Vec<String> = self.migration.pending.iter().map(Resource::name).collect();
                 if let Ok(pid) = i32::try_from(pid) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
                 }
@@ -638,10 +652,10 @@ impl Holder {
 
     /// Takes over the locks whose wait finished.
     fn take_over(&mut self) {
-        let Some(handover) = &self.handover else { return };
+        let Some(handover) = &self.migration.handover else { return };
         let finished = handover.finished();
         for (resource, result) in finished {
-            self.pending.retain(|r| r.identity != resource.identity);
+            self.migration.pending.retain(|r| r.identity != resource.identity);
             match result {
                 Ok(lock) => {
                     info!(
@@ -707,7 +721,7 @@ impl Holder {
                 roles(resource)
             );
         }
-        self.spawner = None;
+        self.watched.spawner = None;
         Response::Ok
     }
 
@@ -715,11 +729,11 @@ impl Holder {
         if !crate::qemu::is_alive(pid, start_time) {
             return Response::Error { code: ErrorCode::Failed, message: format!("process {pid} is not running") };
         }
-        self.qemu = Some(Qemu { pid, start_time, pidfd: pidfd_open(pid) });
+        self.watched.qemu = Some(Qemu { pid, start_time, pidfd: pidfd_open(pid) });
         if let Some(guest) = &self.guest {
             // The first tick compares the live definition with what the hook locked: normally
             // equal; after a re-adoption it finds what someone else took meanwhile.
-            self.status = Some(hotplug::StatusFile::new(&self.config.libvirt_run_dir, &guest.name));
+            self.hotplug.status = Some(hotplug::StatusFile::new(&self.config.libvirt_run_dir, &guest.name));
         }
         match self.save() {
             Ok(()) => Response::Ok,
@@ -732,20 +746,20 @@ impl Holder {
         let record = GuestState {
             version: state::STATE_VERSION,
             kind: state::HolderKind::Guest,
-            qemu_start_time: self.qemu.as_ref().map(|q| q.start_time),
-            conflicts: self.conflicts.clone(),
-            pending: self.pending.clone(),
+            qemu_start_time: self.watched.qemu.as_ref().map(|q| q.start_time),
+            conflicts: self.hotplug.conflicts.clone(),
+            pending: self.migration.pending.clone(),
             name: guest.name,
             uuid: self.uuid.clone(),
             host: self.host.clone(),
             holder_pid: std::process::id(),
-            qemu_pid: self.qemu.as_ref().map(|q| q.pid),
+            qemu_pid: self.watched.qemu.as_ref().map(|q| q.pid),
             since: self.since.clone(),
             resources: self.held.iter().map(|(r, _)| r.clone()).collect(),
         };
         let path = self.paths.state(&self.uuid);
         state::write(&path, &record)?;
-        self.state_written = fs::metadata(&path).ok().map(|m| (m.dev(), m.ino(), m.len()));
+        self.files.state_written = fs::metadata(&path).ok().map(|m| (m.dev(), m.ino(), m.len()));
         Ok(())
     }
 
@@ -768,8 +782,8 @@ impl Holder {
                 holder_pid: std::process::id(),
             })
             .collect();
-        let lockspace = &self.lockspace;
-        self.records.get_or_insert_with(|| RecordKeeper::start(lockspace.clone())).sync(wanted);
+        let lockspace = &self.records.lockspace;
+        self.records.keeper.get_or_insert_with(|| RecordKeeper::start(lockspace.clone())).sync(wanted);
     }
 
     /// Drops every lock, then the files that advertise them, and the instance lock (a new holder
@@ -782,10 +796,10 @@ impl Holder {
         let _ = fs::remove_file(self.paths.socket(&self.uuid));
         self.held.clear();
         // Invariant: the lock file goes while still locked (see `rundir::lock_instance_file`).
-        if let Some(instance) = &self.instance {
+        if let Some(instance) = &self.files.instance {
             crate::rundir::remove_instance_file(&self.paths.instance_lock(&self.uuid), instance);
         }
-        self.instance = None;
+        self.files.instance = None;
     }
 
     fn exit(&mut self) {
@@ -795,7 +809,7 @@ impl Holder {
 
     /// Withdraws every owner record and waits for the record thread to finish.
     fn withdraw_records(&mut self) {
-        if let Some(mut records) = self.records.take() {
+        if let Some(mut records) = self.records.keeper.take() {
             records.stop();
         }
     }
