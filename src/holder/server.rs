@@ -114,6 +114,19 @@ struct Records {
     keeper: Option<RecordKeeper>,
 }
 
+/// The fds the loop polls, one slot each; a slot whose fd is absent is not polled.
+#[derive(Clone, Copy)]
+enum Slot {
+    /// The control socket: a connection is waiting.
+    Listener,
+    /// The guest's QEMU (a pidfd): readable once it exited.
+    Qemu,
+    /// The hook that started us (a pidfd): readable once it exited.
+    Spawner,
+    /// The hand-over's wake-up pipe: readable once a wait finished.
+    Handover,
+}
+
 /// What woke the holder up.
 #[derive(Default)]
 struct Events {
@@ -121,6 +134,17 @@ struct Events {
     qemu_gone: bool,
     spawner_gone: bool,
     handover: bool,
+}
+
+impl Events {
+    fn mark(&mut self, slot: Slot) {
+        match slot {
+            Slot::Listener => self.listener = true,
+            Slot::Qemu => self.qemu_gone = true,
+            Slot::Spawner => self.spawner_gone = true,
+            Slot::Handover => self.handover = true,
+        }
+    }
 }
 
 /// What the loop does after a request.
@@ -334,35 +358,24 @@ impl Holder {
     }
 
     fn wait(&self, timeout: Duration) -> nix::Result<Events> {
-        let mut fds = vec![PollFd::new(self.files.listener.as_fd(), PollFlags::POLLIN)];
-        let qemu = self.watched.qemu.as_ref().and_then(|q| q.pidfd.as_ref());
-        if let Some(pidfd) = qemu {
-            fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
-        }
-        if let Some(pidfd) = &self.watched.spawner {
-            fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
-        }
-        if let Some(handover) = &self.migration.handover {
-            fds.push(PollFd::new(handover.fd(), PollFlags::POLLIN));
-        }
+        let slots = [
+            (Slot::Listener, Some(self.files.listener.as_fd())),
+            (Slot::Qemu, self.watched.qemu.as_ref().and_then(|q| q.pidfd.as_ref()).map(AsFd::as_fd)),
+            (Slot::Spawner, self.watched.spawner.as_ref().map(AsFd::as_fd)),
+            (Slot::Handover, self.migration.handover.as_ref().map(handover::Handover::fd)),
+        ];
+        let (polled, mut fds): (Vec<Slot>, Vec<PollFd<'_>>) =
+            slots.into_iter().filter_map(|(slot, fd)| Some((slot, PollFd::new(fd?, PollFlags::POLLIN)))).unzip();
         let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::Error::EINTR) => {}
             Err(e) => return Err(e),
         }
-        let is_ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-        let mut events = Events { listener: is_ready(&fds[0]), ..Events::default() };
-        let mut next = 1;
-        if qemu.is_some() {
-            events.qemu_gone = is_ready(&fds[next]);
-            next += 1;
-        }
-        if self.watched.spawner.is_some() {
-            events.spawner_gone = is_ready(&fds[next]);
-            next += 1;
-        }
-        if self.migration.handover.is_some() {
-            events.handover = is_ready(&fds[next]);
+        let mut events = Events::default();
+        for (slot, fd) in polled.into_iter().zip(&fds) {
+            if fd.revents().is_some_and(|r| !r.is_empty()) {
+                events.mark(slot);
+            }
         }
         Ok(events)
     }
