@@ -26,14 +26,19 @@ pub(crate) fn accept_conn(listener: &OwnedFd) -> nix::Result<(OwnedFd, bool)> {
     let fd = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
     // SAFETY: accept4 returned a new descriptor that only we own.
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+    let allowed = admit(&conn);
+    Ok((conn, allowed))
+}
+
+/// Sets the timeouts of a new connection and says whether its peer may send requests.
+fn admit(conn: &OwnedFd) -> bool {
     let timeout = TimeVal::new(CONN_TIMEOUT.as_secs() as libc::time_t, 0);
-    let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &timeout);
-    let _ = setsockopt(&conn, sockopt::SendTimeout, &timeout);
-    let allowed = match socket::getsockopt(&conn, sockopt::PeerCredentials) {
+    let _ = setsockopt(conn, sockopt::ReceiveTimeout, &timeout);
+    let _ = setsockopt(conn, sockopt::SendTimeout, &timeout);
+    match socket::getsockopt(conn, sockopt::PeerCredentials) {
         Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
         Err(_) => false,
-    };
-    Ok((conn, allowed))
+    }
 }
 
 impl Holder {
