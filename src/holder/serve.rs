@@ -195,3 +195,6 @@ fn code_of(e: &protocol::ProtocolError) -> ErrorCode {
         _ => ErrorCode::BadRequest,
     }
 }
+
+#[cfg(test)]
+mod tests;
