@@ -35,6 +35,7 @@ const GUARD_POLL: Duration = Duration::from_millis(10);
 /// Every this many ticks the holder re-publishes owner records someone removed.
 const RECORD_REFRESH_TICKS: u64 = 60;
 
+/// The guest's QEMU: pid and start time identify it across pid reuse (see `qemu`).
 pub(super) struct Qemu {
     pub(super) pid: u32,
     pub(super) start_time: u64,

@@ -17,6 +17,7 @@ use super::hotplug;
 use super::server::{Holder, Next};
 use crate::state::{self, Resource};
 
+/// A pidfd of `pid`, readable once the process exits; `None` where the kernel has no pidfds.
 pub(super) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::pid_t::try_from(pid).ok()?, 0) };
