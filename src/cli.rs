@@ -224,7 +224,7 @@ pub fn run(cli: Cli) -> ExitCode {
             let config_path = config::path_from(cli.config.as_deref());
             let code = match (spare, uuid.map(|u| Uuid::parse(&u))) {
                 (true, _) => crate::holder::spare::run(&config_path),
-                (false, Some(Ok(uuid))) => crate::holder::server::run(&config_path, &uuid, ready_fd.unwrap_or(-1)),
+                (false, Some(Ok(uuid))) => crate::holder::bootstrap::run(&config_path, &uuid, ready_fd.unwrap_or(-1)),
                 _ => 2,
             };
             ExitCode::from(u8::try_from(code).unwrap_or(1))

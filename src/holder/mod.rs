@@ -1,12 +1,16 @@
 //! The per-guest holder process and how to reach it.
 
+pub mod bootstrap;
 pub mod client;
 pub mod fdpass;
 pub mod footprint;
 pub mod handover;
 pub mod hotplug;
+mod presence;
 pub mod protocol;
 pub mod records;
+mod serve;
 pub mod server;
 pub mod spare;
 pub mod spawn;
+mod watch;

@@ -1,48 +1,32 @@
-//! The holder: one small process per running guest that keeps the guest's lock fds open.
+//! The holder: one small process per running guest that keeps the guest's lock fds open. This
+//! room owns its state and its loop: what it waits for, and when it exits (and with it, the
+//! locks).
 //!
-//! Start-up order (each step before the next):
-//! 1. close every inherited fd but the ready pipe (the child side of `spawn` already put
-//!    /dev/null on 0-2 and called `setsid`, so libvirtd's pipes are not held);
-//! 2. ignore SIGHUP/SIGINT/SIGPIPE and set `oom_score_adj` to -1000: losing the holder loses the
-//!    locks;
-//! 3. take the single-instance OFD lock on `<uuid>.lock` (a second holder for one guest fails here);
-//! 4. replace any stale socket, bind `<uuid>.sock` with mode 0600;
-//! 5. write `R` on the ready pipe and close it.
+//! After start-up (see `bootstrap`) it serves one connection at a time (see `serve`). It exits
+//! after `release`, when the guest's QEMU process ends (libvirtd may be down and never send
+//! `release`), or when nothing was handed to it and the hook that started it is gone (killed
+//! mid-`prepare`), or `IDLE_EXIT` passed.
 //!
-//! Then it serves one connection at a time. It exits after `release`, when the guest's QEMU
-//! process ends (libvirtd may be down and never send `release`), or when nothing was handed to
-//! it and the hook that started it is gone (killed mid-`prepare`), or `IDLE_EXIT` passed.
-//!
-//! Once a `TICK` it heals what others may have broken: a deleted socket is bound again, a
-//! missing or corrupt state file is rewritten, a deleted instance-lock file is recreated and
-//! locked, so the guest stays reachable and nameable.
+//! Between requests it sleeps in `poll` on a few named slots (`Slot`) and, once a `TICK`, heals
+//! its files and records (see `presence`) and follows the guest's live definition (see `watch`).
 
-use std::fs::{self, File};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{signal, SigHandler, Signal};
-use nix::sys::socket::{self, accept4, setsockopt, sockopt, SockFlag};
-use nix::sys::time::TimeVal;
 
-use super::protocol::{self, ErrorCode, Guest, Request, Response, MAX_FRAME};
+use super::protocol::Guest;
 use super::records::RecordKeeper;
-use super::{fdpass, footprint, handover, hotplug};
+use super::{footprint, handover, hotplug};
 use crate::config::Config;
 use crate::domain::Uuid;
 use crate::paths::Paths;
-use crate::rundir::RunDirError as HolderError;
-use crate::rundir::{ensure_run_dir, listen_on, take_instance_lock};
-use crate::state::{self, GuestState, Resource};
+use crate::state::{self, Resource};
 
 /// A holder that was given nothing this long after its start exits.
 pub const IDLE_EXIT: Duration = Duration::from_secs(10);
-/// How long one connection may stay silent before the holder drops it.
-pub const CONN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the holder checks its files (and, without pidfd support, its QEMU process).
 pub const TICK: Duration = Duration::from_secs(1);
 /// While a destination holder waits for a migration source and its QEMU has not shown itself,
@@ -51,44 +35,81 @@ const GUARD_POLL: Duration = Duration::from_millis(10);
 /// Every this many ticks the holder re-publishes owner records someone removed.
 const RECORD_REFRESH_TICKS: u64 = 60;
 
-struct Qemu {
-    pid: u32,
-    start_time: u64,
-    pidfd: Option<OwnedFd>,
+/// The guest's QEMU: pid and start time identify it across pid reuse (see `qemu`).
+pub(super) struct Qemu {
+    pub(super) pid: u32,
+    pub(super) start_time: u64,
+    pub(super) pidfd: Option<OwnedFd>,
 }
 
 pub(crate) struct Holder {
-    /// The hook that started us (a pidfd), until it has handed something over.
-    spawner: Option<OwnedFd>,
-    uuid: Uuid,
-    paths: Paths,
-    guest: Option<Guest>,
-    held: Vec<(Resource, OwnedFd)>,
-    qemu: Option<Qemu>,
-    since: String,
-    host: String,
+    pub(super) uuid: Uuid,
+    pub(super) paths: Paths,
+    pub(super) config: Config,
+    pub(super) since: String,
+    pub(super) host: String,
     /// When this holder started.
-    started: Instant,
-    /// The single-instance lock; `None` once released.
-    instance: Option<File>,
-    listener: OwnedFd,
-    config: Config,
-    /// The guest's live definition (libvirt's status file), watched for hot-plug once QEMU runs.
-    status: Option<hotplug::StatusFile>,
-    live: Option<crate::domain::Domain>,
-    conflicts: Vec<state::Conflict>,
-    lockspace: crate::lockspace::Lockspace,
-    /// Publishes owner records in the lockspace (started when there is something to publish).
-    records: Option<RecordKeeper>,
-    /// (dev, inode, size) of the state file as last written, to notice a replaced one cheaply.
-    state_written: Option<(u64, u64, u64)>,
-    /// Incoming live migration: what the source still holds, and the threads waiting for it.
-    pending: Vec<Resource>,
-    handover: Option<handover::Handover>,
+    pub(super) started: Instant,
+    pub(super) guest: Option<Guest>,
+    pub(super) held: Vec<(Resource, OwnedFd)>,
+    pub(super) watched: Watched,
+    pub(super) hotplug: Hotplug,
+    pub(super) migration: Migration,
+    pub(super) files: RunFiles,
+    pub(super) records: Records,
+}
+
+/// The processes the holder watches through pidfds.
+pub(super) struct Watched {
+    /// The hook that started us (a pidfd), until it has handed something over.
+    pub(super) spawner: Option<OwnedFd>,
+    pub(super) qemu: Option<Qemu>,
+}
+
+/// The guest's live definition (libvirt's status file), watched for hot-plug once QEMU runs.
+pub(super) struct Hotplug {
+    pub(super) status: Option<hotplug::StatusFile>,
+    pub(super) live: Option<crate::domain::Domain>,
+    pub(super) conflicts: Vec<state::Conflict>,
+}
+
+/// Incoming live migration: what the source still holds, and the threads waiting for it.
+pub(super) struct Migration {
+    pub(super) pending: Vec<Resource>,
+    pub(super) handover: Option<handover::Handover>,
     /// Started for an incoming live migration (the hook consumed a fresh `migrate` marker).
-    incoming: bool,
+    pub(super) incoming: bool,
     /// The guest's QEMU was seen with `-incoming`.
-    incoming_verified: bool,
+    pub(super) verified: bool,
+}
+
+/// The run-directory files that make this holder reachable and nameable.
+pub(super) struct RunFiles {
+    /// The single-instance lock; `None` once released.
+    pub(super) instance: Option<File>,
+    pub(super) listener: OwnedFd,
+    /// (dev, inode, size) of the state file as last written, to notice a replaced one cheaply.
+    pub(super) state_written: Option<(u64, u64, u64)>,
+}
+
+/// The lockspace, and the thread that publishes owner records in it.
+pub(super) struct Records {
+    pub(super) lockspace: crate::lockspace::Lockspace,
+    /// Publishes owner records in the lockspace (started when there is something to publish).
+    pub(super) keeper: Option<RecordKeeper>,
+}
+
+/// The fds the loop polls, one slot each; a slot whose fd is absent is not polled.
+#[derive(Clone, Copy)]
+enum Slot {
+    /// The control socket: a connection is waiting.
+    Listener,
+    /// The guest's QEMU (a pidfd): readable once it exited.
+    Qemu,
+    /// The hook that started us (a pidfd): readable once it exited.
+    Spawner,
+    /// The hand-over's wake-up pipe: readable once a wait finished.
+    Handover,
 }
 
 /// What woke the holder up.
@@ -100,164 +121,32 @@ struct Events {
     handover: bool,
 }
 
+impl Events {
+    fn mark(&mut self, slot: Slot) {
+        match slot {
+            Slot::Listener => self.listener = true,
+            Slot::Qemu => self.qemu_gone = true,
+            Slot::Spawner => self.spawner_gone = true,
+            Slot::Handover => self.handover = true,
+        }
+    }
+}
+
 /// What the loop does after a request.
 pub(crate) enum Next {
     Continue,
     Exit,
 }
 
-/// Closes every fd from 3 up except `keep`.
-pub(crate) fn close_inherited(keep: RawFd) {
-    let ranges = match u32::try_from(keep) {
-        Ok(keep) if keep >= 3 => [(3, keep - 1), (keep + 1, u32::MAX)],
-        _ => [(3, u32::MAX), (1, 0)],
-    };
-    for (first, last) in ranges {
-        if first > last {
-            continue;
-        }
-        // SAFETY: close_range only closes descriptors; nothing in this process owns fds above 2
-        // yet except `keep`, which is outside both ranges.
-        let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
-        if rc != 0 {
-            // Kernels before 5.9: close them one by one from /proc/self/fd.
-            let fds: Vec<RawFd> = fs::read_dir("/proc/self/fd")
-                .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-                .unwrap_or_default();
-            for fd in fds.into_iter().filter(|fd| *fd >= first as RawFd && (*fd as u32) <= last) {
-                // SAFETY: see above; closing an fd that is already closed (the read_dir handle)
-                // only returns EBADF.
-                unsafe { libc::close(fd) };
-            }
-        }
-    }
-}
-
-pub(crate) fn protect_self() {
-    // SIGCHLD ignored: the holder never waits for a child (virsh, when pausing), so the kernel
-    // reaps them.
-    for sig in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGPIPE, Signal::SIGCHLD] {
-        // SAFETY: installing SIG_IGN runs no handler code, so no async-signal-safety rules apply.
-        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
-    }
-    if let Err(e) = fs::write("/proc/self/oom_score_adj", "-1000") {
-        warn!("cannot set oom_score_adj: {e}");
-    }
-}
-
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::pid_t::try_from(pid).ok()?, 0) };
-    let fd = RawFd::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: the kernel returned a fresh descriptor (CLOEXEC by default) that only we own.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn report(ready: &mut Option<File>, message: &str) {
-    if let Some(mut pipe) = ready.take() {
-        let _ = std::io::Write::write_all(&mut pipe, format!("E{message}").as_bytes());
-    }
-}
-
-/// The holder's main. `ready_fd` is the write end of the spawner's pipe.
-pub fn run(config_path: &Path, uuid: &Uuid, ready_fd: RawFd) -> i32 {
-    // SAFETY: F_GETFD only inspects the descriptor table entry.
-    let ready_valid = unsafe { libc::fcntl(ready_fd, libc::F_GETFD) } >= 0 && ready_fd > 2;
-    close_inherited(if ready_valid { ready_fd } else { -1 });
-    let mut ready = ready_valid.then(|| {
-        // SAFETY: the fd is open (checked above), was inherited for exactly this purpose, and
-        // nothing else in this process refers to it.
-        File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) })
-    });
-    protect_self();
-    let config = match Config::load(config_path) {
-        Ok(config) => config,
-        Err(e) => {
-            report(&mut ready, &e.to_string());
-            return 1;
-        }
-    };
-    crate::logging::init_daemon(&config);
-    let mut holder = match Holder::start(&config, uuid, true) {
-        Ok(holder) => holder,
-        Err(e) => {
-            error!("holder for {uuid}: {e}");
-            report(&mut ready, &e.to_string());
-            return 1;
-        }
-    };
-    if let Some(mut pipe) = ready.take() {
-        let _ = std::io::Write::write_all(&mut pipe, protocol_ready());
-    }
-    holder.serve();
-    0
-}
-
-/// Accepts a connection, with timeouts set, and says whether its peer may send requests
-/// (`SO_PEERCRED`: root or this holder's own uid).
-pub(crate) fn accept_conn(listener: &OwnedFd) -> nix::Result<(OwnedFd, bool)> {
-    let fd = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
-    // SAFETY: accept4 returned a new descriptor that only we own.
-    let conn = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = TimeVal::new(CONN_TIMEOUT.as_secs() as libc::time_t, 0);
-    let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &timeout);
-    let _ = setsockopt(&conn, sockopt::SendTimeout, &timeout);
-    let allowed = match socket::getsockopt(&conn, sockopt::PeerCredentials) {
-        Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
-        Err(_) => false,
-    };
-    Ok((conn, allowed))
-}
-
-fn protocol_ready() -> &'static [u8] {
-    super::spawn::READY
-}
-
 impl Holder {
-    /// Takes the instance lock of `uuid` and listens on its socket. With `watch_parent`, the
-    /// parent (the hook that spawned us) is watched until it hands something over.
-    pub(crate) fn start(config: &Config, uuid: &Uuid, watch_parent: bool) -> Result<Holder, HolderError> {
-        let paths = Paths::new(&config.run_dir);
-        ensure_run_dir(paths.run_dir())?;
-        let instance = take_instance_lock(&paths, uuid)?;
-        let listener = listen_on(&paths.socket(uuid))?;
-        // The spawning hook is our parent until it exits (then we are reparented).
-        let parent = nix::unistd::getppid().as_raw();
-        let spawner = u32::try_from(parent).ok().filter(|p| *p > 1 && watch_parent).and_then(pidfd_open);
-        Ok(Holder {
-            spawner,
-            uuid: uuid.clone(),
-            paths,
-            guest: None,
-            held: Vec::new(),
-            qemu: None,
-            since: crate::clock::now(),
-            host: state::hostname(),
-            started: Instant::now(),
-            instance: Some(instance),
-            listener,
-            config: config.clone(),
-            status: None,
-            live: None,
-            conflicts: Vec::new(),
-            lockspace: crate::lockspace::Lockspace::new(&config.lockspace_dir),
-            records: None,
-            state_written: None,
-            pending: Vec::new(),
-            handover: None,
-            incoming: false,
-            incoming_verified: false,
-        })
-    }
-
     pub(crate) fn serve(&mut self) {
         let started = Instant::now();
         let mut last_tick = Instant::now();
         let code = footprint::CodePages::new();
         let mut ticks = 0u64;
         loop {
-            let idle = self.held.is_empty() && self.pending.is_empty();
-            if idle && (started.elapsed() >= IDLE_EXIT || self.spawner.is_none()) {
+            let idle = self.held.is_empty() && self.migration.pending.is_empty();
+            if idle && (started.elapsed() >= IDLE_EXIT || self.watched.spawner.is_none()) {
                 info!("holder for {}: nothing was handed over; exiting", self.uuid);
                 return self.exit();
             }
@@ -277,12 +166,12 @@ impl Holder {
                 }
             };
             if events.qemu_gone || self.qemu_exited() {
-                let pid = self.qemu.as_ref().map_or(0, |q| q.pid);
+                let pid = self.watched.qemu.as_ref().map_or(0, |q| q.pid);
                 warn!("guest {}: QEMU (pid {pid}) is gone and no release came; releasing its locks", self.describe());
                 return self.exit();
             }
             if events.spawner_gone {
-                self.spawner = None;
+                self.watched.spawner = None;
             }
             if events.handover {
                 self.take_over();
@@ -307,7 +196,7 @@ impl Holder {
                 // Owner records removed by someone else come back, once a minute: the record
                 // thread's work would otherwise map code pages again after every tick.
                 if ticks % RECORD_REFRESH_TICKS == 0 {
-                    if let Some(records) = &self.records {
+                    if let Some(records) = &self.records.keeper {
                         records.refresh();
                     }
                 }
@@ -320,494 +209,32 @@ impl Holder {
     }
 
     fn wait(&self, timeout: Duration) -> nix::Result<Events> {
-        let mut fds = vec![PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
-        let qemu = self.qemu.as_ref().and_then(|q| q.pidfd.as_ref());
-        if let Some(pidfd) = qemu {
-            fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
-        }
-        if let Some(pidfd) = &self.spawner {
-            fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
-        }
-        if let Some(handover) = &self.handover {
-            fds.push(PollFd::new(handover.fd(), PollFlags::POLLIN));
-        }
+        let slots = [
+            (Slot::Listener, Some(self.files.listener.as_fd())),
+            (Slot::Qemu, self.watched.qemu.as_ref().and_then(|q| q.pidfd.as_ref()).map(AsFd::as_fd)),
+            (Slot::Spawner, self.watched.spawner.as_ref().map(AsFd::as_fd)),
+            (Slot::Handover, self.migration.handover.as_ref().map(handover::Handover::fd)),
+        ];
+        let (polled, mut fds): (Vec<Slot>, Vec<PollFd<'_>>) =
+            slots.into_iter().filter_map(|(slot, fd)| Some((slot, PollFd::new(fd?, PollFlags::POLLIN)))).unzip();
         let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::Error::EINTR) => {}
             Err(e) => return Err(e),
         }
-        let is_ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-        let mut events = Events { listener: is_ready(&fds[0]), ..Events::default() };
-        let mut next = 1;
-        if qemu.is_some() {
-            events.qemu_gone = is_ready(&fds[next]);
-            next += 1;
-        }
-        if self.spawner.is_some() {
-            events.spawner_gone = is_ready(&fds[next]);
-            next += 1;
-        }
-        if self.handover.is_some() {
-            events.handover = is_ready(&fds[next]);
+        let mut events = Events::default();
+        for (slot, fd) in polled.into_iter().zip(&fds) {
+            if fd.revents().is_some_and(|r| !r.is_empty()) {
+                events.mark(slot);
+            }
         }
         Ok(events)
     }
 
-    /// Restores the files that make this holder reachable and nameable when someone removed or
-    /// damaged them (an administrator's `rm -rf /run/lockhook`, a corrupt state file).
-    fn heal(&mut self) {
-        let socket = self.paths.socket(&self.uuid);
-        if fs::symlink_metadata(&socket).is_err() {
-            let relisten = ensure_run_dir(self.paths.run_dir()).and_then(|()| listen_on(&socket));
-            match relisten {
-                Ok(listener) => {
-                    warn!("holder for {}: {} was removed; listening again", self.uuid, socket.display());
-                    self.listener = listener;
-                }
-                Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
-            }
-        }
-        let lock_path = self.paths.instance_lock(&self.uuid);
-        let ours = self.instance.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
-        let on_disk = fs::metadata(&lock_path).ok().map(|m| (m.dev(), m.ino()));
-        if ours.is_none() || ours != on_disk {
-            match take_instance_lock(&self.paths, &self.uuid) {
-                Ok(file) => {
-                    warn!("holder for {}: {} was removed or replaced; locked it again", self.uuid, lock_path.display());
-                    self.instance = Some(file);
-                }
-                Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
-            }
-        }
-        if self.guest.is_some() {
-            let state_path = self.paths.state(&self.uuid);
-            // A stat a second; the file is parsed only when it is not the one last written.
-            let current = fs::metadata(&state_path).ok().map(|m| (m.dev(), m.ino(), m.len()));
-            if current.is_none() || current != self.state_written {
-                match self.save() {
-                    Ok(()) => {
-                        warn!("holder for {}: {} was missing or damaged; rewrote it", self.uuid, state_path.display())
-                    }
-                    Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
-                }
-            }
-        }
-    }
-
-    /// Re-reads the guest's live definition when libvirt changed it (or while a conflict is
-    /// pending) and brings the locks in line; see `hotplug`.
-    fn follow_hotplug(&mut self) {
-        let Some(status) = self.status.as_mut() else { return };
-        let domain = match status.changed() {
-            Some(domain) if domain.uuid == self.uuid => {
-                self.live = Some(domain.clone());
-                domain
-            }
-            Some(_) => return,
-            None if !self.conflicts.is_empty() => match &self.live {
-                Some(domain) => domain.clone(),
-                None => return,
-            },
-            None => return,
-        };
-        let pending: Vec<_> = self.pending.iter().map(|r| r.identity).collect();
-        let change = hotplug::sync(&mut self.held, &pending, &domain, &self.config, &self.paths);
-        let locks_changed = !change.is_empty();
-        let mut fresh = Vec::new();
-        let conflicts: Vec<state::Conflict> = change
-            .conflicts
-            .into_iter()
-            .map(|mut c| {
-                match self.conflicts.iter().find(|old| old.path == c.path) {
-                    Some(old) => c.since = old.since.clone(),
-                    None => fresh.push(c.clone()),
-                }
-                c
-            })
-            .collect();
-        let conflicts_changed = conflicts != self.conflicts;
-        self.conflicts = conflicts;
-        for c in &fresh {
-            let now = match self.held.iter().find(|(r, _)| r.path == c.path) {
-                Some((r, _)) => format!("it stays locked {} for this guest", r.mode.as_str()),
-                None => "it is NOT locked for this guest".to_owned(),
-            };
-            error!(
-                "guest {}: CONFLICT: {} wanted {}, but it {}; {now}; retrying (on_conflict = {:?})",
-                self.describe(),
-                c.path.display(),
-                c.mode.as_str(),
-                c.held_by,
-                self.config.on_conflict
-            );
-        }
-        if !fresh.is_empty() && self.config.on_conflict == crate::config::ConflictPolicy::Pause {
-            self.pause_guest();
-        }
-        if locks_changed || conflicts_changed {
-            if let Err(e) = self.save() {
-                warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
-            }
-        }
-    }
-
-    /// Pauses the guest through libvirt. Allowed here (the holder is not a hook, so libvirt is
-    /// not waiting for it); the child is not waited for (SIGCHLD is ignored, so it is reaped).
-    fn pause_guest(&self) {
-        let spawned = std::process::Command::new("virsh")
-            .args(["-c", "qemu:///system", "suspend", self.uuid.as_str()])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-        match spawned {
-            Ok(_) => warn!("guest {}: pausing it (on_conflict = \"pause\")", self.describe()),
-            Err(e) => error!("guest {}: cannot run virsh to pause it: {e}", self.describe()),
-        }
-    }
-
-    fn qemu_exited(&self) -> bool {
-        self.qemu.as_ref().is_some_and(|q| q.pidfd.is_none() && !crate::qemu::is_alive(q.pid, q.start_time))
-    }
-
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match &self.guest {
             Some(g) => format!("{} ({})", g.name, g.uuid),
             None => self.uuid.to_string(),
         }
-    }
-
-    fn accept_one(&mut self) -> Next {
-        match accept_conn(&self.listener) {
-            Ok((conn, allowed)) => self.serve_conn(&conn, allowed),
-            Err(e) => {
-                warn!("holder for {}: accept failed: {e}", self.uuid);
-                Next::Continue
-            }
-        }
-    }
-
-    /// Answers requests on `conn` until the peer closes it.
-    pub(crate) fn serve_conn(&mut self, conn: &OwnedFd, allowed: bool) -> Next {
-        let mut buf = vec![0u8; MAX_FRAME];
-        loop {
-            let (len, fds) = match fdpass::recv(conn.as_fd(), &mut buf) {
-                Ok((0, _)) => return Next::Continue,
-                Ok(got) => got,
-                Err(e) => {
-                    warn!("holder for {}: dropping a connection: {e}", self.uuid);
-                    return Next::Continue;
-                }
-            };
-            let (response, next) = if allowed {
-                match protocol::decode::<Request>(&buf[..len]) {
-                    Ok(request) => self.handle(request, fds),
-                    Err(e) => (Response::Error { code: code_of(&e), message: e.to_string() }, Next::Continue),
-                }
-            } else {
-                (
-                    Response::Error {
-                        code: ErrorCode::Denied,
-                        message: "only root may talk to a lockhook holder".into(),
-                    },
-                    Next::Continue,
-                )
-            };
-            if let Ok(bytes) = protocol::encode(&response) {
-                let _ = fdpass::send(conn.as_fd(), &bytes, &[]);
-            }
-            if let Next::Exit = next {
-                return Next::Exit;
-            }
-        }
-    }
-
-    fn handle(&mut self, request: Request, fds: Vec<OwnedFd>) -> (Response, Next) {
-        match request {
-            Request::Claim { .. } => (
-                Response::Error { code: ErrorCode::BadRequest, message: "this holder is not a spare".into() },
-                Next::Continue,
-            ),
-            Request::Acquire { guest, resources, pending, incoming } => {
-                let response = self.acquire(guest, resources, fds);
-                if response == Response::Ok {
-                    self.incoming |= incoming;
-                    self.wait_for(pending);
-                }
-                (response, Next::Continue)
-            }
-            Request::SetQemu { pid, start_time } => (self.set_qemu(pid, start_time), Next::Continue),
-            Request::Held => (
-                Response::Held {
-                    identities: self
-                        .held
-                        .iter()
-                        .map(|(r, _)| r.identity)
-                        .chain(self.pending.iter().map(|r| r.identity))
-                        .collect(),
-                    qemu_pid: self.qemu.as_ref().map(|q| q.pid),
-                    age: self.started.elapsed().as_secs(),
-                    pending: self.pending.len(),
-                    incoming: self.incoming,
-                },
-                Next::Continue,
-            ),
-            Request::Release => {
-                info!("guest {}: released {} lock(s)", self.describe(), self.held.len());
-                self.drop_all();
-                (Response::Ok, Next::Exit)
-            }
-        }
-    }
-
-    /// Starts waiting for resources the same guest still holds on another host (see `handover`).
-    fn wait_for(&mut self, pending: Vec<Resource>) {
-        if pending.is_empty() {
-            return;
-        }
-        if self.handover.is_none() {
-            match handover::Handover::new() {
-                Ok(h) => self.handover = Some(h),
-                Err(e) => {
-                    error!("guest {}: cannot wait for the migration hand-over: {e}", self.describe());
-                    return;
-                }
-            }
-        }
-        let Some(handover) = &self.handover else { return };
-        for resource in pending {
-            let known = self.held.iter().any(|(r, _)| r.identity == resource.identity)
-                || self.pending.iter().any(|r| r.identity == resource.identity);
-            if known {
-                continue;
-            }
-            info!("guest {}: waiting for {} to be released by its source host", self.describe(), resource.name());
-            handover.wait_for(resource.clone(), &self.lockspace);
-            self.pending.push(resource);
-        }
-        if let Err(e) = self.save() {
-            warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
-        }
-    }
-
-    /// Whether this holder must watch for its guest's QEMU: it waits for a migration source and
-    /// has not seen an incoming QEMU yet.
-    fn guarding(&self) -> bool {
-        !self.pending.is_empty() && self.qemu.is_none() && !self.incoming_verified
-    }
-
-    /// The guard of a destination holder (see `migration`): the QEMU libvirt starts for this
-    /// guest must be an incoming migration (`-incoming`, paused until the switch-over); one that
-    /// is not would run the guest while its source still does, so it is killed as soon as it
-    /// execs, while it still waits on `-S` for libvirt's `cont`. A guest whose QEMU never comes
-    /// is given up after `PENDING_BOUND`.
-    fn guard_incoming(&mut self) -> Next {
-        if self.started.elapsed() >= crate::migration::PENDING_BOUND {
-            error!(
-                "guest {}: gave up waiting for {} resource(s) held by its migration source: no QEMU came within {} s; \
-                 releasing",
-                self.describe(),
-                self.pending.len(),
-                crate::migration::PENDING_BOUND.as_secs()
-            );
-            return Next::Exit;
-        }
-        let Some(guest) = &self.guest else { return Next::Continue };
-        match crate::migration::find_qemu(&guest.name, &self.uuid, &self.config.libvirt_run_dir) {
-            Some((pid, crate::migration::QemuKind::Incoming)) => {
-                info!("guest {}: QEMU (pid {pid}) is an incoming migration; waiting for its source", self.describe());
-                self.incoming_verified = true;
-                Next::Continue
-            }
-            Some((pid, _)) => {
-                let names: Vec<String> = self.pending.iter().map(Resource::name).collect();
-                if let Ok(pid) = i32::try_from(pid) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-                }
-                error!(
-                    "guest {}: its QEMU (pid {pid}) is not an incoming migration, but {} is still held by this guest \
-                     on another host: killed it before its CPUs could run",
-                    self.describe(),
-                    names.join(", ")
-                );
-                Next::Exit
-            }
-            None => Next::Continue,
-        }
-    }
-
-    /// Takes over the locks whose wait finished.
-    fn take_over(&mut self) {
-        let Some(handover) = &self.handover else { return };
-        let finished = handover.finished();
-        for (resource, result) in finished {
-            self.pending.retain(|r| r.identity != resource.identity);
-            match result {
-                Ok(lock) => {
-                    info!(
-                        "guest {}: hand-over complete: now holding {} {}",
-                        self.describe(),
-                        lock.mode.as_str(),
-                        resource.name()
-                    );
-                    let held =
-                        Resource { identity: lock.identity, mode: lock.mode, since: crate::clock::now(), ..resource };
-                    self.held.push((held, lock.fd));
-                }
-                Err(e) => error!(
-                    "guest {}: hand-over of {} failed: {}",
-                    self.describe(),
-                    resource.name(),
-                    crate::error_chain(&e)
-                ),
-            }
-        }
-        if let Err(e) = self.save() {
-            warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
-        }
-        self.sync_records();
-    }
-
-    fn acquire(&mut self, guest: Guest, resources: Vec<Resource>, fds: Vec<OwnedFd>) -> Response {
-        if guest.uuid != self.uuid {
-            return Response::Error {
-                code: ErrorCode::WrongGuest,
-                message: format!("this holder is for {}, not {}", self.uuid, guest.uuid),
-            };
-        }
-        if fds.len() != resources.len() {
-            // Dropping `fds` closes what arrived.
-            return Response::Error {
-                code: ErrorCode::FdCount,
-                message: format!("{} resources but {} fds", resources.len(), fds.len()),
-            };
-        }
-        let before = self.held.len();
-        let previous_guest = self.guest.replace(guest.clone());
-        for (resource, fd) in resources.into_iter().zip(fds) {
-            if !self.held.iter().any(|(r, _)| r.identity == resource.identity) {
-                self.held.push((resource, fd));
-            }
-        }
-        // Invariant: the ACK goes out only after the state file lists the new locks, so a
-        // refusal on this host can name this guest as soon as the hook returns. If the state
-        // cannot be written (full disk), the new locks are dropped again and the hook refuses.
-        if let Err(e) = self.save() {
-            self.held.truncate(before);
-            self.guest = previous_guest;
-            return Response::Error { code: ErrorCode::Failed, message: crate::error_chain(&e) };
-        }
-        for (resource, _) in &self.held[before..] {
-            info!(
-                "guest {} ({}): holding {} {} ({})",
-                guest.name,
-                guest.uuid,
-                resource.mode.as_str(),
-                resource.path.display(),
-                roles(resource)
-            );
-        }
-        self.spawner = None;
-        Response::Ok
-    }
-
-    fn set_qemu(&mut self, pid: u32, start_time: u64) -> Response {
-        if !crate::qemu::is_alive(pid, start_time) {
-            return Response::Error { code: ErrorCode::Failed, message: format!("process {pid} is not running") };
-        }
-        self.qemu = Some(Qemu { pid, start_time, pidfd: pidfd_open(pid) });
-        if let Some(guest) = &self.guest {
-            // The first tick compares the live definition with what the hook locked: normally
-            // equal; after a re-adoption it finds what someone else took meanwhile.
-            self.status = Some(hotplug::StatusFile::new(&self.config.libvirt_run_dir, &guest.name));
-        }
-        match self.save() {
-            Ok(()) => Response::Ok,
-            Err(e) => Response::Error { code: ErrorCode::Failed, message: e.to_string() },
-        }
-    }
-
-    fn save(&mut self) -> Result<(), state::StateError> {
-        let guest = self.guest.clone().unwrap_or(Guest { name: String::new(), uuid: self.uuid.clone() });
-        let record = GuestState {
-            version: state::STATE_VERSION,
-            kind: state::HolderKind::Guest,
-            qemu_start_time: self.qemu.as_ref().map(|q| q.start_time),
-            conflicts: self.conflicts.clone(),
-            pending: self.pending.clone(),
-            name: guest.name,
-            uuid: self.uuid.clone(),
-            host: self.host.clone(),
-            holder_pid: std::process::id(),
-            qemu_pid: self.qemu.as_ref().map(|q| q.pid),
-            since: self.since.clone(),
-            resources: self.held.iter().map(|(r, _)| r.clone()).collect(),
-        };
-        let path = self.paths.state(&self.uuid);
-        state::write(&path, &record)?;
-        self.state_written = fs::metadata(&path).ok().map(|m| (m.dev(), m.ino(), m.len()));
-        Ok(())
-    }
-
-    /// Hands the owner records of what is held now to the record thread (see `records`).
-    fn sync_records(&mut self) {
-        let Some(guest) = &self.guest else { return };
-        let wanted = self
-            .held
-            .iter()
-            .filter(|(r, _)| !r.key.is_empty())
-            .map(|(r, _)| crate::lockspace::OwnerRecord {
-                command: false,
-                role: r.roles.iter().find(|role| role.worth_saying()).map(ToString::to_string),
-                key: r.key.clone(),
-                host: self.host.clone(),
-                guest: guest.name.clone(),
-                uuid: self.uuid.clone(),
-                mode: r.mode,
-                since: r.since.clone(),
-                holder_pid: std::process::id(),
-            })
-            .collect();
-        let lockspace = &self.lockspace;
-        self.records.get_or_insert_with(|| RecordKeeper::start(lockspace.clone())).sync(wanted);
-    }
-
-    /// Drops every lock, then the files that advertise them, and the instance lock (a new holder
-    /// for this guest may start as soon as the hook has its answer). Owner records are withdrawn
-    /// by `withdraw_records` after that, and only where a new holder has not replaced them.
-    fn drop_all(&mut self) {
-        // Invariant: the files go first, while the instance lock still keeps a new holder of this
-        // guest from creating its own under the same names.
-        let _ = fs::remove_file(self.paths.state(&self.uuid));
-        let _ = fs::remove_file(self.paths.socket(&self.uuid));
-        self.held.clear();
-        // Invariant: the lock file goes while still locked (see `rundir::lock_instance_file`).
-        if let Some(instance) = &self.instance {
-            crate::rundir::remove_instance_file(&self.paths.instance_lock(&self.uuid), instance);
-        }
-        self.instance = None;
-    }
-
-    fn exit(&mut self) {
-        self.drop_all();
-        self.withdraw_records();
-    }
-
-    /// Withdraws every owner record and waits for the record thread to finish.
-    fn withdraw_records(&mut self) {
-        if let Some(mut records) = self.records.take() {
-            records.stop();
-        }
-    }
-}
-
-fn roles(resource: &Resource) -> String {
-    resource.roles.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-}
-
-fn code_of(e: &protocol::ProtocolError) -> ErrorCode {
-    match e {
-        protocol::ProtocolError::Version(_) => ErrorCode::Version,
-        _ => ErrorCode::BadRequest,
     }
 }

@@ -16,10 +16,12 @@ use std::path::Path;
 use log::{info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use super::bootstrap::{close_inherited, protect_self};
 use super::fdpass;
 use super::footprint::CodePages;
 use super::protocol::{self, ErrorCode, Request, Response, MAX_FRAME};
-use super::server::{self, Holder, TICK};
+use super::serve::accept_conn;
+use super::server::{Holder, Next, TICK};
 use crate::config::Config;
 use crate::lock;
 use crate::paths::Paths;
@@ -37,8 +39,8 @@ fn reply(conn: &std::os::fd::OwnedFd, response: &Response) {
 
 /// The spare's main.
 pub fn run(config_path: &Path) -> i32 {
-    server::close_inherited(-1);
-    server::protect_self();
+    close_inherited(-1);
+    protect_self();
     let Ok(config) = Config::load(config_path) else { return 1 };
     crate::logging::init_daemon(&config);
     let paths = Paths::new(&config.run_dir);
@@ -60,7 +62,7 @@ pub fn run(config_path: &Path) -> i32 {
             code.shed();
             continue;
         }
-        let Ok((conn, allowed)) = server::accept_conn(&listener) else { continue };
+        let Ok((conn, allowed)) = accept_conn(&listener) else { continue };
         let request = match fdpass::recv(conn.as_fd(), &mut buf) {
             Ok((len, _)) if len > 0 => protocol::decode::<Request>(&buf[..len]),
             _ => continue,
@@ -84,7 +86,7 @@ pub fn run(config_path: &Path) -> i32 {
                         reply(&conn, &Response::Ok);
                         // Invariant: nothing of the spare stays open in the guest's holder.
                         drop(listener);
-                        if let server::Next::Exit = holder.serve_conn(&conn, allowed) {
+                        if let Next::Exit = holder.serve_conn(&conn, allowed) {
                             return 0;
                         }
                         drop(conn);

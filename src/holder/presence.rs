@@ -1,0 +1,136 @@
+//! What makes a holder reachable and nameable: its socket, its instance-lock file and its state
+//! file in the run directory, and its owner records in the lockspace. This room owns the hazard
+//! of a guest whose locks are held but whom nobody can find or name (a refusal that cannot say
+//! who holds an image, a `release` that cannot reach its holder), and the order in which those
+//! files come and go.
+//!
+//! Once a `TICK` it heals what others may have broken: a deleted socket is bound again, a
+//! missing or corrupt state file is rewritten, a deleted instance-lock file is recreated and
+//! locked, so the guest stays reachable and nameable.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+
+use log::warn;
+
+use super::protocol::Guest;
+use super::records::RecordKeeper;
+use super::server::Holder;
+use crate::rundir::{ensure_run_dir, listen_on, take_instance_lock};
+use crate::state::{self, GuestState};
+
+impl Holder {
+    /// Restores the files that make this holder reachable and nameable when someone removed or
+    /// damaged them (an administrator's `rm -rf /run/lockhook`, a corrupt state file).
+    pub(super) fn heal(&mut self) {
+        let socket = self.paths.socket(&self.uuid);
+        if fs::symlink_metadata(&socket).is_err() {
+            let relisten = ensure_run_dir(self.paths.run_dir()).and_then(|()| listen_on(&socket));
+            match relisten {
+                Ok(listener) => {
+                    warn!("holder for {}: {} was removed; listening again", self.uuid, socket.display());
+                    self.files.listener = listener;
+                }
+                Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
+            }
+        }
+        let lock_path = self.paths.instance_lock(&self.uuid);
+        let ours = self.files.instance.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
+        let on_disk = fs::metadata(&lock_path).ok().map(|m| (m.dev(), m.ino()));
+        if ours.is_none() || ours != on_disk {
+            match take_instance_lock(&self.paths, &self.uuid) {
+                Ok(file) => {
+                    warn!("holder for {}: {} was removed or replaced; locked it again", self.uuid, lock_path.display());
+                    self.files.instance = Some(file);
+                }
+                Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
+            }
+        }
+        if self.guest.is_some() {
+            let state_path = self.paths.state(&self.uuid);
+            // A stat a second; the file is parsed only when it is not the one last written.
+            let current = fs::metadata(&state_path).ok().map(|m| (m.dev(), m.ino(), m.len()));
+            if current.is_none() || current != self.files.state_written {
+                match self.save() {
+                    Ok(()) => {
+                        warn!("holder for {}: {} was missing or damaged; rewrote it", self.uuid, state_path.display())
+                    }
+                    Err(e) => warn!("holder for {}: {}", self.uuid, crate::error_chain(&e)),
+                }
+            }
+        }
+    }
+
+    pub(super) fn save(&mut self) -> Result<(), state::StateError> {
+        let guest = self.guest.clone().unwrap_or(Guest { name: String::new(), uuid: self.uuid.clone() });
+        let record = GuestState {
+            version: state::STATE_VERSION,
+            kind: state::HolderKind::Guest,
+            qemu_start_time: self.watched.qemu.as_ref().map(|q| q.start_time),
+            conflicts: self.hotplug.conflicts.clone(),
+            pending: self.migration.pending.clone(),
+            name: guest.name,
+            uuid: self.uuid.clone(),
+            host: self.host.clone(),
+            holder_pid: std::process::id(),
+            qemu_pid: self.watched.qemu.as_ref().map(|q| q.pid),
+            since: self.since.clone(),
+            resources: self.held.iter().map(|(r, _)| r.clone()).collect(),
+        };
+        let path = self.paths.state(&self.uuid);
+        state::write(&path, &record)?;
+        self.files.state_written = fs::metadata(&path).ok().map(|m| (m.dev(), m.ino(), m.len()));
+        Ok(())
+    }
+
+    /// Hands the owner records of what is held now to the record thread (see `records`).
+    pub(super) fn sync_records(&mut self) {
+        let Some(guest) = &self.guest else { return };
+        let wanted = self
+            .held
+            .iter()
+            .filter(|(r, _)| !r.key.is_empty())
+            .map(|(r, _)| crate::lockspace::OwnerRecord {
+                command: false,
+                role: r.roles.iter().find(|role| role.worth_saying()).map(ToString::to_string),
+                key: r.key.clone(),
+                host: self.host.clone(),
+                guest: guest.name.clone(),
+                uuid: self.uuid.clone(),
+                mode: r.mode,
+                since: r.since.clone(),
+                holder_pid: std::process::id(),
+            })
+            .collect();
+        let lockspace = &self.records.lockspace;
+        self.records.keeper.get_or_insert_with(|| RecordKeeper::start(lockspace.clone())).sync(wanted);
+    }
+
+    /// Drops every lock, then the files that advertise them, and the instance lock (a new holder
+    /// for this guest may start as soon as the hook has its answer). Owner records are withdrawn
+    /// by `withdraw_records` after that, and only where a new holder has not replaced them.
+    pub(super) fn drop_all(&mut self) {
+        // Invariant: the files go first, while the instance lock still keeps a new holder of this
+        // guest from creating its own under the same names.
+        let _ = fs::remove_file(self.paths.state(&self.uuid));
+        let _ = fs::remove_file(self.paths.socket(&self.uuid));
+        self.held.clear();
+        // Invariant: the lock file goes while still locked (see `rundir::lock_instance_file`).
+        if let Some(instance) = &self.files.instance {
+            crate::rundir::remove_instance_file(&self.paths.instance_lock(&self.uuid), instance);
+        }
+        self.files.instance = None;
+    }
+
+    pub(super) fn exit(&mut self) {
+        self.drop_all();
+        self.withdraw_records();
+    }
+
+    /// Withdraws every owner record and waits for the record thread to finish.
+    pub(super) fn withdraw_records(&mut self) {
+        if let Some(mut records) = self.records.keeper.take() {
+            records.stop();
+        }
+    }
+}

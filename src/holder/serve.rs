@@ -1,0 +1,200 @@
+//! Answering a holder's requests: one connection at a time, each request one reply (see
+//! `protocol`). This room owns the hazard of a reply that says more than is true: an `ok` for
+//! `acquire` goes out only once the holder owns the fds and its state file lists them; a peer
+//! that is not root (or the holder's own uid, `SO_PEERCRED`) changes nothing.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use log::{info, warn};
+use nix::sys::socket::{self, accept4, setsockopt, sockopt, SockFlag};
+use nix::sys::time::TimeVal;
+
+use super::fdpass;
+use super::hotplug;
+use super::protocol::{self, ErrorCode, Guest, Request, Response, MAX_FRAME};
+use super::server::{Holder, Next, Qemu};
+use super::watch::pidfd_open;
+use crate::state::Resource;
+
+/// How long one connection may stay silent before the holder drops it.
+pub const CONN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts a connection, with timeouts set, and says whether its peer may send requests
+/// (`SO_PEERCRED`: root or this holder's own uid).
+pub(crate) fn accept_conn(listener: &OwnedFd) -> nix::Result<(OwnedFd, bool)> {
+    let fd = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
+    // SAFETY: accept4 returned a new descriptor that only we own.
+    let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+    let allowed = admit(&conn);
+    Ok((conn, allowed))
+}
+
+/// Sets the timeouts of a new connection and says whether its peer may send requests.
+fn admit(conn: &OwnedFd) -> bool {
+    let timeout = TimeVal::new(CONN_TIMEOUT.as_secs() as libc::time_t, 0);
+    let _ = setsockopt(conn, sockopt::ReceiveTimeout, &timeout);
+    let _ = setsockopt(conn, sockopt::SendTimeout, &timeout);
+    match socket::getsockopt(conn, sockopt::PeerCredentials) {
+        Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
+        Err(_) => false,
+    }
+}
+
+impl Holder {
+    pub(super) fn accept_one(&mut self) -> Next {
+        match accept_conn(&self.files.listener) {
+            Ok((conn, allowed)) => self.serve_conn(&conn, allowed),
+            Err(e) => {
+                warn!("holder for {}: accept failed: {e}", self.uuid);
+                Next::Continue
+            }
+        }
+    }
+
+    /// Answers requests on `conn` until the peer closes it.
+    pub(crate) fn serve_conn(&mut self, conn: &OwnedFd, allowed: bool) -> Next {
+        let mut buf = vec![0u8; MAX_FRAME];
+        loop {
+            let (len, fds) = match fdpass::recv(conn.as_fd(), &mut buf) {
+                Ok((0, _)) => return Next::Continue,
+                Ok(got) => got,
+                Err(e) => {
+                    warn!("holder for {}: dropping a connection: {e}", self.uuid);
+                    return Next::Continue;
+                }
+            };
+            let (response, next) = if allowed {
+                match protocol::decode::<Request>(&buf[..len]) {
+                    Ok(request) => self.handle(request, fds),
+                    Err(e) => (Response::Error { code: code_of(&e), message: e.to_string() }, Next::Continue),
+                }
+            } else {
+                (
+                    Response::Error {
+                        code: ErrorCode::Denied,
+                        message: "only root may talk to a lockhook holder".into(),
+                    },
+                    Next::Continue,
+                )
+            };
+            if let Ok(bytes) = protocol::encode(&response) {
+                let _ = fdpass::send(conn.as_fd(), &bytes, &[]);
+            }
+            if let Next::Exit = next {
+                return Next::Exit;
+            }
+        }
+    }
+
+    fn handle(&mut self, request: Request, fds: Vec<OwnedFd>) -> (Response, Next) {
+        match request {
+            Request::Claim { .. } => (
+                Response::Error { code: ErrorCode::BadRequest, message: "this holder is not a spare".into() },
+                Next::Continue,
+            ),
+            Request::Acquire { guest, resources, pending, incoming } => {
+                let response = self.acquire(guest, resources, fds);
+                if response == Response::Ok {
+                    self.migration.incoming |= incoming;
+                    self.wait_for(pending);
+                }
+                (response, Next::Continue)
+            }
+            Request::SetQemu { pid, start_time } => (self.set_qemu(pid, start_time), Next::Continue),
+            Request::Held => (
+                Response::Held {
+                    identities: self
+                        .held
+                        .iter()
+                        .map(|(r, _)| r.identity)
+                        .chain(self.migration.pending.iter().map(|r| r.identity))
+                        .collect(),
+                    qemu_pid: self.watched.qemu.as_ref().map(|q| q.pid),
+                    age: self.started.elapsed().as_secs(),
+                    pending: self.migration.pending.len(),
+                    incoming: self.migration.incoming,
+                },
+                Next::Continue,
+            ),
+            Request::Release => {
+                info!("guest {}: released {} lock(s)", self.describe(), self.held.len());
+                self.drop_all();
+                (Response::Ok, Next::Exit)
+            }
+        }
+    }
+
+    fn acquire(&mut self, guest: Guest, resources: Vec<Resource>, fds: Vec<OwnedFd>) -> Response {
+        if guest.uuid != self.uuid {
+            return Response::Error {
+                code: ErrorCode::WrongGuest,
+                message: format!("this holder is for {}, not {}", self.uuid, guest.uuid),
+            };
+        }
+        if fds.len() != resources.len() {
+            // Dropping `fds` closes what arrived.
+            return Response::Error {
+                code: ErrorCode::FdCount,
+                message: format!("{} resources but {} fds", resources.len(), fds.len()),
+            };
+        }
+        let before = self.held.len();
+        let previous_guest = self.guest.replace(guest.clone());
+        for (resource, fd) in resources.into_iter().zip(fds) {
+            if !self.held.iter().any(|(r, _)| r.identity == resource.identity) {
+                self.held.push((resource, fd));
+            }
+        }
+        // Invariant: the ACK goes out only after the state file lists the new locks, so a
+        // refusal on this host can name this guest as soon as the hook returns. If the state
+        // cannot be written (full disk), the new locks are dropped again and the hook refuses.
+        if let Err(e) = self.save() {
+            self.held.truncate(before);
+            self.guest = previous_guest;
+            return Response::Error { code: ErrorCode::Failed, message: crate::error_chain(&e) };
+        }
+        for (resource, _) in &self.held[before..] {
+            info!(
+                "guest {} ({}): holding {} {} ({})",
+                guest.name,
+                guest.uuid,
+                resource.mode.as_str(),
+                resource.path.display(),
+                roles(resource)
+            );
+        }
+        self.watched.spawner = None;
+        Response::Ok
+    }
+
+    fn set_qemu(&mut self, pid: u32, start_time: u64) -> Response {
+        if !crate::qemu::is_alive(pid, start_time) {
+            return Response::Error { code: ErrorCode::Failed, message: format!("process {pid} is not running") };
+        }
+        self.watched.qemu = Some(Qemu { pid, start_time, pidfd: pidfd_open(pid) });
+        if let Some(guest) = &self.guest {
+            // The first tick compares the live definition with what the hook locked: normally
+            // equal; after a re-adoption it finds what someone else took meanwhile.
+            self.hotplug.status = Some(hotplug::StatusFile::new(&self.config.libvirt_run_dir, &guest.name));
+        }
+        match self.save() {
+            Ok(()) => Response::Ok,
+            Err(e) => Response::Error { code: ErrorCode::Failed, message: e.to_string() },
+        }
+    }
+}
+
+fn roles(resource: &Resource) -> String {
+    resource.roles.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+fn code_of(e: &protocol::ProtocolError) -> ErrorCode {
+    match e {
+        protocol::ProtocolError::Version(_) => ErrorCode::Version,
+        _ => ErrorCode::BadRequest,
+    }
+}
+
+#[cfg(test)]
+mod tests;
