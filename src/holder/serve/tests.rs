@@ -13,8 +13,8 @@ use super::*;
 use crate::config::Config;
 use crate::domain::Uuid;
 use crate::lock::{self, Create, HeldLock, LockMode};
-use crate::resource::Role;
 use crate::state;
+use crate::target::{Creation, Role};
 
 fn uuid() -> Uuid {
     Uuid::parse("f3fa73d4-1c2b-4e5f-8a9b-0123456789ab").expect("uuid")
@@ -52,6 +52,7 @@ fn image(dir: &Path, name: &str) -> (PathBuf, HeldLock, Resource) {
         roles: vec![Role::Disk { target: Some("vda".into()) }],
         identity: lock.identity,
         since: crate::clock::now(),
+        create: Some(Creation::Never),
     };
     (path, lock, resource)
 }
