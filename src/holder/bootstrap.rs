@@ -71,9 +71,12 @@ pub(crate) fn protect_self() {
     }
 }
 
-fn report(ready: &mut Option<File>, message: &str) {
+/// Tells the spawner why start-up failed: `E<errno>:<error and its causes>` (see
+/// `spawn::StartFailure`), the errno of the innermost system error, if any.
+fn report(ready: &mut Option<File>, err: &(dyn std::error::Error + 'static)) {
     if let Some(mut pipe) = ready.take() {
-        let _ = std::io::Write::write_all(&mut pipe, format!("E{message}").as_bytes());
+        let failure = super::spawn::StartFailure::of(err);
+        let _ = std::io::Write::write_all(&mut pipe, &failure.encode());
     }
 }
 
@@ -91,7 +94,7 @@ pub fn run(config_path: &Path, uuid: &Uuid, ready_fd: RawFd) -> i32 {
     let config = match Config::load(config_path) {
         Ok(config) => config,
         Err(e) => {
-            report(&mut ready, &e.to_string());
+            report(&mut ready, &e);
             return 1;
         }
     };
@@ -99,8 +102,8 @@ pub fn run(config_path: &Path, uuid: &Uuid, ready_fd: RawFd) -> i32 {
     let mut holder = match Holder::start(&config, uuid, true) {
         Ok(holder) => holder,
         Err(e) => {
-            error!("holder for {uuid}: {e}");
-            report(&mut ready, &e.to_string());
+            error!("holder for {uuid}: {}", crate::error_chain(&e));
+            report(&mut ready, &e);
             return 1;
         }
     };

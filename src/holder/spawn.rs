@@ -37,8 +37,50 @@ pub enum SpawnError {
     Fork(#[source] nix::Error),
     #[error("holder did not become ready within {0:?}")]
     Timeout(Duration),
-    #[error("holder failed to start: {0}")]
-    Failed(String),
+    #[error("holder failed to start")]
+    Failed(#[source] StartFailure),
+}
+
+/// Why a holder could not start, as it reported it on the ready pipe: its error and causes on
+/// one line, and the errno of the innermost system error (ENOSPC for a full run directory,
+/// EACCES, ...), for callers that branch on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct StartFailure {
+    pub errno: Option<i32>,
+    pub message: String,
+}
+
+impl StartFailure {
+    /// The failure `err` describes.
+    pub fn of(err: &(dyn std::error::Error + 'static)) -> StartFailure {
+        let mut errno = None;
+        let mut cause = Some(err);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                errno = io.raw_os_error().or(errno);
+            } else if let Some(nix) = e.downcast_ref::<nix::Error>() {
+                errno = Some(*nix as i32);
+            }
+            cause = e.source();
+        }
+        StartFailure { errno, message: crate::error_chain(err) }
+    }
+
+    /// `E<errno>:<message>` (no errno: `E:<message>`).
+    pub fn encode(&self) -> Vec<u8> {
+        format!("E{}:{}", self.errno.map(|e| e.to_string()).unwrap_or_default(), self.message).into_bytes()
+    }
+
+    /// What the holder wrote on the ready pipe; `None` for an empty report (it exited).
+    pub fn decode(report: &[u8]) -> Option<StartFailure> {
+        let text = String::from_utf8_lossy(report.strip_prefix(b"E").unwrap_or(report)).trim().to_owned();
+        let (errno, message) = match text.split_once(':') {
+            Some((n, rest)) if n.chars().all(|c| c.is_ascii_digit()) => (n.parse().ok(), rest.trim().to_owned()),
+            _ => (None, text),
+        };
+        (!message.is_empty()).then_some(StartFailure { errno, message })
+    }
 }
 
 fn cstring(bytes: &[u8]) -> Result<CString, SpawnError> {
@@ -137,6 +179,33 @@ fn wait_ready(ready_r: OwnedFd, child: Pid) -> Result<Pid, SpawnError> {
     }
     // The holder exited (EOF) or reported an error: reap it so no zombie stays behind.
     let _ = waitpid(child, Some(WaitPidFlag::WNOHANG));
-    let message = String::from_utf8_lossy(buf.strip_prefix(b"E").unwrap_or(&buf)).trim().to_owned();
-    Err(SpawnError::Failed(if message.is_empty() { "it exited during start-up".to_owned() } else { message }))
+    Err(SpawnError::Failed(
+        StartFailure::decode(&buf)
+            .unwrap_or_else(|| StartFailure { errno: None, message: "it exited during start-up".to_owned() }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_failures_keep_their_cause_and_errno() {
+        let err = crate::rundir::RunDirError::RunDir {
+            path: "/run/lockhook".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let failure = StartFailure::of(&err);
+        assert_eq!(failure.errno, Some(libc::ENOSPC));
+        assert!(failure.message.starts_with("/run/lockhook: cannot create the run directory: No space"), "{failure}");
+        assert_eq!(StartFailure::decode(&failure.encode()), Some(failure));
+        let plain = StartFailure { errno: None, message: "config: bad: x".into() };
+        assert_eq!(StartFailure::decode(&plain.encode()), Some(plain));
+        assert_eq!(StartFailure::decode(b""), None, "an empty report: the holder just exited");
+        let nix = StartFailure::of(&crate::holder::client::ClientError::Connect {
+            path: "/s".into(),
+            source: nix::Error::ECONNREFUSED,
+        });
+        assert_eq!(nix.errno, Some(libc::ECONNREFUSED));
+    }
 }
