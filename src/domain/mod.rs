@@ -3,6 +3,8 @@
 //! libvirt passes the full domain XML on the hook's stdin. At `prepare` it is the inactive
 //! definition (no detected backing chain, volumes not yet resolved); by `start` libvirt has added
 //! the detected `<backingStore>` chain. Either way only the parts below matter to lockhook.
+//!
+//! Size: about 430 lines of code; the other 210 are its unit tests, kept beside what they test.
 
 mod xml;
 

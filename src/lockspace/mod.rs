@@ -42,6 +42,8 @@
 //!   check, or (by removing a held lock file) let a later start lock a fresh file of the same
 //!   name; it never makes this host touch files outside the lockspace, block, or remove a live
 //!   record.
+//!
+//! Size: about 330 lines of code; the other 280 are its unit tests, kept beside what they test.
 
 mod dir;
 mod records;

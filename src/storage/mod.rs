@@ -1,5 +1,7 @@
 //! Turns a `resource::Plan` into concrete paths: pool volumes are looked up in libvirt's pool
 //! definitions, and qcow2 backing chains the XML does not list yet are read from image headers.
+//!
+//! Size: about 390 lines of code; the other 140 are its unit tests, kept beside what they test.
 
 // A resolution error ends the hook call that made it (one per call): its size does not matter.
 #![allow(clippy::result_large_err)]

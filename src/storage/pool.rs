@@ -20,6 +20,8 @@
 //! `scsi` and `mpath` volumes are named after SCSI addresses and device-mapper maps that libvirt
 //! alone resolves to paths (it scans sysfs when the pool starts): they are `Unidentified`, as
 //! are unknown types and broken or missing definitions; `on_unidentified` decides what then.
+//!
+//! Size: about 330 lines of code; the other 230 are its unit tests, kept beside what they test.
 
 use std::path::{Path, PathBuf};
 
