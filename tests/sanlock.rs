@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use lockhook::lock::LockMode;
 use lockhook::sanlock::{
     AcquireOptions, Code, Disk, Geometry, HostState, Lease, LeaseRequest, Lockspace, Membership, Name, Rindex, Sanlock,
-    SanlockError,
+    SanlockError, MAX_RESOURCES,
 };
 use nix::errno::Errno;
 
@@ -261,6 +261,21 @@ fn sanlock_client_orphans_limits_and_cloexec() {
     let long = Path::new("/").join("k".repeat(127));
     assert!(matches!(client.set_killpath(&long, ""), Err(SanlockError::TooLong { .. })));
     client.set_killpath(Path::new("/bin/true"), "lockhook-test").expect("killpath");
+
+    // 8 leases per call, but not per client (sanlock >= 3.1): one client holds 16 in two calls.
+    let many: Vec<Lease> = (0..16).map(|i| lease(&format!("many-{i}"), (4 + i) * MIB)).collect();
+    for l in &many {
+        sl.write_resource(l, GEOMETRY).expect("init");
+    }
+    let mut batches = sl.register().expect("register");
+    for chunk in many.chunks(MAX_RESOURCES) {
+        let requests: Vec<LeaseRequest> = chunk.iter().map(|l| request(l, LockMode::Exclusive)).collect();
+        batches.acquire(&requests, &AcquireOptions::default()).expect("a batch of 8");
+    }
+    assert_eq!(batches.inquire().expect("inquire").len(), 16);
+    assert_eq!(owner_ids(&sl, &many[15]), [7]);
+    drop(batches);
+    assert!(wait_until(LEASE_TIMEOUT, || owner_ids(&sl, &many[15]).is_empty()), "released with the client");
 
     // Persistent leases: a second client of this host is refused a (EEXIST, busy) but may share b.
     let persistent = AcquireOptions { persistent: true, ..AcquireOptions::default() };

@@ -19,7 +19,10 @@
 //! The daemon kills a client (SIGTERM, then SIGKILL; or runs its killpath) when the host loses
 //! its lockspace lease, so that the client stops using the storage before other hosts take its
 //! leases: the registered process is what gets killed. sanlock allows at most 8 leases per
-//! acquire or release call (`MAX_RESOURCES`); a client may hold more, acquired in batches.
+//! acquire or release call (`MAX_RESOURCES`), not per client: since sanlock 3.1 a client may hold
+//! more, acquired in batches (the tests hold 16). The "8 per guest" limit known from libvirt is
+//! its driver's, which acquires everything in one call. Batches are not all or nothing together:
+//! a caller that needs that releases the earlier batches when a later one fails.
 //! Calls on one client must not overlap (sanlock: "a threaded client must serialize libsanlock
 //! calls that are made using a registered socket"): every method takes `&mut self`.
 
