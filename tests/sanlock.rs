@@ -220,6 +220,11 @@ fn sanlock_two_hosts_exclude_each_other() {
     drop(other);
     sl.rem_lockspace(&ls1, true).expect("leave");
     assert_eq!(sl.inq_lockspace(&ls1).expect("inq"), Membership::Absent);
+    // Outside the lockspace the index can still be read, but not changed: sanlock says ENOENT
+    // (no such lockspace here), not the ENOSPC an acquire gets.
+    assert_eq!(sl.lookup_rindex(&rindex, &lease_b.name).expect("lookup after leaving"), Some(offset_b));
+    let err = sl.create_resource(&rindex, &Name::fit("vm-d")).expect_err("create outside the lockspace");
+    assert_eq!(err.code(), Some(Code::Os(Errno::ENOENT)), "{err}");
     two.cli_ok(&["rem_lockspace", "-s", &lockspace_arg(&ls2)]);
 }
 

@@ -75,7 +75,8 @@ impl Sanlock {
     }
 
     /// Allocates a lease named `name` in a free entry, initialises it and records it; returns its
-    /// offset. Needs this host to be in the lockspace. Does not look for an existing `name`.
+    /// offset. Does not look for an existing `name`. Needs this host to be in the lockspace:
+    /// `Code::Os(ENOENT)` otherwise (not the `NotJoined` an acquire gets).
     pub fn create_resource(&self, rindex: &Rindex, name: &Name) -> Result<u64, SanlockError> {
         let mut rx = rindex.to_c(Geometry::Auto, 0)?;
         let mut re = Rindex::entry(name);
@@ -91,7 +92,8 @@ impl Sanlock {
     }
 
     /// Removes the entry named `name` (the first one) and clears its lease. Needs this host to be
-    /// in the lockspace. `Code::Os(ENOENT)`: no such entry.
+    /// in the lockspace. `Code::Os(ENOENT)`: no such entry, or this host is not in the lockspace
+    /// (check with [`Sanlock::inq_lockspace`] to tell them apart).
     pub fn delete_resource(&self, rindex: &Rindex, name: &Name) -> Result<(), SanlockError> {
         let mut rx = rindex.to_c(Geometry::Auto, 0)?;
         let mut re = Rindex::entry(name);
