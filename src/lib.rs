@@ -23,6 +23,7 @@ pub mod qemu;
 pub mod reconcile;
 pub mod resource;
 pub mod rundir;
+pub mod sanlock;
 pub mod state;
 pub mod status;
 pub mod storage;

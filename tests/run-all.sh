@@ -8,11 +8,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ "$(id -u)" = 0 ] || { echo "tests/run-all.sh: run as root (the end-to-end tests start libvirtd and QEMU)" >&2; exit 1; }
 
 need_apt=0
-for cmd in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img unshare nsenter losetup partx sfdisk parted; do
+for cmd in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img unshare nsenter losetup partx sfdisk parted sanlock cc; do
   command -v "$cmd" >/dev/null || need_apt=1
 done
 [ -x /usr/bin/python3 ] || need_apt=1 # a non-root socket client in the hardening tests
 [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_apt=1 # UEFI guests in the storage tests
+# The sanlock tests: private daemons (sanlock), the client library lockhook dlopens (libsanlock1),
+# and cc for the daemon's test-only setrlimit shim (gcc).
+ldconfig -p | grep -F 'libsanlock_client.so.1 ' >/dev/null || need_apt=1
 if [ "$need_apt" = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -21,7 +24,8 @@ if [ "$need_apt" = 1 ]; then
   qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   apt-get install -y -qq --no-install-recommends --allow-downgrades \
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
-    "qemu-utils=${qemu_version}" util-linux mount python3-minimal fdisk parted ovmf >/dev/null
+    "qemu-utils=${qemu_version}" util-linux mount python3-minimal fdisk parted ovmf \
+    sanlock libsanlock1 gcc libc6-dev >/dev/null
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 

@@ -3,6 +3,7 @@
 
 pub mod host;
 pub mod libvirtd;
+pub mod sanlock;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
