@@ -143,6 +143,7 @@ impl Holder {
         let started = Instant::now();
         let mut last_tick = Instant::now();
         let code = footprint::CodePages::new();
+        let mut shed_due = false;
         let mut ticks = 0u64;
         loop {
             let idle = self.held.is_empty() && self.migration.pending.is_empty();
@@ -157,7 +158,7 @@ impl Holder {
             } else {
                 TICK
             };
-            let events = match self.wait(timeout) {
+            let events = match self.wait(timeout, std::mem::take(&mut shed_due).then_some(&code)) {
                 Ok(events) => events,
                 Err(e) => {
                     error!("holder for {}: poll failed: {e}", self.uuid);
@@ -202,13 +203,18 @@ impl Holder {
                 }
                 self.follow_hotplug();
                 self.sync_records();
-                // Between ticks the holder only sleeps: give back the code pages it touched.
-                code.shed();
+                // Between ticks the holder only sleeps: the code pages it touched are given back
+                // just before it does (see `wait`).
+                shed_due = true;
             }
         }
     }
 
-    fn wait(&self, timeout: Duration) -> nix::Result<Events> {
+    /// Polls the slots. With `shed`, the code pages are given back right before the poll: only
+    /// the few the poll's return needs fault back in while the holder sleeps (every line of code
+    /// between the shedding and the sleep would map its pages again, and they would stay mapped,
+    /// unshared, until the next tick).
+    fn wait(&self, timeout: Duration, shed: Option<&footprint::CodePages>) -> nix::Result<Events> {
         let slots = [
             (Slot::Listener, Some(self.files.listener.as_fd())),
             (Slot::Qemu, self.watched.qemu.as_ref().and_then(|q| q.pidfd.as_ref()).map(AsFd::as_fd)),
@@ -218,6 +224,9 @@ impl Holder {
         let (polled, mut fds): (Vec<Slot>, Vec<PollFd<'_>>) =
             slots.into_iter().filter_map(|(slot, fd)| Some((slot, PollFd::new(fd?, PollFlags::POLLIN)))).unzip();
         let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        if let Some(code) = shed {
+            code.shed();
+        }
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::Error::EINTR) => {}
             Err(e) => return Err(e),
