@@ -182,30 +182,13 @@ fn backing_chain_is_locked_shared() {
     host.destroy("writer");
 }
 
-/// A loop device for the test, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().expect("losetup");
-        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-        Loop(String::from_utf8(out.stdout).expect("utf8").trim().to_owned())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).output();
-    }
-}
-
 #[test]
 #[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
 fn block_devices_and_pool_volumes_are_locked_by_identity() {
     let host = Host::new();
     let backing = host.setup.image("loop-backing.raw");
-    let dev = Loop::attach(&backing);
-    let dev_path = PathBuf::from(&dev.0);
+    let dev = crate::common::Loop::attach(&backing);
+    let dev_path = PathBuf::from(&dev.dev);
     let link = host.setup.path("disk-by-alias");
     std::os::unix::fs::symlink(&dev_path, &link).expect("symlink");
     let block = |p: &Path| {

@@ -289,16 +289,15 @@ fn network_and_block_disks_collide_across_hosts() {
 
     // A block device: its node is host-local, so its stable identity is locked in the lockspace.
     let backing = storage.image("loop-backing.raw");
-    let out = Command::new("losetup").args(["-f", "--show"]).arg(&backing).output().expect("losetup");
-    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-    let dev = String::from_utf8(out.stdout).expect("utf8").trim().to_owned();
+    let device = crate::common::Loop::attach(&backing);
+    let dev = device.dev.clone();
     let block = format!("<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{dev}'/><target dev='vda' bus='virtio'/></disk>");
     let uuid3 = random_uuid();
     define(&a, "blk1", &uuid3, &block);
     define(&b, "blk2", &random_uuid(), &block);
     a.lv.virsh_ok(&["start", "blk1"]);
     let err = b.refused("blk2");
-    let _ = Command::new("losetup").args(["-d", &dev]).output();
+    drop(device);
     assert!(
         err.contains(&format!(
             "(loop:{}@0) is locked exclusively by guest blk1 ({uuid3}) on host {}",
@@ -549,9 +548,8 @@ fn run_on_one_host_stops_a_guest_on_another() {
     let storage = Storage::new();
     let (a, b) = (Host::new(&storage), Host::new(&storage));
     let backing = storage.image("run-loop.raw");
-    let out = Command::new("losetup").args(["-f", "--show"]).arg(&backing).output().expect("losetup");
-    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-    let dev = String::from_utf8(out.stdout).expect("utf8").trim().to_owned();
+    let device = crate::common::Loop::attach(&backing);
+    let dev = device.dev.clone();
     let rdev = std::fs::metadata(&dev).expect("stat").rdev();
     let node = storage.dir.path().join("host-b-node");
     nix::sys::stat::mknod(&node, nix::sys::stat::SFlag::S_IFBLK, nix::sys::stat::Mode::from_bits_truncate(0o600), rdev)
@@ -573,7 +571,7 @@ fn run_on_one_host_stops_a_guest_on_another() {
     let err = b.refused("blk");
     let _ = std::io::Write::write_all(tool.stdin.as_mut().expect("stdin"), b"\n");
     let _ = tool.wait();
-    let _ = Command::new("losetup").args(["-d", &dev]).output();
+    drop(device);
     assert!(
         err.contains(&format!("(loop:{}@0) is locked exclusively by `lockhook run`", backing.display()))
             && err.contains("(pid ")

@@ -100,43 +100,32 @@ fn iscsi_volume_and_direct_iscsi_disk_collide() {
     collide(&setup, &volume_disk("direct", "unit:0:0:2"), &volume_disk("san", "unit:0:0:2"));
 }
 
-/// A loop device; detached on drop.
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).output();
-    }
-}
-
 #[test]
 #[ignore = "needs root (losetup): tests/run-all.sh runs it"]
 fn disk_pool_volume_locks_the_partition_node() {
     let scratch = Setup::new("");
     let file = scratch.image("disk.raw");
-    let out = Command::new("losetup").args(["-f", "--show"]).arg(&file).output().expect("losetup");
-    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned());
-    let name = Path::new(&dev.0).file_name().and_then(|n| n.to_str()).expect("loop name").to_owned();
+    let dev = crate::common::Loop::attach(&file);
+    let name = dev.path().file_name().and_then(|n| n.to_str()).expect("loop name").to_owned();
     let pool = format!(
         "<pool type='disk'><name>lp</name><source><device path='{}'/><format type='dos'/></source>\
          <target><path>/dev</path></target></pool>",
-        dev.0
+        dev.dev
     );
     let setup = setup_with_pools("", &[("lp", &pool)]);
     let vm1 = xml("vm1", UUID1, &volume_disk("lp", &name));
     let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm1);
     assert!(out.status.success(), "vm1: {}", stderr(&out));
-    assert_eq!(lock_state(Path::new(&dev.0), 0), Some(LockMode::Exclusive), "the volume's node {}", dev.0);
+    assert_eq!(lock_state(Path::new(&dev.dev), 0), Some(LockMode::Exclusive), "the volume's node {}", dev.dev);
     // The loop device is the volume itself: the file behind it is written, exclusively.
     assert_eq!(lock_state(&file, 0), Some(LockMode::Exclusive), "the file behind the loop device");
-    let block = format!("<disk type='block'><source dev='{}'/><target dev='vdb'/></disk>", dev.0);
+    let block = format!("<disk type='block'><source dev='{}'/><target dev='vdb'/></disk>", dev.dev);
     let out = setup.hook(&["vm2", "prepare", "begin", "-"], &xml("vm2", UUID2, &block));
     let err = stderr(&out);
-    assert!(!out.status.success() && err.contains(&format!("{} is locked exclusively by guest vm1", dev.0)), "{err}");
+    assert!(!out.status.success() && err.contains(&format!("{} is locked exclusively by guest vm1", dev.dev)), "{err}");
     let out = setup.hook(&["vm1", "release", "end", "destroyed"], &vm1);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(lock_state(Path::new(&dev.0), 0), None);
+    assert_eq!(lock_state(Path::new(&dev.dev), 0), None);
 }
 
 #[test]
@@ -183,7 +172,7 @@ fn real_libvirt_disk_pool_volume_is_its_partition() {
         "parted is missing (libvirt's disk pools need it): tests/run-all.sh installs it"
     );
     let host = Host::new();
-    let disk = crate::storage::LoopDisk::new(&host.setup.path("pooldisk.raw"));
+    let disk = crate::common::LoopDisk::new(&host.setup.path("pooldisk.raw"));
     let vol = Path::new(&disk.part(1)).file_name().and_then(|n| n.to_str()).expect("name").to_owned();
     host.lv.virsh_ok(&[
         "pool-define-as",

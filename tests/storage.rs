@@ -8,7 +8,7 @@ use std::process::Command;
 use crate::common::host::Host;
 use crate::common::libvirtd::{kvm_usable, random_uuid};
 use crate::common::run_ok as run;
-use crate::common::stderr;
+use crate::common::{stderr, Loop, LoopDisk};
 
 fn file_disk(path: &Path, format: &str, target: &str, extra: &str) -> String {
     format!(
@@ -19,39 +19,6 @@ fn file_disk(path: &Path, format: &str, target: &str, extra: &str) -> String {
 
 fn block_disk(dev: &str) -> String {
     format!("<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{dev}'/><target dev='vda' bus='virtio'/></disk>")
-}
-
-/// A loop device over a file with two partitions (`partx` makes their nodes without udev);
-/// detached on drop.
-pub(crate) struct LoopDisk {
-    pub(crate) dev: String,
-}
-
-impl LoopDisk {
-    pub(crate) fn new(file: &Path) -> LoopDisk {
-        std::fs::File::create(file).and_then(|f| f.set_len(8 << 20)).expect("create");
-        let mut sfdisk = Command::new("sfdisk");
-        sfdisk.arg("-q").arg(file).stdin(std::process::Stdio::piped());
-        let mut child = sfdisk.spawn().expect("sfdisk (fdisk package)");
-        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"label: dos\n,3M\n,3M\n").expect("write");
-        assert!(child.wait().expect("wait").success(), "sfdisk");
-        let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(file)).trim().to_owned();
-        let disk = LoopDisk { dev };
-        run(Command::new("partx").args(["-a", &disk.dev]));
-        assert!(Path::new(&disk.part(1)).exists() && Path::new(&disk.part(2)).exists(), "partition nodes");
-        disk
-    }
-
-    pub(crate) fn part(&self, n: u32) -> String {
-        format!("{}p{n}", self.dev)
-    }
-}
-
-impl Drop for LoopDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("partx").args(["-d", &self.dev]).output();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).output();
-    }
 }
 
 #[test]
@@ -221,21 +188,6 @@ fn check_and_run_see_the_layers_beneath_a_device() {
     host.lv.virsh_ok(&["destroy", "p1"]);
 }
 
-/// A loop device over `target` (a file or a block device, from `offset`); detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn new(target: &str, offset: u64) -> Loop {
-        Loop(run(Command::new("losetup").args(["-f", "--show", "-o", &offset.to_string(), target])).trim().to_owned())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).output();
-    }
-}
-
 /// Issue 10 review: names that reach the same bytes the first walk missed, each tried with
 /// `lockhook run` (which resolves paths as a guest start does) while a guest writes: a loop device
 /// over a partition, two loop devices over one file, another node for the same device, and a
@@ -252,8 +204,8 @@ fn other_names_for_the_same_bytes_are_refused() {
         stderr(&out)
     };
     // A guest on a loop device over partition 1: the partition, the disk and the file are its.
-    let over_part = Loop::new(&disk.part(1), 0);
-    host.define("nested", &block_disk(&over_part.0));
+    let over_part = Loop::attach(Path::new(&disk.part(1)));
+    host.define("nested", &block_disk(&over_part.dev));
     host.lv.virsh_ok(&["start", "nested"]);
     assert!(refused(&disk.part(1)).contains("by guest nested"));
     assert!(refused(&disk.dev).contains("by guest nested"));
@@ -270,10 +222,10 @@ fn other_names_for_the_same_bytes_are_refused() {
     // Two loop devices over one file, at other offsets: one writer of the file's bytes.
     let other = host.setup.path("shared-file.raw");
     std::fs::File::create(&other).and_then(|f| f.set_len(4 << 20)).expect("create");
-    let (a, b) = (Loop::new(other.to_str().expect("utf8"), 0), Loop::new(other.to_str().expect("utf8"), 1 << 20));
-    host.define("loopa", &block_disk(&a.0));
+    let (a, b) = (Loop::attach(&other), Loop::at(&other, 1 << 20));
+    host.define("loopa", &block_disk(&a.dev));
     host.lv.virsh_ok(&["start", "loopa"]);
-    assert!(refused(&b.0).contains("by guest loopa"));
+    assert!(refused(&b.dev).contains("by guest loopa"));
     host.lv.virsh_ok(&["destroy", "loopa"]);
 
     // A qcow2 image whose data file is partition 2: the disk beneath it is the guest's too.

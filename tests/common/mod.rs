@@ -177,3 +177,64 @@ pub fn run_ok(cmd: &mut Command) -> String {
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A loop device over `target` (a file or a block device) from byte `offset`; detached on drop,
+/// so a failing test leaves none behind.
+pub struct Loop {
+    pub dev: String,
+}
+
+impl Loop {
+    pub fn attach(target: &Path) -> Loop {
+        Loop::at(target, 0)
+    }
+
+    pub fn at(target: &Path, offset: u64) -> Loop {
+        let out = run_ok(Command::new("losetup").args(["-f", "--show", "-o", &offset.to_string()]).arg(target));
+        Loop { dev: out.trim().to_owned() }
+    }
+
+    pub fn path(&self) -> &Path {
+        Path::new(&self.dev)
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).output();
+    }
+}
+
+/// A loop device over a new 8 MiB file with two partitions (`partx` makes their nodes without
+/// udev); partitions and device removed on drop.
+pub struct LoopDisk {
+    pub dev: String,
+    _loop: Loop,
+}
+
+impl LoopDisk {
+    pub fn new(file: &Path) -> LoopDisk {
+        std::fs::File::create(file).and_then(|f| f.set_len(8 << 20)).expect("create");
+        let mut sfdisk = Command::new("sfdisk");
+        sfdisk.arg("-q").arg(file).stdin(std::process::Stdio::piped());
+        let mut child = sfdisk.spawn().expect("sfdisk (fdisk package)");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"label: dos\n,3M\n,3M\n").expect("write");
+        assert!(child.wait().expect("wait").success(), "sfdisk");
+        let device = Loop::attach(file);
+        let disk = LoopDisk { dev: device.dev.clone(), _loop: device };
+        run_ok(Command::new("partx").args(["-a", &disk.dev]));
+        assert!(Path::new(&disk.part(1)).exists() && Path::new(&disk.part(2)).exists(), "partition nodes");
+        disk
+    }
+
+    pub fn part(&self, n: u32) -> String {
+        format!("{}p{n}", self.dev)
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        // Before the loop device itself goes (the field is dropped after this).
+        let _ = Command::new("partx").args(["-d", &self.dev]).output();
+    }
+}
