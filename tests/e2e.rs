@@ -8,19 +8,8 @@ use std::time::Duration;
 use lockhook::lock::LockMode;
 
 use crate::common::host::Host;
+use crate::common::xml::{file_disk, raw};
 use crate::common::{lock_state, wait_until};
-
-fn file_disk(path: &Path, dev: &str, format: &str, extra: &str) -> String {
-    format!(
-        "<disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{}'/>\
-         <target dev='{dev}' bus='virtio'/>{extra}</disk>",
-        path.display()
-    )
-}
-
-fn raw(path: &Path, dev: &str) -> String {
-    file_disk(path, dev, "raw", "")
-}
 
 fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img").args(args).output().expect("run qemu-img (qemu-utils)");
@@ -83,11 +72,11 @@ fn readonly_and_shareable_disks_share_but_exclude_writers() {
     // (QEMU itself refuses to mix a read-only user and a share-rw writer of one image, so the
     // two flags are tested on two images.)
     let shared = host.setup.image("images/cluster.raw");
-    let uuid_ro1 = host.define("ro1", &file_disk(&img, "vda", "raw", "<readonly/>"));
-    host.define("ro2", &file_disk(&img, "vda", "raw", "<readonly/>"));
+    let uuid_ro1 = host.define("ro1", &file_disk(&img, "raw", "vda", "<readonly/>"));
+    host.define("ro2", &file_disk(&img, "raw", "vda", "<readonly/>"));
     host.define("writer", &raw(&img, "vda"));
-    host.define("sh1", &file_disk(&shared, "vda", "raw", "<shareable/>"));
-    host.define("sh2", &file_disk(&shared, "vda", "raw", "<shareable/>"));
+    host.define("sh1", &file_disk(&shared, "raw", "vda", "<shareable/>"));
+    host.define("sh2", &file_disk(&shared, "raw", "vda", "<shareable/>"));
     host.define("writer2", &raw(&shared, "vda"));
     for name in ["ro1", "ro2", "sh1", "sh2"] {
         host.start(name);
@@ -158,9 +147,9 @@ fn backing_chain_is_locked_shared() {
     for top in [&top1, &top2] {
         qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", top.to_str().expect("utf8")]);
     }
-    let uuid1 = host.define("vm1", &file_disk(&top1, "vda", "qcow2", ""));
-    host.define("vm2", &file_disk(&top2, "vda", "qcow2", ""));
-    host.define("writer", &file_disk(&base, "vda", "qcow2", ""));
+    let uuid1 = host.define("vm1", &file_disk(&top1, "qcow2", "vda", ""));
+    host.define("vm2", &file_disk(&top2, "qcow2", "vda", ""));
+    host.define("writer", &file_disk(&base, "qcow2", "vda", ""));
     host.start("vm1");
     assert_eq!(lock_state(&top1, 0), Some(LockMode::Exclusive));
     assert_eq!(lock_state(&base, 0), Some(LockMode::Shared));

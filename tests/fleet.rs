@@ -87,10 +87,7 @@ fn own(resources: &[serde_json::Value]) -> usize {
 }
 
 fn raw(path: &Path) -> String {
-    format!(
-        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
-        path.display()
-    )
+    crate::common::xml::raw(path, "vda")
 }
 
 fn define(host: &Host, name: &str, uuid: &str, devices: &str) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use lockhook::lock::LockMode;
 
 use crate::common::host::Host;
+use crate::common::xml::raw;
 use crate::common::{lock_state, lockhook_bin, stderr, wait_until};
 
 /// Helpers this file adds to the shared test host.
@@ -41,13 +42,6 @@ impl Host {
             .as_i64()
             .and_then(|p| i32::try_from(p).ok())
     }
-}
-
-fn raw(path: &Path, dev: &str) -> String {
-    format!(
-        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='{dev}' bus='virtio'/></disk>",
-        path.display()
-    )
 }
 
 fn kill(pid: i32) {

@@ -6,14 +6,11 @@ use std::time::Duration;
 
 use lockhook::lock::LockMode;
 
+use crate::common::xml::domain as xml;
 use crate::common::{lock_state, stderr, wait_until, Setup};
 
 const UUID1: &str = "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab";
 const UUID2: &str = "0e4c9a51-7a2f-4b83-9d4e-5f6a7b8c9d0e";
-
-fn xml(name: &str, uuid: &str, devices: &str) -> String {
-    format!("<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><devices>{devices}</devices></domain>")
-}
 
 fn file_disk(path: &Path, target: &str, extra: &str) -> String {
     format!("<disk type='file' device='disk'><source file='{}'/><target dev='{target}'/>{extra}</disk>", path.display())

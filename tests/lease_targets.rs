@@ -10,14 +10,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::common::host::Host;
 use crate::common::lock_state;
-
-fn raw(path: &Path, dev: &str) -> String {
-    format!(
-        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
-         <target dev='{dev}' bus='virtio'/></disk>",
-        path.display()
-    )
-}
+use crate::common::xml::raw;
 
 fn lease(target: &Path) -> String {
     format!(

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use lockhook::lock::LockMode;
 
+use crate::common::xml::domain as xml;
 use crate::common::{lock_state, stderr, Setup};
 
 const UUID1: &str = "5b0c8a8e-2f4e-4d1b-9c3a-7e6f5d4c3b2a";
@@ -34,10 +35,6 @@ fn setup_with_pools(extra_config: &str, pools: &[(&str, &str)]) -> Setup {
     config.push_str(&format!("libvirt_config_dir = {etc:?}\nlibvirt_run_dir = {run:?}\n{extra_config}"));
     std::fs::write(&setup.config, config).expect("write config");
     setup
-}
-
-fn xml(name: &str, uuid: &str, disk: &str) -> String {
-    format!("<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><devices>{disk}</devices></domain>")
 }
 
 fn volume_disk(pool: &str, volume: &str) -> String {

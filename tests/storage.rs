@@ -8,18 +8,8 @@ use std::process::Command;
 use crate::common::host::Host;
 use crate::common::libvirtd::{kvm_usable, random_uuid};
 use crate::common::run_ok as run;
+use crate::common::xml::{block_disk, file_disk};
 use crate::common::{stderr, Loop, LoopDisk};
-
-fn file_disk(path: &Path, format: &str, target: &str, extra: &str) -> String {
-    format!(
-        "<disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{}'/>{extra}<target dev='{target}' bus='virtio'/></disk>",
-        path.display()
-    )
-}
-
-fn block_disk(dev: &str) -> String {
-    format!("<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{dev}'/><target dev='vda' bus='virtio'/></disk>")
-}
 
 #[test]
 #[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]

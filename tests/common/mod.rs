@@ -4,6 +4,7 @@
 pub mod host;
 pub mod libvirtd;
 pub mod sanlock;
+pub mod xml;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
