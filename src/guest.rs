@@ -156,22 +156,29 @@ fn acquire(
         for line in &lines {
             warn!("guest {} ({}) refused: {line}", domain.name, domain.uuid);
         }
-        // Invariant: discarding `acquired` here releases every lock taken above and removes
-        // the lease files this call created.
-        for path in acquired.discard() {
-            info!(
-                "guest {} ({}): removed lease file {} created for this refused start",
-                domain.name,
-                domain.uuid,
-                path.display()
-            );
-        }
+        give_up(&guest(domain), acquired);
         return Err(GuestError::Refused(Refusal { lines }));
     }
     Ok((acquired, pending))
 }
 
-/// Gives `acquired` to the guest's holder, starting one if there is none.
+/// A start that fails before its locks reach a holder lets go of them.
+// Invariant: discarding `acquired` releases every lock it holds and removes the lease files
+// this call created, so the failed start leaves nothing behind.
+fn give_up(guest: &Guest, acquired: Acquired) {
+    for path in acquired.discard() {
+        info!(
+            "guest {} ({}): removed lease file {} created for this failed start",
+            guest.name,
+            guest.uuid,
+            path.display()
+        );
+    }
+}
+
+/// Gives `acquired` to the guest's holder, starting one if there is none. A holder that cannot
+/// be started or reached gets nothing, and the locks are given up (`give_up`); once the request
+/// is sent, whether the holder took them is not known for certain, so the lease files stay.
 fn hand_over(
     ctx: &Ctx,
     guest: &Guest,
@@ -182,16 +189,13 @@ fn hand_over(
 ) -> Result<Client, GuestError> {
     let client = match client.or_else(|| Client::claim_spare(&ctx.paths, &guest.uuid)) {
         Some(client) => client,
-        None => {
-            spawn::spawn(&ctx.config_path, &guest.uuid).map_err(|source| GuestError::Spawn {
-                name: guest.name.clone(),
-                uuid: guest.uuid.clone(),
-                source,
-            })?;
-            Client::connect(&ctx.paths, &guest.uuid)
-                .map_err(holder_err(guest))?
-                .ok_or_else(|| holder_err(guest)(ClientError::Closed))?
-        }
+        None => match start_holder(ctx, guest) {
+            Ok(client) => client,
+            Err(e) => {
+                give_up(guest, acquired);
+                return Err(e);
+            }
+        },
     };
     let fds: Vec<_> = acquired.locks.into_iter().map(|l| l.fd).collect();
     fault_point("before-handover");
@@ -203,6 +207,18 @@ fn hand_over(
         info!("guest {} ({}): locked {} {}", guest.name, guest.uuid, r.mode.as_str(), r.path.display());
     }
     Ok(client)
+}
+
+/// Starts a holder for `guest` and connects to it.
+fn start_holder(ctx: &Ctx, guest: &Guest) -> Result<Client, GuestError> {
+    spawn::spawn(&ctx.config_path, &guest.uuid).map_err(|source| GuestError::Spawn {
+        name: guest.name.clone(),
+        uuid: guest.uuid.clone(),
+        source,
+    })?;
+    Client::connect(&ctx.paths, &guest.uuid)
+        .map_err(holder_err(guest))?
+        .ok_or_else(|| holder_err(guest)(ClientError::Closed))
 }
 
 /// Fault injection for tests: `LOCKHOOK_FAULT=<point>` stalls the hook there for a minute so a
@@ -244,7 +260,10 @@ pub fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
     // Consumed here whatever happens next: a marker never outlives the start it announced.
     let incoming = crate::migration::take_incoming(&ctx.paths, &domain.uuid);
     let (acquired, pending) = acquire(ctx, domain, &HashSet::new(), incoming)?;
-    note_admitted(ctx, domain, &pending)?;
+    if let Err(e) = note_admitted(ctx, domain, &pending) {
+        give_up(&guest(domain), acquired);
+        return Err(e);
+    }
     if acquired.locks.is_empty() && pending.is_empty() {
         info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
         return Ok(());
@@ -263,7 +282,10 @@ pub fn start(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
         None => (HashSet::new(), false),
     };
     let (acquired, pending) = acquire(ctx, domain, &held, incoming)?;
-    note_admitted(ctx, domain, &pending)?;
+    if let Err(e) = note_admitted(ctx, domain, &pending) {
+        give_up(&guest(domain), acquired);
+        return Err(e);
+    }
     if acquired.locks.is_empty() && pending.is_empty() {
         return Ok(());
     }

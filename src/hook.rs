@@ -136,9 +136,15 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
     let config = Config::load(config_path)?;
     crate::logging::init_daemon(&config);
     let ctx = Ctx::new(config, config_path);
+    let parsed = parse_domain(event, stdin);
     // Self-healing first: a running guest whose holder died gets its locks back before this
-    // call could hand them to someone else.
-    adopt_orphans_bounded(&ctx);
+    // call could hand them to someone else. `started` and `reconnect` re-adopt their own guest
+    // themselves: a pass still running past its bound must not take the same locks beside them.
+    let own = match (&event.op, &parsed) {
+        (Op::Started | Op::Reconnect, Ok(domain)) => Some(domain.uuid.clone()),
+        _ => None,
+    };
+    adopt_orphans_bounded(&ctx, own);
     // A lockspace that is not the fleet's (its filesystem not mounted) would keep every lock on
     // this host: refuse what can be refused, say it loudly where refusing would kill a guest.
     let lockspace = match (&event.op, &ctx.config.lockspace_id) {
@@ -153,14 +159,14 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
         _ => {}
     }
     match event.op {
-        Op::Prepare => Ok(guest::prepare(&ctx, &parse_domain(event, stdin)?)?),
-        Op::Start => Ok(guest::start(&ctx, &parse_domain(event, stdin)?)?),
-        Op::Started => Ok(guest::started(&ctx, &parse_domain(event, stdin)?)?),
-        Op::Reconnect => reconnect(&ctx, &parse_domain(event, stdin)?),
+        Op::Prepare => Ok(guest::prepare(&ctx, &parsed?)?),
+        Op::Start => Ok(guest::start(&ctx, &parsed?)?),
+        Op::Started => Ok(guest::started(&ctx, &parsed?)?),
+        Op::Reconnect => reconnect(&ctx, &parsed?),
         Op::Migrate => {
             // Destination of an incoming live migration. Note it for `prepare` and `start`, and
             // print nothing: libvirt reads stdout as replacement XML here.
-            let domain = parse_domain(event, stdin)?;
+            let domain = parsed?;
             crate::rundir::ensure_run_dir(ctx.paths.run_dir()).ok();
             if let Err(e) = crate::migration::note_incoming(&ctx.paths, &domain.uuid) {
                 warn!("guest {} ({}): cannot note the incoming migration: {e}", domain.name, domain.uuid);
@@ -168,11 +174,11 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
             info!("guest {} ({}): incoming live migration", domain.name, domain.uuid);
             Ok(())
         }
-        Op::Release => release(&ctx, event, stdin),
+        Op::Release => release(&ctx, event, parsed),
         Op::Restore => {
             // A restore's QEMU runs with `-incoming` too: a marker left by a failed migration must
             // not make it pass for one. Print nothing: stdout is XML here.
-            if let Ok(domain) = parse_domain(event, stdin) {
+            if let Ok(domain) = parsed {
                 crate::migration::forget_incoming(&ctx.paths, &domain.uuid);
             }
             Ok(())
@@ -188,11 +194,11 @@ const ADOPT_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 /// images of *other* guests may sit on storage that does not answer (a dead NFS server), and
 /// that must not hang this guest's hook. A pass still running when this call is done dies with
 /// the hook process; its fds close, so it leaves no lock behind, and the next call tries again.
-fn adopt_orphans_bounded(ctx: &Ctx) {
+fn adopt_orphans_bounded(ctx: &Ctx, skip: Option<Uuid>) {
     let (tx, rx) = std::sync::mpsc::channel();
     let ctx_copy = Ctx::new(ctx.config.clone(), &ctx.config_path);
     let spawned = std::thread::Builder::new().name("adopt".into()).spawn(move || {
-        let _ = tx.send(crate::reconcile::adopt_orphans(&ctx_copy));
+        let _ = tx.send(crate::reconcile::adopt_orphans(&ctx_copy, skip.as_ref()));
     });
     if let Err(e) = spawned {
         warn!("cannot start the re-adoption pass: {e}");
@@ -232,8 +238,8 @@ fn reconnect(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
 
 /// The UUID to release: from the XML, or, when that cannot be parsed, from the state file of a
 /// live holder whose guest has this name.
-fn release_target(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Option<Uuid> {
-    match parse_domain(event, stdin) {
+fn release_target(ctx: &Ctx, event: &HookEvent, parsed: Result<Domain, HookError>) -> Option<Uuid> {
+    match parsed {
         Ok(domain) => Some(domain.uuid),
         Err(e) => {
             warn!("release of {}: {}; looking the guest up by name", event.domain, crate::error_chain(&e));
@@ -245,8 +251,8 @@ fn release_target(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Option<
     }
 }
 
-fn release(ctx: &Ctx, event: &HookEvent, stdin: &mut dyn Read) -> Result<(), HookError> {
-    let Some(uuid) = release_target(ctx, event, stdin) else { return Ok(()) };
+fn release(ctx: &Ctx, event: &HookEvent, parsed: Result<Domain, HookError>) -> Result<(), HookError> {
+    let Some(uuid) = release_target(ctx, event, parsed) else { return Ok(()) };
     Ok(guest::release(ctx, &event.domain, &uuid)?)
 }
 

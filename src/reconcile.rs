@@ -83,9 +83,9 @@ fn dead_holders(paths: &Paths) -> Vec<Uuid> {
 
 /// Re-takes the locks of every running guest whose holder died, from its state file; removes
 /// the records of holders whose guest (or `lockhook run` command) is gone too.
-pub(crate) fn adopt_orphans(ctx: &Ctx) -> Report {
+pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>) -> Report {
     let mut report = Report::default();
-    for uuid in dead_holders(&ctx.paths) {
+    for uuid in dead_holders(&ctx.paths).into_iter().filter(|u| Some(u) != skip) {
         let Ok(record) = state::read(&ctx.paths.state(&uuid)) else {
             remove_records(&ctx.paths, &uuid);
             report.cleaned.push(format!("{uuid}: unreadable state of a dead holder removed"));
@@ -132,7 +132,7 @@ fn running_guests(libvirt_run_dir: &Path) -> Vec<(Domain, (u32, u64))> {
 /// The full pass of `lockhook reconcile`.
 pub fn reconcile(config: &Config, config_path: &Path) -> Report {
     let ctx = Ctx::new(config.clone(), config_path);
-    let mut report = adopt_orphans(&ctx);
+    let mut report = adopt_orphans(&ctx, None);
     let running = running_guests(&config.libvirt_run_dir);
     for (domain, qemu) in &running {
         let had_holder = state::holder_alive(&ctx.paths, &domain.uuid);

@@ -448,3 +448,20 @@ fn a_released_guest_leaves_no_files_behind() {
         assert_eq!(lock_state(&img, 0), None);
     }
 }
+
+/// A start whose holder cannot start (here: a directory stands where its socket goes) leaves no
+/// lock and no lease file it created, as a refused start does.
+#[test]
+fn a_holder_that_cannot_start_leaves_no_lease_file() {
+    let setup = Setup::new("");
+    std::fs::create_dir_all(setup.run_dir.join(format!("{UUID1}.sock/x"))).expect("plant a directory");
+    let lease = setup.path("leases/new.lease");
+    std::fs::create_dir_all(lease.parent().expect("parent")).expect("mkdir");
+    let vm =
+        xml("vm1", UUID1, &format!("<lease><key>k</key><target path='{}' offset='4096'/></lease>", lease.display()));
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cannot start its lock holder") && err.lines().count() == 1, "{err}");
+    assert!(!lease.exists(), "the lease file created for the failed start is gone");
+}
