@@ -212,9 +212,9 @@ pub fn run(
     let line = command_line(command);
     let id = new_id();
     crate::rundir::ensure_run_dir(paths.run_dir()).map_err(RunError::Register)?;
-    // Removed however `run` ends (a refusal too), after the instance lock below is let go.
-    let _registered = RemoveOnDrop(vec![paths.instance_lock(&id), paths.state(&id)]);
-    let _instance = crate::rundir::take_instance_lock(&paths, &id).map_err(RunError::Register)?;
+    // Removed however `run` ends (a refusal too), while the instance lock is still held.
+    let instance = crate::rundir::take_instance_lock(&paths, &id).map_err(RunError::Register)?;
+    let _registered = Registered { instance, lock: paths.instance_lock(&id), state: paths.state(&id) };
     let strict = Config { on_missing: crate::config::MissingPolicy::Fail, ..config.clone() };
     // The locks a guest would take on these images: stable identities, layers, data files.
     let mut requests =
@@ -250,17 +250,8 @@ pub fn run(
         .iter()
         .filter(|r| !r.key.is_empty())
         .filter_map(|r| {
-            let owner = crate::lockspace::OwnerRecord {
-                key: r.key.clone(),
-                host: record.host.clone(),
-                guest: line.clone(),
-                uuid: id.clone(),
-                mode: r.mode,
-                since: r.since.clone(),
-                holder_pid: std::process::id(),
-                role: None,
-                command: true,
-            };
+            // A command's records name the command, not a role.
+            let owner = crate::lockspace::OwnerRecord { role: None, ..r.owner_record(&record.host, &line, &id, true) };
             lockspace.publish(&owner).map_err(|e| log::warn!("{}", crate::error_chain(&e))).ok()
         })
         .collect();
@@ -270,19 +261,21 @@ pub fn run(
     }
     // Invariant: the locks (acquired.locks) stay open until the command has exited.
     drop(acquired.locks);
-    let _ = std::fs::remove_file(&state_path);
-    let _ = std::fs::remove_file(paths.instance_lock(&id));
     result
 }
 
-/// Files of this `run` in the run directory, removed when it ends.
-struct RemoveOnDrop(Vec<PathBuf>);
+/// This `run`'s registration in the run directory (its instance lock and state file), removed
+/// when it ends, the lock file while still locked (see `rundir::remove_instance_file`).
+struct Registered {
+    instance: std::fs::File,
+    lock: PathBuf,
+    state: PathBuf,
+}
 
-impl Drop for RemoveOnDrop {
+impl Drop for Registered {
     fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::fs::remove_file(path);
-        }
+        let _ = std::fs::remove_file(&self.state);
+        crate::rundir::remove_instance_file(&self.lock, &self.instance);
     }
 }
 

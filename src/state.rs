@@ -105,6 +105,22 @@ impl Resource {
         })
     }
 
+    /// The owner record that names this resource's holder to other hosts: guest `guest`
+    /// (`uuid`) on `host`, or a `lockhook run` command (`command`), held by this process.
+    pub fn owner_record(&self, host: &str, guest: &str, uuid: &Uuid, command: bool) -> crate::lockspace::OwnerRecord {
+        crate::lockspace::OwnerRecord {
+            command,
+            role: self.roles.iter().find(|role| role.worth_saying()).map(ToString::to_string),
+            key: self.key.clone(),
+            host: host.to_owned(),
+            guest: guest.to_owned(),
+            uuid: uuid.clone(),
+            mode: self.mode,
+            since: self.since.clone(),
+            holder_pid: std::process::id(),
+        }
+    }
+
     /// What to call it in messages.
     pub fn name(&self) -> String {
         self.label.clone().unwrap_or_else(|| self.path.display().to_string())

@@ -90,17 +90,7 @@ impl Holder {
             .held
             .iter()
             .filter(|(r, _)| !r.key.is_empty())
-            .map(|(r, _)| crate::lockspace::OwnerRecord {
-                command: false,
-                role: r.roles.iter().find(|role| role.worth_saying()).map(ToString::to_string),
-                key: r.key.clone(),
-                host: self.host.clone(),
-                guest: guest.name.clone(),
-                uuid: self.uuid.clone(),
-                mode: r.mode,
-                since: r.since.clone(),
-                holder_pid: std::process::id(),
-            })
+            .map(|(r, _)| r.owner_record(&self.host, &guest.name, &self.uuid, false))
             .collect();
         let lockspace = &self.records.lockspace;
         self.records.keeper.get_or_insert_with(|| RecordKeeper::start(lockspace.clone())).sync(wanted);
