@@ -82,7 +82,7 @@ fn read_pid_file(path: &Path) -> Option<PidFile> {
 /// When a process started (`/proc/<pid>/stat` field 22, clock ticks since boot), as wall-clock
 /// time, using the current offset between `CLOCK_REALTIME` and `CLOCK_BOOTTIME` (the basis of
 /// that field). A wall clock stepped forward since the process started makes it look younger.
-fn started_at(start_ticks: u64) -> Option<SystemTime> {
+pub(crate) fn started_at(start_ticks: u64) -> Option<SystemTime> {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
     let hz = u64::try_from(hz).ok().filter(|hz| *hz > 0)?;
     let boot_elapsed = Duration::from(clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?);

@@ -27,36 +27,10 @@ struct Daemon {
     started_ms: u64,
 }
 
-/// Milliseconds since boot from the text of `/proc/uptime` (`12345.67 54321.00`).
-fn parse_uptime_ms(proc_uptime: &str) -> Option<u64> {
-    let first = proc_uptime.split_whitespace().next()?;
-    let (secs, frac) = first.split_once('.').unwrap_or((first, "0"));
-    let frac: String = frac.chars().chain(std::iter::repeat('0')).take(3).collect();
-    Some(secs.parse::<u64>().ok()? * 1000 + frac.parse::<u64>().ok()?)
-}
-
-fn now_ms() -> u64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf only reads a system constant; it has no preconditions and touches no memory
-    // of ours.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100)
-}
-
 /// The libvirtd/virtqemud processes in this process's mount namespace. Processes in any other
 /// namespace are skipped after reading only their namespace link.
 fn running_daemons() -> io::Result<Vec<Daemon>> {
     let own_ns = fs::read_link("/proc/self/ns/mnt")?;
-    // Boot time in wall-clock milliseconds, as now minus uptime: finer than /proc/stat's btime,
-    // which is whole seconds.
-    let uptime_ms = parse_uptime_ms(&fs::read_to_string("/proc/uptime")?)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "/proc/uptime does not parse"))?;
-    let boot_ms = now_ms().saturating_sub(uptime_ms);
-    let ticks = clock_ticks_per_second();
     let mut found = Vec::new();
     for entry in fs::read_dir("/proc")? {
         let Some(pid) = entry.ok().and_then(|e| e.file_name().to_str()?.parse::<u32>().ok()) else { continue };
@@ -68,8 +42,11 @@ fn running_daemons() -> io::Result<Vec<Daemon>> {
         if !DAEMONS.contains(&name) {
             continue;
         }
-        let Some(start_ticks) = crate::qemu::start_time(pid) else { continue };
-        let started_ms = boot_ms + start_ticks * 1000 / ticks;
+        // Wall-clock time of the start: now minus the time since boot plus the start tick.
+        let Some(started) = crate::qemu::start_time(pid).and_then(crate::qemu::started_at) else { continue };
+        let started_ms = started
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         found.push(Daemon { name: name.to_owned(), pid, started_ms });
     }
     found.sort_by_key(|d| d.pid);
@@ -145,18 +122,5 @@ pub(super) fn check(hooks: &[InstalledHook], run_dir: &Path, out: &mut Vec<Findi
                 format!("{} (pid {}) started at {since}, after the hook was installed", d.name, d.pid),
             ));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uptime_parsing() {
-        assert_eq!(parse_uptime_ms("12345.67 54321.00\n"), Some(12_345_670));
-        assert_eq!(parse_uptime_ms("7 1\n"), Some(7000));
-        assert_eq!(parse_uptime_ms("x.5 1\n"), None);
-        assert_eq!(parse_uptime_ms(""), None);
     }
 }
