@@ -10,11 +10,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-fn read_trimmed(path: &Path) -> Option<String> {
-    let text = fs::read_to_string(path).ok()?;
-    let text = text.trim();
-    (!text.is_empty()).then(|| text.to_owned())
-}
+use super::stack::read_trimmed;
 
 /// The stable identity of the block device `path` resolves to; `None` for anything else.
 pub fn stable_id(path: &Path) -> Option<String> {

@@ -345,15 +345,11 @@ fn image_files(
             return Err(StorageError::ChainTooLong { role, path: current });
         }
         let header_err = |source| StorageError::Header { role: role.clone(), path: current.clone(), source };
-        let is_qcow2 = match format.as_deref() {
-            Some("qcow2") => true,
-            Some(_) => false,
-            // Format unknown (not in the header extension): probe, as QEMU would.
-            None => qcow2::is_qcow2(&current).map_err(header_err)?,
-        };
-        if !is_qcow2 {
+        if format.as_deref().is_some_and(|f| f != "qcow2") {
             return Ok(());
         }
+        // Format qcow2 or unknown (not in the header extension): the header says, as QEMU's probe
+        // would (one open: `read_header` is `None` for anything without the qcow2 magic).
         let Some(header) = qcow2::read_header(&current).map_err(header_err)? else { return Ok(()) };
         if let Some(name) = &header.data_file {
             match qcow2::resolve_name(&current, name) {

@@ -163,14 +163,11 @@ pub fn target_dir(text: &str) -> Option<PathBuf> {
 /// What `volume` of `pool` is, from the pool XML under the two libvirt directories; `dev` is
 /// where device nodes are (`/dev`), for the kernel initiator's iSCSI nodes.
 pub fn resolve(pool: &str, volume: &str, run_dir: &Path, config_dir: &Path, dev: &Path) -> Result<Volume, PoolError> {
-    if !safe_component(pool) {
-        return Err(PoolError::BadPoolName { pool: pool.to_owned() });
-    }
+    let candidates = crate::libvirt::pool_files(run_dir, config_dir, pool)
+        .ok_or_else(|| PoolError::BadPoolName { pool: pool.to_owned() })?;
     if !safe_component(volume) {
         return Err(PoolError::BadVolumeName { pool: pool.to_owned(), volume: volume.to_owned() });
     }
-    let candidates = crate::libvirt::pool_files(run_dir, config_dir, pool)
-        .ok_or_else(|| PoolError::BadPoolName { pool: pool.to_owned() })?;
     let Some((path, text)) = candidates.iter().find_map(|p| std::fs::read_to_string(p).ok().map(|t| (p, t))) else {
         let searched = candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ");
         return Err(PoolError::NotFound { pool: pool.to_owned(), volume: volume.to_owned(), searched });

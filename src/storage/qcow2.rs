@@ -44,17 +44,6 @@ fn open(path: &Path) -> io::Result<Option<File>> {
     crate::lock::open_readable(path)
 }
 
-/// Whether the file starts with the qcow2 magic.
-pub fn is_qcow2(path: &Path) -> io::Result<bool> {
-    let mut magic = [0u8; 4];
-    let Some(mut file) = open(path)? else { return Ok(false) };
-    match file.read_exact(&mut magic) {
-        Ok(()) => Ok(&magic == MAGIC),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// What a qcow2 header says about the files QEMU opens besides the image itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Header {
@@ -207,11 +196,11 @@ pub(crate) mod tests {
         let plain = dir.path().join("plain.qcow2");
         write_qcow2(&plain, None);
         assert_eq!(backing_of(&plain).expect("read"), None);
-        assert!(is_qcow2(&plain).expect("probe"));
+        assert_eq!(read_header(&plain).expect("probe"), Some(Header::default()), "qcow2 without backing");
         let raw = dir.path().join("raw");
         std::fs::write(&raw, b"hello").expect("write");
         assert_eq!(backing_of(&raw).expect("read"), None);
-        assert!(!is_qcow2(&raw).expect("probe"));
+        assert_eq!(read_header(&raw).expect("probe"), None, "not qcow2");
     }
 
     #[test]

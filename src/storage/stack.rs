@@ -49,7 +49,7 @@ pub struct Layer {
     pub above: String,
 }
 
-fn read_trimmed(path: &Path) -> Option<String> {
+pub(super) fn read_trimmed(path: &Path) -> Option<String> {
     let text = fs::read_to_string(path).ok()?;
     let text = text.trim();
     (!text.is_empty()).then(|| text.to_owned())
