@@ -201,8 +201,9 @@ impl Holder {
                         records.refresh();
                     }
                 }
+                // Records follow every change of the held set where it happens (a request, a
+                // hand-over, hot-plug): an idle tick builds none.
                 self.follow_hotplug();
-                self.sync_records();
                 // Between ticks the holder only sleeps: the code pages it touched are given back
                 // just before it does (see `wait`).
                 shed_due = true;

@@ -86,6 +86,9 @@ impl Holder {
                 warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
             }
         }
+        if locks_changed {
+            self.sync_records();
+        }
     }
 
     /// Pauses the guest through libvirt. Allowed here (the holder is not a hook, so libvirt is
