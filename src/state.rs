@@ -74,22 +74,29 @@ impl Resource {
     /// The targets this record stands for, one per role (grouping them again gives this
     /// resource back): what re-adoption and hot-plug take again.
     pub fn targets(&self) -> Vec<LockTarget> {
-        let create = self.creation();
-        let roles = if self.roles.is_empty() { vec![Role::Disk { target: None }] } else { self.roles.clone() };
-        roles
-            .into_iter()
-            .map(|role| LockTarget {
-                path: self.path.clone(),
-                mode: self.mode,
-                offset: self.identity.offset,
-                role,
-                create,
-                optional: false,
-                key: Some(self.key.clone()).filter(|k| !k.is_empty()),
-                label: self.label.clone(),
-                lock_file: self.lock_file,
-            })
-            .collect()
+        if self.roles.is_empty() {
+            return vec![self.target()];
+        }
+        self.roles.iter().map(|role| self.target_as(role.clone())).collect()
+    }
+
+    /// The target this record stands for, in its first role: what a hand-over waits for.
+    pub fn target(&self) -> LockTarget {
+        self.target_as(self.roles.first().cloned().unwrap_or(Role::Disk { target: None }))
+    }
+
+    fn target_as(&self, role: Role) -> LockTarget {
+        LockTarget {
+            path: self.path.clone(),
+            mode: self.mode,
+            offset: self.identity.offset,
+            role,
+            create: self.creation(),
+            optional: false,
+            key: Some(self.key.clone()).filter(|k| !k.is_empty()),
+            label: self.label.clone(),
+            lock_file: self.lock_file,
+        }
     }
 
     /// Whether its file may be created when missing.

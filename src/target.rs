@@ -199,11 +199,23 @@ impl LockTarget {
     /// Takes the lock without waiting: a lockspace lock file through the lockspace (never
     /// through a symlink), anything else by its path, created only when `create` says so.
     pub fn take(&self, lockspace: &Lockspace) -> Result<HeldLock, LockError> {
+        self.take_with(lockspace, Wait::No)
+    }
+
+    /// `take`, waiting as long as it takes (a migration destination waiting for its source).
+    pub fn take_waiting(&self, lockspace: &Lockspace) -> Result<HeldLock, LockError> {
+        self.take_with(lockspace, Wait::Yes)
+    }
+
+    fn take_with(&self, lockspace: &Lockspace, wait: Wait) -> Result<HeldLock, LockError> {
         match (self.lock_file, &self.key) {
-            (Some(kind), Some(key)) => lockspace.acquire(kind, key, self.mode, self.offset, Wait::No),
+            (Some(kind), Some(key)) => lockspace.acquire(kind, key, self.mode, self.offset, wait),
             _ => {
                 let create = if self.create == Creation::Never { lock::Create::No } else { lock::Create::IfMissing };
-                lock::acquire(&self.path, self.mode, self.offset, create)
+                match wait {
+                    Wait::No => lock::acquire(&self.path, self.mode, self.offset, create),
+                    Wait::Yes => lock::acquire_wait(&self.path, self.mode, self.offset, create),
+                }
             }
         }
     }

@@ -14,10 +14,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
-use crate::lock::{self, Create, HeldLock, LockError};
-use crate::lockspace::{Lockspace, Wait};
+use crate::lock::{HeldLock, LockError};
+use crate::lockspace::Lockspace;
 use crate::state::Resource;
-use crate::target::Creation;
 
 /// A finished wait: the resource and its lock, or why it could not be taken.
 pub type Done = (Resource, Result<HeldLock, LockError>);
@@ -46,15 +45,10 @@ impl Handover {
     pub fn wait_for(&self, resource: Resource, lockspace: &Lockspace) {
         let (tx, wake) = (self.tx.clone(), Arc::clone(&self.wake_w));
         // Lease files and lockspace lock files exist already (the source holds them), but may be
-        // recreated if the source's cleanup raced us.
-        let create = if resource.creation() == Creation::Never { Create::No } else { Create::IfMissing };
+        // recreated if the source's cleanup raced us (the record says whether they may be).
         let lockspace = lockspace.clone();
         let spawned = std::thread::Builder::new().name("handover".into()).spawn(move || {
-            let (mode, offset) = (resource.mode, resource.identity.offset);
-            let result = match resource.lock_file {
-                Some(kind) => lockspace.acquire(kind, &resource.key, mode, offset, Wait::Yes),
-                None => lock::acquire_wait(&resource.path, mode, offset, create),
-            };
+            let result = resource.target().take_waiting(&lockspace);
             let _ = tx.send((resource, result));
             let _ = nix::unistd::write(wake.as_fd(), b"x");
         });
