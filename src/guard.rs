@@ -191,8 +191,7 @@ fn command_line(command: &[OsString]) -> String {
 }
 
 fn new_id() -> Uuid {
-    let text = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
-    Uuid::parse(&text).unwrap_or_else(|_| {
+    Uuid::random().unwrap_or_else(|_| {
         let n = crate::clock::now_secs() ^ u64::from(std::process::id());
         Uuid::parse(&format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), n & 0xffff_ffff_ffff))
             .expect("valid uuid")

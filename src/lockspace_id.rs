@@ -108,24 +108,13 @@ pub fn verify_bounded(dir: &Path, expected: &Uuid, bound: std::time::Duration) -
     rx.recv_timeout(bound).unwrap_or(Err(IdError::Timeout { dir: dir.to_owned(), secs: bound.as_secs() }))
 }
 
-/// A random (version 4) UUID from the kernel's generator.
-fn random_uuid() -> io::Result<Uuid> {
-    let mut b = [0u8; 16];
-    File::open("/dev/urandom")?.read_exact(&mut b)?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    let text = format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]);
-    Uuid::parse(&text).map_err(|e| io::Error::other(e.to_string()))
-}
-
 /// `lockhook lockspace init`: gives the lockspace at `dir` its identity, or returns the one it
 /// has (`false`: it was initialised before; every host runs this and gets the same UUID).
 pub fn init(dir: &Path) -> Result<(Uuid, bool), IdError> {
     if let Some(id) = read(dir)? {
         return Ok((id, false));
     }
-    let id = random_uuid().map_err(|source| IdError::Write { dir: dir.to_owned(), source })?;
+    let id = Uuid::random().map_err(|source| IdError::Write { dir: dir.to_owned(), source })?;
     let created = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -159,7 +148,7 @@ mod tests {
         let (again, fresh) = init(dir.path()).expect("init again");
         assert_eq!((again.clone(), fresh), (id.clone(), false), "a second init keeps the identity");
         verify(dir.path(), &id).expect("verify");
-        let other = random_uuid().expect("uuid");
+        let other = Uuid::random().expect("uuid");
         assert!(matches!(verify(dir.path(), &other), Err(IdError::Mismatch { .. })));
         let empty = tempfile::tempdir().expect("dir");
         let err = verify(empty.path(), &id).expect_err("an empty mount point");
@@ -169,7 +158,7 @@ mod tests {
 
     #[test]
     fn planted_identity_files_are_not_trusted() {
-        let id = random_uuid().expect("uuid");
+        let id = Uuid::random().expect("uuid");
         let dir = tempfile::tempdir().expect("dir");
         let elsewhere = tempfile::tempdir().expect("dir");
         let real = elsewhere.path().join(ID_FILE);

@@ -62,6 +62,18 @@ pub enum DomainError {
 pub struct Uuid(String);
 
 impl Uuid {
+    /// A new random (version 4) UUID, from `/dev/urandom`.
+    pub fn random() -> std::io::Result<Uuid> {
+        use std::io::Read;
+        let mut b = [0u8; 16];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let text = format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]);
+        Uuid::parse(&text).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
     /// Accepts `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` or 32 hex digits (both forms libvirt
     /// accepts) with optional surrounding whitespace.
     pub fn parse(text: &str) -> Result<Uuid, DomainError> {
