@@ -30,6 +30,14 @@ pub enum LockspaceAction {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum Generate {
+    /// `lockhook.8` and one page per command, into DIR.
+    Man { dir: PathBuf },
+    /// bash (`lockhook`), zsh (`_lockhook`) and fish (`lockhook.fish`) completions, into DIR.
+    Completions { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run as libvirt's qemu hook: `lockhook hook NAME OP SUBOP EXTRA` (domain XML on stdin).
     Hook {
@@ -81,6 +89,12 @@ pub enum Command {
     Lockspace {
         #[command(subcommand)]
         action: LockspaceAction,
+    },
+    /// Write the man pages or the shell completions (what `install.sh` installs).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
     },
     /// Internal: PID 1 of `lockhook run`'s command (see `supervise`).
     #[command(name = "run-init", hide = true)]
@@ -198,6 +212,24 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("lockhook: {}", crate::one_line(&crate::error_chain(&e)));
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Generate { what } => {
+            let (dir, written) = match &what {
+                Generate::Man { dir } => (dir, crate::manual::write_man_pages(dir)),
+                Generate::Completions { dir } => (dir, crate::manual::write_completions(dir)),
+            };
+            match written {
+                Ok(files) => {
+                    for file in files {
+                        println!("{}", file.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lockhook: {}: {e}", dir.display());
                     ExitCode::from(2)
                 }
             }

@@ -16,6 +16,7 @@ pub mod lockset;
 pub mod lockspace;
 pub mod lockspace_id;
 pub mod logging;
+pub mod manual;
 pub mod migration;
 pub mod owner;
 pub mod paths;

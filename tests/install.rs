@@ -18,8 +18,12 @@ struct Bed {
 
 fn bed() -> Bed {
     let dir = tempfile::Builder::new().prefix("lockhook-install-").tempdir().expect("temp dir");
-    let mounts =
-        [("sbin", "/usr/local/sbin"), ("etc-lockhook", "/etc/lockhook"), ("var-lib-lockhook", "/var/lib/lockhook")];
+    let mounts = [
+        ("sbin", "/usr/local/sbin"),
+        ("share", "/usr/local/share"),
+        ("etc-lockhook", "/etc/lockhook"),
+        ("var-lib-lockhook", "/var/lib/lockhook"),
+    ];
     let mut extra_mounts = Vec::new();
     for (src, target) in mounts {
         std::fs::create_dir_all(dir.path().join(src)).expect("mkdir");
@@ -68,6 +72,23 @@ fn install_activates_the_hook_idempotently_and_uninstall_removes_it() {
     assert!(out.contains("installed /etc/lockhook/lockhook.toml"), "{out}");
     let hook = lv.etc_dir().join("hooks/qemu");
     assert_eq!(std::fs::read_link(&hook).expect("hook symlink"), PathBuf::from("/usr/local/sbin/lockhook"));
+    // Man pages render, and each shell's completion file is where that shell looks for it.
+    let man8 = "/usr/local/share/man/man8";
+    for page in ["lockhook.8", "lockhook-status.8", "lockhook-check.8", "lockhook-run.8", "lockhook-doctor.8"] {
+        let out = lv.exec_in_ns(&["man", "-l", &format!("{man8}/{page}")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("lockhook"), "man -l {page}: {out:?}");
+    }
+    let complete = lv.exec_in_ns(&[
+        "bash",
+        "-c",
+        "source /usr/local/share/bash-completion/completions/lockhook && complete -p lockhook",
+    ]);
+    assert!(String::from_utf8_lossy(&complete.stdout).contains("-F _lockhook lockhook"), "bash: {complete:?}");
+    for file in ["zsh/site-functions/_lockhook", "fish/vendor_completions.d/lockhook.fish"] {
+        let out = lv.exec_in_ns(&["test", "-s", &format!("/usr/local/share/{file}")]);
+        assert!(out.status.success(), "{file} installed");
+    }
 
     lv.virsh_ok(&["start", "vm1"]);
     assert_eq!(lock_state(&image, 0), Some(LockMode::Exclusive));
@@ -102,6 +123,8 @@ fn install_activates_the_hook_idempotently_and_uninstall_removes_it() {
     let out = run(&lv, &["--uninstall"]);
     assert!(out.contains("removed /etc/libvirt/hooks/qemu") && out.contains("still hold locks"), "{out}");
     assert!(hook.symlink_metadata().is_err(), "hook removed");
+    let left = lv.exec_in_ns(&["find", "/usr/local/share", "-name", "*lockhook*"]);
+    assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "man pages and completions removed: {left:?}");
     let bin_path = lockhook_bin().display().to_string();
     let doctor = lv.exec_in_ns(&[bin_path.as_str(), "doctor"]);
     let report = String::from_utf8_lossy(&doctor.stdout);
