@@ -49,6 +49,10 @@ pub enum Command {
         /// Machine-readable JSON.
         #[arg(long)]
         json: bool,
+        /// Every host sharing the lockspace: guests and resources from the owner records
+        /// (host, guest, UUID, mode, since; records whose holder is gone shown as STALE).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Say whether images (or lease files) are free, or who holds them. Exit 0 when every path
     /// is free, 1 when any is in use, 2 on error.
@@ -145,16 +149,23 @@ fn load(cli_config: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Hook { args } => run_hook(&args, cli.config),
-        Command::Status { json } => {
+        Command::Status { json, fleet } => {
             let config = match load(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             crate::logging::init_cli(config.level());
-            match crate::status::print(&Paths::new(&config.run_dir), json, &mut std::io::stdout().lock()) {
+            let out = &mut std::io::stdout().lock();
+            let (printed, dir) = if fleet {
+                let lockspace = crate::lockspace::Lockspace::new(&config.lockspace_dir);
+                (crate::status::print_fleet(&lockspace, json, out), &config.lockspace_dir)
+            } else {
+                (crate::status::print(&Paths::new(&config.run_dir), json, out), &config.run_dir)
+            };
+            match printed {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("lockhook: {}: {e}", config.run_dir.display());
+                    eprintln!("lockhook: {}: {e}", dir.display());
                     ExitCode::from(2)
                 }
             }

@@ -95,3 +95,37 @@ pub fn print(paths: &Paths, json: bool, out: &mut dyn Write) -> std::io::Result<
     }
     Ok(())
 }
+
+/// `lockhook status --fleet`: every guest and resource held on every host sharing the
+/// lockspace, from the owner records alone (no other host is contacted). Records whose holder is
+/// gone are shown as STALE: that host's guest may have crashed with it, or the host itself.
+pub fn print_fleet(lockspace: &crate::lockspace::Lockspace, json: bool, out: &mut dyn Write) -> std::io::Result<()> {
+    let seen = lockspace.all_records().map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &serde_json::json!({ "records": seen }))?;
+        return writeln!(out);
+    }
+    if seen.is_empty() {
+        return writeln!(out, "no owner records in the lockspace: nothing is held on any host sharing it");
+    }
+    let mut last: Option<(&str, &str, &crate::domain::Uuid)> = None;
+    for s in &seen {
+        let r = &s.record;
+        if last != Some((r.host.as_str(), r.guest.as_str(), &r.uuid)) {
+            let what = if r.command { "command" } else { "guest" };
+            writeln!(out, "host {} {what} {} ({})", crate::one_line(&r.host), crate::one_line(&r.guest), r.uuid)?;
+            last = Some((r.host.as_str(), r.guest.as_str(), &r.uuid));
+        }
+        let role = r.role.as_deref().map(|role| format!(" ({})", crate::one_line(role))).unwrap_or_default();
+        let stale = if s.live { "" } else { "  STALE: its holder is gone" };
+        writeln!(
+            out,
+            "  {:<9} {}{role}  since {} (holder pid {}){stale}",
+            r.mode.as_str(),
+            crate::one_line(&r.key),
+            r.since,
+            r.holder_pid
+        )?;
+    }
+    Ok(())
+}

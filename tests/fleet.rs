@@ -576,3 +576,60 @@ fn run_on_one_host_stops_a_guest_on_another() {
         "{err}"
     );
 }
+
+/// Issue 14: `lockhook status --fleet` on one host lists the guests and resources of every host
+/// sharing the lockspace, from the owner records alone, and shows a record whose holder is gone
+/// as stale.
+#[test]
+#[ignore = "needs root and a private libvirtd: tests/run-all.sh runs it"]
+fn status_fleet_lists_every_hosts_guests() {
+    let storage = Storage::new();
+    let (a, b) = (Host::new(&storage), Host::new(&storage));
+    let (img_a, img_b) = (storage.image("fleet-a.raw"), storage.image("fleet-b.raw"));
+    let (uuid_a, uuid_b) = (random_uuid(), random_uuid());
+    define(&a, "va", &uuid_a, &raw(&img_a));
+    define(&b, "vb", &uuid_b, &raw(&img_b));
+    a.lv.virsh_ok(&["start", "va"]);
+    b.lv.virsh_ok(&["start", "vb"]);
+    let fleet = || {
+        let out = a.setup.cli(&["status", "--fleet", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["records"]
+            .as_array()
+            .expect("records")
+            .clone()
+    };
+    let has = |records: &[serde_json::Value], host: &str, guest: &str, uuid: &str, live: bool| {
+        records.iter().any(|r| r["host"] == host && r["guest"] == guest && r["uuid"] == uuid && r["live"] == live)
+    };
+    // Records are published just after each start's reply: poll.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let records = fleet();
+            has(&records, a.lv.hostname(), "va", &uuid_a, true) && has(&records, b.lv.hostname(), "vb", &uuid_b, true)
+        }),
+        "both hosts' guests: {:?}",
+        fleet()
+    );
+    let text = String::from_utf8_lossy(&a.setup.cli(&["status", "--fleet"]).stdout).into_owned();
+    assert!(
+        text.contains(&format!("host {} guest vb ({uuid_b})", b.lv.hostname()))
+            && text.contains(&format!("file:{}@0", img_b.display())),
+        "{text}"
+    );
+    // B's holder dies (its QEMU keeps running): its record is stale, and says so.
+    let holder = b.guests().iter().find_map(|g| g["holder_pid"].as_u64()).expect("B's holder pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(holder).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill B's holder");
+    assert!(
+        wait_until(Duration::from_secs(10), || has(&fleet(), b.lv.hostname(), "vb", &uuid_b, false)),
+        "B's record shown stale: {:?}",
+        fleet()
+    );
+    assert!(a.setup.cli(&["status", "--fleet"]).stdout.windows(5).any(|w| w == b"STALE"));
+    a.lv.virsh_ok(&["destroy", "va"]);
+    b.lv.virsh_ok(&["destroy", "vb"]);
+}

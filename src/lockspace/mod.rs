@@ -48,7 +48,7 @@
 mod dir;
 mod records;
 
-pub use records::{OwnerRecord, Published};
+pub use records::{OwnerRecord, Published, Seen};
 
 use std::fs;
 use std::io;

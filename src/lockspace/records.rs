@@ -194,6 +194,72 @@ impl Lockspace {
     }
 }
 
+/// An owner record as the fleet view shows it: live (its holder holds its lock) or stale (its
+/// holder is gone; the next reader of that resource removes it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Seen {
+    #[serde(flatten)]
+    pub record: OwnerRecord,
+    pub live: bool,
+}
+
+impl Lockspace {
+    /// Every owner record of every host, for `lockhook status --fleet`: one directory walk of
+    /// `owners/`, nothing removed. A record in a directory not named by its key's hash, one that
+    /// does not parse, or one whose lock cannot be probed is left out (with a warning for the
+    /// last); non-regular files are skipped as everywhere in the lockspace.
+    pub fn all_records(&self) -> Result<Vec<Seen>, LockspaceError> {
+        let root = self.root()?;
+        let Some(owners) = subdir(&root, "owners", false)? else { return Ok(Vec::new()) };
+        let read_dir =
+            |dir: &Dir| dir.names().map_err(|source| LockspaceError::ReadDir { path: dir.path().to_owned(), source });
+        let mut seen = Vec::new();
+        for hashed in read_dir(&owners)? {
+            let dir = match subdir(&owners, &hashed, false) {
+                Ok(Some(dir)) => dir,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!("{}", crate::error_chain(&e));
+                    continue;
+                }
+            };
+            for name in read_dir(&dir)?.iter().filter(|n| n.ends_with(".json") && !n.starts_with('.')) {
+                match peek_record(&dir, name) {
+                    Ok(Some(found)) if hash(&found.record.key) == hashed => seen.push(found),
+                    Ok(_) => {}
+                    Err(e) => warn!("{}", crate::error_chain(&e)),
+                }
+            }
+        }
+        seen.sort_by(|a, b| {
+            (&a.record.host, &a.record.guest, &a.record.since).cmp(&(&b.record.host, &b.record.guest, &b.record.since))
+        });
+        Ok(seen)
+    }
+}
+
+/// Reads the record `name` and whether it is live, removing nothing.
+fn peek_record(dir: &Dir, name: &str) -> Result<Option<Seen>, LockspaceError> {
+    let path = || dir.join(name);
+    let (file, _) = match dir.open_file(name, libc::O_RDONLY) {
+        Ok(opened) => opened,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(DirError::Unexpected { kind }) => return Err(LockspaceError::NotRegular { path: path(), kind }),
+        Err(DirError::Io(source)) => return Err(LockspaceError::OpenRecord { path: path(), source }),
+    };
+    let live = match classify(lock::probe_fd(&file, 0)) {
+        Probe::Live => true,
+        Probe::Stale => false,
+        Probe::Failed(source) => return Err(LockspaceError::ProbeRecord { path: path(), source }),
+    };
+    let mut text = Vec::new();
+    (&file)
+        .take(MAX_RECORD)
+        .read_to_end(&mut text)
+        .map_err(|source| LockspaceError::OpenRecord { path: path(), source })?;
+    Ok(serde_json::from_slice::<OwnerRecord>(&text).ok().map(|record| Seen { record, live }))
+}
+
 /// Reads the record `name`: `Some` when it is live and about `key`, `None` when it is stale
 /// (and then removed), gone, or about another key.
 fn read_record(dir: &Dir, name: &str, key: &str) -> Result<Option<OwnerRecord>, LockspaceError> {
@@ -382,5 +448,21 @@ mod tests {
         drop(other);
         assert!(remove_stale(&dirfd, "s.json", seen).expect("remove"), "stale and unlocked: removed");
         assert!(!d.join("s.json").exists());
+    }
+
+    #[test]
+    fn the_fleet_view_shows_live_and_stale_records_and_removes_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ls = Lockspace::new(dir.path());
+        assert!(ls.all_records().expect("empty lockspace").is_empty());
+        let a = record("file:/s/a.qcow2@0", "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab", "kvm-01");
+        let _held = ls.publish(&a).expect("publish");
+        let b = record("net:nbd://s/x", "0e4c9a51-7a2f-4b83-9d4e-5f6a7b8c9d0e", "kvm-02");
+        plant_stale(&owners_path(dir.path(), &b.key), "b.kvm-02.json", &b);
+        // A record in a directory that is not its key's: left out.
+        plant_stale(&owners_path(dir.path(), "file:/elsewhere@0"), "c.json", &a);
+        let seen = ls.all_records().expect("records");
+        assert_eq!(seen, vec![Seen { record: a, live: true }, Seen { record: b.clone(), live: false }]);
+        assert_eq!(count(&owners_path(dir.path(), &b.key)), 1, "the stale record is still there");
     }
 }
