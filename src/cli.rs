@@ -87,6 +87,12 @@ pub enum Command {
     },
     /// Re-adopt running guests whose holder is gone and release holders whose guest is gone.
     Reconcile,
+    /// Print this host's locks as Prometheus metrics (text exposition format), or write them
+    /// atomically to PATH for node_exporter's textfile collector.
+    Metrics {
+        #[arg(long, value_name = "PATH")]
+        textfile: Option<PathBuf>,
+    },
     /// Check this host's installation and say what to fix (exit 0 fine, 1 warnings, 2 errors).
     Doctor,
     /// The shared lockspace of a fleet.
@@ -241,6 +247,31 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("lockhook: {}: {e}", dir.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Metrics { textfile } => {
+            let config = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let text = match crate::metrics::render(&Paths::new(&config.run_dir)) {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!("lockhook: {}: {e}", config.run_dir.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let written = match &textfile {
+                Some(path) => crate::metrics::write_textfile(path, &text).map_err(|e| (path.clone(), e)),
+                None => std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())
+                    .map_err(|e| (PathBuf::from("stdout"), e)),
+            };
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err((path, e)) => {
+                    eprintln!("lockhook: {}: {e}", path.display());
                     ExitCode::from(2)
                 }
             }

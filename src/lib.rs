@@ -17,6 +17,7 @@ pub mod lockspace;
 pub mod lockspace_id;
 pub mod logging;
 pub mod manual;
+pub mod metrics;
 pub mod migration;
 pub mod owner;
 pub mod paths;

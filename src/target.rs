@@ -112,6 +112,23 @@ impl fmt::Display for Role {
 }
 
 impl Role {
+    /// The role's kind, as the state file and metrics name it (`disk`, `lease`, `layer`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Role::Disk { .. } => "disk",
+            Role::Backing { .. } => "backing",
+            Role::Mirror { .. } => "mirror",
+            Role::Lease { .. } => "lease",
+            Role::Command => "command",
+            Role::Layer { .. } => "layer",
+            Role::DataFile { .. } => "data_file",
+            Role::Overlay { .. } => "overlay",
+            Role::Nvram => "nvram",
+            Role::Loader => "loader",
+            Role::Memory => "memory",
+        }
+    }
+
     /// Whether messages should say the role next to the path (it is not the obvious one).
     pub fn worth_saying(&self) -> bool {
         !matches!(self, Role::Disk { .. } | Role::Command)

@@ -465,3 +465,58 @@ fn a_holder_that_cannot_start_leaves_no_lease_file() {
     assert!(err.contains("cannot start its lock holder") && err.lines().count() == 1, "{err}");
     assert!(!lease.exists(), "the lease file created for the failed start is gone");
 }
+
+/// Issue 14: `lockhook metrics` is valid Prometheus text exposition (checked with the Python
+/// client's parser) and counts what the holders hold; `--textfile` writes the same atomically.
+#[test]
+#[ignore = "needs python3-prometheus-client (its parser): tests/run-all.sh installs it"]
+fn metrics_parse_and_count_what_is_held() {
+    let setup = Setup::new("");
+    let img = setup.image("images/m.img");
+    let lease = setup.path("leases/m.lease");
+    std::fs::create_dir_all(lease.parent().expect("parent")).expect("mkdir");
+    let devices = format!(
+        "{}<lease><key>k</key><target path='{}' offset='4096'/></lease>",
+        file_disk(&img, "vda", "<readonly/>"),
+        lease.display()
+    );
+    let vm = xml("vm1", UUID1, &devices);
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let parse = |text: &[u8]| {
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as p\n\
+                 for f in p(sys.stdin.read()):\n    for s in f.samples:\n        \
+                 print(s.name + ','.join(k + '=' + v for k, v in sorted(s.labels.items())), int(s.value))",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), text).expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "the parser refused it: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf8")
+    };
+    let out = setup.cli(&["metrics"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let samples = parse(&out.stdout);
+    for want in [
+        "lockhook_guestskind=guest,state=held 1",
+        "lockhook_resourceskind=disk,mode=shared 1",
+        "lockhook_resourceskind=lease,mode=exclusive 1",
+        "lockhook_pending_handovers 0",
+    ] {
+        assert!(samples.lines().any(|l| l == want), "{want} in:\n{samples}");
+    }
+    let file = setup.path("textfile/lockhook.prom");
+    std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+    let out = setup.cli(&["metrics", "--textfile", file.to_str().expect("utf8")]);
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", stderr(&out));
+    assert_eq!(parse(&std::fs::read(&file).expect("textfile")), samples);
+    let out = setup.hook(&["vm1", "release", "end", "-"], &vm);
+    assert!(out.status.success());
+}
