@@ -48,9 +48,10 @@ pub fn run(config_path: &Path) -> i32 {
         return 1;
     }
     let Ok(spare_lock) = crate::rundir::lock_instance_file(&paths.spare_lock()) else { return 0 }; // another spare runs
+    // Read before the socket appears: whoever finds the socket finds no transient fd open here.
+    let code = CodePages::new();
     let socket = paths.spare_socket();
     let Ok(listener) = crate::rundir::listen_on(&socket) else { return 1 };
-    let code = CodePages::new();
     let mut buf = vec![0u8; MAX_FRAME];
     loop {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
