@@ -47,7 +47,8 @@ pub fn run(config_path: &Path) -> i32 {
     if crate::rundir::ensure_run_dir(paths.run_dir()).is_err() {
         return 1;
     }
-    let Ok(spare_lock) = crate::rundir::lock_instance_file(&paths.spare_lock()) else { return 0 }; // another spare runs
+    // Another spare runs when this lock is taken.
+    let Ok(spare_lock) = crate::rundir::lock_instance_file(&paths.spare_lock()) else { return 0 };
     // Read before the socket appears: whoever finds the socket finds no transient fd open here.
     let code = CodePages::new();
     let socket = paths.spare_socket();
