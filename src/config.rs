@@ -57,9 +57,64 @@ pub enum ReconnectPolicy {
     Kill,
 }
 
+/// How locks reach other hosts. Both engines take the local OFD locks (same-host exclusion,
+/// `check` and `run` work the same); `sanlock` adds a sanlock lease per resource.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// OFD locks, carried to other hosts by the shared filesystem's lock manager.
+    #[default]
+    Ofd,
+    /// Also a sanlock lease on shared storage per resource (see `engine`).
+    Sanlock,
+}
+
+/// What the sanlock daemon's killpath does to a guest when this host loses its lockspace lease
+/// (storage cut off): the guest must stop writing before other hosts may take its leases.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockLost {
+    /// SIGKILL the guest's QEMU.
+    #[default]
+    Kill,
+    /// SIGSTOP the guest's QEMU (it writes nothing more; `kill -CONT` resumes it once the
+    /// leases are back, or destroy it).
+    Pause,
+}
+
+/// `[sanlock]`: the sanlock engine's lease area and this host's place in it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SanlockConfig {
+    /// This host in the lockspace, 1..=2000, unique in the fleet (0: not set).
+    pub host_id: u64,
+    /// The block device or file on shared storage holding lockhook's lockspace, host table and
+    /// resource index (`lockhook sanlock init`).
+    pub lease_area: Option<PathBuf>,
+    /// Seconds; sanlock's lease timing scales with it (join ≈ 2x, failure ≈ 8x).
+    pub io_timeout: u32,
+    pub on_lock_lost: LockLost,
+    /// libvirt's sanlock driver's `disk_lease_dir`: also take the automatic disk lease libvirt
+    /// would take (lockspace `__LIBVIRT__DISKS__`), for fleets mixing both.
+    pub libvirt_disk_lease_dir: Option<PathBuf>,
+}
+
+impl Default for SanlockConfig {
+    fn default() -> Self {
+        SanlockConfig {
+            host_id: 0,
+            lease_area: None,
+            io_timeout: 10,
+            on_lock_lost: LockLost::Kill,
+            libvirt_disk_lease_dir: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub engine: Engine,
     pub run_dir: PathBuf,
     pub lockspace_dir: PathBuf,
     /// The identity of the shared lockspace (`lockhook lockspace init`); when set, every hook
@@ -77,11 +132,13 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     pub libvirt_config_dir: PathBuf,
     pub libvirt_run_dir: PathBuf,
+    pub sanlock: SanlockConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
+            engine: Engine::Ofd,
             run_dir: "/run/lockhook".into(),
             lockspace_dir: "/var/lib/lockhook".into(),
             lockspace_id: None,
@@ -97,6 +154,7 @@ impl Default for Config {
             log_file: None,
             libvirt_config_dir: "/etc/libvirt".into(),
             libvirt_run_dir: "/run/libvirt".into(),
+            sanlock: SanlockConfig::default(),
         }
     }
 }
@@ -182,6 +240,7 @@ impl Config {
                 });
             }
         }
+        self.validate_sanlock(path)?;
         if self.log_level.parse::<log::LevelFilter>().is_err() {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -189,6 +248,34 @@ impl Config {
                 value: self.log_level.clone(),
                 why: "must be one of off, error, warn, info, debug, trace",
             });
+        }
+        Ok(())
+    }
+
+    fn validate_sanlock(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, value: String, why| ConfigError::Invalid { path: path.to_owned(), key, value, why };
+        let s = &self.sanlock;
+        for (key, dir) in
+            [("sanlock.lease_area", &s.lease_area), ("sanlock.libvirt_disk_lease_dir", &s.libvirt_disk_lease_dir)]
+        {
+            if let Some(dir) = dir.as_ref().filter(|d| !d.is_absolute()) {
+                return Err(invalid(key, dir.display().to_string(), "must be an absolute path"));
+            }
+        }
+        if !(1..=300).contains(&s.io_timeout) {
+            return Err(invalid("sanlock.io_timeout", s.io_timeout.to_string(), "must be 1..=300 seconds"));
+        }
+        if self.engine == Engine::Sanlock {
+            if !(1..=2000).contains(&s.host_id) {
+                return Err(invalid(
+                    "sanlock.host_id",
+                    s.host_id.to_string(),
+                    "engine = \"sanlock\" needs this host's id, 1..=2000, unique in the fleet",
+                ));
+            }
+            if s.lease_area.is_none() {
+                return Err(invalid("sanlock.lease_area", String::new(), "engine = \"sanlock\" needs the lease area"));
+            }
         }
         Ok(())
     }
@@ -253,6 +340,23 @@ mod tests {
         assert!(c.validate(Path::new("x")).is_err());
         let c = Config::parse("log_level = 'loud'").expect("parses");
         assert!(c.validate(Path::new("x")).is_err());
+    }
+
+    #[test]
+    fn sanlock_keys() {
+        let c = Config::parse(
+            "engine = 'sanlock'\n[sanlock]\nhost_id = 7\nlease_area = '/dev/vg/lh'\nio_timeout = 3\non_lock_lost = 'pause'\n",
+        )
+        .expect("parse");
+        assert_eq!(c.engine, Engine::Sanlock);
+        assert_eq!((c.sanlock.host_id, c.sanlock.io_timeout, c.sanlock.on_lock_lost), (7, 3, LockLost::Pause));
+        c.validate(Path::new("x")).expect("valid");
+        let no_id = Config::parse("engine = 'sanlock'\n[sanlock]\nlease_area = '/x'\n").expect("parse");
+        assert!(no_id.validate(Path::new("x")).unwrap_err().to_string().contains("sanlock.host_id"));
+        let no_area = Config::parse("engine = 'sanlock'\n[sanlock]\nhost_id = 1\n").expect("parse");
+        assert!(no_area.validate(Path::new("x")).unwrap_err().to_string().contains("lease_area"));
+        assert!(Config::parse("[sanlock]\nhots_id = 1\n").is_err());
+        assert!(Config::parse("engine = 'dlm'").is_err());
     }
 
     #[test]

@@ -239,6 +239,8 @@ pub fn run(
         resources: acquired.resources.clone(),
         conflicts: Vec::new(),
         pending: Vec::new(),
+        sanlock: Vec::new(),
+        sanlock_pending: Vec::new(),
     };
     let state_path = paths.state(&id);
     state::write(&state_path, &record).map_err(RunError::State)?;

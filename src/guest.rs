@@ -16,13 +16,15 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::HashSet;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use log::{error, info, warn};
 
 use crate::config::Config;
 use crate::domain::{Domain, Uuid};
-use crate::holder::client::{Client, ClientError, Held};
+use crate::engine::{LeaseSpec, Wanted};
+use crate::holder::client::{Client, ClientError, Handed, Held};
 use crate::holder::protocol::Guest;
 use crate::holder::spawn::{self, SpawnError};
 use crate::lock::Identity;
@@ -186,7 +188,8 @@ fn hand_over(
     acquired: Acquired,
     pending: Vec<Resource>,
     incoming: bool,
-) -> Result<Client, GuestError> {
+    sanlock: &[LeaseSpec],
+) -> Result<(Client, usize), GuestError> {
     let client = match client.or_else(|| Client::claim_spare(&ctx.paths, &guest.uuid)) {
         Some(client) => client,
         None => match start_holder(ctx, guest) {
@@ -197,16 +200,29 @@ fn hand_over(
             }
         },
     };
-    let fds: Vec<_> = acquired.locks.into_iter().map(|l| l.fd).collect();
     fault_point("before-handover");
-    client.acquire(guest, &acquired.resources, &fds, &pending, incoming).map_err(holder_err(guest))?;
-    // Invariant: `fds` (our copies) are dropped only now, after the holder's ACK.
+    let fds: Vec<_> = acquired.locks.iter().map(|l| l.fd.as_fd()).collect();
+    let handed = Handed { resources: &acquired.resources, fds: &fds, pending: &pending, incoming, sanlock };
+    let result = client.acquire(guest, handed);
     drop(fds);
+    let waiting = match result {
+        Ok(waiting) => waiting,
+        Err(ClientError::Leases(lines)) => {
+            for line in &lines {
+                warn!("guest {} ({}) refused: {line}", guest.name, guest.uuid);
+            }
+            give_up(guest, acquired);
+            return Err(GuestError::Refused(Refusal { lines }));
+        }
+        Err(e) => return Err(holder_err(guest)(e)),
+    };
+    // Invariant: our copies of the fds (in `acquired`) are dropped only now, after the ACK.
     ensure_spare(ctx);
     for r in &acquired.resources {
         info!("guest {} ({}): locked {} {}", guest.name, guest.uuid, r.mode.as_str(), r.path.display());
     }
-    Ok(client)
+    drop(acquired);
+    Ok((client, waiting))
 }
 
 /// Starts a holder for `guest` and connects to it.
@@ -264,11 +280,29 @@ pub fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
         give_up(&guest(domain), acquired);
         return Err(e);
     }
-    if acquired.locks.is_empty() && pending.is_empty() {
+    let sanlock = lease_specs(ctx, domain, &acquired, &pending);
+    if acquired.locks.is_empty() && pending.is_empty() && sanlock.is_empty() {
         info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
         return Ok(());
     }
-    hand_over(ctx, &guest(domain), None, acquired, pending, incoming).map(drop)
+    let (_, waiting) = hand_over(ctx, &guest(domain), None, acquired, pending, incoming, &sanlock)?;
+    note_waiting(ctx, domain, waiting)
+}
+
+/// The sanlock engine's leases for what `acquired` and `pending` lock (none for the OFD engine).
+fn lease_specs(ctx: &Ctx, domain: &Domain, acquired: &Acquired, pending: &[Resource]) -> Vec<LeaseSpec> {
+    let wanted: Vec<Wanted> = acquired.resources.iter().chain(pending).map(Wanted::from).collect();
+    crate::engine::specs(&ctx.config, domain, &wanted)
+}
+
+/// Notes the admission of sanlock leases that wait for a migration source (as `note_admitted`
+/// does for OFD locks), so `started` checks the guest's QEMU is an incoming migration.
+fn note_waiting(ctx: &Ctx, domain: &Domain, waiting: usize) -> Result<(), GuestError> {
+    if waiting == 0 {
+        return Ok(());
+    }
+    crate::migration::note_admitted(&ctx.paths, &domain.uuid)
+        .map_err(|source| GuestError::NoteAdmitted { name: domain.name.clone(), source })
 }
 
 /// `start`: lock what `prepare` could not see (the chain libvirt detected, resolved volumes).
@@ -289,7 +323,9 @@ pub fn start(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
     if acquired.locks.is_empty() && pending.is_empty() {
         return Ok(());
     }
-    hand_over(ctx, &guest(domain), client, acquired, pending, incoming).map(drop)
+    let sanlock = lease_specs(ctx, domain, &acquired, &pending);
+    let (_, waiting) = hand_over(ctx, &guest(domain), client, acquired, pending, incoming, &sanlock)?;
+    note_waiting(ctx, domain, waiting)
 }
 
 /// Makes sure a live holder holds every lock of a running guest and knows its QEMU. Used by
@@ -301,14 +337,23 @@ pub fn ensure(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
 
 /// `ensure` for a guest whose QEMU process is already known.
 pub fn ensure_running(ctx: &Ctx, domain: &Domain, qemu: Option<(u32, u64)>) -> Result<(), GuestError> {
-    adopt(ctx, &guest(domain), &requests(ctx, domain)?, qemu)
+    let requests = requests(ctx, domain)?;
+    let wanted: Vec<Wanted> = requests.iter().map(Wanted::from).collect();
+    let sanlock = crate::engine::specs(&ctx.config, domain, &wanted);
+    adopt(ctx, &guest(domain), &requests, &sanlock, qemu)
 }
 
 /// Gives a running guest's holder (started if missing) every lock of `requests` that is free,
 /// and tells it the QEMU process. The guest runs already, so this takes what it can: locks
 /// someone else took meanwhile come back as a refusal *after* the others are held, and the
 /// holder keeps retrying them (see `holder::hotplug`).
-pub fn adopt(ctx: &Ctx, guest: &Guest, requests: &[LockTarget], qemu: Option<(u32, u64)>) -> Result<(), GuestError> {
+pub fn adopt(
+    ctx: &Ctx,
+    guest: &Guest,
+    requests: &[LockTarget],
+    sanlock: &[LeaseSpec],
+    qemu: Option<(u32, u64)>,
+) -> Result<(), GuestError> {
     let client = Client::connect(&ctx.paths, &guest.uuid).map_err(holder_err(guest))?;
     let held = match &client {
         Some(c) => c.held().map_err(holder_err(guest))?,
@@ -324,10 +369,12 @@ pub fn adopt(ctx: &Ctx, guest: &Guest, requests: &[LockTarget], qemu: Option<(u3
     for note in notes {
         warn!("guest {} ({}): {note}", guest.name, guest.uuid);
     }
-    let client = if acquired.locks.is_empty() {
+    // A live holder keeps its sanlock leases; a new one (the old one died) adopts them.
+    let client = if acquired.locks.is_empty() && (client.is_some() || sanlock.is_empty()) {
         client
     } else {
-        Some(hand_over(ctx, guest, client, acquired, Vec::new(), false)?)
+        let sanlock = if client.is_some() { &[][..] } else { sanlock };
+        Some(hand_over(ctx, guest, client, acquired, Vec::new(), false, sanlock)?.0)
     };
     match (client, qemu) {
         (Some(client), Some((pid, start_time))) if held.qemu_pid != Some(pid) => {

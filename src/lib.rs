@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod doctor;
 pub mod domain;
+pub mod engine;
 pub mod guard;
 pub mod guest;
 pub mod holder;

@@ -36,6 +36,7 @@ pub fn render(paths: &Paths) -> io::Result<String> {
             let what = match r.lock_file {
                 Some(crate::lockspace::LockFileKind::Network) => "network",
                 Some(crate::lockspace::LockFileKind::Block) => "block_identity",
+                Some(crate::lockspace::LockFileKind::Lease) => "lease",
                 None => r.roles.first().map_or("disk", |role| role.kind()),
             };
             *resources.entry((r.mode.as_str(), what)).or_default() += 1;

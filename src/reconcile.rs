@@ -96,13 +96,23 @@ pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>) -> Report {
             _ => None,
         };
         let Some(qemu) = qemu else {
+            // Its persistent sanlock leases outlived it as orphans of this host: let them go.
+            match crate::engine::leases::release_orphans(&record.sanlock) {
+                Ok(0) => {}
+                Ok(n) => {
+                    report.released.push(format!("{} ({uuid}): {n} orphaned sanlock lease(s) released", record.name))
+                }
+                Err(e) => report.failed.push(format!("{} ({uuid}): orphaned sanlock leases: {e}", record.name)),
+            }
             remove_records(&ctx.paths, &uuid);
             report.cleaned.push(format!("{} ({uuid}): holder and guest are gone; record removed", record.name));
             continue;
         };
         let guest = Guest { name: record.name.clone(), uuid: uuid.clone() };
         warn!("guest {} ({uuid}) runs but its holder died; re-taking its locks", record.name);
-        match guest::adopt(ctx, &guest, &targets_of(&record), Some(qemu)) {
+        // Its sanlock leases are orphans of this host now: the new holder adopts them.
+        let leases: Vec<_> = record.sanlock.iter().map(crate::engine::leases::HeldLease::spec).collect();
+        match guest::adopt(ctx, &guest, &targets_of(&record), &leases, Some(qemu)) {
             Ok(()) => report.adopted.push(format!("{} ({uuid}): locks re-taken", record.name)),
             Err(e) => {
                 let lines = e.lines().join("; ");

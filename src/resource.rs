@@ -323,12 +323,24 @@ pub fn plan(domain: &Domain, config: &Config) -> Plan {
         plan.requests.push(simple(Target::Path(file.clone()), LockMode::Exclusive, Role::Memory, true));
     }
     for lease in &domain.leases {
+        let role = Role::Lease { key: lease.key.clone(), lockspace: lease.lockspace.clone() };
+        // Under the sanlock engine the lease's file is sanlock's paxos area, reached by every
+        // host: the cross-host lock is sanlock's lease (see `engine`), the local one a lock file
+        // keyed by the lease.
+        let (target, offset, create) = if config.engine == crate::config::Engine::Sanlock {
+            let ls = lease.lockspace.as_deref().unwrap_or(crate::engine::LOCKSPACE);
+            let key = format!("lease:{ls}:{}", lease.key);
+            let label = format!("lease {ls}/{}", lease.key);
+            (Target::LockFile { kind: crate::lockspace::LockFileKind::Lease, key, label }, 0, Creation::LockFile)
+        } else {
+            (Target::Path(lease.path.clone()), lease.offset, Creation::Lease)
+        };
         plan.requests.push(Planned {
-            target: Target::Path(lease.path.clone()),
+            target,
             mode: LockMode::Exclusive,
-            offset: lease.offset,
-            role: Role::Lease { key: lease.key.clone(), lockspace: lease.lockspace.clone() },
-            create: Creation::Lease,
+            offset,
+            role,
+            create,
             optional: false,
             read_chain: false,
             format: None,

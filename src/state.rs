@@ -167,6 +167,12 @@ pub struct GuestState {
     /// Hot-plugged resources that could not be locked (see `on_conflict`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<Conflict>,
+    /// The sanlock engine's leases this holder holds (see `engine`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sanlock: Vec<crate::engine::leases::HeldLease>,
+    /// sanlock leases awaited from a migration source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sanlock_pending: Vec<crate::engine::leases::HeldLease>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -293,6 +299,8 @@ mod tests {
             qemu_start_time: Some(3),
             conflicts: vec![],
             pending: vec![],
+            sanlock: vec![],
+            sanlock_pending: vec![],
             name: "vm 1 é".into(),
             uuid: uuid.clone(),
             host: "h".into(),

@@ -17,4 +17,5 @@ mod install;
 mod lease_targets;
 mod pools;
 mod sanlock;
+mod sanlock_engine;
 mod storage;

@@ -16,6 +16,8 @@ done
 # The sanlock tests: private daemons (sanlock), the client library lockhook dlopens (libsanlock1),
 # and cc for the daemon's test-only setrlimit shim (gcc).
 ldconfig -p | grep -F 'libsanlock_client.so.1 ' >/dev/null || need_apt=1
+# libvirt's own sanlock driver, for the interoperability tests of the sanlock engine.
+[ -f /usr/lib/x86_64-linux-gnu/libvirt/lock-driver/sanlock.so ] || need_apt=1
 command -v man >/dev/null || need_apt=1 # the install test renders the man pages (man -l)
 /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null || need_apt=1 # its parser checks `lockhook metrics`
 if [ "$need_apt" = 1 ]; then
@@ -27,7 +29,7 @@ if [ "$need_apt" = 1 ]; then
   apt-get install -y -qq --no-install-recommends --allow-downgrades \
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
     "qemu-utils=${qemu_version}" util-linux mount python3-minimal fdisk parted ovmf \
-    sanlock libsanlock1 gcc libc6-dev man-db python3-prometheus-client >/dev/null
+    sanlock libsanlock1 libvirt-sanlock gcc libc6-dev man-db python3-prometheus-client >/dev/null
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 

@@ -123,6 +123,7 @@ impl Holder {
     /// parent (the hook that spawned us) is watched until it hands something over.
     pub(crate) fn start(config: &Config, uuid: &Uuid, watch_parent: bool) -> Result<Holder, HolderError> {
         let paths = Paths::new(&config.run_dir);
+        let paths_for_leases = paths.clone();
         ensure_run_dir(paths.run_dir())?;
         let instance = take_instance_lock(&paths, uuid)?;
         let listener = listen_on(&paths.socket(uuid))?;
@@ -143,6 +144,8 @@ impl Holder {
             migration: Migration { pending: Vec::new(), handover: None, incoming: false, verified: false },
             files: RunFiles { instance: Some(instance), listener, state_written: None },
             records: Records { lockspace: crate::lockspace::Lockspace::new(&config.lockspace_dir), keeper: None },
+            leases: (config.engine == crate::config::Engine::Sanlock)
+                .then(|| crate::engine::leases::Leases::new(&config.sanlock, &paths_for_leases)),
         })
     }
 }

@@ -34,6 +34,9 @@ pub enum ClientError {
     Protocol(#[from] ProtocolError),
     #[error("holder refused: {message} ({code:?})")]
     Refused { code: ErrorCode, message: String },
+    /// sanlock leases that could not be had, one line each.
+    #[error("{}", .0.join("; "))]
+    Leases(Vec<String>),
 }
 
 /// What a holder holds, as far as the hook needs to know.
@@ -51,6 +54,16 @@ pub struct Held {
 
 pub struct Client {
     sock: OwnedFd,
+}
+
+/// What one hand-over gives a holder: `resources[i]` describes `fds[i]`.
+#[derive(Clone, Copy)]
+pub struct Handed<'a> {
+    pub resources: &'a [Resource],
+    pub fds: &'a [std::os::fd::BorrowedFd<'a>],
+    pub pending: &'a [Resource],
+    pub incoming: bool,
+    pub sanlock: &'a [crate::engine::LeaseSpec],
 }
 
 impl Client {
@@ -117,30 +130,43 @@ impl Client {
     ///
     /// Invariant: the caller keeps its own copies of the fds until this returns `Ok`; if the
     /// holder never ACKs, dropping them releases the locks, so nothing stays locked unowned.
-    /// `pending` (no fds) travels with the first batch.
-    pub fn acquire(
-        &self,
-        guest: &Guest,
-        resources: &[Resource],
-        fds: &[OwnedFd],
-        pending: &[Resource],
-        incoming: bool,
-    ) -> Result<(), ClientError> {
-        let mut pending = pending.to_vec();
-        for (res, fds) in resources.chunks(MAX_FDS).zip(fds.chunks(MAX_FDS)) {
-            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    /// `pending` (no fds) and the sanlock leases travel with the first batch; returns how many
+    /// sanlock leases wait for a migration source.
+    pub fn acquire(&self, guest: &Guest, handed: Handed<'_>) -> Result<usize, ClientError> {
+        let mut pending = handed.pending.to_vec();
+        let mut sanlock = handed.sanlock.to_vec();
+        let mut waiting = 0;
+        let mut batches: Vec<(&[Resource], &[std::os::fd::BorrowedFd<'_>])> =
+            handed.resources.chunks(MAX_FDS).zip(handed.fds.chunks(MAX_FDS)).collect();
+        if batches.is_empty() {
+            // Nothing with fds: one request for the rest.
+            batches.push((&[], &[]));
+        }
+        for (res, borrowed) in batches {
             let request = Request::Acquire {
                 guest: guest.clone(),
                 resources: res.to_vec(),
                 pending: std::mem::take(&mut pending),
-                incoming,
+                incoming: handed.incoming,
+                sanlock: std::mem::take(&mut sanlock),
             };
-            self.expect_ok(&request, &borrowed)?;
+            waiting += self.expect_granted(&request, borrowed)?;
         }
-        if !pending.is_empty() {
-            self.expect_ok(&Request::Acquire { guest: guest.clone(), resources: Vec::new(), pending, incoming }, &[])?;
+        Ok(waiting)
+    }
+
+    fn expect_granted(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<usize, ClientError> {
+        match self.call(request, fds)? {
+            Response::Ok => Ok(0),
+            Response::Granted { pending } => Ok(pending),
+            Response::Refused { lines } => Err(ClientError::Leases(lines)),
+            other => Err(ProtocolError::Unexpected { expected: "ok", got: format!("{other:?}") }.into()),
         }
-        Ok(())
+    }
+
+    /// Tells the holder its host lost the sanlock lockspace (the killpath).
+    pub fn lock_lost(&self) -> Result<(), ClientError> {
+        self.expect_ok(&Request::LockLost, &[])
     }
 
     pub fn set_qemu(&self, pid: u32, start_time: u64) -> Result<(), ClientError> {

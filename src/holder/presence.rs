@@ -69,6 +69,8 @@ impl Holder {
             qemu_start_time: self.watched.qemu.as_ref().map(|q| q.start_time),
             conflicts: self.hotplug.conflicts.clone(),
             pending: self.migration.pending.clone(),
+            sanlock: self.leases.as_ref().map(|l| l.held.clone()).unwrap_or_default(),
+            sanlock_pending: self.leases.as_ref().map(|l| l.pending.clone()).unwrap_or_default(),
             name: guest.name,
             uuid: self.uuid.clone(),
             host: self.host.clone(),
@@ -104,6 +106,11 @@ impl Holder {
         // guest from creating its own under the same names.
         let _ = fs::remove_file(self.paths.state(&self.uuid));
         let _ = fs::remove_file(self.paths.socket(&self.uuid));
+        // Persistent sanlock leases are released on purpose (closing the connection would leave
+        // them held as orphans).
+        if let Some(leases) = &mut self.leases {
+            leases.release_all();
+        }
         self.held.clear();
         // Invariant: the lock file goes while still locked (see `rundir::lock_instance_file`).
         if let Some(instance) = &self.files.instance {

@@ -11,10 +11,11 @@
 //!
 //! | request (hook/CLI → holder)            | fds            | response                        |
 //! |----------------------------------------|----------------|---------------------------------|
-//! | `acquire {guest, resources, pending, incoming}` | one per resource, same order | `ok` once the holder owns them (and waits for `pending`) and its state file says so |
+//! | `acquire {guest, resources, pending, incoming, sanlock}` | one per resource, same order | `ok` once the holder owns them (and waits for `pending`) and its state file says so; `granted {pending}` when sanlock leases wait for a migration source; `refused {lines}` when a sanlock lease is busy (nothing of the request kept) |
 //! | `set_qemu {pid, start_time}`           | none           | `ok`                            |
 //! | `held`                                 | none           | `held {identities, qemu_pid, age, pending, incoming}` |
 //! | `release`                              | none           | `ok` after every lock is dropped; then the holder exits |
+//! | `lock_lost` (the sanlock killpath)     | none           | `ok` once the sanlock leases are let go (the OFD locks stay) |
 //! | `claim {uuid}` (to `spare.sock`)       | none           | `ok` once the spare is the holder of `uuid` |
 //!
 //! Any request may instead get `error {code, message}`. Only a peer with uid 0 or the holder's
@@ -52,6 +53,10 @@ pub enum Request {
         /// this guest may add pending resources too.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         incoming: bool,
+        /// The sanlock engine's leases for this guest (see `engine`), acquired before the fds
+        /// are kept: all of them, or the request is refused.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        sanlock: Vec<crate::engine::LeaseSpec>,
     },
     SetQemu {
         pid: u32,
@@ -64,6 +69,8 @@ pub enum Request {
     },
     Held,
     Release,
+    /// This host lost its sanlock lockspace lease (sent by the killpath, `engine::lock_lost`).
+    LockLost,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +94,14 @@ pub enum ErrorCode {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Ok,
+    /// `acquire` done; `pending` sanlock leases wait for the migration source.
+    Granted {
+        pending: usize,
+    },
+    /// `acquire` refused: one line per sanlock lease that could not be had.
+    Refused {
+        lines: Vec<String>,
+    },
     Held {
         identities: Vec<Identity>,
         qemu_pid: Option<u32>,

@@ -6,7 +6,7 @@
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use log::{info, warn};
+use log::{error, info, warn};
 use nix::sys::socket::{self, accept4, setsockopt, sockopt, SockFlag};
 use nix::sys::time::TimeVal;
 
@@ -93,13 +93,39 @@ impl Holder {
                 Response::Error { code: ErrorCode::BadRequest, message: "this holder is not a spare".into() },
                 Next::Continue,
             ),
-            Request::Acquire { guest, resources, pending, incoming } => {
+            Request::Acquire { guest, resources, pending, incoming, sanlock } => {
+                // Invariant: the sanlock leases come first; if one is refused, nothing of this
+                // request is kept (dropping `fds` closes our copies) and the hook refuses.
+                let waiting = match self.acquire_leases(&guest, &sanlock, incoming) {
+                    Ok(waiting) => waiting,
+                    Err(response) => return (response, Next::Continue),
+                };
                 let response = self.acquire(guest, resources, fds);
                 if response == Response::Ok {
                     self.migration.incoming |= incoming;
                     self.wait_for(pending);
+                    if waiting > 0 {
+                        return (Response::Granted { pending: waiting }, Next::Continue);
+                    }
                 }
                 (response, Next::Continue)
+            }
+            Request::LockLost => {
+                let who = self.describe();
+                match &mut self.leases {
+                    Some(leases) => {
+                        error!(
+                            "guest {who}: this host lost its sanlock lockspace lease (storage cut off?): the killpath \
+                             stopped its QEMU; sanlock leases let go, local locks kept"
+                        );
+                        leases.lock_lost();
+                    }
+                    None => warn!("holder for {}: lock_lost without the sanlock engine; ignored", self.uuid),
+                }
+                if let Err(e) = self.save() {
+                    warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
+                }
+                (Response::Ok, Next::Continue)
             }
             Request::SetQemu { pid, start_time } => (self.set_qemu(pid, start_time), Next::Continue),
             Request::Held => (
@@ -112,7 +138,7 @@ impl Holder {
                         .collect(),
                     qemu_pid: self.watched.qemu.as_ref().map(|q| q.pid),
                     age: self.started.elapsed().as_secs(),
-                    pending: self.migration.pending.len(),
+                    pending: self.migration.pending.len() + self.leases.as_ref().map_or(0, |l| l.pending.len()),
                     incoming: self.migration.incoming,
                 },
                 Next::Continue,
@@ -166,6 +192,35 @@ impl Holder {
         }
         self.watched.spawner = None;
         Response::Ok
+    }
+
+    /// Acquires the sanlock leases of an `acquire`, all or none; the number waiting for a
+    /// migration source, or the response refusing the request.
+    fn acquire_leases(
+        &mut self,
+        guest: &Guest,
+        specs: &[crate::engine::LeaseSpec],
+        incoming: bool,
+    ) -> Result<usize, Response> {
+        if specs.is_empty() {
+            return Ok(0);
+        }
+        if guest.uuid != self.uuid {
+            return Err(Response::Error {
+                code: ErrorCode::WrongGuest,
+                message: format!("this holder is for {}, not {}", self.uuid, guest.uuid),
+            });
+        }
+        let Some(leases) = &mut self.leases else {
+            return Err(Response::Error {
+                code: ErrorCode::Failed,
+                message: "this holder was started without the sanlock engine (engine changed?); stop the guest and start it again".into(),
+            });
+        };
+        match leases.acquire(&guest.name, specs, incoming) {
+            Ok(granted) => Ok(granted.pending),
+            Err(lines) => Err(Response::Refused { lines }),
+        }
     }
 
     fn set_qemu(&mut self, pid: u32, start_time: u64) -> Response {

@@ -32,6 +32,9 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// While a destination holder waits for a migration source and its QEMU has not shown itself,
 /// it looks this often (see `guard_incoming`): well inside the time QEMU waits on `-S`.
 const GUARD_POLL: Duration = Duration::from_millis(10);
+/// While sanlock leases wait for a migration source, the holder tries them this often (each try
+/// is one acquire per lease, answered by the daemon at once: `OWNER_NOWAIT`).
+const LEASE_POLL: Duration = Duration::from_millis(100);
 /// Every this many ticks the holder re-publishes owner records someone removed.
 const RECORD_REFRESH_TICKS: u64 = 60;
 
@@ -57,6 +60,8 @@ pub(crate) struct Holder {
     pub(super) migration: Migration,
     pub(super) files: RunFiles,
     pub(super) records: Records,
+    /// The sanlock engine's leases (`engine = "sanlock"` only).
+    pub(super) leases: Option<crate::engine::leases::Leases>,
 }
 
 /// The processes the holder watches through pidfds.
@@ -146,7 +151,7 @@ impl Holder {
         let mut shed_due = false;
         let mut ticks = 0u64;
         loop {
-            let idle = self.held.is_empty() && self.migration.pending.is_empty();
+            let idle = self.held.is_empty() && self.migration.pending.is_empty() && !self.holds_leases();
             if idle && (started.elapsed() >= IDLE_EXIT || self.watched.spawner.is_none()) {
                 info!("holder for {}: nothing was handed over; exiting", self.uuid);
                 return self.exit();
@@ -155,6 +160,8 @@ impl Holder {
                 TICK.min(IDLE_EXIT.saturating_sub(started.elapsed()))
             } else if self.guarding() {
                 GUARD_POLL
+            } else if self.leases_pending() {
+                LEASE_POLL
             } else {
                 TICK
             };
@@ -176,6 +183,9 @@ impl Holder {
             }
             if events.handover {
                 self.take_over();
+            }
+            if self.leases_pending() {
+                self.take_over_leases();
             }
             if self.guarding() {
                 if let Next::Exit = self.guard_incoming() {
@@ -239,6 +249,25 @@ impl Holder {
             }
         }
         Ok(events)
+    }
+
+    fn holds_leases(&self) -> bool {
+        self.leases.as_ref().is_some_and(|l| !l.held.is_empty() || !l.pending.is_empty())
+    }
+
+    pub(super) fn leases_pending(&self) -> bool {
+        self.leases.as_ref().is_some_and(|l| !l.pending.is_empty())
+    }
+
+    /// Takes the sanlock leases the migration source has let go of.
+    fn take_over_leases(&mut self) {
+        let name = self.guest.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+        let Some(leases) = &mut self.leases else { return };
+        if !leases.take_pending(&name).is_empty() {
+            if let Err(e) = self.save() {
+                warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
+            }
+        }
     }
 
     pub(super) fn describe(&self) -> String {

@@ -48,8 +48,9 @@ impl Holder {
             None => return,
         };
         let pending: Vec<_> = self.migration.pending.iter().map(|r| r.identity).collect();
-        let change = hotplug::sync(&mut self.held, &pending, &domain, &self.config, &self.paths);
-        let locks_changed = !change.is_empty();
+        let mut change = hotplug::sync(&mut self.held, &pending, &domain, &self.config, &self.paths);
+        let leases_changed = self.sync_leases(&domain, &mut change.conflicts);
+        let locks_changed = !change.is_empty() || leases_changed;
         let mut fresh = Vec::new();
         let conflicts: Vec<state::Conflict> = change
             .conflicts
@@ -89,6 +90,30 @@ impl Holder {
         if locks_changed {
             self.sync_records();
         }
+    }
+
+    /// The sanlock side of hot-plug: leases for what the guest now locks, released for what it
+    /// no longer does. A lease that cannot be had is a conflict, retried like any other. Says
+    /// whether the held leases changed.
+    fn sync_leases(&mut self, domain: &crate::domain::Domain, conflicts: &mut Vec<state::Conflict>) -> bool {
+        let Some(leases) = &mut self.leases else { return false };
+        if leases.lost {
+            return false;
+        }
+        let wanted: Vec<crate::engine::Wanted> =
+            self.held.iter().map(|(r, _)| crate::engine::Wanted::from(r)).collect();
+        let specs = crate::engine::specs(&self.config, domain, &wanted);
+        let before = leases.held.len();
+        let removed = leases.keep_only(&specs);
+        if let Err(lines) = leases.acquire(&domain.name, &specs, false) {
+            conflicts.push(state::Conflict {
+                path: "sanlock lease".into(),
+                mode: crate::lock::LockMode::Exclusive,
+                held_by: lines.join("; "),
+                since: crate::clock::now(),
+            });
+        }
+        removed > 0 || leases.held.len() != before - removed
     }
 
     /// Pauses the guest through libvirt. Allowed here (the holder is not a hook, so libvirt is
@@ -139,7 +164,9 @@ impl Holder {
     /// Whether this holder must watch for its guest's QEMU: it waits for a migration source and
     /// has not seen an incoming QEMU yet.
     pub(super) fn guarding(&self) -> bool {
-        !self.migration.pending.is_empty() && self.watched.qemu.is_none() && !self.migration.verified
+        (!self.migration.pending.is_empty() || self.leases_pending())
+            && self.watched.qemu.is_none()
+            && !self.migration.verified
     }
 
     /// The guard of a destination holder (see `migration`): the QEMU libvirt starts for this
@@ -166,7 +193,10 @@ impl Holder {
                 Next::Continue
             }
             Some((pid, _)) => {
-                let names: Vec<String> = self.migration.pending.iter().map(Resource::name).collect();
+                let mut names: Vec<String> = self.migration.pending.iter().map(Resource::name).collect();
+                if let Some(leases) = &self.leases {
+                    names.extend(leases.pending.iter().map(|l| l.what.clone()));
+                }
                 if let Ok(pid) = i32::try_from(pid) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
                 }

@@ -159,6 +159,9 @@ pub fn file_key(path: &Path, offset: u64) -> String {
 pub enum LockFileKind {
     Network,
     Block,
+    /// A `<lease>` under the sanlock engine: sanlock's lease is the cross-host lock, this the
+    /// local one (the lease's own file is sanlock's paxos area, shared by every host).
+    Lease,
 }
 
 impl LockFileKind {
@@ -166,6 +169,7 @@ impl LockFileKind {
         match self {
             LockFileKind::Network => "network",
             LockFileKind::Block => "block",
+            LockFileKind::Lease => "lease",
         }
     }
 }

@@ -33,10 +33,13 @@ pub const SECTOR4K: u32 = 0x200;
 
 // sanlock_acquire flags (SANLK_ACQUIRE_*).
 pub const ACQUIRE_ORPHAN: u32 = 0x2;
+pub const ACQUIRE_ORPHAN_ONLY: u32 = 0x4;
 pub const ACQUIRE_OWNER_NOWAIT: u32 = 0x8;
 
 // sanlock_release flags (SANLK_REL_*).
 pub const REL_ALL: u32 = 0x1;
+// sanlock_killpath flags: append the client's pid to the arguments.
+pub const KILLPATH_PID: u32 = 0x1;
 
 // sanlock_rem_lockspace flags (SANLK_REM_*).
 pub const REM_UNUSED: u32 = 0x2;

@@ -61,6 +61,9 @@ pub struct AcquireOptions {
     pub persistent: bool,
     /// `SANLK_ACQUIRE_ORPHAN`: take over this host's orphans of these leases (same mode).
     pub adopt_orphans: bool,
+    /// `SANLK_ACQUIRE_ORPHAN_ONLY`: take only orphans; a lease that is not one is not acquired
+    /// (`Code::Os(ENOENT)`). For releasing a dead client's orphans: adopt, then release.
+    pub orphans_only: bool,
     /// `SANLK_ACQUIRE_OWNER_NOWAIT`: when the owner's host has stopped renewing but its lease
     /// has not timed out yet, fail at once (`Code::OwnedRetry`) instead of waiting for it.
     pub no_wait: bool,
@@ -135,6 +138,9 @@ impl Client {
             opt.owner_name = owner.to_c();
         }
         let mut flags = 0;
+        if options.orphans_only {
+            flags |= abi::ACQUIRE_ORPHAN_ONLY;
+        }
         if options.adopt_orphans {
             flags |= abi::ACQUIRE_ORPHAN;
         }
@@ -205,8 +211,9 @@ impl Client {
     }
 
     /// The program the daemon runs instead of killing this process when the host loses its
-    /// lockspace lease (`program args...`, the daemon splitting `args` at spaces). Set once, before
-    /// the first acquire. Each at most 127 bytes.
+    /// lockspace lease (`program args...`, the daemon splitting `args` at spaces), with this
+    /// client's pid appended as the last argument. Set once, before the first acquire. Each at
+    /// most 127 bytes.
     pub fn set_killpath(&mut self, program: &Path, args: &str) -> Result<(), SanlockError> {
         let program_bytes = program.as_os_str().as_bytes();
         if program_bytes.len() >= abi::HELPER_PATH_LEN {
@@ -222,7 +229,12 @@ impl Client {
         // SAFETY: our registered socket; both strings are NUL-terminated and shorter than the
         // library's buffers; `args` is declared `char *` but only read.
         let rv = unsafe {
-            (self.api.killpath)(self.fd.as_raw_fd(), 0, program_c.as_ptr(), args_buf.as_mut_ptr().cast::<c_char>())
+            (self.api.killpath)(
+                self.fd.as_raw_fd(),
+                abi::KILLPATH_PID,
+                program_c.as_ptr(),
+                args_buf.as_mut_ptr().cast::<c_char>(),
+            )
         };
         error::check(rv).map_err(SanlockError::Killpath)?;
         Ok(())

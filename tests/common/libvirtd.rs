@@ -138,6 +138,8 @@ pub struct LibvirtdOptions {
     /// Listen on `127.0.0.1:<port>` for `qemu+tcp://` (no auth), for migrations between two
     /// fixtures: `Some(0)` picks a free port (see [`Libvirtd::tcp_port`]).
     pub tcp_port: Option<u16>,
+    /// Extra files for libvirt's config directory `(name, contents)`, e.g. `qemu-sanlock.conf`.
+    pub extra_etc_files: Vec<(String, String)>,
 }
 
 /// A running private libvirtd; everything it started dies with it.
@@ -652,6 +654,9 @@ fn write_config(root: &Path, opts: &LibvirtdOptions) {
     qemu_conf.push_str(&opts.extra_qemu_conf);
     qemu_conf.push('\n');
     fs::write(etc.join("qemu.conf"), qemu_conf).expect("write qemu.conf");
+    for (name, contents) in &opts.extra_etc_files {
+        fs::write(etc.join(name), contents).expect("write an extra libvirt config file");
+    }
 
     // Without a TCP port, no --listen: only the private unix sockets under /run/libvirt.
     let mut libvirtd_conf =

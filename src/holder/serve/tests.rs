@@ -58,7 +58,7 @@ fn image(dir: &Path, name: &str) -> (PathBuf, HeldLock, Resource) {
 }
 
 fn acquire(resources: Vec<Resource>) -> Request {
-    Request::Acquire { guest: guest(), resources, pending: Vec::new(), incoming: false }
+    Request::Acquire { guest: guest(), resources, pending: Vec::new(), incoming: false, sanlock: Vec::new() }
 }
 
 fn lock_on(path: &Path) -> Option<LockMode> {
@@ -144,8 +144,13 @@ fn acquire_refuses_another_guest_and_a_wrong_fd_count_and_closes_what_came() {
     let (path, lock, resource) = image(dir.path(), "a.img");
     let (_, _, second) = image(dir.path(), "b.img");
     let other = Guest { name: "vm2".into(), uuid: Uuid::parse("0badc0de-1c2b-4e5f-8a9b-0123456789ac").expect("uuid") };
-    let wrong_guest =
-        Request::Acquire { guest: other, resources: vec![resource.clone()], pending: Vec::new(), incoming: true };
+    let wrong_guest = Request::Acquire {
+        guest: other,
+        resources: vec![resource.clone()],
+        pending: Vec::new(),
+        incoming: true,
+        sanlock: Vec::new(),
+    };
     let short = acquire(vec![resource, second]);
     let ((refused, counted, listed), _) = talk(&mut holder, move |conn| {
         let refused = ask(conn, &wrong_guest, &[lock.fd.as_fd()]);
@@ -299,8 +304,13 @@ fn pending_resources_are_taken_when_the_migration_source_lets_go() {
     // `source` plays the migration source's holder, which still holds the image.
     let (path, source, resource) = image(dir.path(), "a.img");
     let id = resource.identity;
-    let request =
-        Request::Acquire { guest: guest(), resources: Vec::new(), pending: vec![resource.clone()], incoming: true };
+    let request = Request::Acquire {
+        guest: guest(),
+        resources: Vec::new(),
+        pending: vec![resource.clone()],
+        incoming: true,
+        sanlock: Vec::new(),
+    };
     let ((first, again, listed), _) = talk(&mut holder, move |conn| {
         (ask(conn, &request, &[]), ask(conn, &request, &[]), ask(conn, &Request::Held, &[]))
     });

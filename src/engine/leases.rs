@@ -1,0 +1,516 @@
+//! A holder's sanlock leases: registered with the daemon on first use, acquired all or none per
+//! request, held persistent, released on purpose.
+//!
+//! Hazards owned here:
+//! - **Holder death.** Leases are acquired `SANLK_RES_PERSISTENT`: when the holder dies while
+//!   QEMU runs, they stay held by this host as orphans instead of being freed, and the holder
+//!   that re-adopts the guest takes them back (`SANLK_ACQUIRE_ORPHAN` on every acquire). The
+//!   flip side: a holder that exits must release them itself ([`Leases::release_all`]), and
+//!   orphans of a guest that is gone are released by `reconcile` ([`release_orphans`]).
+//! - **Never block on another host.** Acquires ask `SANLK_ACQUIRE_OWNER_NOWAIT`: a lease whose
+//!   owner's host stopped renewing is a refusal now ("retry after its lease times out"), not a
+//!   wait of minutes inside a hook.
+//! - **The 8-lease limit** is per call: leases are acquired one per call, so a guest may hold
+//!   any number, and a refusal names each busy one.
+//! - **The socket has no CLOEXEC** in the library: `Sanlock::register` sets it; the holder
+//!   registers from its single thread.
+//! - **Fencing.** Right after registering, the killpath is set to `lockhook sanlock lock-lost
+//!   ACTION RUN_DIR` (sanlock appends the holder's pid): when the host loses its lockspace lease
+//!   the daemon runs it, and it stops the guest's QEMU (see `lock_lost`).
+
+use std::path::PathBuf;
+
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use super::area::Area;
+use super::{hosts, LeaseAt, LeaseSpec, Place};
+use crate::config::SanlockConfig;
+use crate::lock::LockMode;
+use crate::paths::Paths;
+use crate::sanlock::{
+    AcquireOptions, Client, Code, Disk, Geometry, Lease, LeaseRequest, Name, Owners, Sanlock, SanlockError,
+};
+
+/// A lease as a holder holds it (and records it in its state file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLease {
+    pub what: String,
+    pub mode: LockMode,
+    /// How it was asked for (to tell a request for it again from a new one).
+    pub at: LeaseAt,
+    pub lockspace: String,
+    pub name: String,
+    pub path: PathBuf,
+    pub offset: u64,
+}
+
+impl HeldLease {
+    fn new(spec: &LeaseSpec, lease: &Lease) -> HeldLease {
+        HeldLease {
+            what: spec.what.clone(),
+            mode: spec.mode,
+            at: spec.at.clone(),
+            lockspace: lease.lockspace.to_string(),
+            name: lease.name.to_string(),
+            path: lease.disk.path.clone(),
+            offset: lease.disk.offset,
+        }
+    }
+
+    pub fn lease(&self) -> Option<Lease> {
+        Some(Lease {
+            lockspace: Name::new(&self.lockspace).ok()?,
+            name: Name::new(&self.name).ok()?,
+            disk: Disk::new(&self.path, self.offset),
+        })
+    }
+
+    /// The same lease asked for again, at the place it was found (re-adoption).
+    pub fn spec(&self) -> LeaseSpec {
+        LeaseSpec {
+            what: self.what.clone(),
+            mode: self.mode,
+            at: self.at.clone(),
+            place: Some(Place {
+                lockspace: self.lockspace.clone(),
+                name: self.name.clone(),
+                path: self.path.clone(),
+                offset: self.offset,
+            }),
+        }
+    }
+
+    /// `LOCKSPACE:NAME:PATH:OFFSET`.
+    pub fn display(&self) -> String {
+        format!("{}:{}:{}:{}", self.lockspace, self.name, self.path.display(), self.offset)
+    }
+}
+
+/// What an acquire got: how many leases wait for a migration source.
+#[derive(Debug, Default)]
+pub struct Granted {
+    pub pending: usize,
+}
+
+/// The sanlock side of one holder.
+pub struct Leases {
+    config: SanlockConfig,
+    paths: Paths,
+    client: Option<Client>,
+    area: Option<Area>,
+    pub held: Vec<HeldLease>,
+    /// Leases the same guest holds on its migration source: taken once released.
+    pub pending: Vec<HeldLease>,
+    /// The host lost its lockspace: nothing is held any more, nothing is retried.
+    pub lost: bool,
+}
+
+impl Leases {
+    pub fn new(config: &SanlockConfig, paths: &Paths) -> Leases {
+        Leases {
+            config: config.clone(),
+            paths: paths.clone(),
+            client: None,
+            area: None,
+            held: Vec::new(),
+            pending: Vec::new(),
+            lost: false,
+        }
+    }
+
+    fn knows(&self, spec: &LeaseSpec) -> bool {
+        self.held.iter().chain(&self.pending).any(|h| h.at == spec.at)
+    }
+
+    /// Releases the held leases no longer among `specs` (a disk unplugged); returns how many.
+    pub fn keep_only(&mut self, specs: &[LeaseSpec]) -> usize {
+        let (keep, gone): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.held).into_iter().partition(|h| specs.iter().any(|s| s.at == h.at));
+        self.held = keep;
+        self.release(&gone);
+        for lease in &gone {
+            info!("released sanlock lease {} ({}): no longer used", lease.display(), lease.what);
+        }
+        gone.len()
+    }
+
+    /// Acquires every lease of `specs` this holder does not hold yet, or none of them. With
+    /// `incoming` (a verified incoming migration), leases held by the host that holds this
+    /// guest's own lease are pending instead of refusals. Errors are refusal lines.
+    pub fn acquire(&mut self, guest: &str, specs: &[LeaseSpec], incoming: bool) -> Result<Granted, Vec<String>> {
+        let specs: Vec<&LeaseSpec> = specs.iter().filter(|s| !self.knows(s)).collect();
+        if specs.is_empty() {
+            return Ok(Granted::default());
+        }
+        let sanlock = Sanlock::load().map_err(|e| vec![format!("sanlock engine: {e}")])?;
+        self.ensure_client(&sanlock)?;
+        self.check_joined(&sanlock)?;
+        let options = AcquireOptions {
+            persistent: true,
+            adopt_orphans: true,
+            no_wait: true,
+            owner_name: Some(Name::fit(guest)),
+            ..AcquireOptions::default()
+        };
+        let mut got = Vec::new();
+        let mut busy = Vec::new();
+        let mut lines = Vec::new();
+        for spec in specs {
+            let lease = match self.resolve(&sanlock, spec) {
+                Ok(lease) => lease,
+                Err(line) => {
+                    lines.push(line);
+                    continue;
+                }
+            };
+            let request = LeaseRequest { lease: lease.clone(), mode: spec.mode, lver: None };
+            let client = self.client.as_mut().expect("registered above");
+            match client.acquire(std::slice::from_ref(&request), &options) {
+                Ok(()) => got.push(HeldLease::new(spec, &lease)),
+                Err(e) if e.is_busy() => busy.push(HeldLease::new(spec, &lease)),
+                Err(e) => lines.push(self.failure_line(spec, &lease, &e)),
+            }
+        }
+        let mut pending = Vec::new();
+        if !busy.is_empty() {
+            let source = incoming.then(|| self.guest_lease_owner(&sanlock, &got, &busy)).flatten();
+            for lease in busy {
+                let owners = lease.lease().and_then(|l| sanlock.read_resource_owners(&l).ok());
+                match (source, &owners) {
+                    (Some(src), Some(o)) if !o.hosts.is_empty() && o.hosts.iter().all(|h| h.host_id == src) => {
+                        pending.push(lease)
+                    }
+                    _ => lines.push(self.busy_line(&sanlock, &lease, owners.as_ref())),
+                }
+            }
+        }
+        if !lines.is_empty() {
+            self.release(&got);
+            return Err(lines);
+        }
+        for lease in &got {
+            info!("guest {guest}: holding sanlock lease {} ({} {})", lease.display(), lease.mode.as_str(), lease.what);
+        }
+        for lease in &pending {
+            info!(
+                "guest {guest}: waiting for sanlock lease {} to be released by its migration source",
+                lease.display()
+            );
+        }
+        let granted = Granted { pending: pending.len() };
+        self.held.extend(got);
+        self.pending.extend(pending);
+        Ok(granted)
+    }
+
+    /// Tries the pending leases once more; returns those now held.
+    pub fn take_pending(&mut self, guest: &str) -> Vec<HeldLease> {
+        if self.pending.is_empty() || self.lost {
+            return Vec::new();
+        }
+        let Some(client) = self.client.as_mut() else { return Vec::new() };
+        let options = AcquireOptions {
+            persistent: true,
+            adopt_orphans: true,
+            no_wait: true,
+            owner_name: Some(Name::fit(guest)),
+            ..AcquireOptions::default()
+        };
+        let mut taken = Vec::new();
+        let mut still = Vec::new();
+        for lease in std::mem::take(&mut self.pending) {
+            let Some(l) = lease.lease() else { continue };
+            match client.acquire(&[LeaseRequest { lease: l, mode: lease.mode, lver: None }], &options) {
+                Ok(()) => taken.push(lease),
+                Err(e) if e.is_busy() => still.push(lease),
+                Err(e) => {
+                    warn!("guest {guest}: sanlock lease {}: {}", lease.display(), crate::error_chain(&e));
+                    still.push(lease);
+                }
+            }
+        }
+        self.pending = still;
+        for lease in &taken {
+            info!("guest {guest}: hand-over complete: now holding sanlock lease {} ({})", lease.display(), lease.what);
+        }
+        self.held.extend(taken.iter().cloned());
+        taken
+    }
+
+    /// Releases every lease (persistent ones must be released, or they would outlive us as
+    /// orphans) and forgets the pending ones.
+    pub fn release_all(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        self.release(&held);
+        self.pending.clear();
+        if !held.is_empty() {
+            info!("released {} sanlock lease(s)", held.len());
+        }
+    }
+
+    /// The host lost its lockspace lease: the daemon is fencing us. Let go of everything (the
+    /// leases are no longer ours to hold; the killpath stopped the guest).
+    pub fn lock_lost(&mut self) {
+        self.lost = true;
+        self.release_all();
+    }
+
+    fn release(&mut self, leases: &[HeldLease]) {
+        let Some(client) = self.client.as_mut() else { return };
+        for held in leases {
+            let Some(lease) = held.lease() else { continue };
+            if let Err(e) = client.release(std::slice::from_ref(&lease)) {
+                warn!("cannot release sanlock lease {}: {}", held.display(), crate::error_chain(&e));
+            }
+        }
+    }
+
+    fn ensure_client(&mut self, sanlock: &Sanlock) -> Result<(), Vec<String>> {
+        if self.client.is_some() {
+            return Ok(());
+        }
+        let mut client = sanlock.register().map_err(|e| {
+            vec![format!(
+                "sanlock daemon not reachable ({}): start it (systemctl start sanlock), then run `lockhook sanlock join`",
+                crate::error_chain(&e)
+            )]
+        })?;
+        let action = match self.config.on_lock_lost {
+            crate::config::LockLost::Kill => "kill",
+            crate::config::LockLost::Pause => "pause",
+        };
+        let run_dir = self.paths.run_dir().display().to_string();
+        match std::env::current_exe() {
+            Ok(exe) if !run_dir.contains(' ') => {
+                if let Err(e) = client.set_killpath(&exe, &format!("sanlock lock-lost {action} {run_dir}")) {
+                    return Err(vec![format!("sanlock: cannot set the killpath: {}", crate::error_chain(&e))]);
+                }
+            }
+            _ => {
+                return Err(vec![format!(
+                    "sanlock: no killpath possible (lockhook's path, or run_dir {run_dir:?} has a space)"
+                )])
+            }
+        }
+        self.client = Some(client);
+        Ok(())
+    }
+
+    /// One line, and nothing tried, on a host that has not joined lockhook's lockspace.
+    fn check_joined(&mut self, sanlock: &Sanlock) -> Result<(), Vec<String>> {
+        let host_id = self.config.host_id;
+        let lockspace = self.area(sanlock).map_err(|line| vec![line])?.lockspace(host_id);
+        match sanlock.inq_lockspace(&lockspace) {
+            Ok(crate::sanlock::Membership::Joined) => Ok(()),
+            Ok(_) => Err(vec![format!(
+                "this host has not joined sanlock lockspace {} (host_id {host_id}): run `lockhook sanlock join`",
+                lockspace.name
+            )]),
+            Err(e) => Err(vec![format!("sanlock daemon: {}", crate::error_chain(&e))]),
+        }
+    }
+
+    fn area(&mut self, sanlock: &Sanlock) -> Result<&Area, String> {
+        if self.area.is_none() {
+            let path = self.config.lease_area.clone().ok_or("sanlock engine: no lease_area configured")?;
+            self.area = Some(Area::open(sanlock, &path).map_err(|e| crate::error_chain(&e))?);
+        }
+        Ok(self.area.as_ref().expect("set above"))
+    }
+
+    /// Where the lease for `spec` is: looked up (and created when missing) in lockhook's index,
+    /// created for libvirt's disk leases, or where the domain says.
+    fn resolve(&mut self, sanlock: &Sanlock, spec: &LeaseSpec) -> Result<Lease, String> {
+        if let Some(place) = &spec.place {
+            let invalid = |e: crate::sanlock::NameError| format!("{}: sanlock lease name: {e}", spec.what);
+            return Ok(Lease {
+                lockspace: Name::new(&place.lockspace).map_err(invalid)?,
+                name: Name::new(&place.name).map_err(invalid)?,
+                disk: Disk::new(&place.path, place.offset),
+            });
+        }
+        match &spec.at {
+            LeaseAt::Key { key } => {
+                let name = Name::fit(key);
+                let rindex = self.area(sanlock)?.rindex();
+                let offset = find_or_create(sanlock, &rindex, &name).map_err(|e| {
+                    format!("{}: cannot allocate its sanlock lease: {}", spec.what, crate::error_chain(&e))
+                })?;
+                Ok(Lease { lockspace: rindex.lockspace, name, disk: Disk::new(&rindex.disk.path, offset) })
+            }
+            LeaseAt::Fixed { lockspace, name, path, offset } => {
+                let invalid = |what: &str, e: &dyn std::fmt::Display| format!("{}: sanlock {what}: {e}", spec.what);
+                Ok(Lease {
+                    lockspace: Name::new(lockspace).map_err(|e| invalid("lockspace name", &e))?,
+                    name: Name::new(name).map_err(|e| invalid("resource name", &e))?,
+                    disk: Disk::new(path, *offset),
+                })
+            }
+            LeaseAt::LibvirtDisk { path } => {
+                let dir = self.config.libvirt_disk_lease_dir.clone().ok_or("libvirt_disk_lease_dir is not set")?;
+                let name = super::libvirt_disk_name(path);
+                let lease = Lease {
+                    lockspace: Name::fit(super::LIBVIRT_LOCKSPACE),
+                    name: Name::fit(&name),
+                    disk: Disk::new(dir.join(&name), 0),
+                };
+                ensure_libvirt_lease(sanlock, &lease).map_err(|e| format!("{}: {e}", spec.what))?;
+                Ok(lease)
+            }
+        }
+    }
+
+    /// The host holding this guest's own lease, when it is busy elsewhere (the migration
+    /// source); `None` when we got it (then nobody else runs the guest) or cannot tell.
+    fn guest_lease_owner(&self, sanlock: &Sanlock, got: &[HeldLease], busy: &[HeldLease]) -> Option<u64> {
+        let is_guest = |h: &&HeldLease| matches!(&h.at, LeaseAt::Key { key } if key.starts_with("guest:"));
+        if got.iter().any(|h| is_guest(&h)) {
+            return None;
+        }
+        let lease = busy.iter().find(is_guest)?.lease()?;
+        let owners = sanlock.read_resource_owners(&lease).ok()?;
+        match owners.hosts.as_slice() {
+            [only] if only.host_id != self.config.host_id => Some(only.host_id),
+            _ => None,
+        }
+    }
+
+    fn failure_line(&self, spec: &LeaseSpec, lease: &Lease, e: &SanlockError) -> String {
+        match e {
+            SanlockError::Acquire { code: Code::NotJoined, .. } => format!(
+                "{}: this host has not joined sanlock lockspace {} (host_id {}): run `lockhook sanlock join`",
+                spec.what, lease.lockspace, self.config.host_id
+            ),
+            SanlockError::Acquire { code: Code::OwnedRetry, .. } => format!(
+                "{}: its sanlock lease {lease} is held by a host that stopped renewing; retry after its lease times out",
+                spec.what
+            ),
+            other => format!("{}: sanlock lease {lease}: {}", spec.what, crate::error_chain(other)),
+        }
+    }
+
+    /// `WHAT is locked MODE through sanlock by host NAME (host_id N)[, guest G (UUID)]`.
+    fn busy_line(&mut self, sanlock: &Sanlock, lease: &HeldLease, owners: Option<&Owners>) -> String {
+        let Some(owners) = owners.filter(|o| !o.hosts.is_empty()) else {
+            return format!("{} is locked through sanlock ({}) by another holder", lease.what, lease.display());
+        };
+        let mode = if owners.shared { LockMode::Shared } else { LockMode::Exclusive };
+        let area = self.area(sanlock).ok().cloned();
+        let hosts: Vec<String> = owners
+            .hosts
+            .iter()
+            .map(|o| {
+                let name = area.as_ref().and_then(|a| hosts::read_one(a, o.host_id).ok().flatten());
+                let host = match name {
+                    Some(name) => format!("host {name} (sanlock host_id {})", o.host_id),
+                    None => format!("sanlock host_id {}", o.host_id),
+                };
+                match (o.host_id == self.config.host_id).then(|| local_holder(&self.paths, lease)).flatten() {
+                    Some(guest) => format!("guest {guest} on {host}"),
+                    None => host,
+                }
+            })
+            .collect();
+        format!("{} is locked {} through sanlock by {}", lease.what, mode.adverb(), hosts.join(", "))
+    }
+}
+
+/// The guest on this host whose holder holds `lease`, as its state file says.
+fn local_holder(paths: &Paths, lease: &HeldLease) -> Option<String> {
+    let entries = crate::state::list(paths).ok()?;
+    entries.into_iter().filter(|e| e.alive).find_map(|e| {
+        let state = e.state.ok()?;
+        state
+            .sanlock
+            .iter()
+            .any(|h| {
+                h.lockspace == lease.lockspace
+                    && h.name == lease.name
+                    && h.path == lease.path
+                    && h.offset == lease.offset
+            })
+            .then(|| format!("{} ({})", state.name, state.uuid))
+    })
+}
+
+/// How often an index operation is retried while another host (or process) updates the index.
+const INDEX_TRIES: u32 = 20;
+const INDEX_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The offset of `name` in the index, creating its entry when there is none. Creation races
+/// between hosts leave two entries; every host uses the first (see `sanlock::rindex`).
+pub fn find_or_create(sanlock: &Sanlock, rindex: &crate::sanlock::Rindex, name: &Name) -> Result<u64, SanlockError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let result = match sanlock.lookup_rindex(rindex, name) {
+            Ok(Some(offset)) => return Ok(offset),
+            Ok(None) => sanlock.create_resource(rindex, name).and_then(|_| {
+                sanlock.lookup_rindex(rindex, name)?.ok_or(SanlockError::LookupRindex {
+                    name: name.clone(),
+                    path: rindex.disk.path.clone(),
+                    code: Code::Os(nix::errno::Errno::ENOENT),
+                })
+            }),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(offset) => return Ok(offset),
+            Err(e) if tries < INDEX_TRIES && retryable(&e) => std::thread::sleep(INDEX_RETRY),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn retryable(e: &SanlockError) -> bool {
+    let code = match e {
+        SanlockError::CreateResource { code, .. } | SanlockError::LookupRindex { code, .. } => *code,
+        _ => return false,
+    };
+    code == Code::Os(nix::errno::Errno::EBUSY) || code.held_elsewhere()
+}
+
+/// libvirt's disk lease file exists and is initialised: created `O_EXCL` 0600 and written as
+/// libvirt's driver does when missing; one another host is initialising right now reads as not
+/// yet a lease for a moment.
+fn ensure_libvirt_lease(sanlock: &Sanlock, lease: &Lease) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = &lease.disk.path;
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path);
+    match created {
+        Ok(_) => sanlock.write_resource(lease, Geometry::Auto).map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            format!("cannot initialise libvirt's disk lease {}: {}", path.display(), crate::error_chain(&e))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!("cannot create libvirt's disk lease {}: {e}", path.display())),
+    }
+}
+
+/// Releases the orphans this host still holds of `leases` (a holder died and its guest is gone
+/// too): adopted by a client of our own with `ORPHAN_ONLY`, then released. Leases that are not
+/// orphans of this host are left alone.
+pub fn release_orphans(leases: &[HeldLease]) -> Result<usize, String> {
+    if leases.is_empty() {
+        return Ok(0);
+    }
+    let sanlock = Sanlock::load().map_err(|e| e.to_string())?;
+    let mut client = sanlock.register().map_err(|e| crate::error_chain(&e))?;
+    let options = AcquireOptions { persistent: true, orphans_only: true, ..AcquireOptions::default() };
+    let mut released = 0;
+    for held in leases {
+        let Some(lease) = held.lease() else { continue };
+        let request = LeaseRequest { lease: lease.clone(), mode: held.mode, lver: None };
+        if client.acquire(&[request], &options).is_ok() {
+            client.release(std::slice::from_ref(&lease)).map_err(|e| crate::error_chain(&e))?;
+            released += 1;
+        }
+    }
+    Ok(released)
+}
