@@ -279,7 +279,10 @@ impl SanlockError {
     /// another client of this host): the refusal case, as opposed to an error.
     pub fn is_busy(&self) -> bool {
         match self {
-            SanlockError::Acquire { code, .. } => code.held_elsewhere() || *code == Code::Exists,
+            // EAGAIN: an exclusive acquire of a lease others hold shared.
+            SanlockError::Acquire { code, .. } => {
+                code.held_elsewhere() || *code == Code::Exists || *code == Code::Os(Errno::EAGAIN)
+            }
             _ => false,
         }
     }
