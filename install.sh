@@ -14,6 +14,8 @@
 #   /usr/local/share/man/man8/lockhook*.8 man pages; bash, zsh and fish completions under
 #                                         /usr/local/share (LOCKHOOK_SHARE_DIR to change)
 #   /etc/systemd/system/lockhook-reconcile.{service,timer}   when systemd runs: reconcile every minute
+#   /etc/systemd/system/lockhook-sanlock-join.service        joins the sanlock lockspace at boot;
+#                                         enabled when the config says engine = "sanlock"
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -114,7 +116,7 @@ install_config() {
   fi
 }
 
-units="lockhook-reconcile.service lockhook-reconcile.timer"
+units="lockhook-reconcile.service lockhook-reconcile.timer lockhook-sanlock-join.service"
 unit_dir=/etc/systemd/system
 has_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
 
@@ -127,6 +129,12 @@ install_units() {
   done
   systemctl daemon-reload
   systemctl enable --now lockhook-reconcile.timer >/dev/null 2>&1 && say "enabled lockhook-reconcile.timer"
+  # The sanlock engine's boot-time join: enabled (not started: joining takes a while and needs
+  # `lockhook sanlock init` once per fleet) only on hosts configured for it.
+  if grep -Eq '^[[:space:]]*engine[[:space:]]*=[[:space:]]*"sanlock"' "$conf" 2>/dev/null; then
+    systemctl enable lockhook-sanlock-join.service >/dev/null 2>&1 &&
+      say "enabled lockhook-sanlock-join.service (joins the sanlock lockspace at boot; now: lockhook sanlock join)"
+  fi
 }
 
 remove_units() {

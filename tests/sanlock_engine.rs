@@ -211,7 +211,17 @@ fn sanlock_refuses_a_second_host_naming_the_host() {
         err.contains("has not joined sanlock lockspace lockhook (host_id 3): run `lockhook sanlock join`"),
         "{err}"
     );
+    assert_eq!(err.matches("lockhook: ").count(), 1, "one line: {err}");
+    let doctor = String::from_utf8_lossy(&c.lockhook(&["doctor"]).stdout).into_owned();
+    assert!(doctor.contains("ERROR sanlock: lockspace lockhook as host_id 3: not joined"), "{doctor}");
     drop(c);
+    let doctor = String::from_utf8_lossy(&a.lockhook(&["doctor"]).stdout).into_owned();
+    for line in [
+        "ok    sanlock: lockspace lockhook as host_id 1: joined".to_owned(),
+        format!("ok    sanlock: host table: host_id 1 is {}", a.lv.hostname()),
+    ] {
+        assert!(doctor.contains(&line), "{line:?} in {doctor}");
+    }
 
     let image = a.image("vm.raw");
     b.image("vm.raw");
@@ -291,6 +301,27 @@ fn live_migration_hands_the_leases_over() {
     let uuid = random_uuid();
     a.define("mig", &uuid, &format!("{}{lease}", raw(&shared, &image, "vda")));
     a.start_guest("mig");
+    // A migration that fails (cancelled while RAM is copied at 1 MiB/s) leaves the source's
+    // leases alone and nothing on the destination.
+    let held_before = a.held_leases();
+    let uri = b.lv.tcp_uri();
+    let cancelled = std::thread::scope(|s| {
+        let migration = s.spawn(|| {
+            let args =
+                ["migrate", "--live", "--unsafe", "--bandwidth", "1", "mig", &uri, "--migrateuri", "tcp://127.0.0.1"];
+            a.lv.virsh(&args)
+        });
+        let pending_on_b =
+            || b.sanlock_status()["leases"].as_array().is_some_and(|l| l.iter().any(|x| x["pending"] == true));
+        assert!(wait_until(Duration::from_secs(20), pending_on_b), "B awaits the leases: {:?}", b.sanlock_status());
+        a.lv.virsh_ok(&["domjobabort", "mig"]);
+        migration.join().expect("migration thread")
+    });
+    assert!(!cancelled.status.success(), "the cancelled migration reported success");
+    assert_eq!(a.lv.virsh_ok(&["domstate", "mig"]).trim(), "running");
+    assert_eq!(a.held_leases(), held_before, "the source keeps its leases");
+    let b_empty = || b.sanlock_status()["leases"].as_array().is_some_and(Vec::is_empty);
+    assert!(wait_until(Duration::from_secs(30), b_empty), "nothing left on B: {:?}", b.sanlock_status());
     let out = a.migrate("mig", &b);
     assert!(out.status.success(), "migrate: {}{}", String::from_utf8_lossy(&out.stderr), b.lv.log_tail());
     assert_eq!(b.lv.virsh_ok(&["domstate", "mig"]).trim(), "running");
@@ -440,7 +471,7 @@ fn libvirts_sanlock_driver_and_lockhook_exclude_each_other() {
     let out = l.virsh(&["start", "vml"]);
     assert!(!out.status.success(), "libvirt's driver let vml start while lockhook holds the image");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.to_lowercase().contains("lock"), "{err}");
+    assert!(err.contains("Failed to acquire lock"), "refused by libvirt's sanlock driver: {err}");
     h.lv.virsh_ok(&["destroy", "vmh"]);
 
     // libvirt's driver first: lockhook is refused, naming libvirt's lease.

@@ -15,6 +15,7 @@
 //! | `shared`: the lockspace's filesystem reaches other hosts | `filesystem` |
 //! | `lock_manager`: libvirt's own lock manager (`qemu.conf`) does not fight lockhook | `lock_manager` |
 //! | `confinement`: AppArmor or SELinux | `confinement` |
+//! | `sanlock`: the sanlock engine's daemon, lease area and membership | `sanlock` |
 //!
 //! Read-only except for one thing: to try OFD locks on a filesystem it creates a test file
 //! (`O_EXCL|O_NOFOLLOW`, mode 0600, named `.lockhook-doctor.<pid>.<n>`) in the directory and
@@ -30,6 +31,7 @@ mod hook;
 mod identity;
 mod lock_manager;
 mod locks;
+mod sanlock;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -125,6 +127,7 @@ pub fn diagnose(layout: &Layout) -> Vec<Finding> {
     filesystem::check_shared(&config.lockspace_dir, &mut out);
     lock_manager::check(layout, &mut out);
     confinement::check(layout, &config, &mut out);
+    sanlock::check(&config, &mut out);
     out
 }
 
