@@ -119,8 +119,28 @@ impl Leases {
         }
     }
 
+    /// Held (or awaited) already, in this mode or a stronger one.
     fn knows(&self, spec: &LeaseSpec) -> bool {
-        self.held.iter().chain(&self.pending).any(|h| h.at == spec.at)
+        self.held
+            .iter()
+            .chain(&self.pending)
+            .any(|h| h.at == spec.at && (h.mode == LockMode::Exclusive || spec.mode == LockMode::Shared))
+    }
+
+    /// Leases held shared that `specs` now want exclusive (a disk whose last sharer left, a
+    /// hot-plugged role change) are released first, to be acquired again exclusive: sanlock
+    /// grants no exclusive lease to a client that holds it shared. If the exclusive acquire then
+    /// fails, the caller reports it like any other refusal (hot-plug retries it).
+    fn release_upgrades(&mut self, specs: &[&LeaseSpec]) {
+        let upgrade = |h: &HeldLease| {
+            h.mode == LockMode::Shared && specs.iter().any(|s| s.at == h.at && s.mode == LockMode::Exclusive)
+        };
+        let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held).into_iter().partition(|h| upgrade(h));
+        self.held = keep;
+        for lease in &gone {
+            info!("sanlock lease {} ({}) is wanted exclusive now: re-acquiring it", lease.display(), lease.what);
+        }
+        self.release(&gone);
     }
 
     /// Releases the held leases no longer among `specs` (a disk unplugged); returns how many.
@@ -139,6 +159,7 @@ impl Leases {
     /// `incoming` (a verified incoming migration), leases held by the host that holds this
     /// guest's own lease are pending instead of refusals. Errors are refusal lines.
     pub fn acquire(&mut self, guest: &str, specs: &[LeaseSpec], incoming: bool) -> Result<Granted, Vec<String>> {
+        let specs = strongest(specs);
         let specs: Vec<&LeaseSpec> = specs.iter().filter(|s| !self.knows(s)).collect();
         if specs.is_empty() {
             return Ok(Granted::default());
@@ -146,6 +167,7 @@ impl Leases {
         let sanlock = Sanlock::load().map_err(|e| vec![format!("sanlock engine: {e}")])?;
         self.ensure_client(&sanlock)?;
         self.check_joined(&sanlock)?;
+        self.release_upgrades(&specs);
         let options = AcquireOptions {
             persistent: true,
             adopt_orphans: true,
@@ -416,6 +438,20 @@ impl Leases {
     }
 }
 
+/// One spec per lease (`at`), in the strongest mode asked: a client cannot acquire one lease
+/// twice.
+fn strongest(specs: &[LeaseSpec]) -> Vec<LeaseSpec> {
+    let mut out: Vec<LeaseSpec> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        match out.iter_mut().find(|s| s.at == spec.at) {
+            Some(seen) if spec.mode == LockMode::Exclusive => seen.mode = LockMode::Exclusive,
+            Some(_) => {}
+            None => out.push(spec.clone()),
+        }
+    }
+    out
+}
+
 /// The guest on this host whose holder holds `lease`, as its state file says.
 fn local_holder(paths: &Paths, lease: &HeldLease) -> Option<String> {
     let entries = crate::state::list(paths).ok()?;
@@ -513,4 +549,38 @@ pub fn release_orphans(leases: &[HeldLease]) -> Result<usize, String> {
         }
     }
     Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(key: &str, mode: LockMode) -> LeaseSpec {
+        LeaseSpec { what: key.into(), mode, at: LeaseAt::Key { key: key.into() }, place: None }
+    }
+
+    #[test]
+    fn one_spec_per_lease_in_the_strongest_mode() {
+        let got = strongest(&[
+            spec("a", LockMode::Shared),
+            spec("b", LockMode::Shared),
+            spec("a", LockMode::Exclusive),
+            spec("b", LockMode::Shared),
+        ]);
+        assert_eq!(got, vec![spec("a", LockMode::Exclusive), spec("b", LockMode::Shared)]);
+    }
+
+    #[test]
+    fn held_shared_is_not_held_exclusive() {
+        let mut leases = Leases::new(&SanlockConfig::default(), &Paths::new(std::path::Path::new("/nonexistent")));
+        let lease = Lease { lockspace: Name::fit("lockhook"), name: Name::fit("a"), disk: Disk::new("/x", 4 << 20) };
+        leases.held.push(HeldLease::new(&spec("a", LockMode::Shared), &lease));
+        assert!(leases.knows(&spec("a", LockMode::Shared)));
+        assert!(!leases.knows(&spec("a", LockMode::Exclusive)));
+        assert!(!leases.knows(&spec("b", LockMode::Shared)));
+        // A re-adopted lease (same `at`, a known place) is the same lease.
+        let again = leases.held[0].spec();
+        assert!(leases.knows(&again));
+        assert_eq!(again.place.as_ref().map(|p| p.offset), Some(4 << 20));
+    }
 }
