@@ -104,6 +104,10 @@ pub struct Leases {
     pub pending: Vec<HeldLease>,
     /// The host lost its lockspace: nothing is held any more, nothing is retried.
     pub lost: bool,
+    /// The migration source's host id, while leases are pending.
+    source: Option<u64>,
+    /// Pending leases someone other than the source took meanwhile (logged once each).
+    stolen: Vec<HeldLease>,
 }
 
 impl Leases {
@@ -116,6 +120,8 @@ impl Leases {
             held: Vec::new(),
             pending: Vec::new(),
             lost: false,
+            source: None,
+            stolen: Vec::new(),
         }
     }
 
@@ -220,6 +226,9 @@ impl Leases {
                 lease.display()
             );
         }
+        if !pending.is_empty() {
+            self.source = self.source.or(source_of(&sanlock, &pending));
+        }
         let granted = Granted { pending: pending.len() };
         self.held.extend(got);
         self.pending.extend(pending);
@@ -245,7 +254,10 @@ impl Leases {
             let Some(l) = lease.lease() else { continue };
             match client.acquire(&[LeaseRequest { lease: l, mode: lease.mode, lver: None }], &options) {
                 Ok(()) => taken.push(lease),
-                Err(e) if e.is_busy() => still.push(lease),
+                Err(e) if e.is_busy() => {
+                    self.note_stolen(guest, &lease);
+                    still.push(lease)
+                }
                 Err(e) => {
                     warn!("guest {guest}: sanlock lease {}: {}", lease.display(), crate::error_chain(&e));
                     still.push(lease);
@@ -258,6 +270,26 @@ impl Leases {
         }
         self.held.extend(taken.iter().cloned());
         taken
+    }
+
+    /// Logs (once) a pending lease that a host other than the migration source holds now: it
+    /// was taken in the moment between the source's release and our next try.
+    fn note_stolen(&mut self, guest: &str, lease: &HeldLease) {
+        if self.stolen.contains(lease) {
+            return;
+        }
+        let Ok(sanlock) = Sanlock::load() else { return };
+        let Some(owners) = lease.lease().and_then(|l| sanlock.read_resource_owners(&l).ok()) else { return };
+        let others: Vec<u64> = owners.hosts.iter().map(|o| o.host_id).filter(|id| Some(*id) != self.source).collect();
+        if !others.is_empty() {
+            log::error!(
+                "guest {guest}: CONFLICT: sanlock lease {} ({}) awaited from the migration source is held by sanlock host_id {:?} now; this guest runs WITHOUT it; still trying",
+                lease.display(),
+                lease.what,
+                others
+            );
+            self.stolen.push(lease.clone());
+        }
     }
 
     /// Releases every lease (persistent ones must be released, or they would outlive us as
@@ -436,6 +468,12 @@ impl Leases {
             .collect();
         format!("{} is locked {} through sanlock by {}", lease.what, mode.adverb(), hosts.join(", "))
     }
+}
+
+/// The one host holding the first of `pending` (the migration source).
+fn source_of(sanlock: &Sanlock, pending: &[HeldLease]) -> Option<u64> {
+    let owners = sanlock.read_resource_owners(&pending.first()?.lease()?).ok()?;
+    owners.hosts.first().map(|o| o.host_id)
 }
 
 /// One spec per lease (`at`), in the strongest mode asked: a client cannot acquire one lease
