@@ -254,15 +254,15 @@ impl Leases {
             let Some(l) = lease.lease() else { continue };
             match client.acquire(&[LeaseRequest { lease: l, mode: lease.mode, lver: None }], &options) {
                 Ok(()) => taken.push(lease),
-                Err(e) if e.is_busy() => {
-                    self.note_stolen(guest, &lease);
-                    still.push(lease)
-                }
+                Err(e) if e.is_busy() => still.push(lease),
                 Err(e) => {
                     warn!("guest {guest}: sanlock lease {}: {}", lease.display(), crate::error_chain(&e));
                     still.push(lease);
                 }
             }
+        }
+        for lease in &still {
+            self.note_stolen(guest, lease);
         }
         self.pending = still;
         for lease in &taken {
