@@ -484,3 +484,50 @@ fn libvirts_sanlock_driver_and_lockhook_exclude_each_other() {
     h.lv.virsh_ok(&["destroy", "vmh"]);
     drop(l);
 }
+
+#[test]
+#[ignore = "needs root, a private libvirtd and sanlock daemons: tests/run-all.sh runs it"]
+fn hot_plugged_disks_get_leases_and_unplugged_ones_let_go() {
+    let shared = Shared::new();
+    let (a, b) = two_hosts(&shared);
+    let boot = a.image("boot.raw");
+    for name in ["taken.raw", "free.raw"] {
+        a.image(name);
+        b.image(name);
+    }
+    let scsi = "<controller type='scsi' model='virtio-scsi'/>";
+    a.define("vm1", &random_uuid(), &format!("{}{scsi}", raw(&shared, &boot, "vda")));
+    b.define("holder", &random_uuid(), &raw(&shared, Path::new("taken.raw"), "vda"));
+    b.start_guest("holder");
+    a.start_guest("vm1");
+    let attach = |image: &str, target: &str| {
+        let path = shared.mnt().join(image);
+        a.lv.virsh_ok(&["attach-disk", "vm1", path.to_str().expect("utf8"), target, "--targetbus", "scsi", "--live"]);
+    };
+    let holds = |image: &str| {
+        let path = shared.mnt().join(image).display().to_string();
+        a.exclusive_leases().iter().any(|l| l["what"] == path.as_str())
+    };
+    // A free disk gets its lease within a tick or two.
+    attach("free.raw", "sda");
+    assert!(wait_until(Duration::from_secs(10), || holds("free.raw")), "{:?}", a.sanlock_status());
+    // One another host holds is a CONFLICT, shown and retried; it is never held.
+    attach("taken.raw", "sdb");
+    let conflict = || {
+        a.guests().iter().any(|g| {
+            g["conflicts"].as_array().is_some_and(|c| {
+                c.iter().any(|x| x["held_by"].as_str().is_some_and(|h| h.contains("through sanlock by host")))
+            })
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), conflict), "{:?}", a.guests());
+    assert!(!holds("taken.raw"));
+    assert!(a.setup.log().contains("CONFLICT"), "logged loudly");
+    // Once the other host lets go, the retry takes it.
+    b.lv.virsh_ok(&["destroy", "holder"]);
+    assert!(wait_until(Duration::from_secs(15), || holds("taken.raw")), "{:?}", a.sanlock_status());
+    // An unplugged disk's lease goes.
+    a.lv.virsh_ok(&["detach-disk", "vm1", "sda", "--live"]);
+    assert!(wait_until(Duration::from_secs(15), || !holds("free.raw")), "{:?}", a.sanlock_status());
+    a.lv.virsh_ok(&["destroy", "vm1"]);
+}
