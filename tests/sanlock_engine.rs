@@ -531,3 +531,49 @@ fn hot_plugged_disks_get_leases_and_unplugged_ones_let_go() {
     assert!(wait_until(Duration::from_secs(15), || !holds("free.raw")), "{:?}", a.sanlock_status());
     a.lv.virsh_ok(&["destroy", "vm1"]);
 }
+
+/// `sda`, ..., `sdz`, `sdaa`, ...: SCSI target names for `n` disks.
+fn scsi_targets(n: usize) -> Vec<String> {
+    let letters = |i: usize| {
+        let mut name = String::new();
+        let mut i = i + 1;
+        while i > 0 {
+            i -= 1;
+            name.insert(0, char::from(b'a' + u8::try_from(i % 26).expect("< 26")));
+            i /= 26;
+        }
+        name
+    };
+    (0..n).map(|i| format!("sd{}", letters(i))).collect()
+}
+
+#[test]
+#[ignore = "needs root, a private libvirtd and sanlock daemons: tests/run-all.sh runs it"]
+fn a_guest_with_64_disks_holds_64_leases() {
+    assert_eq!(scsi_targets(28)[26..], ["sdaa".to_owned(), "sdab".to_owned()]);
+    let shared = Shared::new();
+    let (a, b) = two_hosts(&shared);
+    let mut devices = String::from("<controller type='scsi' model='virtio-scsi'/>");
+    for (i, target) in scsi_targets(64).iter().enumerate() {
+        let name = format!("d{i}.raw");
+        a.image(&name);
+        b.image(&name);
+        let path = shared.mnt().join(&name);
+        devices.push_str(&format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
+             <target dev='{target}' bus='scsi'/></disk>",
+            path.display()
+        ));
+    }
+    a.define("many", &random_uuid(), &devices);
+    b.define("one", &random_uuid(), &raw(&shared, Path::new("d40.raw"), "vda"));
+    a.start_guest("many");
+    // 64 disks and the guest's own lease: well past sanlock's 8 leases per acquire call.
+    assert_eq!(a.exclusive_leases().len(), 65, "{:?}", a.sanlock_status());
+    let err = b.refused("one");
+    assert!(err.contains("d40.raw is locked exclusively through sanlock by host"), "{err}");
+    a.lv.virsh_ok(&["destroy", "many"]);
+    assert!(wait_until(Duration::from_secs(20), || a.held_leases().is_empty()), "all 65 released");
+    b.start_guest("one");
+    b.lv.virsh_ok(&["destroy", "one"]);
+}
