@@ -89,6 +89,19 @@ pub fn print(paths: &Paths, json: bool, out: &mut dyn Write) -> std::io::Result<
                         r.since
                     )?;
                 }
+                for (l, pending) in
+                    s.sanlock.iter().map(|l| (l, "")).chain(
+                        s.sanlock_pending.iter().map(|l| (l, "  PENDING: taken when the migration source lets go")),
+                    )
+                {
+                    writeln!(
+                        out,
+                        "  sanlock   {} {}  ({}){pending}",
+                        l.mode.as_str(),
+                        crate::one_line(&l.display()),
+                        crate::one_line(&l.what)
+                    )?;
+                }
             }
             Err(err) => writeln!(out, "guest {}: unreadable state: {}", e.uuid, crate::error_chain(err))?,
         }

@@ -409,21 +409,38 @@ fn a_dead_daemons_leases_are_free_only_after_the_timeout() {
 #[ignore = "needs root, a private libvirtd and sanlock daemons: tests/run-all.sh runs it"]
 fn a_host_that_loses_its_lease_area_stops_its_guests() {
     let shared = Shared::new();
-    let (a, b) = two_hosts(&shared);
+    let a = SanHost::start(&shared, 1, "");
+    let b = SanHost::start(&shared, 2, "on_lock_lost = \"pause\"\n");
+    assert!(a.lockhook_ok(&["sanlock", "init"]).contains("formatted"));
+    join_all(&[&a, &b]);
     let image = a.image("vm.raw");
     a.define("vm1", &random_uuid(), &raw(&shared, &image, "vda"));
+    b.image("other.raw");
+    b.define("vm3", &random_uuid(), &raw(&shared, Path::new("other.raw"), "vda"));
     a.start_guest("vm1");
-    let qemu = a.lv.qemu_pid("vm1").expect("QEMU runs");
-    // Host A's delta lease is overwritten (its storage gives garbage): A cannot renew, and the
-    // daemon runs lockhook's killpath for the holder, which kills QEMU.
+    b.start_guest("vm3");
+    let (qa, qb) = (a.lv.qemu_pid("vm1").expect("QEMU on A"), b.lv.qemu_pid("vm3").expect("QEMU on B"));
+    // Both hosts' delta leases are overwritten (their storage gives garbage): neither can renew,
+    // and each daemon runs lockhook's killpath for its holders: A's kills its QEMU, B's pauses it.
     let area = std::fs::OpenOptions::new().write(true).open(shared.area()).expect("open area");
-    std::os::unix::fs::FileExt::write_all_at(&area, &[0u8; 512], 0).expect("clobber host 1's delta lease");
+    std::os::unix::fs::FileExt::write_all_at(&area, &[0u8; 1024], 0).expect("clobber hosts 1 and 2");
     drop(area);
-    let gone = wait_until(Duration::from_secs(120), || !Path::new(&format!("/proc/{qemu}")).exists());
+    let gone = wait_until(Duration::from_secs(120), || !Path::new(&format!("/proc/{qa}")).exists());
     assert!(gone, "QEMU of vm1 still runs:\n{}\n{}", a.setup.log(), a.daemon.log());
-    let log = a.setup.log();
-    assert!(log.contains("lost its sanlock lockspace lease"), "{log}");
-    drop(b);
+    assert!(a.setup.log().contains("lost its sanlock lockspace lease"), "{}", a.setup.log());
+    let stopped = || {
+        std::fs::read_to_string(format!("/proc/{qb}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T')))
+    };
+    assert!(wait_until(Duration::from_secs(120), stopped), "QEMU of vm3 is not stopped:\n{}", b.setup.log());
+    let log = b.setup.log();
+    assert!(log.contains("paused (SIGSTOP)") || log.contains("lost its sanlock lockspace lease"), "{log}");
+    // B's holder let go of its sanlock leases and keeps its local locks.
+    // (Its state file says so; `sanlock status` cannot read the clobbered area any more.)
+    let let_go = || b.guests().iter().all(|g| g["sanlock"].as_array().is_none_or(Vec::is_empty));
+    assert!(wait_until(Duration::from_secs(10), let_go), "{:?}", b.guests());
+    assert!(b.guests().iter().any(|g| g["resources"].as_array().is_some_and(|r| !r.is_empty())), "local locks kept");
+    b.lv.virsh_ok(&["destroy", "vm3"]);
 }
 
 #[test]
@@ -482,6 +499,31 @@ fn libvirts_sanlock_driver_and_lockhook_exclude_each_other() {
     l.virsh_ok(&["destroy", "vml"]);
     h.start_guest("vmh");
     h.lv.virsh_ok(&["destroy", "vmh"]);
+
+    // A hand-written <lease> means the same sanlock resource to both (initialised by the admin,
+    // with the daemon's defaults, in a lockspace both hosts joined).
+    let lease_file = shared.path("leases").join("fleet-lease");
+    std::fs::File::create(&lease_file).expect("create lease file");
+    h.daemon.cli_ok(&["init", "-r", &format!("__LIBVIRT__DISKS__:fleet-lease:{}:0", lease_file.display())]);
+    let lease = format!(
+        "<lease><lockspace>__LIBVIRT__DISKS__</lockspace><key>fleet-lease</key><target path='{}' offset='0'/></lease>",
+        lease_file.display()
+    );
+    h.define("lh", &random_uuid(), &lease);
+    l.define(&guest_xml("ll", &random_uuid(), &lease));
+    l.virsh_ok(&["start", "ll"]);
+    let err = h.refused("lh");
+    assert!(
+        err.contains("lease __LIBVIRT__DISKS__/fleet-lease is locked exclusively through sanlock by sanlock host_id 2"),
+        "{err}"
+    );
+    l.virsh_ok(&["destroy", "ll"]);
+    h.start_guest("lh");
+    let out = l.virsh(&["start", "ll"]);
+    assert!(!out.status.success(), "libvirt's driver let ll take the lease lockhook holds");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Failed to acquire lock"), "{err}");
+    h.lv.virsh_ok(&["destroy", "lh"]);
     drop(l);
 }
 
