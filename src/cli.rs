@@ -188,7 +188,7 @@ fn run_sanlock(action: SanlockAction, config_flag: Option<&std::path::Path>) -> 
             "pause" => config::LockLost::Pause,
             _ => config::LockLost::Kill,
         };
-        return match crate::engine::lock_lost::run(action, run_dir, *holder_pid) {
+        return match crate::engine::lock_lost::run(action, run_dir, *holder_pid, &config.libvirt_run_dir) {
             Ok(done) => {
                 eprintln!("lockhook: {done}");
                 ExitCode::SUCCESS

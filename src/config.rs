@@ -77,8 +77,8 @@ pub enum LockLost {
     /// SIGKILL the guest's QEMU.
     #[default]
     Kill,
-    /// SIGSTOP the guest's QEMU (it writes nothing more; `kill -CONT` resumes it once the
-    /// leases are back, or destroy it).
+    /// SIGSTOP the guest's QEMU (it writes nothing more; its holder kills it if it is resumed
+    /// without its leases).
     Pause,
 }
 

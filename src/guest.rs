@@ -178,6 +178,17 @@ fn give_up(guest: &Guest, acquired: Acquired) {
     }
 }
 
+/// What travels with the locks of a hand-over.
+struct With<'a> {
+    /// Resources the migration source still holds.
+    pending: Vec<Resource>,
+    incoming: bool,
+    /// The sanlock engine's leases.
+    sanlock: &'a [LeaseSpec],
+    /// A re-adoption (see `Request::Acquire`).
+    adopt: bool,
+}
+
 /// Gives `acquired` to the guest's holder, starting one if there is none. A holder that cannot
 /// be started or reached gets nothing, and the locks are given up (`give_up`); once the request
 /// is sent, whether the holder took them is not known for certain, so the lease files stay.
@@ -186,10 +197,9 @@ fn hand_over(
     guest: &Guest,
     client: Option<Client>,
     acquired: Acquired,
-    pending: Vec<Resource>,
-    incoming: bool,
-    sanlock: &[LeaseSpec],
-) -> Result<(Client, usize), GuestError> {
+    with: With<'_>,
+) -> Result<(Client, usize, Vec<String>), GuestError> {
+    let With { pending, incoming, sanlock, adopt } = with;
     let client = match client.or_else(|| Client::claim_spare(&ctx.paths, &guest.uuid)) {
         Some(client) => client,
         None => match start_holder(ctx, guest) {
@@ -202,11 +212,11 @@ fn hand_over(
     };
     fault_point("before-handover");
     let fds: Vec<_> = acquired.locks.iter().map(|l| l.fd.as_fd()).collect();
-    let handed = Handed { resources: &acquired.resources, fds: &fds, pending: &pending, incoming, sanlock };
+    let handed = Handed { resources: &acquired.resources, fds: &fds, pending: &pending, incoming, sanlock, adopt };
     let result = client.acquire(guest, handed);
     drop(fds);
-    let waiting = match result {
-        Ok(waiting) => waiting,
+    let (waiting, missing) = match result {
+        Ok(granted) => granted,
         Err(ClientError::Leases(lines)) => {
             for line in &lines {
                 warn!("guest {} ({}) refused: {line}", guest.name, guest.uuid);
@@ -222,7 +232,7 @@ fn hand_over(
         info!("guest {} ({}): locked {} {}", guest.name, guest.uuid, r.mode.as_str(), r.path.display());
     }
     drop(acquired);
-    Ok((client, waiting))
+    Ok((client, waiting, missing))
 }
 
 /// Starts a holder for `guest` and connects to it.
@@ -285,7 +295,8 @@ pub fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
         info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
         return Ok(());
     }
-    let (_, waiting) = hand_over(ctx, &guest(domain), None, acquired, pending, incoming, &sanlock)?;
+    let (_, waiting, _) =
+        hand_over(ctx, &guest(domain), None, acquired, With { pending, incoming, sanlock: &sanlock, adopt: false })?;
     note_waiting(ctx, domain, waiting)
 }
 
@@ -324,7 +335,8 @@ pub fn start(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
         return Ok(());
     }
     let sanlock = lease_specs(ctx, domain, &acquired, &pending);
-    let (_, waiting) = hand_over(ctx, &guest(domain), client, acquired, pending, incoming, &sanlock)?;
+    let (_, waiting, _) =
+        hand_over(ctx, &guest(domain), client, acquired, With { pending, incoming, sanlock: &sanlock, adopt: false })?;
     note_waiting(ctx, domain, waiting)
 }
 
@@ -370,11 +382,16 @@ pub fn adopt(
         warn!("guest {} ({}): {note}", guest.name, guest.uuid);
     }
     // A live holder keeps its sanlock leases; a new one (the old one died) adopts them.
+    let mut lines = lines;
     let client = if acquired.locks.is_empty() && (client.is_some() || sanlock.is_empty()) {
         client
     } else {
-        let sanlock = if client.is_some() { &[][..] } else { sanlock };
-        Some(hand_over(ctx, guest, client, acquired, Vec::new(), false, sanlock)?.0)
+        // A new holder (the old one died) takes the orphans back and keeps what it can have.
+        let (sanlock, adopt) = if client.is_some() { (&[][..], false) } else { (sanlock, true) };
+        let (client, _, missing) =
+            hand_over(ctx, guest, client, acquired, With { pending: Vec::new(), incoming: false, sanlock, adopt })?;
+        lines.extend(missing);
+        Some(client)
     };
     match (client, qemu) {
         (Some(client), Some((pid, start_time))) if held.qemu_pid != Some(pid) => {

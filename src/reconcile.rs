@@ -102,7 +102,11 @@ pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>) -> Report {
                 Ok(n) => {
                     report.released.push(format!("{} ({uuid}): {n} orphaned sanlock lease(s) released", record.name))
                 }
-                Err(e) => report.failed.push(format!("{} ({uuid}): orphaned sanlock leases: {e}", record.name)),
+                Err(e) => {
+                    // Kept on record: the next pass tries again.
+                    report.failed.push(format!("{} ({uuid}): orphaned sanlock leases: {e}", record.name));
+                    continue;
+                }
             }
             remove_records(&ctx.paths, &uuid);
             report.cleaned.push(format!("{} ({uuid}): holder and guest are gone; record removed", record.name));

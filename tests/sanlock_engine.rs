@@ -126,9 +126,11 @@ impl SanHost {
         leases.into_iter().filter(|l| l["pending"] == false).collect()
     }
 
-    /// The exclusive ones (not the shared lease of the device holding the test's filesystem).
+    /// The exclusive ones (not the shared lease of the device holding the test's filesystem),
+    /// apart from the guest's manifest lease.
     fn exclusive_leases(&self) -> Vec<serde_json::Value> {
-        self.held_leases().into_iter().filter(|l| l["mode"] == "exclusive").collect()
+        let manifest = |l: &serde_json::Value| l["what"].as_str().is_some_and(|w| w.contains("manifest"));
+        self.held_leases().into_iter().filter(|l| l["mode"] == "exclusive" && !manifest(l)).collect()
     }
 
     /// A 1 MiB image `name` in this host's own image directory, at the path every host uses.
@@ -301,6 +303,33 @@ fn live_migration_hands_the_leases_over() {
     let uuid = random_uuid();
     a.define("mig", &uuid, &format!("{}{lease}", raw(&shared, &image, "vda")));
     a.start_guest("mig");
+    // A migration whose destination definition points the disk at another guest's image on
+    // the same source host is refused: the source guest's manifest does not name that image.
+    a.image("victim.raw");
+    b.image("victim.raw");
+    a.define("victim", &random_uuid(), &raw(&shared, Path::new("victim.raw"), "vda"));
+    a.start_guest("victim");
+    let xml = a.lv.virsh_ok(&["dumpxml", "--migratable", "mig"]).replace("mig.raw", "victim.raw");
+    let xml_path = shared.path("mig-dest.xml");
+    std::fs::write(&xml_path, xml).expect("write xml");
+    let uri = b.lv.tcp_uri();
+    let out = a.lv.virsh(&[
+        "migrate",
+        "--live",
+        "--unsafe",
+        "mig",
+        &uri,
+        "--migrateuri",
+        "tcp://127.0.0.1",
+        "--xml",
+        xml_path.to_str().expect("utf8"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a migration onto another guest's image was let through");
+    assert!(err.contains("victim.raw is locked exclusively through sanlock by host"), "{err}");
+    assert!(err.contains("not held by this guest's migration source"), "{err}");
+    assert_eq!(a.lv.virsh_ok(&["domstate", "mig"]).trim(), "running");
+    a.lv.virsh_ok(&["destroy", "victim"]);
     // A migration that fails (cancelled while RAM is copied at 1 MiB/s) leaves the source's
     // leases alone and nothing on the destination.
     let held_before = a.held_leases();

@@ -87,15 +87,45 @@ impl HeldLease {
     }
 }
 
-/// What an acquire got: how many leases wait for a migration source.
+/// What an acquire got: how many leases wait for a migration source, and (with `partial`) the
+/// refusal lines of those it could not have.
 #[derive(Debug, Default)]
 pub struct Granted {
     pub pending: usize,
+    pub missing: Vec<String>,
+}
+
+/// How to acquire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct How {
+    /// A verified incoming migration: leases the source holds become pending.
+    #[serde(default)]
+    pub incoming: bool,
+    /// Re-adoption of a running guest whose holder died: its orphans are taken back.
+    #[serde(default)]
+    pub adopt: bool,
+    /// For a guest that runs already: keep what can be had, report the rest.
+    #[serde(default)]
+    pub partial: bool,
+}
+
+/// Names of a guest's manifest lease (`manifest:` + 32 hex digits of SHA-256 over its UUID and
+/// exclusive leases).
+const MANIFEST: &str = "manifest:";
+
+fn is_manifest(at: &LeaseAt) -> bool {
+    matches!(at, LeaseAt::Key { key } if key.starts_with(MANIFEST))
+}
+
+/// The guest's own lease or its manifest: not part of the manifest.
+fn is_own(at: &LeaseAt) -> bool {
+    matches!(at, LeaseAt::Key { key } if key.starts_with("guest:") || key.starts_with(MANIFEST))
 }
 
 /// The sanlock side of one holder.
 pub struct Leases {
     config: SanlockConfig,
+    uuid: crate::domain::Uuid,
     paths: Paths,
     client: Option<Client>,
     area: Option<Area>,
@@ -111,9 +141,10 @@ pub struct Leases {
 }
 
 impl Leases {
-    pub fn new(config: &SanlockConfig, paths: &Paths) -> Leases {
+    pub fn new(config: &SanlockConfig, paths: &Paths, uuid: &crate::domain::Uuid) -> Leases {
         Leases {
             config: config.clone(),
+            uuid: uuid.clone(),
             paths: paths.clone(),
             client: None,
             area: None,
@@ -137,7 +168,7 @@ impl Leases {
     /// hot-plugged role change) are released first, to be acquired again exclusive: sanlock
     /// grants no exclusive lease to a client that holds it shared. If the exclusive acquire then
     /// fails, the caller reports it like any other refusal (hot-plug retries it).
-    fn release_upgrades(&mut self, specs: &[&LeaseSpec]) {
+    fn release_upgrades(&mut self, specs: &[&LeaseSpec]) -> Vec<HeldLease> {
         let upgrade = |h: &HeldLease| {
             h.mode == LockMode::Shared && specs.iter().any(|s| s.at == h.at && s.mode == LockMode::Exclusive)
         };
@@ -146,37 +177,49 @@ impl Leases {
         for lease in &gone {
             info!("sanlock lease {} ({}) is wanted exclusive now: re-acquiring it", lease.display(), lease.what);
         }
-        self.release(&gone);
+        let failed = self.release(&gone);
+        self.held.extend(failed.iter().cloned());
+        gone.into_iter().filter(|g| !failed.contains(g)).collect()
     }
 
     /// Releases the held leases no longer among `specs` (a disk unplugged); returns how many.
-    pub fn keep_only(&mut self, specs: &[LeaseSpec]) -> usize {
-        let (keep, gone): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.held).into_iter().partition(|h| specs.iter().any(|s| s.at == h.at));
+    pub fn keep_only(&mut self, guest: &str, specs: &[LeaseSpec]) -> usize {
+        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| is_manifest(&h.at) || specs.iter().any(|s| s.at == h.at));
         self.held = keep;
-        self.release(&gone);
-        for lease in &gone {
+        let failed = self.release(&gone);
+        for lease in gone.iter().filter(|g| !failed.contains(g)) {
             info!("released sanlock lease {} ({}): no longer used", lease.display(), lease.what);
+        }
+        self.held.extend(failed);
+        if !gone.is_empty() {
+            if let Ok(sanlock) = Sanlock::load() {
+                self.sync_manifest(&sanlock, guest);
+            }
         }
         gone.len()
     }
 
-    /// Acquires every lease of `specs` this holder does not hold yet, or none of them. With
-    /// `incoming` (a verified incoming migration), leases held by the host that holds this
-    /// guest's own lease are pending instead of refusals. Errors are refusal lines.
-    pub fn acquire(&mut self, guest: &str, specs: &[LeaseSpec], incoming: bool) -> Result<Granted, Vec<String>> {
-        let specs = strongest(specs);
-        let specs: Vec<&LeaseSpec> = specs.iter().filter(|s| !self.knows(s)).collect();
+    /// Acquires every lease of `specs` this holder does not hold yet, or none of them (with
+    /// `how.partial`: what it can, reporting the rest). With `how.incoming` (a verified incoming
+    /// migration), leases held by the migration source are pending instead of refusals; the
+    /// source is the host whose holder of this guest holds exactly these leases (its manifest
+    /// lease, see `manifest_name`). Errors are refusal lines.
+    pub fn acquire(&mut self, guest: &str, specs: &[LeaseSpec], how: How) -> Result<Granted, Vec<String>> {
+        let all = strongest(specs);
+        let specs: Vec<&LeaseSpec> = all.iter().filter(|s| !self.knows(s)).collect();
         if specs.is_empty() {
             return Ok(Granted::default());
         }
         let sanlock = Sanlock::load().map_err(|e| vec![format!("sanlock engine: {e}")])?;
         self.ensure_client(&sanlock)?;
         self.check_joined(&sanlock)?;
-        self.release_upgrades(&specs);
+        let upgraded = self.release_upgrades(&specs);
         let options = AcquireOptions {
             persistent: true,
-            adopt_orphans: true,
+            // Only a re-adoption takes orphans: they are this guest's, left by its dead holder.
+            adopt_orphans: how.adopt,
             no_wait: true,
             owner_name: Some(Name::fit(guest)),
             ..AcquireOptions::default()
@@ -197,24 +240,43 @@ impl Leases {
             match client.acquire(std::slice::from_ref(&request), &options) {
                 Ok(()) => got.push(HeldLease::new(spec, &lease)),
                 Err(e) if e.is_busy() => busy.push(HeldLease::new(spec, &lease)),
-                Err(e) => lines.push(self.failure_line(spec, &lease, &e)),
+                Err(e) => lines.push(self.failure_line(&sanlock, spec, &lease, &e)),
             }
         }
         let mut pending = Vec::new();
+        let mut source_manifest = None;
         if !busy.is_empty() {
-            let source = incoming.then(|| self.guest_lease_owner(&sanlock, &got, &busy)).flatten();
+            let source = if how.incoming { self.migration_source(&sanlock, &all) } else { Err(String::new()) };
+            source_manifest = source.as_ref().ok().map(|(_, m)| m.clone());
             for lease in busy {
                 let owners = lease.lease().and_then(|l| sanlock.read_resource_owners(&l).ok());
-                match (source, &owners) {
-                    (Some(src), Some(o)) if !o.hosts.is_empty() && o.hosts.iter().all(|h| h.host_id == src) => {
+                match (&source, &owners) {
+                    (Ok((src, _)), Some(o)) if !o.hosts.is_empty() && o.hosts.iter().all(|h| h.host_id == *src) => {
                         pending.push(lease)
+                    }
+                    (Err(why), _) if !why.is_empty() => {
+                        lines.push(format!("{}: {why}", self.busy_line(&sanlock, &lease, owners.as_ref())))
                     }
                     _ => lines.push(self.busy_line(&sanlock, &lease, owners.as_ref())),
                 }
             }
         }
-        if !lines.is_empty() {
-            self.release(&got);
+        // The source's manifest names this guest's leases here too: taken over with them.
+        if let (false, Some(manifest)) = (pending.is_empty(), source_manifest) {
+            if !self.held.iter().chain(&self.pending).any(|h| h.at == manifest.at) {
+                pending.push(manifest);
+            }
+        }
+        // A lease released for an exclusive re-acquire that failed comes back shared.
+        for lease in upgraded {
+            if !got.iter().any(|g| g.at == lease.at) {
+                self.reacquire_shared(guest, lease);
+            }
+        }
+        if !lines.is_empty() && !how.partial {
+            let failed = self.release(&got);
+            // Not released: still ours, so held (and on record) until the holder exits.
+            self.held.extend(failed);
             return Err(lines);
         }
         for lease in &got {
@@ -229,10 +291,115 @@ impl Leases {
         if !pending.is_empty() {
             self.source = self.source.or(source_of(&sanlock, &pending));
         }
-        let granted = Granted { pending: pending.len() };
+        let granted = Granted { pending: pending.len(), missing: lines };
         self.held.extend(got);
         self.pending.extend(pending);
+        self.sync_manifest(&sanlock, guest);
         Ok(granted)
+    }
+
+    /// The exclusive leases this guest wants or holds, by how they are asked for: what its
+    /// manifest names. Its own lease and the manifest itself are not among them.
+    fn manifest_name(&self, wanted: impl Iterator<Item = (LockMode, LeaseAt)>) -> String {
+        let mut ids: Vec<String> = wanted
+            .filter(|(mode, at)| *mode == LockMode::Exclusive && !is_own(at))
+            .map(|(_, at)| match at {
+                LeaseAt::Key { key } => format!("key {key}"),
+                LeaseAt::Fixed { lockspace, name, path, offset } => {
+                    format!("lease {lockspace}:{name}:{}:{offset}", path.display())
+                }
+                LeaseAt::LibvirtDisk { path } => format!("libvirt {path}"),
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(self.uuid.as_str().as_bytes());
+        for id in &ids {
+            hash.update(b"\n");
+            hash.update(id.as_bytes());
+        }
+        let digest: String = hash.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{MANIFEST}{digest}")
+    }
+
+    /// Holds the manifest lease of what is held now (and releases the previous one): a
+    /// migration destination recognises this guest's source by it.
+    fn sync_manifest(&mut self, sanlock: &Sanlock, guest: &str) {
+        let wanted = self.held.iter().chain(&self.pending).map(|h| (h.mode, h.at.clone()));
+        let key = self.manifest_name(wanted);
+        let at = LeaseAt::Key { key: key.clone() };
+        let current: Vec<HeldLease> = self.held.iter().filter(|h| is_manifest(&h.at)).cloned().collect();
+        if current.iter().any(|h| h.at == at) || !self.pending.is_empty() {
+            return;
+        }
+        let spec = LeaseSpec { what: format!("guest {guest} (manifest)"), mode: LockMode::Exclusive, at, place: None };
+        let options = AcquireOptions { persistent: true, no_wait: true, ..AcquireOptions::default() };
+        match self.resolve(sanlock, &spec) {
+            Ok(lease) => {
+                let request = LeaseRequest { lease: lease.clone(), mode: LockMode::Exclusive, lver: None };
+                let client = self.client.as_mut().expect("registered");
+                match client.acquire(&[request], &options) {
+                    Ok(()) => self.held.push(HeldLease::new(&spec, &lease)),
+                    Err(e) => warn!("guest {guest}: cannot hold its manifest lease {key}: {}", crate::error_chain(&e)),
+                }
+            }
+            Err(line) => warn!("guest {guest}: {line}"),
+        }
+        self.held.retain(|h| !current.contains(h));
+        let failed = self.release(&current);
+        self.held.extend(failed);
+    }
+
+    /// The migration source's host id: the one host holding the manifest lease for exactly the
+    /// exclusive leases this destination asks for. Otherwise why not.
+    fn migration_source(&self, sanlock: &Sanlock, specs: &[LeaseSpec]) -> Result<(u64, HeldLease), String> {
+        let key = self.manifest_name(specs.iter().map(|s| (s.mode, s.at.clone())));
+        let not_source = "not held by this guest's migration source (its source holds another set of resources, or \
+                          is not on lockhook's sanlock engine)";
+        let area = self.area.as_ref().ok_or_else(|| not_source.to_owned())?;
+        let rindex = area.rindex();
+        let offset = match sanlock.lookup_rindex(&rindex, &Name::fit(&key)) {
+            Ok(Some(offset)) => offset,
+            Ok(None) => return Err(not_source.to_owned()),
+            Err(e) => return Err(format!("cannot read the resource index: {}", crate::error_chain(&e))),
+        };
+        let lease = Lease {
+            lockspace: rindex.lockspace.clone(),
+            name: Name::fit(&key),
+            disk: Disk::new(&rindex.disk.path, offset),
+        };
+        let owners = sanlock.read_resource_owners(&lease).map_err(|e| crate::error_chain(&e))?;
+        let spec = LeaseSpec {
+            what: "this guest's manifest".into(),
+            mode: LockMode::Exclusive,
+            at: LeaseAt::Key { key: key.clone() },
+            place: None,
+        };
+        match owners.hosts.as_slice() {
+            [only] if only.host_id != self.config.host_id => Ok((only.host_id, HeldLease::new(&spec, &lease))),
+            _ => Err(not_source.to_owned()),
+        }
+    }
+
+    /// Acquires `lease` shared again (after a failed upgrade to exclusive).
+    fn reacquire_shared(&mut self, guest: &str, mut lease: HeldLease) {
+        let Some(l) = lease.lease() else { return };
+        lease.mode = LockMode::Shared;
+        let options = AcquireOptions { persistent: true, no_wait: true, ..AcquireOptions::default() };
+        let client = self.client.as_mut().expect("registered");
+        match client.acquire(&[LeaseRequest { lease: l, mode: LockMode::Shared, lver: None }], &options) {
+            Ok(()) => self.held.push(lease),
+            Err(e) => {
+                log::error!(
+                    "guest {guest}: sanlock lease {} ({}) lost: the upgrade to exclusive failed and it cannot be held shared again: {}",
+                    lease.display(),
+                    lease.what,
+                    crate::error_chain(&e)
+                )
+            }
+        }
     }
 
     /// Tries the pending leases once more; returns those now held.
@@ -294,30 +461,38 @@ impl Leases {
 
     /// Releases every lease (persistent ones must be released, or they would outlive us as
     /// orphans) and forgets the pending ones.
-    pub fn release_all(&mut self) {
+    /// Returns the leases that could not be released: when this process exits they become
+    /// orphans of this host, which the caller must leave on record for `reconcile`.
+    pub fn release_all(&mut self) -> Vec<HeldLease> {
         let held = std::mem::take(&mut self.held);
-        self.release(&held);
+        let failed = self.release(&held);
         self.pending.clear();
         if !held.is_empty() {
-            info!("released {} sanlock lease(s)", held.len());
+            info!("released {} sanlock lease(s)", held.len() - failed.len());
         }
+        failed
     }
 
     /// The host lost its lockspace lease: the daemon is fencing us. Let go of everything (the
     /// leases are no longer ours to hold; the killpath stopped the guest).
     pub fn lock_lost(&mut self) {
         self.lost = true;
-        self.release_all();
+        // What the daemon does not release now it drops with the lockspace.
+        let _ = self.release_all();
     }
 
-    fn release(&mut self, leases: &[HeldLease]) {
-        let Some(client) = self.client.as_mut() else { return };
+    /// Releases `leases`; returns those the daemon did not release (still ours).
+    fn release(&mut self, leases: &[HeldLease]) -> Vec<HeldLease> {
+        let Some(client) = self.client.as_mut() else { return Vec::new() };
+        let mut failed = Vec::new();
         for held in leases {
             let Some(lease) = held.lease() else { continue };
             if let Err(e) = client.release(std::slice::from_ref(&lease)) {
-                warn!("cannot release sanlock lease {}: {}", held.display(), crate::error_chain(&e));
+                log::error!("cannot release sanlock lease {}: {}", held.display(), crate::error_chain(&e));
+                failed.push(held.clone());
             }
         }
+        failed
     }
 
     fn ensure_client(&mut self, sanlock: &Sanlock) -> Result<(), Vec<String>> {
@@ -335,7 +510,13 @@ impl Leases {
             crate::config::LockLost::Pause => "pause",
         };
         let run_dir = self.paths.run_dir().display().to_string();
-        match std::env::current_exe() {
+        // After an upgrade replaced the binary, /proc/self/exe reads "PATH (deleted)": the
+        // daemon must run the binary now at PATH.
+        let exe = std::env::current_exe().map(|p| {
+            let text = p.to_string_lossy();
+            text.strip_suffix(" (deleted)").map(PathBuf::from).unwrap_or_else(|| p.clone())
+        });
+        match exe {
             Ok(exe) if !run_dir.contains(' ') => {
                 if let Err(e) = client.set_killpath(&exe, &format!("sanlock lock-lost {action} {run_dir}")) {
                     return Err(vec![format!("sanlock: cannot set the killpath: {}", crate::error_chain(&e))]);
@@ -415,41 +596,47 @@ impl Leases {
         }
     }
 
-    /// The host holding this guest's own lease, when it is busy elsewhere (the migration
-    /// source); `None` when we got it (then nobody else runs the guest) or cannot tell.
-    fn guest_lease_owner(&self, sanlock: &Sanlock, got: &[HeldLease], busy: &[HeldLease]) -> Option<u64> {
-        let is_guest = |h: &&HeldLease| matches!(&h.at, LeaseAt::Key { key } if key.starts_with("guest:"));
-        if got.iter().any(|h| is_guest(&h)) {
-            return None;
-        }
-        let lease = busy.iter().find(is_guest)?.lease()?;
-        let owners = sanlock.read_resource_owners(&lease).ok()?;
-        match owners.hosts.as_slice() {
-            [only] if only.host_id != self.config.host_id => Some(only.host_id),
-            _ => None,
-        }
-    }
-
-    fn failure_line(&self, spec: &LeaseSpec, lease: &Lease, e: &SanlockError) -> String {
+    fn failure_line(&mut self, sanlock: &Sanlock, spec: &LeaseSpec, lease: &Lease, e: &SanlockError) -> String {
+        let held = HeldLease::new(spec, lease);
         match e {
             SanlockError::Acquire { code: Code::NotJoined, .. } => format!(
                 "{}: this host has not joined sanlock lockspace {} (host_id {}): run `lockhook sanlock join`",
                 spec.what, lease.lockspace, self.config.host_id
             ),
-            SanlockError::Acquire { code: Code::OwnedRetry, .. } => format!(
-                "{}: its sanlock lease {lease} is held by a host that stopped renewing; retry after its lease times out",
-                spec.what
+            SanlockError::Acquire { code: Code::OwnedRetry, .. } => {
+                let owners = sanlock.read_resource_owners(lease).ok();
+                format!(
+                    "{}, whose host stopped renewing; retry after its lease times out (8 x io_timeout + 60 s)",
+                    self.busy_line(sanlock, &held, owners.as_ref())
+                )
+            }
+            SanlockError::Acquire { code: Code::Orphan, .. } => format!(
+                "{} is held by this host as an orphan (left by a dead holder{}): `lockhook reconcile` re-adopts its guest or releases it",
+                spec.what,
+                local_holder(&self.paths, &held).map(|g| format!(" of guest {g}")).unwrap_or_default()
             ),
             other => format!("{}: sanlock lease {lease}: {}", spec.what, crate::error_chain(other)),
         }
     }
 
-    /// `WHAT is locked MODE through sanlock by host NAME (host_id N)[, guest G (UUID)]`.
+    /// `WHAT is locked MODE through sanlock by host NAME (sanlock host_id N)`, or `by guest G on
+    /// host ...` when the holder is on this host.
     fn busy_line(&mut self, sanlock: &Sanlock, lease: &HeldLease, owners: Option<&Owners>) -> String {
         let Some(owners) = owners.filter(|o| !o.hosts.is_empty()) else {
-            return format!("{} is locked through sanlock ({}) by another holder", lease.what, lease.display());
+            return format!(
+                "{} is locked through sanlock ({}), by a host sanlock does not name (its owner record is being written)",
+                lease.what,
+                lease.display()
+            );
         };
         let mode = if owners.shared { LockMode::Shared } else { LockMode::Exclusive };
+        let hosts = self.hosts_phrase(sanlock, lease, owners);
+        format!("{} is locked {} through sanlock by {hosts}", lease.what, mode.adverb())
+    }
+
+    /// `host NAME (sanlock host_id N)` per owner (`guest G on ...` when on this host). A name
+    /// comes from the host table, which each host writes for itself.
+    fn hosts_phrase(&mut self, sanlock: &Sanlock, lease: &HeldLease, owners: &Owners) -> String {
         let area = self.area(sanlock).ok().cloned();
         let hosts: Vec<String> = owners
             .hosts
@@ -466,7 +653,7 @@ impl Leases {
                 }
             })
             .collect();
-        format!("{} is locked {} through sanlock by {}", lease.what, mode.adverb(), hosts.join(", "))
+        hosts.join(", ")
     }
 }
 
@@ -581,9 +768,15 @@ pub fn release_orphans(leases: &[HeldLease]) -> Result<usize, String> {
     for held in leases {
         let Some(lease) = held.lease() else { continue };
         let request = LeaseRequest { lease: lease.clone(), mode: held.mode, lver: None };
-        if client.acquire(&[request], &options).is_ok() {
-            client.release(std::slice::from_ref(&lease)).map_err(|e| crate::error_chain(&e))?;
-            released += 1;
+        match client.acquire(&[request], &options) {
+            Ok(()) => {
+                client.release(std::slice::from_ref(&lease)).map_err(|e| crate::error_chain(&e))?;
+                released += 1;
+            }
+            // Not an orphan of this host (released already, or never held): nothing to do.
+            Err(SanlockError::Acquire { code: Code::Os(nix::errno::Errno::ENOENT), .. }) => {}
+            Err(e) if e.is_busy() => {}
+            Err(e) => return Err(format!("sanlock lease {}: {}", held.display(), crate::error_chain(&e))),
         }
     }
     Ok(released)
@@ -608,9 +801,44 @@ mod tests {
         assert_eq!(got, vec![spec("a", LockMode::Exclusive), spec("b", LockMode::Shared)]);
     }
 
+    fn leases_for(uuid: &str) -> Leases {
+        Leases::new(
+            &SanlockConfig::default(),
+            &Paths::new(std::path::Path::new("/nonexistent")),
+            &crate::domain::Uuid::parse(uuid).expect("uuid"),
+        )
+    }
+
+    #[test]
+    fn the_manifest_names_exactly_the_exclusive_set_of_one_guest() {
+        let u1 = "6f1d3c2a-1b2c-4d5e-8f90-0a1b2c3d4e5f";
+        let u2 = "7f1d3c2a-1b2c-4d5e-8f90-0a1b2c3d4e5f";
+        let ex = |k: &str| (LockMode::Exclusive, LeaseAt::Key { key: k.into() });
+        let sh = |k: &str| (LockMode::Shared, LeaseAt::Key { key: k.into() });
+        let name = |uuid: &str, set: Vec<(LockMode, LeaseAt)>| leases_for(uuid).manifest_name(set.into_iter());
+        let base = name(u1, vec![ex("file:/a@0"), ex("net:nbd://x"), ex(&format!("guest:{u1}"))]);
+        assert!(base.starts_with(MANIFEST) && base.len() == MANIFEST.len() + 32, "{base}");
+        // Order, duplicates, shared leases, the guest's own lease and a manifest do not count.
+        assert_eq!(base, name(u1, vec![ex("net:nbd://x"), sh("block:fs"), ex("file:/a@0"), ex("file:/a@0")]));
+        assert_eq!(base, name(u1, vec![ex("net:nbd://x"), ex("file:/a@0"), ex(&format!("{MANIFEST}00"))]));
+        // Another image, one image fewer, or another guest: another manifest.
+        assert_ne!(base, name(u1, vec![ex("file:/b@0"), ex("net:nbd://x")]));
+        assert_ne!(base, name(u1, vec![ex("net:nbd://x")]));
+        assert_ne!(base, name(u2, vec![ex("file:/a@0"), ex("net:nbd://x")]));
+        let lease = (
+            LockMode::Exclusive,
+            LeaseAt::Fixed { lockspace: "ls".into(), name: "k".into(), path: "/l".into(), offset: 0 },
+        );
+        assert_ne!(base, name(u1, vec![ex("file:/a@0"), ex("net:nbd://x"), lease]));
+    }
+
     #[test]
     fn held_shared_is_not_held_exclusive() {
-        let mut leases = Leases::new(&SanlockConfig::default(), &Paths::new(std::path::Path::new("/nonexistent")));
+        let mut leases = Leases::new(
+            &SanlockConfig::default(),
+            &Paths::new(std::path::Path::new("/nonexistent")),
+            &crate::domain::Uuid::parse("6f1d3c2a-1b2c-4d5e-8f90-0a1b2c3d4e5f").expect("uuid"),
+        );
         let lease = Lease { lockspace: Name::fit("lockhook"), name: Name::fit("a"), disk: Disk::new("/x", 4 << 20) };
         leases.held.push(HeldLease::new(&spec("a", LockMode::Shared), &lease));
         assert!(leases.knows(&spec("a", LockMode::Shared)));

@@ -37,7 +37,7 @@ pub enum LockLostError {
 
 /// Stops the QEMU of the guest whose holder is `holder_pid`, then tells the holder. Returns
 /// what was done, for the log.
-pub fn run(action: LockLost, run_dir: &Path, holder_pid: u32) -> Result<String, LockLostError> {
+pub fn run(action: LockLost, run_dir: &Path, holder_pid: u32, libvirt_run_dir: &Path) -> Result<String, LockLostError> {
     let paths = Paths::new(run_dir);
     let record = crate::state::list(&paths)
         .unwrap_or_default()
@@ -50,8 +50,14 @@ pub fn run(action: LockLost, run_dir: &Path, holder_pid: u32) -> Result<String, 
         LockLost::Kill => (Signal::SIGKILL, "killed"),
         LockLost::Pause => (Signal::SIGSTOP, "paused (SIGSTOP)"),
     };
-    let done = match (record.qemu_pid, record.qemu_start_time) {
-        (Some(pid), Some(start)) if crate::qemu::is_alive(pid, start) => {
+    // Between `prepare` and `started` the holder does not know its QEMU yet: libvirt's pid file
+    // does.
+    let qemu = match (record.qemu_pid, record.qemu_start_time) {
+        (Some(pid), Some(start)) => Some((pid, start)),
+        _ => crate::qemu::find(&record.name, &record.uuid, libvirt_run_dir),
+    };
+    let done = match qemu {
+        Some((pid, start)) if crate::qemu::is_alive(pid, start) => {
             let raw = i32::try_from(pid).map_err(|_| LockLostError::Signal {
                 pid,
                 guest: guest.clone(),

@@ -145,7 +145,7 @@ impl Holder {
             files: RunFiles { instance: Some(instance), listener, state_written: None },
             records: Records { lockspace: crate::lockspace::Lockspace::new(&config.lockspace_dir), keeper: None },
             leases: (config.engine == crate::config::Engine::Sanlock)
-                .then(|| crate::engine::leases::Leases::new(&config.sanlock, &paths_for_leases)),
+                .then(|| crate::engine::leases::Leases::new(&config.sanlock, &paths_for_leases, uuid)),
         })
     }
 }

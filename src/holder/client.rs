@@ -64,6 +64,8 @@ pub struct Handed<'a> {
     pub pending: &'a [Resource],
     pub incoming: bool,
     pub sanlock: &'a [crate::engine::LeaseSpec],
+    /// Re-adoption of a running guest (see `Request::Acquire`).
+    pub adopt: bool,
 }
 
 impl Client {
@@ -131,11 +133,12 @@ impl Client {
     /// Invariant: the caller keeps its own copies of the fds until this returns `Ok`; if the
     /// holder never ACKs, dropping them releases the locks, so nothing stays locked unowned.
     /// `pending` (no fds) and the sanlock leases travel with the first batch; returns how many
-    /// sanlock leases wait for a migration source.
-    pub fn acquire(&self, guest: &Guest, handed: Handed<'_>) -> Result<usize, ClientError> {
+    /// sanlock leases wait for a migration source, and (re-adoption) the lines of those missing.
+    pub fn acquire(&self, guest: &Guest, handed: Handed<'_>) -> Result<(usize, Vec<String>), ClientError> {
         let mut pending = handed.pending.to_vec();
         let mut sanlock = handed.sanlock.to_vec();
         let mut waiting = 0;
+        let mut missing = Vec::new();
         let mut batches: Vec<(&[Resource], &[std::os::fd::BorrowedFd<'_>])> =
             handed.resources.chunks(MAX_FDS).zip(handed.fds.chunks(MAX_FDS)).collect();
         if batches.is_empty() {
@@ -149,16 +152,23 @@ impl Client {
                 pending: std::mem::take(&mut pending),
                 incoming: handed.incoming,
                 sanlock: std::mem::take(&mut sanlock),
+                adopt: handed.adopt,
             };
-            waiting += self.expect_granted(&request, borrowed)?;
+            let (w, m) = self.expect_granted(&request, borrowed)?;
+            waiting += w;
+            missing.extend(m);
         }
-        Ok(waiting)
+        Ok((waiting, missing))
     }
 
-    fn expect_granted(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<usize, ClientError> {
+    fn expect_granted(
+        &self,
+        request: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(usize, Vec<String>), ClientError> {
         match self.call(request, fds)? {
-            Response::Ok => Ok(0),
-            Response::Granted { pending } => Ok(pending),
+            Response::Ok => Ok((0, Vec::new())),
+            Response::Granted { pending, missing } => Ok((pending, missing)),
             Response::Refused { lines } => Err(ClientError::Leases(lines)),
             other => Err(ProtocolError::Unexpected { expected: "ok", got: format!("{other:?}") }.into()),
         }

@@ -104,13 +104,26 @@ impl Holder {
     pub(super) fn drop_all(&mut self) {
         // Invariant: the files go first, while the instance lock still keeps a new holder of this
         // guest from creating its own under the same names.
-        let _ = fs::remove_file(self.paths.state(&self.uuid));
-        let _ = fs::remove_file(self.paths.socket(&self.uuid));
         // Persistent sanlock leases are released on purpose (closing the connection would leave
-        // them held as orphans).
-        if let Some(leases) = &mut self.leases {
-            leases.release_all();
+        // them held as orphans). Any the daemon did not release stay on record in the state file
+        // (the dead holder's), for `reconcile` to release as orphans.
+        let unreleased = self.leases.as_mut().map(|l| l.release_all()).unwrap_or_default();
+        if unreleased.is_empty() {
+            let _ = fs::remove_file(self.paths.state(&self.uuid));
+        } else {
+            self.held.clear();
+            if let Some(leases) = &mut self.leases {
+                leases.held = unreleased;
+            }
+            if let Err(e) = self.save() {
+                log::error!(
+                    "holder for {}: cannot record its unreleased sanlock leases: {}",
+                    self.uuid,
+                    crate::error_chain(&e)
+                );
+            }
         }
+        let _ = fs::remove_file(self.paths.socket(&self.uuid));
         self.held.clear();
         // Invariant: the lock file goes while still locked (see `rundir::lock_instance_file`).
         if let Some(instance) = &self.files.instance {

@@ -57,6 +57,10 @@ pub enum Request {
         /// are kept: all of them, or the request is refused.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         sanlock: Vec<crate::engine::LeaseSpec>,
+        /// Re-adoption of a running guest whose holder died: its orphaned sanlock leases are
+        /// taken back, and what cannot be had is reported (`granted {missing}`), not refused.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        adopt: bool,
     },
     SetQemu {
         pid: u32,
@@ -97,6 +101,9 @@ pub enum Response {
     /// `acquire` done; `pending` sanlock leases wait for the migration source.
     Granted {
         pending: usize,
+        /// With `adopt`: one line per sanlock lease that could not be had.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        missing: Vec<String>,
     },
     /// `acquire` refused: one line per sanlock lease that could not be had.
     Refused {

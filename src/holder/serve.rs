@@ -93,19 +93,22 @@ impl Holder {
                 Response::Error { code: ErrorCode::BadRequest, message: "this holder is not a spare".into() },
                 Next::Continue,
             ),
-            Request::Acquire { guest, resources, pending, incoming, sanlock } => {
+            Request::Acquire { guest, resources, pending, incoming, sanlock, adopt } => {
                 // Invariant: the sanlock leases come first; if one is refused, nothing of this
-                // request is kept (dropping `fds` closes our copies) and the hook refuses.
-                let waiting = match self.acquire_leases(&guest, &sanlock, incoming) {
-                    Ok(waiting) => waiting,
+                // request is kept (dropping `fds` closes our copies) and the hook refuses. A
+                // re-adoption keeps what it can have instead.
+                let how = crate::engine::leases::How { incoming, adopt, partial: adopt };
+                let granted = match self.acquire_leases(&guest, &sanlock, how) {
+                    Ok(granted) => granted,
                     Err(response) => return (response, Next::Continue),
                 };
                 let response = self.acquire(guest, resources, fds);
                 if response == Response::Ok {
                     self.migration.incoming |= incoming;
                     self.wait_for(pending);
-                    if waiting > 0 {
-                        return (Response::Granted { pending: waiting }, Next::Continue);
+                    if granted.pending > 0 || !granted.missing.is_empty() {
+                        let response = Response::Granted { pending: granted.pending, missing: granted.missing };
+                        return (response, Next::Continue);
                     }
                 }
                 (response, Next::Continue)
@@ -200,10 +203,10 @@ impl Holder {
         &mut self,
         guest: &Guest,
         specs: &[crate::engine::LeaseSpec],
-        incoming: bool,
-    ) -> Result<usize, Response> {
+        how: crate::engine::leases::How,
+    ) -> Result<crate::engine::leases::Granted, Response> {
         if specs.is_empty() {
-            return Ok(0);
+            return Ok(crate::engine::leases::Granted::default());
         }
         if guest.uuid != self.uuid {
             return Err(Response::Error {
@@ -217,8 +220,17 @@ impl Holder {
                 message: "this holder was started without the sanlock engine (engine changed?); stop the guest and start it again".into(),
             });
         };
-        match leases.acquire(&guest.name, specs, incoming) {
-            Ok(granted) => Ok(granted.pending),
+        match leases.acquire(&guest.name, specs, how) {
+            Ok(granted) => {
+                if !granted.missing.is_empty() {
+                    if let Err(e) = self.save() {
+                        warn!("holder for {}: {}", self.uuid, crate::error_chain(&e));
+                    }
+                }
+                Ok(granted)
+            }
+            // A running guest keeps its local locks whatever sanlock says.
+            Err(lines) if how.partial => Ok(crate::engine::leases::Granted { pending: 0, missing: lines }),
             Err(lines) => Err(Response::Refused { lines }),
         }
     }

@@ -204,6 +204,7 @@ impl Holder {
                 last_tick = Instant::now();
                 ticks += 1;
                 self.heal();
+                self.enforce_lock_lost();
                 // Owner records removed by someone else come back, once a minute: the record
                 // thread's work would otherwise map code pages again after every tick.
                 if ticks % RECORD_REFRESH_TICKS == 0 {
@@ -249,6 +250,29 @@ impl Holder {
             }
         }
         Ok(events)
+    }
+
+    /// After the host lost its sanlock lockspace (see `engine::lock_lost`) the guest has no
+    /// leases: a QEMU that runs again (someone sent SIGCONT to a paused one) is killed, since
+    /// another host may have taken its leases by now.
+    fn enforce_lock_lost(&mut self) {
+        if !self.leases.as_ref().is_some_and(|l| l.lost) {
+            return;
+        }
+        let Some(qemu) = &self.watched.qemu else { return };
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", qemu.pid)).unwrap_or_default();
+        let state = stat.rsplit(')').next().and_then(|rest| rest.trim_start().chars().next());
+        if matches!(state, Some('T' | 't' | 'Z' | 'X') | None) || !crate::qemu::is_alive(qemu.pid, qemu.start_time) {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(qemu.pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        error!(
+            "guest {}: its QEMU (pid {}) runs again after this host lost its sanlock leases: killed it (another host may hold them now)",
+            self.describe(),
+            qemu.pid
+        );
     }
 
     fn holds_leases(&self) -> bool {

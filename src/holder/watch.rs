@@ -104,12 +104,17 @@ impl Holder {
             self.held.iter().map(|(r, _)| crate::engine::Wanted::from(r)).collect();
         let specs = crate::engine::specs(&self.config, domain, &wanted);
         let before = leases.held.len();
-        let removed = leases.keep_only(&specs);
-        if let Err(lines) = leases.acquire(&domain.name, &specs, false) {
+        let removed = leases.keep_only(&domain.name, &specs);
+        let how = crate::engine::leases::How { partial: true, ..Default::default() };
+        let missing = match leases.acquire(&domain.name, &specs, how) {
+            Ok(granted) => granted.missing,
+            Err(lines) => lines,
+        };
+        for line in missing {
             conflicts.push(state::Conflict {
-                path: "sanlock lease".into(),
+                path: format!("sanlock lease: {}", line.split(" is locked").next().unwrap_or("?")).into(),
                 mode: crate::lock::LockMode::Exclusive,
-                held_by: lines.join("; "),
+                held_by: line,
                 since: crate::clock::now(),
             });
         }

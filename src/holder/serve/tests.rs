@@ -58,7 +58,14 @@ fn image(dir: &Path, name: &str) -> (PathBuf, HeldLock, Resource) {
 }
 
 fn acquire(resources: Vec<Resource>) -> Request {
-    Request::Acquire { guest: guest(), resources, pending: Vec::new(), incoming: false, sanlock: Vec::new() }
+    Request::Acquire {
+        guest: guest(),
+        resources,
+        pending: Vec::new(),
+        incoming: false,
+        sanlock: Vec::new(),
+        adopt: false,
+    }
 }
 
 fn lock_on(path: &Path) -> Option<LockMode> {
@@ -150,6 +157,7 @@ fn acquire_refuses_another_guest_and_a_wrong_fd_count_and_closes_what_came() {
         pending: Vec::new(),
         incoming: true,
         sanlock: Vec::new(),
+        adopt: false,
     };
     let short = acquire(vec![resource, second]);
     let ((refused, counted, listed), _) = talk(&mut holder, move |conn| {
@@ -310,6 +318,7 @@ fn pending_resources_are_taken_when_the_migration_source_lets_go() {
         pending: vec![resource.clone()],
         incoming: true,
         sanlock: Vec::new(),
+        adopt: false,
     };
     let ((first, again, listed), _) = talk(&mut holder, move |conn| {
         (ask(conn, &request, &[]), ask(conn, &request, &[]), ask(conn, &Request::Held, &[]))
