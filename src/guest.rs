@@ -200,6 +200,13 @@ fn hand_over(
     with: With<'_>,
 ) -> Result<(Client, usize, Vec<String>), GuestError> {
     let With { pending, incoming, sanlock, adopt } = with;
+    if client.is_none() {
+        // A state file here is a dead holder's: retired from the census (see `census`) before
+        // the new holder writes its own under the same name.
+        if let Some(claimed) = crate::census::claim_dead(&ctx.paths, &ctx.paths.state(&guest.uuid)) {
+            let _ = std::fs::remove_file(claimed);
+        }
+    }
     let client = match client.or_else(|| Client::claim_spare(&ctx.paths, &guest.uuid)) {
         Some(client) => client,
         None => match start_holder(ctx, guest) {

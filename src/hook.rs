@@ -195,10 +195,14 @@ const ADOPT_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 /// that must not hang this guest's hook. A pass still running when this call is done dies with
 /// the hook process; its fds close, so it leaves no lock behind, and the next call tries again.
 fn adopt_orphans_bounded(ctx: &Ctx, skip: Option<Uuid>) {
+    // The common case, in one `semctl`: no holder died since the last pass.
+    if crate::census::nothing_died(&ctx.paths) {
+        return;
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     let ctx_copy = Ctx::new(ctx.config.clone(), &ctx.config_path);
     let spawned = std::thread::Builder::new().name("adopt".into()).spawn(move || {
-        let _ = tx.send(crate::reconcile::adopt_orphans(&ctx_copy, skip.as_ref()));
+        let _ = tx.send(crate::reconcile::adopt_orphans(&ctx_copy, skip.as_ref(), false));
     });
     if let Err(e) = spawned {
         warn!("cannot start the re-adoption pass: {e}");

@@ -1,6 +1,7 @@
 //! lockhook: a libvirt `qemu` hook that locks every disk image and lease of a guest for its
 //! whole life, with a small per-guest holder process keeping the lock fds. See DESIGN.md.
 
+pub mod census;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -35,6 +35,12 @@ fn targets_of(state: &GuestState) -> Vec<LockTarget> {
 fn remove_records(paths: &Paths, uuid: &Uuid) {
     let _ = std::fs::remove_file(paths.state(uuid));
     let _ = std::fs::remove_file(paths.socket(uuid));
+    // The dead holder's instance lock file too: taken (so no holder of this guest runs), checked
+    // to be the file at the path, and removed while locked (see `rundir::lock_instance_file`).
+    let lock = paths.instance_lock(uuid);
+    if let Ok(held) = crate::rundir::lock_instance_file(&lock) {
+        crate::rundir::remove_instance_file(&lock, &held);
+    }
 }
 
 /// Inodes (on device `dev`) that carry an OFD write lock on byte 0, from one read of
@@ -83,10 +89,22 @@ fn dead_holders(paths: &Paths) -> Vec<Uuid> {
 
 /// Re-takes the locks of every running guest whose holder died, from its state file; removes
 /// the records of holders whose guest (or `lockhook run` command) is gone too.
-pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>) -> Report {
+///
+/// A hook call (`full` false) first asks the census (see `census`): when no holder died since
+/// the last pass, there is nothing to scan, at the cost of one `semctl`. `lockhook reconcile`
+/// scans anyway (holders of older versions are not counted).
+pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>, full: bool) -> Report {
     let mut report = Report::default();
+    if !full && crate::census::nothing_died(&ctx.paths) {
+        return report;
+    }
     for uuid in dead_holders(&ctx.paths).into_iter().filter(|u| Some(u) != skip) {
-        let Ok(record) = state::read(&ctx.paths.state(&uuid)) else {
+        // Exactly one pass deals with a dead holder: the one that claims its state file, which
+        // also retires it from the census.
+        let Some(claimed) = crate::census::claim_dead(&ctx.paths, &ctx.paths.state(&uuid)) else { continue };
+        let record = state::read(&claimed);
+        let _ = std::fs::remove_file(&claimed);
+        let Ok(record) = record else {
             remove_records(&ctx.paths, &uuid);
             report.cleaned.push(format!("{uuid}: unreadable state of a dead holder removed"));
             continue;
@@ -103,7 +121,8 @@ pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>) -> Report {
                     report.released.push(format!("{} ({uuid}): {n} orphaned sanlock lease(s) released", record.name))
                 }
                 Err(e) => {
-                    // Kept on record: the next pass tries again.
+                    // Put back on record (uncounted now): the reconcile timer's full pass retries.
+                    let _ = state::write(&ctx.paths.state(&uuid), &record);
                     report.failed.push(format!("{} ({uuid}): orphaned sanlock leases: {e}", record.name));
                     continue;
                 }
@@ -146,7 +165,7 @@ fn running_guests(libvirt_run_dir: &Path) -> Vec<(Domain, (u32, u64))> {
 /// The full pass of `lockhook reconcile`.
 pub fn reconcile(config: &Config, config_path: &Path) -> Report {
     let ctx = Ctx::new(config.clone(), config_path);
-    let mut report = adopt_orphans(&ctx, None);
+    let mut report = adopt_orphans(&ctx, None, true);
     let running = running_guests(&config.libvirt_run_dir);
     for (domain, qemu) in &running {
         let had_holder = state::holder_alive(&ctx.paths, &domain.uuid);

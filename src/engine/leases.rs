@@ -410,7 +410,7 @@ impl Leases {
         let Some(client) = self.client.as_mut() else { return Vec::new() };
         let options = AcquireOptions {
             persistent: true,
-            adopt_orphans: true,
+            adopt_orphans: false,
             no_wait: true,
             owner_name: Some(Name::fit(guest)),
             ..AcquireOptions::default()

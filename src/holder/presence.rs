@@ -80,6 +80,16 @@ impl Holder {
             resources: self.held.iter().map(|(r, _)| r.clone()).collect(),
         };
         let path = self.paths.state(&self.uuid);
+        // Invariant: counted before there is a state file to find, so a death is never missed.
+        if self.files.census.is_none() {
+            match crate::census::Census::open_or_create(&self.paths) {
+                Ok(census) => match census.enter() {
+                    Ok(()) => self.files.census = Some(census),
+                    Err(e) => log::warn!("holder for {}: cannot enter the census: {e}", self.uuid),
+                },
+                Err(e) => log::warn!("holder for {}: no census: {e}", self.uuid),
+            }
+        }
         state::write(&path, &record)?;
         self.files.state_written = fs::metadata(&path).ok().map(|m| (m.dev(), m.ino(), m.len()));
         Ok(())
@@ -110,6 +120,12 @@ impl Holder {
         let unreleased = self.leases.as_mut().map(|l| l.release_all()).unwrap_or_default();
         if unreleased.is_empty() {
             let _ = fs::remove_file(self.paths.state(&self.uuid));
+            // A clean exit: nothing for the re-adoption pass. (With leases left on record, the
+            // kernel's undo at exit makes the census count this holder dead: the next pass
+            // releases them.)
+            if let Some(census) = self.files.census.take() {
+                let _ = census.leave();
+            }
         } else {
             self.held.clear();
             if let Some(leases) = &mut self.leases {

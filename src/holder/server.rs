@@ -95,6 +95,8 @@ pub(super) struct RunFiles {
     pub(super) listener: OwnedFd,
     /// (dev, inode, size) of the state file as last written, to notice a replaced one cheaply.
     pub(super) state_written: Option<(u64, u64, u64)>,
+    /// The census this holder entered before its first state file (see `census`).
+    pub(super) census: Option<crate::census::Census>,
 }
 
 /// The lockspace, and the thread that publishes owner records in it.

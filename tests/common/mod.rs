@@ -113,6 +113,8 @@ impl Drop for Setup {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
+        // The run directory's census semaphore set lives in the kernel, not in the directory.
+        lockhook::census::Census::remove(&lockhook::paths::Paths::new(&self.run_dir));
     }
 }
 
