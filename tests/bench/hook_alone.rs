@@ -197,6 +197,27 @@ fn sanlock_leases(daemon: &SanlockDaemon, pid: Option<u32>) -> (usize, usize) {
     (by, leases.len())
 }
 
+/// One read of `/proc/locks`; its wall ms. The kernel takes `file_rwsem` for writing to list the
+/// locks, which waits for an RCU grace period unless the previous writer was a few tens of ms
+/// ago: a hook call that reads it (reconcile, when this host has guests) long after any other
+/// pays that wait.
+fn proc_locks_read() -> f64 {
+    let t0 = Instant::now();
+    let _ = fs::read("/proc/locks");
+    util::to_ms(t0.elapsed())
+}
+
+/// `/proc/locks` read cold (250 ms after the previous read) and warm (right after one).
+fn proc_locks_cold_warm() -> (Vec<f64>, Vec<f64>) {
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(250));
+        cold.push(proc_locks_read());
+        warm.push(proc_locks_read());
+    }
+    (cold, warm)
+}
+
 pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
     let dir = work.join("hook-alone");
     let shm = tmpfs_dir("lockhook-bench-run-");
@@ -306,9 +327,33 @@ pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
     let mut samples = vec![Samples::default(); guests.len()];
     let mut true_ms = Vec::new();
     let t0 = Instant::now();
-    let items = guests.len() + 1;
+    // Two blocks per round, each in an order rotated by one each round: the OFD calls and
+    // `exec /bin/true` (index `guests.len()`), as without the sanlock rows, then the sanlock
+    // engine's. Hook calls that follow a long pause run slower (cold caches, a spare holder idle
+    // for longer), so a sanlock block's seconds must not come right before a timed OFD call:
+    // one untimed OFD `prepare` and `release` precede each OFD block after the first.
+    let ofd_block: Vec<usize> =
+        (0..guests.len()).filter(|&i| guests[i].env != SANLOCK_ENV).chain([guests.len()]).collect();
+    let sanlock_block: Vec<usize> = (0..guests.len()).filter(|&i| guests[i].env == SANLOCK_ENV).collect();
+    let wait_gone = |pid: Option<u32>, env: usize| {
+        // Not timed: the holder must be gone before this guest's next prepare. A sanlock holder
+        // releases its leases, one sanlock call each, before it exits.
+        if let Some(pid) = pid {
+            let wait = Duration::from_secs(if env == SANLOCK_ENV { 30 } else { 5 });
+            assert!(crate::libvirtd::wait_until(wait, || !util::alive(pid)), "holder {pid} outlived release");
+        }
+    };
     for r in 0..rounds {
-        for item in util::rotation(items, r) {
+        if r > 0 && !sanlock_block.is_empty() {
+            let g = &guests[0];
+            envs[g.env].call_ok(&g.name, "prepare", "begin", &g.xml);
+            let pid = envs[g.env].holder_pid(&g.uuid);
+            envs[g.env].call_ok(&g.name, "release", "end", &g.xml);
+            wait_gone(pid, g.env);
+        }
+        let order = util::rotation(ofd_block.len(), r).into_iter().map(|i| ofd_block[i]);
+        let order = order.chain(util::rotation(sanlock_block.len(), r).into_iter().map(|i| sanlock_block[i]));
+        for item in order.collect::<Vec<_>>() {
             if item == guests.len() {
                 let mut cmd = Command::new("/bin/true");
                 util::clean_env(&mut cmd).args(["h1", "prepare", "begin", "-"]);
@@ -319,20 +364,22 @@ pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
             }
             let g = &guests[item];
             let env = &envs[g.env];
-            samples[item].prepare.push(env.call_ok(&g.name, "prepare", "begin", &g.xml));
-            samples[item].start.push(env.call_ok(&g.name, "start", "begin", &g.xml));
+            // Every timed call starts with `/proc/locks` warm (see `proc_locks_read`), as when
+            // calls follow each other closely; a sanlock `prepare` takes long enough to cool it.
+            let timed = |op: &str, sub: &str| {
+                proc_locks_read();
+                env.call_ok(&g.name, op, sub, &g.xml)
+            };
+            samples[item].prepare.push(timed("prepare", "begin"));
+            samples[item].start.push(timed("start", "begin"));
             let pid = env.holder_pid(&g.uuid);
-            samples[item].release.push(env.call_ok(&g.name, "release", "end", &g.xml));
-            // Not timed: the holder must be gone before this guest's next prepare.
-            if let Some(pid) = pid {
-                // A sanlock holder releases its leases one sanlock call each before it exits.
-                let wait = Duration::from_secs(if g.env == SANLOCK_ENV { 30 } else { 5 });
-                assert!(crate::libvirtd::wait_until(wait, || !util::alive(pid)), "holder {pid} outlived release");
-            }
+            samples[item].release.push(timed("release", "end"));
+            wait_gone(pid, g.env);
         }
         util::reap_orphans();
     }
     eprintln!("bench: part 2 done: {rounds} rounds in {:.1} s", t0.elapsed().as_secs_f64());
+    let (cold, warm) = proc_locks_cold_warm();
 
     // Report.
     let true_med = median(&true_ms);
@@ -347,7 +394,8 @@ pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
             let _ = write!(
                 text,
                 "Rows marked *sanlock engine*: the same calls with `engine = \"sanlock\"` (`[sanlock]` host_id 1, \
-                 io_timeout {SANLOCK_IO_TIMEOUT}), in the same rounds, on a private sanlock daemon (no watchdog) and a \
+                 io_timeout {SANLOCK_IO_TIMEOUT}), in the same rounds (after the OFD calls of each round, which an \
+                 untimed OFD `prepare` and `release` then precede), on a private sanlock daemon (no watchdog) and a \
                  file lease area on {}, formatted by `lockhook sanlock init` and joined by `lockhook sanlock join` \
                  ({:.1} s) before the rounds. Their `prepare` acquires, one sanlock call each, a lease per disk and the \
                  guest's own; the bench waits (untimed) for the holder to exit, having released them, after `release`. \
@@ -421,6 +469,16 @@ pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
             with_iqr(&summary(&samples[i].release))
         );
     }
+    let _ = writeln!(
+        text,
+        "\nEach timed call starts right after a read of `/proc/locks` by the bench, so that the hook's own read \
+         (reconcile, when this host has guests: `start`, `release`) finds it warm, as when the calls follow each other \
+         within a few ms. Read cold (250 ms after the previous read) it takes {} here, warm {}: listing the locks takes \
+         the kernel's `file_rwsem` for writing, which waits for an RCU grace period unless the last writer was recent. \
+         A hook call far from any other (most of them, in production) pays that on top of the figures above.",
+        with_iqr(&summary(&cold)),
+        with_iqr(&summary(&warm))
+    );
     text.push('\n');
     text.push_str(&verify);
     text.push_str(&verify_sanlock);
