@@ -17,7 +17,8 @@
 //! 1. `virsh start` and `virsh destroy` of a 1-disk and a 16-disk guest on one private libvirtd
 //!    per configuration (no hook, no-op sh hook, no-op /bin/true hook, lockhook, virtlockd);
 //! 2. the hook alone: `prepare` / `start` / `release` for 1, 16, 64 and 256 disks, and
-//!    `exec /bin/true`, with a least-squares fit (fixed cost, cost per disk);
+//!    `exec /bin/true`, with a least-squares fit (fixed cost, cost per disk); the same with
+//!    `engine = "sanlock"` on a private sanlock daemon (skipped, loudly, without sanlock);
 //! 3. holder footprint: RSS/PSS of one holder, total PSS of 100 and 500, fds per holder;
 //! 4. 8 guests started at once, with and without lockhook (and virtlockd).
 
@@ -28,6 +29,7 @@ mod footprint;
 mod hook_alone;
 mod libvirt_bench;
 mod report;
+mod sanlock_daemon;
 mod stats;
 mod util;
 
