@@ -520,3 +520,68 @@ fn metrics_parse_and_count_what_is_held() {
     let out = setup.hook(&["vm1", "release", "end", "-"], &vm);
     assert!(out.status.success());
 }
+
+/// Issue 12: after any number of guests come and go (transient guests with new UUIDs, refused
+/// starts, holders killed), the run directory holds only per-host files, the census is
+/// balanced again (so hook calls skip the re-adoption scan), and at most one spare runs.
+#[test]
+fn churn_leaves_only_per_host_files_and_a_balanced_census() {
+    let setup = Setup::new("");
+    let paths = lockhook::paths::Paths::new(&setup.run_dir);
+    let held = setup.image("images/held.img");
+    let keeper = xml("keeper", UUID2, &file_disk(&held, "vda", ""));
+    let out = setup.hook(&["keeper", "prepare", "begin", "-"], &keeper);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let uuid = |i: u32| format!("{i:08x}-0000-4000-8000-000000000000");
+    for i in 0..24u32 {
+        let name = format!("t{i}");
+        let img = setup.image(&format!("images/t{i}.img"));
+        // Every third guest wants the held image too: refused, then released as libvirt does.
+        let disks = if i % 3 == 0 {
+            format!("{}{}", file_disk(&img, "vda", ""), file_disk(&held, "vdb", ""))
+        } else {
+            file_disk(&img, "vda", "")
+        };
+        let vm = xml(&name, &uuid(i), &disks);
+        let out = setup.hook(&[&name, "prepare", "begin", "-"], &vm);
+        assert_eq!(out.status.success(), i % 3 != 0, "t{i}: {}", stderr(&out));
+        if i % 4 == 1 && i % 3 != 0 {
+            // A holder killed before its guest ran: the next hook call finds it dead.
+            let pid = holder_pid(&setup, &uuid(i));
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
+                .expect("kill");
+            assert!(wait_until(Duration::from_secs(5), || lock_state(&img, 0).is_none()), "t{i}'s holder died");
+            assert!(!lockhook::census::nothing_died(&paths), "the census saw t{i}'s holder die");
+        }
+        let out = setup.hook(&[&name, "release", "end", "-"], &vm);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = setup.hook(&["keeper", "release", "end", "-"], &keeper);
+    assert!(out.status.success());
+    // One more hook call deals with whatever died last.
+    let out = setup.hook(&["keeper", "release", "end", "-"], &keeper);
+    assert!(out.status.success());
+    let per_host = ["census", "census.lock", "spare.lock", "spare.sock"];
+    let left = || {
+        let mut names: Vec<String> = std::fs::read_dir(&setup.run_dir)
+            .expect("run dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names
+    };
+    let settled = wait_until(Duration::from_secs(10), || left().iter().all(|n| per_host.contains(&n.as_str())));
+    assert!(settled, "left in the run dir after 24 guests came and went: {:?}", left());
+    assert!(lockhook::census::nothing_died(&paths), "the census is balanced again");
+    let spares = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == setup.run_dir.join("spare.lock")))
+            })
+        })
+        .count();
+    assert!(spares <= 1, "{spares} spares hold spare.lock");
+}
