@@ -233,6 +233,7 @@ pub fn run(
         uuid: id.clone(),
         host: state::hostname(),
         holder_pid: std::process::id(),
+        holder_version: Some(crate::holder::protocol::release()),
         qemu_pid: None,
         qemu_start_time: None,
         since: crate::clock::now(),

@@ -159,8 +159,8 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
         _ => {}
     }
     match event.op {
-        Op::Prepare => Ok(guest::prepare(&ctx, &parsed?)?),
-        Op::Start => Ok(guest::start(&ctx, &parsed?)?),
+        Op::Prepare => Ok(counted(&ctx, guest::prepare(&ctx, &parsed?))?),
+        Op::Start => Ok(counted(&ctx, guest::start(&ctx, &parsed?))?),
         Op::Started => Ok(guest::started(&ctx, &parsed?)?),
         Op::Reconnect => reconnect(&ctx, &parsed?),
         Op::Migrate => {
@@ -185,6 +185,14 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
         }
         _ => Ok(()),
     }
+}
+
+/// Counts a refused start (see `counters`).
+fn counted(ctx: &Ctx, result: Result<(), guest::GuestError>) -> Result<(), guest::GuestError> {
+    if matches!(result, Err(guest::GuestError::Refused(_))) {
+        crate::counters::add(&ctx.paths, crate::counters::Counter::Refusals, 1);
+    }
+    result
 }
 
 /// How long a hook call waits for the re-adoption of other guests (see `adopt_orphans_bounded`).

@@ -5,6 +5,7 @@ pub mod census;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod counters;
 pub mod doctor;
 pub mod domain;
 pub mod engine;

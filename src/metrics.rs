@@ -2,8 +2,9 @@
 //! holders' state files (what `lockhook status` reads), for a scrape through node_exporter's
 //! textfile collector (`--textfile PATH`, written atomically: a temp file renamed over PATH).
 //!
-//! Gauges only, each a snapshot of now: guests by holder state, resources by mode and kind,
-//! pending migration hand-overs and hot-plug conflicts.
+//! Gauges, each a snapshot of now: guests by holder state, resources by mode and kind, pending
+//! migration hand-overs, hot-plug conflicts, holders by release; and two counters since boot
+//! (`counters`): refused starts and re-adoptions.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -19,6 +20,7 @@ pub fn render(paths: &Paths) -> io::Result<String> {
     let mut guests: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     let mut resources: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     let (mut pending, mut conflicts, mut unreadable) = (0u64, 0u64, 0u64);
+    let mut versions: BTreeMap<String, u64> = BTreeMap::new();
     for entry in &entries {
         let Ok(s) = &entry.state else {
             unreadable += 1;
@@ -32,6 +34,8 @@ pub fn render(paths: &Paths) -> io::Result<String> {
         if !entry.alive {
             continue; // a dead holder's locks are gone: counted as a stale guest only
         }
+        let version = s.holder_version.clone().unwrap_or_else(|| "older than 0.2".to_owned());
+        *versions.entry(version.chars().filter(|c| !matches!(c, '"' | '\\' | '\n')).collect()).or_default() += 1;
         for r in &s.resources {
             let what = match r.lock_file {
                 Some(crate::lockspace::LockFileKind::Network) => "network",
@@ -70,6 +74,23 @@ pub fn render(paths: &Paths) -> io::Result<String> {
     let _ = writeln!(out, "lockhook_hotplug_conflicts {conflicts}");
     family(&mut out, "lockhook_unreadable_state_files", "State files in the run directory that cannot be read.");
     let _ = writeln!(out, "lockhook_unreadable_state_files {unreadable}");
+    family(&mut out, "lockhook_holders", "Live holders on this host, by the lockhook release they run.");
+    for (version, n) in &versions {
+        let _ = writeln!(out, "lockhook_holders{{version=\"{version}\"}} {n}");
+    }
+    for (counter, value) in crate::counters::read(paths) {
+        let (name, help) = match counter {
+            crate::counters::Counter::Refusals => {
+                ("lockhook_refusals_total", "Guest starts refused on this host since boot.")
+            }
+            crate::counters::Counter::Readoptions => {
+                ("lockhook_readoptions_total", "Running guests re-adopted after their holder died, since boot.")
+            }
+        };
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {value}");
+    }
     Ok(out)
 }
 

@@ -136,7 +136,10 @@ pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>, full: bool) -> Repor
         // Its sanlock leases are orphans of this host now: the new holder adopts them.
         let leases: Vec<_> = record.sanlock.iter().map(crate::engine::leases::HeldLease::spec).collect();
         match guest::adopt(ctx, &guest, &targets_of(&record), &leases, Some(qemu)) {
-            Ok(()) => report.adopted.push(format!("{} ({uuid}): locks re-taken", record.name)),
+            Ok(()) => {
+                crate::counters::add(&ctx.paths, crate::counters::Counter::Readoptions, 1);
+                report.adopted.push(format!("{} ({uuid}): locks re-taken", record.name))
+            }
             Err(e) => {
                 let lines = e.lines().join("; ");
                 error!("guest {} ({uuid}): could not re-take every lock: {lines}", record.name);

@@ -154,6 +154,9 @@ pub struct GuestState {
     pub uuid: Uuid,
     pub host: String,
     pub holder_pid: u32,
+    /// The lockhook release of the holder (absent in state files of older holders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_version: Option<String>,
     pub qemu_pid: Option<u32>,
     /// With `qemu_pid`, identifies the QEMU process across pid reuse (see `qemu::start_time`).
     #[serde(default)]
@@ -305,6 +308,7 @@ mod tests {
             uuid: uuid.clone(),
             host: "h".into(),
             holder_pid: 1,
+            holder_version: None,
             qemu_pid: Some(2),
             since: crate::clock::now(),
             resources: vec![Resource {

@@ -47,9 +47,10 @@ pub fn print(paths: &Paths, json: bool, out: &mut dyn Write) -> std::io::Result<
                     crate::state::HolderKind::Guest => "guest",
                     crate::state::HolderKind::Command => "command",
                 };
+                let version = s.holder_version.as_deref().map_or_else(|| "older than 0.2".to_owned(), crate::one_line);
                 writeln!(
                     out,
-                    "{what} {} ({}) holder pid {} qemu pid {qemu} since {}",
+                    "{what} {} ({}) holder pid {} (lockhook {version}) qemu pid {qemu} since {}",
                     crate::one_line(&s.name),
                     s.uuid,
                     s.holder_pid,

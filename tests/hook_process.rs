@@ -483,6 +483,13 @@ fn metrics_parse_and_count_what_is_held() {
     let vm = xml("vm1", UUID1, &devices);
     let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm);
     assert!(out.status.success(), "{}", stderr(&out));
+    // A refused start is counted (since boot: the run directory's counters).
+    let other =
+        xml("vm2", UUID2, &format!("<lease><key>k</key><target path='{}' offset='4096'/></lease>", lease.display()));
+    let out = setup.hook(&["vm2", "prepare", "begin", "-"], &other);
+    assert!(!out.status.success(), "vm2 refused");
+    let out = setup.hook(&["vm2", "release", "end", "-"], &other);
+    assert!(out.status.success());
     let parse = |text: &[u8]| {
         let mut child = std::process::Command::new("/usr/bin/python3")
             .args([
@@ -509,6 +516,9 @@ fn metrics_parse_and_count_what_is_held() {
         "lockhook_resourceskind=disk,mode=shared 1",
         "lockhook_resourceskind=lease,mode=exclusive 1",
         "lockhook_pending_handovers 0",
+        &format!("lockhook_holdersversion={} 1", env!("CARGO_PKG_VERSION")),
+        "lockhook_refusals_total 1",
+        "lockhook_readoptions_total 0",
     ] {
         assert!(samples.lines().any(|l| l == want), "{want} in:\n{samples}");
     }
@@ -561,7 +571,7 @@ fn churn_leaves_only_per_host_files_and_a_balanced_census() {
     // One more hook call deals with whatever died last.
     let out = setup.hook(&["keeper", "release", "end", "-"], &keeper);
     assert!(out.status.success());
-    let per_host = ["census", "census.lock", "spare.lock", "spare.sock"];
+    let per_host = ["census", "census.lock", "counters", "spare.lock", "spare.sock"];
     let left = || {
         let mut names: Vec<String> = std::fs::read_dir(&setup.run_dir)
             .expect("run dir")

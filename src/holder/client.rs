@@ -54,6 +54,8 @@ pub struct Held {
 
 pub struct Client {
     sock: OwnedFd,
+    /// The protocol version this holder speaks: ours, or the one before (an older holder).
+    version: std::cell::Cell<u32>,
 }
 
 /// What one hand-over gives a holder: `resources[i]` describes `fds[i]`.
@@ -85,7 +87,7 @@ impl Client {
         let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as libc::time_t, 0);
         let _ = setsockopt(&sock, sockopt::ReceiveTimeout, &timeout);
         let _ = setsockopt(&sock, sockopt::SendTimeout, &timeout);
-        Ok(Some(Client { sock }))
+        Ok(Some(Client { sock, version: std::cell::Cell::new(protocol::VERSION) }))
     }
 
     /// Claims this host's spare holder for `uuid` (see `holder::spare`). `Ok(None)` when there is
@@ -97,7 +99,7 @@ impl Client {
         let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as libc::time_t, 0);
         let _ = setsockopt(&sock, sockopt::ReceiveTimeout, &timeout);
         let _ = setsockopt(&sock, sockopt::SendTimeout, &timeout);
-        let client = Client { sock };
+        let client = Client { sock, version: std::cell::Cell::new(protocol::VERSION) };
         match client.expect_ok(&Request::Claim { uuid: uuid.clone() }, &[]) {
             Ok(()) => Some(client),
             Err(e) => {
@@ -108,7 +110,26 @@ impl Client {
     }
 
     fn call(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Response, ClientError> {
-        let bytes = protocol::encode(request)?;
+        match self.call_as(self.version.get(), request, fds) {
+            // An older holder (the guest started before an upgrade): once more in its version.
+            Err(ClientError::Refused { code: ErrorCode::Version, .. })
+                if self.version.get() == protocol::VERSION && protocol::MIN_VERSION < protocol::VERSION =>
+            {
+                self.version.set(protocol::VERSION - 1);
+                self.call_as(self.version.get(), request, fds)
+            }
+            Err(ClientError::Refused { code: ErrorCode::Version, message }) => Err(ClientError::Refused {
+                code: ErrorCode::Version,
+                message: format!(
+                    "{message}: this holder is from a lockhook too old for this one; stop and start the guest"
+                ),
+            }),
+            other => other,
+        }
+    }
+
+    fn call_as(&self, v: u32, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Response, ClientError> {
+        let bytes = protocol::encode_as(v, request)?;
         fdpass::send(self.sock.as_fd(), &bytes, fds)?;
         let mut buf = vec![0u8; MAX_FRAME];
         let (len, _) = fdpass::recv(self.sock.as_fd(), &mut buf)?;

@@ -75,6 +75,7 @@ impl Holder {
             uuid: self.uuid.clone(),
             host: self.host.clone(),
             holder_pid: std::process::id(),
+            holder_version: Some(crate::holder::protocol::release()),
             qemu_pid: self.watched.qemu.as_ref().map(|q| q.pid),
             since: self.since.clone(),
             resources: self.held.iter().map(|(r, _)| r.clone()).collect(),

@@ -5,9 +5,12 @@
 //! the lock fds as `SCM_RIGHTS` ancillary data in the same datagram (at most `MAX_FDS`). A
 //! client sends one request and reads exactly one response before sending the next.
 //!
-//! Every frame is `{"v": 1, "msg": {"type": ..., ...}}`. The holder rejects other versions with
-//! `error{code: "version"}`. Compatibility rule: old → new only; a newer holder understands every
-//! older request, and new fields are optional.
+//! Every frame is `{"v": N, "msg": {"type": ..., ...}}`. Upgrades never stop a running guest's
+//! holder, so a new hook meets old holders: each side understands its own version and the one
+//! before (`ACCEPTED`), new fields are optional, and a holder answers in the version it was asked
+//! in. A client speaks its own version first and, when an older holder answers
+//! `error{code: "version"}`, once more in the version before; anything older gets a clear line
+//! (stop and start the guest).
 //!
 //! | request (hook/CLI → holder)            | fds            | response                        |
 //! |----------------------------------------|----------------|---------------------------------|
@@ -26,7 +29,26 @@ use serde::{Deserialize, Serialize};
 use crate::lock::Identity;
 use crate::state::Resource;
 
-pub const VERSION: u32 = 1;
+/// This build's protocol version. A build for the upgrade test bumps it at compile time
+/// (`LOCKHOOK_PROTOCOL_BUMP=1`), so that test runs two protocol versions side by side.
+pub const VERSION: u32 = 1 + bump();
+/// The versions this build understands: its own and the one before.
+pub const ACCEPTED: std::ops::RangeInclusive<u32> = MIN_VERSION..=VERSION;
+/// The oldest version this build understands.
+pub const MIN_VERSION: u32 = if VERSION > 1 { VERSION - 1 } else { 1 };
+
+const fn bump() -> u32 {
+    match option_env!("LOCKHOOK_PROTOCOL_BUMP") {
+        Some(v) if !v.is_empty() && v.as_bytes()[0] == b'1' => 1,
+        _ => 0,
+    }
+}
+
+/// The lockhook release this build is (with `LOCKHOOK_VERSION_SUFFIX` appended when it was
+/// set at build time): what `status` and the metrics show for each holder.
+pub fn release() -> String {
+    format!("{}{}", env!("CARGO_PKG_VERSION"), option_env!("LOCKHOOK_VERSION_SUFFIX").unwrap_or(""))
+}
 /// Largest frame either side sends or accepts; checked before anything is parsed.
 pub const MAX_FRAME: usize = 128 * 1024;
 /// Most fds in one `acquire` datagram; larger guests are sent in several `acquire`s.
@@ -138,7 +160,7 @@ struct Frame<T> {
 pub enum ProtocolError {
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
     TooLarge(usize),
-    #[error("protocol version {0} is not supported (this is version {VERSION})")]
+    #[error("protocol version {0} is not supported (this build speaks versions {MIN_VERSION} to {VERSION})")]
     Version(u32),
     #[error("malformed frame: {0}")]
     Malformed(String),
@@ -147,7 +169,12 @@ pub enum ProtocolError {
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
-    let bytes = serde_json::to_vec(&Frame { v: VERSION, msg }).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    encode_as(VERSION, msg)
+}
+
+/// `encode` in version `v` (one of `ACCEPTED`).
+pub fn encode_as<T: Serialize>(v: u32, msg: &T) -> Result<Vec<u8>, ProtocolError> {
+    let bytes = serde_json::to_vec(&Frame { v, msg }).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
     if bytes.len() > MAX_FRAME {
         return Err(ProtocolError::TooLarge(bytes.len()));
     }
@@ -155,6 +182,11 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
 }
 
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ProtocolError> {
+    decode_versioned(bytes).map(|(_, msg)| msg)
+}
+
+/// `decode`, with the frame's version.
+pub fn decode_versioned<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<(u32, T), ProtocolError> {
     if bytes.len() > MAX_FRAME {
         return Err(ProtocolError::TooLarge(bytes.len()));
     }
@@ -163,11 +195,11 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ProtocolE
         v: u32,
     }
     let version: Version = serde_json::from_slice(bytes).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    if version.v != VERSION {
+    if !ACCEPTED.contains(&version.v) {
         return Err(ProtocolError::Version(version.v));
     }
     let frame: Frame<T> = serde_json::from_slice(bytes).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    Ok(frame.msg)
+    Ok((frame.v, frame.msg))
 }
 
 #[cfg(test)]
@@ -186,7 +218,11 @@ mod tests {
 
     #[test]
     fn rejects_bad_frames() {
-        assert!(matches!(decode::<Request>(br#"{"v":2,"msg":{"type":"held"}}"#), Err(ProtocolError::Version(2))));
+        let next = format!(r#"{{"v":{},"msg":{{"type":"held"}}}}"#, VERSION + 1);
+        assert!(matches!(decode::<Request>(next.as_bytes()), Err(ProtocolError::Version(_))));
+        assert!(matches!(decode::<Request>(br#"{"v":0,"msg":{"type":"held"}}"#), Err(ProtocolError::Version(0))));
+        let current = format!(r#"{{"v":{VERSION},"msg":{{"type":"held"}}}}"#);
+        assert_eq!(decode_versioned::<Request>(current.as_bytes()).expect("current"), (VERSION, Request::Held));
         assert!(matches!(decode::<Request>(br#"{"v":1,"msg":{"type":"explode"}}"#), Err(ProtocolError::Malformed(_))));
         assert!(matches!(decode::<Request>(b"\xff"), Err(ProtocolError::Malformed(_))));
         assert!(matches!(decode::<Request>(&vec![b' '; MAX_FRAME + 1]), Err(ProtocolError::TooLarge(_))));

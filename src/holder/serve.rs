@@ -64,9 +64,14 @@ impl Holder {
                     return Next::Continue;
                 }
             };
+            // Answered in the version asked in (an older hook after an upgrade of the holder).
+            let mut version = protocol::VERSION;
             let (response, next) = if allowed {
-                match protocol::decode::<Request>(&buf[..len]) {
-                    Ok(request) => self.handle(request, fds),
+                match protocol::decode_versioned::<Request>(&buf[..len]) {
+                    Ok((v, request)) => {
+                        version = v;
+                        self.handle(request, fds)
+                    }
                     Err(e) => (Response::Error { code: code_of(&e), message: e.to_string() }, Next::Continue),
                 }
             } else {
@@ -78,7 +83,7 @@ impl Holder {
                     Next::Continue,
                 )
             };
-            if let Ok(bytes) = protocol::encode(&response) {
+            if let Ok(bytes) = protocol::encode_as(version, &response) {
                 let _ = fdpass::send(conn.as_fd(), &bytes, &[]);
             }
             if let Next::Exit = next {
