@@ -19,3 +19,4 @@ mod pools;
 mod sanlock;
 mod sanlock_engine;
 mod storage;
+mod upgrade;

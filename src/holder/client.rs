@@ -116,6 +116,7 @@ impl Client {
                 if self.version.get() == protocol::VERSION && protocol::MIN_VERSION < protocol::VERSION =>
             {
                 self.version.set(protocol::VERSION - 1);
+                log::info!("holder speaks protocol version {} (older lockhook): talking it", protocol::VERSION - 1);
                 self.call_as(self.version.get(), request, fds)
             }
             Err(ClientError::Refused { code: ErrorCode::Version, message }) => Err(ClientError::Refused {
