@@ -7,6 +7,7 @@
 #![allow(clippy::tests_outside_test_module)] // an integration test crate is all tests
 
 mod common;
+mod deb;
 mod doctor;
 mod e2e;
 mod fleet;

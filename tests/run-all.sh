@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs lockhook's whole test suite: unit, process-level, install and end-to-end tests against a
 # real libvirtd + QEMU that the tests start in private namespaces (never the host's libvirtd).
-# Needs root. Installs what is missing first: Debian packages (apt-get) and cargo-nextest.
+# Needs root. Installs what is missing first: Debian packages (apt-get), cargo-nextest and cargo-deb.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -32,6 +32,8 @@ if [ "$need_apt" = 1 ]; then
     sanlock libsanlock1 libvirt-sanlock gcc libc6-dev man-db python3-prometheus-client >/dev/null
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# The Debian package tests build the package with cargo-deb (about a minute to install).
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
 
 cargo fmt --all -- --check
 # Tests that need root or a libvirtd are #[ignore]d for a plain `cargo test`; run them all here.
