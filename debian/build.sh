@@ -3,7 +3,7 @@
 # (`cargo install --locked cargo-deb`); metadata in Cargo.toml [package.metadata.deb], maintainer
 # scripts beside this file. Needs no root.
 #
-#   ./debian/build.sh [cargo deb options]     e.g. --deb-version 0.1.0-2, --output DIR
+#   ./debian/build.sh [cargo deb options]     e.g. --deb-version 0.2.0-2, --output DIR
 #
 # cargo-deb packages files that exist at build time, so this builds the binary first (statically
 # linked where the toolchain can, as install.sh does), then has it write its man pages and

@@ -358,7 +358,7 @@ fn a_host_without_a_hook_gets_lockhook_as_its_qemu_hook_until_removed() {
     }
 
     // Run again, the postinst changes nothing and prints nothing on stdout.
-    let (out, err) = sb.ok("/var/lib/dpkg/info/lockhook.postinst configure 0.1.0-1");
+    let (out, err) = sb.ok(&format!("/var/lib/dpkg/info/lockhook.postinst configure {}-1", env!("CARGO_PKG_VERSION")));
     assert_eq!(out, "", "postinst stdout");
     assert_notes(&err, "postinst again");
     assert!(!err.contains("installed"), "{err}");
@@ -451,8 +451,10 @@ fn an_install_sh_installation_stays_the_hook() {
 fn an_upgrade_keeps_the_hook_and_the_administrators_config() {
     let sb = Sandbox::new(true);
     let v1 = build_package(sb.temp());
-    let v2 = repack(&v1, sb.temp(), "0.1.0-2", "");
-    let v3 = repack(&v1, sb.temp(), "0.1.0-3", "# a new upstream default\n");
+    let (v2_version, v3_version) =
+        (format!("{}-2", env!("CARGO_PKG_VERSION")), format!("{}-3", env!("CARGO_PKG_VERSION")));
+    let v2 = repack(&v1, sb.temp(), &v2_version, "");
+    let v3 = repack(&v1, sb.temp(), &v3_version, "# a new upstream default\n");
     sb.dpkg(&format!("-i {}", deb_arg(&v1)));
     let libvirtd = sb.start_libvirtd();
 
@@ -478,7 +480,7 @@ fn an_upgrade_keeps_the_hook_and_the_administrators_config() {
         assert_eq!(sb.read(CONF), edited, "the administrator's config stays");
     }
     let (version, _) = sb.ok("dpkg-query -W -f '${Version}' lockhook");
-    assert_eq!(version, "0.1.0-2");
+    assert_eq!(version, v2_version);
 
     // A new default config: with --force-confold and no stdin, dpkg keeps the administrator's and
     // puts the new one beside it.
@@ -491,7 +493,7 @@ fn an_upgrade_keeps_the_hook_and_the_administrators_config() {
     assert_eq!(sb.read(CONF), edited, "the administrator's config stays");
     assert!(sb.read(&format!("{CONF}.dpkg-dist")).ends_with("# a new upstream default\n"));
     let (version, _) = sb.ok("dpkg-query -W -f '${Version} ${Status}' lockhook");
-    assert_eq!(version, "0.1.0-3 install ok installed");
+    assert_eq!(version, format!("{v3_version} install ok installed"));
     assert_eq!(sb.read_link(HOOK).as_deref(), Some("/usr/sbin/lockhook"));
     sb.ok("lockhook --config /etc/lockhook/lockhook.toml status");
 }
