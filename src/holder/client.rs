@@ -219,3 +219,44 @@ impl Client {
         self.expect_ok(&Request::Release, &[])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A holder too old for this client (it answers every request `error{version}`): one clear
+    /// line saying what to do, after at most one retry in the older version.
+    #[test]
+    fn a_holder_too_old_gets_a_clear_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let paths = Paths::new(dir.path());
+        let uuid = Uuid::parse("f3fa73d4-1c2b-4e5f-8a9b-0123456789ab").expect("uuid");
+        let listener = crate::rundir::listen_on(&paths.socket(&uuid)).expect("listen");
+        let old = std::thread::spawn(move || {
+            let (conn, _) = crate::holder::serve::accept_conn(&listener).expect("accept");
+            let mut asked = 0;
+            let mut buf = vec![0u8; MAX_FRAME];
+            while let Ok((len, _)) = fdpass::recv(conn.as_fd(), &mut buf) {
+                if len == 0 {
+                    break;
+                }
+                asked += 1;
+                let refusal =
+                    Response::Error { code: ErrorCode::Version, message: "protocol version 9 is not supported".into() };
+                let _ = fdpass::send(
+                    conn.as_fd(),
+                    &protocol::encode_as(protocol::MIN_VERSION, &refusal).expect("encode"),
+                    &[],
+                );
+            }
+            asked
+        });
+        let client = Client::connect(&paths, &uuid).expect("connect").expect("listening");
+        let err = client.held().expect_err("refused");
+        let text = crate::error_chain(&err);
+        assert!(text.contains("too old for this one; stop and start the guest"), "{text}");
+        drop(client);
+        let asked = old.join().expect("join");
+        assert!(asked <= 2, "asked {asked} times");
+    }
+}
