@@ -95,7 +95,7 @@ pub(super) fn check(hooks: &[InstalledHook], run_dir: &Path, out: &mut Vec<Findi
                 Severity::Ok,
                 CHECK,
                 format!(
-                    "{} (pid {}) was sent SIGHUP by install.sh at {}, after the hook was installed",
+                    "{} (pid {}) was sent SIGHUP by the installer (install.sh or the package) at {}, after the hook was installed",
                     d.name,
                     d.pid,
                     crate::clock::rfc3339(hup / 1000)
