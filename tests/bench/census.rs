@@ -64,7 +64,7 @@ pub fn describe(run_dir: &Path) -> String {
 }
 
 /// Removes the run directory's semaphore set (by its id, from `<run_dir>/census`), once no
-/// holder of it runs any more.
+/// holder of it runs any more; says so on stderr.
 pub fn remove(run_dir: &Path) {
     let Some(c) = CensusSet::open(run_dir) else { return };
     // SAFETY: semid_ds is plain data; zeroes are a valid value for every field.
@@ -73,6 +73,11 @@ pub fn remove(run_dir: &Path) {
     let rv = unsafe { libc::semctl(c.semid, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds) };
     if rv == 0 && ds.sem_ctime == c.ctime {
         // SAFETY: no pointers; removes the set lockhook recorded for this run dir.
-        unsafe { libc::semctl(c.semid, 0, libc::IPC_RMID) };
+        let rv = unsafe { libc::semctl(c.semid, 0, libc::IPC_RMID) };
+        if rv == 0 {
+            eprintln!("bench: removed semaphore set {} (the census of {})", c.semid, run_dir.display());
+            return;
+        }
     }
+    eprintln!("bench: warning: could not remove semaphore set {} (census of {})", c.semid, run_dir.display());
 }

@@ -38,16 +38,23 @@ struct Probe {
     xml: String,
 }
 
-/// One point of the sweep: `held` guests held while the probe ran.
+/// The probe's calls, in the sweep table's order (they run prepare, reconnect, release).
+const CALLS: [&str; 3] = ["prepare", "release", "reconnect"];
+
+/// A point's samples, `[scan forced][call]`.
+type Samples = [[Vec<f64>; 3]; 2];
+/// Which samples of a point (wall or CPU).
+type Pick = fn(&Point) -> &Samples;
+
+/// One point of the sweep: `held` guests held while the probe ran. Samples are indexed
+/// `[scan forced][call]` (`call` as in `CALLS`).
 struct Point {
     held: usize,
     label: String,
-    prepare: Vec<f64>,
-    reconnect: Vec<f64>,
-    release: Vec<f64>,
-    prepare_scan: Vec<f64>,
-    reconnect_scan: Vec<f64>,
-    release_scan: Vec<f64>,
+    /// Wall ms of each call.
+    wall: Samples,
+    /// CPU ms (user + system) of each hook process, from `getrusage(RUSAGE_CHILDREN)`.
+    cpu: Samples,
     /// Total PSS (KiB) of the held guests' holders and spares, and how many processes.
     pss: Option<(f64, usize)>,
 }
@@ -55,32 +62,39 @@ struct Point {
 /// Untimed rounds before each point's timed ones (the first makes the census at 0 held).
 const PROBE_WARMUP: usize = 2;
 
-/// `rounds` timed rounds of the probe's `prepare` + `release`, each once as it is and once with
-/// the census unbalanced by the bench (in an order alternating by round). The probe's holder
-/// is waited for (untimed) after each `release`.
+/// CPU ms (user + system) of every child this process has waited for so far.
+fn children_cpu_ms() -> f64 {
+    // SAFETY: rusage is plain data; zeroes are a valid value for every field.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into the buffer we pass, which lives for the call.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// `rounds` timed rounds of the probe's `prepare`, `reconnect` and `release`, each once as it is
+/// and once with the census unbalanced by the bench (in an order alternating by round). The
+/// probe's holder is waited for (untimed) after each `release`. Each call's CPU time is the
+/// growth of this process's children's CPU over the call: nothing else is reaped meanwhile (the
+/// probe's previous holder was, before the round; the other holders stay).
 fn probe(env: &HookEnv, p: &Probe, held: usize, label: String, rounds: usize) -> Point {
-    let mut point = Point {
-        held,
-        label,
-        prepare: Vec::new(),
-        reconnect: Vec::new(),
-        release: Vec::new(),
-        prepare_scan: Vec::new(),
-        reconnect_scan: Vec::new(),
-        release_scan: Vec::new(),
-        pss: None,
-    };
+    let mut point = Point { held, label, wall: Default::default(), cpu: Default::default(), pss: None };
     for r in 0..rounds + PROBE_WARMUP {
         let order = if r % 2 == 0 { [false, true] } else { [true, false] };
         for scan in order {
             let census = if scan { CensusSet::open(&env.run_dir) } else { None };
             let forced = census.as_ref().is_some_and(|c| c.add_entered(1));
-            let tp = env.call_ok(&p.name, "prepare", "begin", &p.xml);
+            let call = |op: &str, sub: &str| {
+                let c0 = children_cpu_ms();
+                let t = env.call_ok(&p.name, op, sub, &p.xml);
+                (t, children_cpu_ms() - c0)
+            };
+            let prepare = call("prepare", "begin");
             let pid = env.holder_pid(&p.uuid);
             // What libvirtd runs for each guest when it restarts (the holder is alive; there is
             // no QEMU to find, which the call only logs).
-            let tc = env.call_ok(&p.name, "reconnect", "begin", &p.xml);
-            let tr = env.call_ok(&p.name, "release", "end", &p.xml);
+            let reconnect = call("reconnect", "begin");
+            let release = call("release", "end");
             if forced {
                 let back = census.as_ref().is_some_and(|c| c.add_entered(-1));
                 assert!(back, "could not take back the census' forced count");
@@ -95,25 +109,21 @@ fn probe(env: &HookEnv, p: &Probe, held: usize, label: String, rounds: usize) ->
             if r < PROBE_WARMUP {
                 continue;
             }
-            let (tp, tc, tr) = if scan && !forced { (f64::NAN, f64::NAN, f64::NAN) } else { (tp, tc, tr) };
-            let (prep, rec, rel) = if scan {
-                (&mut point.prepare_scan, &mut point.reconnect_scan, &mut point.release_scan)
-            } else {
-                (&mut point.prepare, &mut point.reconnect, &mut point.release)
-            };
-            prep.push(tp);
-            rec.push(tc);
-            rel.push(tr);
+            let k = usize::from(scan);
+            for (i, (t, c)) in [prepare, release, reconnect].into_iter().enumerate() {
+                let (t, c) = if scan && !forced { (f64::NAN, f64::NAN) } else { (t, c) };
+                point.wall[k][i].push(t);
+                point.cpu[k][i].push(c);
+            }
         }
     }
+    let meds = |v: &[Vec<f64>]| v.iter().map(|x| ms(median(x))).collect::<Vec<_>>().join(" / ");
     eprintln!(
-        "bench: part 3b: {held} held: prepare {} / reconnect {} / release {} ms, scan forced {} / {} / {} ms",
-        ms(median(&point.prepare)),
-        ms(median(&point.reconnect)),
-        ms(median(&point.release)),
-        ms(median(&point.prepare_scan)),
-        ms(median(&point.reconnect_scan)),
-        ms(median(&point.release_scan))
+        "bench: part 3b: {held} held: prepare / release / reconnect {} ms (CPU {}), scan forced {} ms (CPU {})",
+        meds(&point.wall[0]),
+        meds(&point.cpu[0]),
+        meds(&point.wall[1]),
+        meds(&point.cpu[1]),
     );
     point
 }
@@ -466,59 +476,59 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
         "## 3b. Hook calls with guests held (the census at work; {rounds} rounds per row; ms, median (p25..p75))\n\n\
          A probe guest (1 disk, its own image) runs `prepare`, `reconnect` (what libvirtd runs for each guest when \
          it restarts, see part 6; its holder is alive, there is no QEMU to find) and `release` through the hook \
-         alone (as in part 2, no QEMU) while the part-3 guests are held, each held through the hook's `prepare`. Each round times it \
-         twice, in alternating order: as it is (the census says no holder died, so the call skips the \
-         re-adoption scan) and with the census unbalanced by the bench (`ENTERED` + 1 for the duration of the \
-         two calls), so that the call scans the run directory and `/proc/locks`, as every hook call did before \
-         the census. `/proc/locks` is not warmed before the calls (unlike part 2). The holder of the probe is \
-         waited for (untimed) after each `release`. The targets are on `prepare` and `release`.\n\n"
+         alone (as in part 2, no QEMU) while the part-3 guests are held, each held through the hook's `prepare`. \
+         Each round runs them twice, in alternating order: as they are (the census says no holder died, so each \
+         call skips the re-adoption scan) and with the census unbalanced by the bench (`ENTERED` + 1 for the \
+         duration of the three calls), so that each call scans the run directory and `/proc/locks`, as every hook \
+         call did before the census. `/proc/locks` is not warmed before the calls (unlike part 2). The holder of \
+         the probe is waited for (untimed) after each `release`. Wall time first; then the hook process's own CPU \
+         time (user + system, `getrusage`), which the other processes on this 2-core host do not inflate. The \
+         targets are on the wall time of `prepare` and `release`.\n\n"
     );
-    let mut rows = Vec::new();
-    for p in points {
-        rows.push(vec![
-            p.label.clone(),
-            with_iqr(&summary(&p.prepare)),
-            with_iqr(&summary(&p.release)),
-            with_iqr(&summary(&p.reconnect)),
-            with_iqr(&summary(&p.prepare_scan)),
-            with_iqr(&summary(&p.release_scan)),
-            with_iqr(&summary(&p.reconnect_scan)),
-            p.pss.map_or_else(|| "-".into(), |(kib, n)| format!("{} ({n} processes)", mib(kib))),
-        ]);
+    let head: Vec<String> = std::iter::once("guests held".to_owned())
+        .chain(CALLS.iter().map(|c| format!("`{c}`")))
+        .chain(CALLS.iter().map(|c| format!("`{c}`, scan forced")))
+        .chain(["holders' total PSS".to_owned()])
+        .collect();
+    let head: Vec<&str> = head.iter().map(String::as_str).collect();
+    for (title, get) in
+        [("Wall time", (|p: &Point| &p.wall) as Pick), ("CPU time of the hook process", |p: &Point| &p.cpu)]
+    {
+        let mut rows = Vec::new();
+        for p in points {
+            let v = get(p);
+            let mut row = vec![p.label.clone()];
+            row.extend(v.iter().flatten().map(|x| with_iqr(&summary(x))));
+            row.push(p.pss.map_or_else(|| "-".into(), |(kib, n)| format!("{} ({n} processes)", mib(kib))));
+            rows.push(row);
+        }
+        let _ = writeln!(text, "{title}:\n");
+        text.push_str(&table(&head, &rows));
+        text.push('\n');
     }
-    text.push_str(&table(
-        &[
-            "guests held",
-            "`prepare` (census: no scan)",
-            "`release` (census: no scan)",
-            "`reconnect` (census: no scan)",
-            "`prepare`, scan forced",
-            "`release`, scan forced",
-            "`reconnect`, scan forced",
-            "holders' total PSS",
-        ],
-        &rows,
-    ));
     let base = &points[0];
     let top = points.iter().filter(|p| p.pss.is_some()).max_by_key(|p| p.held);
     if let Some(top) = top {
         let ratio = |a: &[f64], b: &[f64]| median(a) / median(b);
+        let ratios = |get: Pick, k: usize| {
+            (0..3)
+                .map(|i| format!("`{}` × {:.2}", CALLS[i], ratio(&get(top)[k][i], &get(base)[k][i])))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (wall, cpu): (Pick, Pick) = (|p| &p.wall, |p| &p.cpu);
         let _ = writeln!(
             text,
-            "\nWith {} guests held vs none: `prepare` × {:.2}, `release` × {:.2}, `reconnect` × {:.2} as it is; \
-             with the scan forced × {:.2}, × {:.2} and × {:.2}. The scan forced at {} held costs `prepare` {} ms \
-             more than no scan.",
+            "With {} guests held vs none, wall time: {} as they are; {} with the scan forced. CPU time: {}; \
+             with the scan forced {}.",
             top.held,
-            ratio(&top.prepare, &base.prepare),
-            ratio(&top.release, &base.release),
-            ratio(&top.reconnect, &base.reconnect),
-            ratio(&top.prepare_scan, &base.prepare_scan),
-            ratio(&top.release_scan, &base.release_scan),
-            ratio(&top.reconnect_scan, &base.reconnect_scan),
-            top.held,
-            ms(median(&top.prepare_scan) - median(&top.prepare)),
+            ratios(wall, 0),
+            ratios(wall, 1),
+            ratios(cpu, 0),
+            ratios(cpu, 1),
         );
-        for (what, a, b) in [("prepare", &top.prepare, &base.prepare), ("release", &top.release, &base.release)] {
+        for (i, what) in CALLS.iter().enumerate().take(2) {
+            let (a, b) = (&top.wall[0][i], &base.wall[0][i]);
             let r = ratio(a, b);
             report.target(
                 format!(
@@ -526,7 +536,13 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
                     top.held,
                     if top.held == 2000 { String::new() } else { " (the target's 2000 were not run)".into() }
                 ),
-                format!("{r:.2} ({} vs {} ms)", ms(median(a)), ms(median(b))),
+                format!(
+                    "{r:.2} ({} vs {} ms; CPU {} vs {} ms)",
+                    ms(median(a)),
+                    ms(median(b)),
+                    ms(median(&top.cpu[0][i])),
+                    ms(median(&base.cpu[0][i]))
+                ),
                 "within 10 % (≤ 1.10)",
                 r.is_finite().then_some(r <= 1.10),
             );

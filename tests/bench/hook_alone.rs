@@ -528,5 +528,9 @@ pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
         stop_holders(&envs[SANLOCK_ENV].config);
         drop(setup);
     }
+    // The run dirs' semaphore sets would outlive them.
+    for env in &envs {
+        crate::census::remove(&env.run_dir);
+    }
     drop(shm);
 }

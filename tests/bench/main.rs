@@ -16,7 +16,7 @@
 //! * `--storm-restarts N`  part 6 restarts per M, default 3
 //! * `--parts 1,2,3,4,5,6` which parts to run, default all
 //! * `--quick`             a smoke run: 3 / 2 / 10 rounds, 10,50 holders; 3b 20 rounds (still up to
-//!   2000 held: holding them takes seconds); 4b 1 round; 5 100 guests; 6 M = 20, 3 restarts
+//!   2000 held: holding them takes seconds); 4b 1 round; 5 100 guests; 6 M = 20, 5 restarts
 //! * `--trace-hooks`       part 1 also runs lockhook behind a wrapper that times each hook call
 //!
 //! The table goes to stdout at the end and to `tests/bench/last-result.md`; progress to stderr.
@@ -136,7 +136,7 @@ fn parse_args() -> Opts {
                 o.wide_rounds = 1;
                 o.churn = 100;
                 o.storm = 20;
-                o.storm_restarts = 3;
+                o.storm_restarts = 5;
             }
             "-h" | "--help" => usage("help"),
             other => usage(&format!("unknown argument {other:?}")),
@@ -227,6 +227,9 @@ fn main() {
         } else {
             vec![Kind::NoHook, Kind::Lockhook]
         };
+        if opts.parts.contains(&6) && !kinds.contains(&Kind::NoopTrue) {
+            kinds.insert(1, Kind::NoopTrue);
+        }
         if opts.trace_hooks && opts.parts.contains(&1) {
             kinds.push(Kind::LockhookTraced);
         }
