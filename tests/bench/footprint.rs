@@ -1,16 +1,23 @@
 //! Part 3: what the holders cost: RSS/PSS of one, total PSS of 100 and 500 concurrently held
 //! guests (driven through the hook with the fixture's domain XML, 1 disk each, no QEMU), and the
 //! fds each holder keeps. Everything is released at the end.
+//!
+//! 3b, the held-guests sweep (issue 12): while the guests pile up, at 0, 100, 500, 1000 and 2000
+//! held, a probe guest's hook-alone `prepare` (1 disk) and `release` are timed, in rounds that
+//! alternate the normal path (the census says nothing died: no scan) with the path every call
+//! took before the census (the bench unbalances the census, so the call scans the run directory
+//! and `/proc/locks`); once more at 0 after everything is released, to see the drift.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::census::CensusSet;
 use crate::hook_alone::{tmpfs_dir, HookEnv};
 use crate::libvirtd::{guest_xml, random_uuid};
 use crate::report::{table, Report};
-use crate::stats::{mib, summary, with_iqr};
+use crate::stats::{median, mib, ms, summary, with_iqr};
 use crate::util::{self, Mem};
 
 /// How long a holder is left alone before its memory is read (it may trim itself on its tick).
@@ -22,6 +29,103 @@ struct Held {
     xml: String,
     image: PathBuf,
     pid: u32,
+}
+
+/// The guest whose hook calls the sweep times (its holder comes and goes each round).
+struct Probe {
+    name: String,
+    uuid: String,
+    xml: String,
+}
+
+/// The probe's calls, in the sweep table's order (they run prepare, reconnect, release).
+const CALLS: [&str; 3] = ["prepare", "release", "reconnect"];
+
+/// A point's samples, `[scan forced][call]`.
+type Samples = [[Vec<f64>; 3]; 2];
+/// Which samples of a point (wall or CPU).
+type Pick = fn(&Point) -> &Samples;
+
+/// One point of the sweep: `held` guests held while the probe ran. Samples are indexed
+/// `[scan forced][call]` (`call` as in `CALLS`).
+struct Point {
+    held: usize,
+    label: String,
+    /// Wall ms of each call.
+    wall: Samples,
+    /// CPU ms (user + system) of each hook process, from `getrusage(RUSAGE_CHILDREN)`.
+    cpu: Samples,
+    /// Total PSS (KiB) of the held guests' holders and spares, and how many processes.
+    pss: Option<(f64, usize)>,
+}
+
+/// Untimed rounds before each point's timed ones (the first makes the census at 0 held).
+const PROBE_WARMUP: usize = 2;
+
+/// CPU ms (user + system) of every child this process has waited for so far.
+fn children_cpu_ms() -> f64 {
+    // SAFETY: rusage is plain data; zeroes are a valid value for every field.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into the buffer we pass, which lives for the call.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// `rounds` timed rounds of the probe's `prepare`, `reconnect` and `release`, each once as it is
+/// and once with the census unbalanced by the bench (in an order alternating by round). The
+/// probe's holder is waited for (untimed) after each `release`. Each call's CPU time is the
+/// growth of this process's children's CPU over the call: nothing else is reaped meanwhile (the
+/// probe's previous holder was, before the round; the other holders stay).
+fn probe(env: &HookEnv, p: &Probe, held: usize, label: String, rounds: usize) -> Point {
+    let mut point = Point { held, label, wall: Default::default(), cpu: Default::default(), pss: None };
+    for r in 0..rounds + PROBE_WARMUP {
+        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        for scan in order {
+            let census = if scan { CensusSet::open(&env.run_dir) } else { None };
+            let forced = census.as_ref().is_some_and(|c| c.add_entered(1));
+            let call = |op: &str, sub: &str| {
+                let c0 = children_cpu_ms();
+                let t = env.call_ok(&p.name, op, sub, &p.xml);
+                (t, children_cpu_ms() - c0)
+            };
+            let prepare = call("prepare", "begin");
+            let pid = env.holder_pid(&p.uuid);
+            // What libvirtd runs for each guest when it restarts (the holder is alive; there is
+            // no QEMU to find, which the call only logs).
+            let reconnect = call("reconnect", "begin");
+            let release = call("release", "end");
+            if forced {
+                let back = census.as_ref().is_some_and(|c| c.add_entered(-1));
+                assert!(back, "could not take back the census' forced count");
+            }
+            if let Some(pid) = pid {
+                assert!(
+                    crate::libvirtd::wait_until(Duration::from_secs(5), || !util::alive(pid)),
+                    "probe holder {pid} outlived release"
+                );
+            }
+            util::reap_orphans();
+            if r < PROBE_WARMUP {
+                continue;
+            }
+            let k = usize::from(scan);
+            for (i, (t, c)) in [prepare, release, reconnect].into_iter().enumerate() {
+                let (t, c) = if scan && !forced { (f64::NAN, f64::NAN) } else { (t, c) };
+                point.wall[k][i].push(t);
+                point.cpu[k][i].push(c);
+            }
+        }
+    }
+    let meds = |v: &[Vec<f64>]| v.iter().map(|x| ms(median(x))).collect::<Vec<_>>().join(" / ");
+    eprintln!(
+        "bench: part 3b: {held} held: prepare / release / reconnect {} ms (CPU {}), scan forced {} ms (CPU {})",
+        meds(&point.wall[0]),
+        meds(&point.cpu[0]),
+        meds(&point.wall[1]),
+        meds(&point.cpu[1]),
+    );
+    point
 }
 
 /// The memory of an idle holder: the sample with the median PSS of 11 taken 100 ms apart (a
@@ -113,11 +217,23 @@ fn pattern(target: &str) -> String {
         .join("/")
 }
 
-pub fn run(work: &Path, lockhook: &Path, counts: &[usize], report: &mut Report) {
+/// `counts`: where the footprint is read; `sweep`: where the probe is timed (0 = before the
+/// first guest), `sweep_rounds` rounds each.
+pub fn run(work: &Path, lockhook: &Path, counts: &[usize], sweep: &[usize], sweep_rounds: usize, report: &mut Report) {
     let dir = work.join("holders");
     let shm = tmpfs_dir("lockhook-bench-holders-");
     let env = HookEnv::new(&dir, &shm.path().join("run"), lockhook);
-    let max = counts.iter().copied().max().unwrap_or(1);
+    let max = counts.iter().chain(sweep).copied().max().unwrap_or(1).max(1);
+    let probe_guest = {
+        let image = dir.join("img/probe.raw");
+        util::sparse_image(&image, 1 << 20);
+        let uuid = random_uuid();
+        Probe { name: "probe".into(), xml: guest_xml("probe", &uuid, &util::raw_disk(&image, 0)), uuid }
+    };
+    let mut points: Vec<Point> = Vec::new();
+    if sweep.contains(&0) {
+        points.push(probe(&env, &probe_guest, 0, "0".into(), sweep_rounds));
+    }
     let mut held: Vec<Held> = Vec::new();
     let mut prepare_ms = Vec::new();
     let mut one: Option<Mem> = None;
@@ -125,6 +241,7 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], report: &mut Report) 
     let mut one_fds = Vec::new();
     let mut at: Vec<(usize, Mem, usize, Mem, usize)> = Vec::new();
     let mut spare_one = (Mem::default(), 0);
+    let mut lost: Vec<String> = Vec::new();
     let t0 = Instant::now();
     for i in 0..max {
         let image = dir.join(format!("img/h{i}.raw"));
@@ -143,14 +260,44 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], report: &mut Report) 
             one_fds = util::fds(pid);
             spare_one = total(&spares(&env.config, &held));
         }
-        if counts.contains(&(i + 1)) {
+        if counts.contains(&(i + 1)) || sweep.contains(&(i + 1)) {
             std::thread::sleep(SETTLE);
+            let dead: Vec<(usize, u32)> =
+                held.iter().enumerate().filter(|(_, h)| !util::alive(h.pid)).map(|(k, h)| (k, h.pid)).collect();
+            if let (Some(first), Some(last)) = (dead.first(), dead.last()) {
+                util::reap_orphans();
+                let how: std::collections::BTreeMap<String, usize> =
+                    dead.iter().fold(Default::default(), |mut m, (_, pid)| {
+                        *m.entry(util::exit_of(*pid).unwrap_or_else(|| "not reaped by the bench".into()))
+                            .or_default() += 1;
+                        m
+                    });
+                let line = format!(
+                    "{} of the {} held guests' holders are gone (guests {}..{}): {how:?}",
+                    dead.len(),
+                    i + 1,
+                    first.0,
+                    last.0
+                );
+                eprintln!("bench: part 3: WARNING: {line}");
+                lost.push(line);
+            }
             let spare = spares(&env.config, &held);
             let pids: Vec<u32> = held.iter().map(|h| h.pid).chain(spare.iter().copied()).collect();
             let (sum, n) = total(&pids);
             let first = util::mem(held[0].pid).unwrap_or_default();
             at.push((i + 1, sum, n, first, spare.len()));
-            eprintln!("bench: part 3: {} holders, total PSS {}", i + 1, mib(sum.pss));
+            eprintln!(
+                "bench: part 3: {} holders, total PSS {} ({:.0} s)",
+                i + 1,
+                mib(sum.pss),
+                t0.elapsed().as_secs_f64()
+            );
+            if sweep.contains(&(i + 1)) {
+                let mut point = probe(&env, &probe_guest, i + 1, (i + 1).to_string(), sweep_rounds);
+                point.pss = Some((sum.pss, n));
+                points.push(point);
+            }
         }
     }
 
@@ -199,6 +346,15 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], report: &mut Report) 
         })
         .collect();
     let left = util::proc_locks().iter().filter(|l| l.kind == "OFDLCK" && inodes.contains(&l.ino)).count();
+    if !sweep.is_empty() {
+        points.push(probe(
+            &env,
+            &probe_guest,
+            0,
+            format!("0 (again, after releasing all {})", held.len()),
+            sweep_rounds,
+        ));
+    }
     eprintln!("bench: part 3 done in {:.1} s", t0.elapsed().as_secs_f64());
 
     // Report.
@@ -262,6 +418,13 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], report: &mut Report) 
         with_iqr(&summary(&release_ms)),
         if gone { 0 } else { held.iter().filter(|h| util::alive(h.pid)).count() },
     );
+    for line in &lost {
+        let _ = writeln!(
+            text,
+            "\n**Holders lost while the guests were held: {line}.** The figures after it count fewer holders."
+        );
+        report.note(format!("part 3: holders lost: {line}"));
+    }
     report.section(text);
 
     if let Some(m) = one {
@@ -281,5 +444,109 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], report: &mut Report) 
         "nothing else",
         Some(bad.is_empty()),
     );
+    if !points.is_empty() {
+        report_sweep(&points, sweep_rounds, report);
+    }
+    if let Some(m) = one {
+        report.target("one idle holder alone: PSS (issue 12)", mib(m.pss), "≤ 0.5 MiB", Some(m.pss <= 512.0));
+    }
+    match at.iter().find(|a| a.0 == 2000) {
+        Some((_, sum, n, _, _)) => report.target(
+            "2000 held guests: total PSS of their holders",
+            format!("{} ({} per holder)", mib(sum.pss), mib(sum.pss / *n as f64)),
+            "≤ 300 MiB",
+            Some(sum.pss <= 300.0 * 1024.0),
+        ),
+        None => report.target(
+            "2000 held guests: total PSS of their holders",
+            format!("not run (at most {} held in this run)", held.len()),
+            "≤ 300 MiB",
+            None,
+        ),
+    }
+    // Holders are gone: the run dir's semaphore set would outlive it.
+    std::thread::sleep(Duration::from_millis(200));
+    crate::census::remove(&env.run_dir);
     drop(shm);
+}
+
+/// Section 3b and its targets.
+fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
+    let mut text = format!(
+        "## 3b. Hook calls with guests held (the census at work; {rounds} rounds per row; ms, median (p25..p75))\n\n\
+         A probe guest (1 disk, its own image) runs `prepare`, `reconnect` (what libvirtd runs for each guest when \
+         it restarts, see part 6; its holder is alive, there is no QEMU to find) and `release` through the hook \
+         alone (as in part 2, no QEMU) while the part-3 guests are held, each held through the hook's `prepare`. \
+         Each round runs them twice, in alternating order: as they are (the census says no holder died, so each \
+         call skips the re-adoption scan) and with the census unbalanced by the bench (`ENTERED` + 1 for the \
+         duration of the three calls), so that each call scans the run directory and `/proc/locks`, as every hook \
+         call did before the census. `/proc/locks` is not warmed before the calls (unlike part 2). The holder of \
+         the probe is waited for (untimed) after each `release`. Wall time first; then the hook process's own CPU \
+         time (user + system, `getrusage`), which the other processes on this 2-core host do not inflate. The \
+         targets are on the wall time of `prepare` and `release`.\n\n"
+    );
+    let head: Vec<String> = std::iter::once("guests held".to_owned())
+        .chain(CALLS.iter().map(|c| format!("`{c}`")))
+        .chain(CALLS.iter().map(|c| format!("`{c}`, scan forced")))
+        .chain(["holders' total PSS".to_owned()])
+        .collect();
+    let head: Vec<&str> = head.iter().map(String::as_str).collect();
+    for (title, get) in
+        [("Wall time", (|p: &Point| &p.wall) as Pick), ("CPU time of the hook process", |p: &Point| &p.cpu)]
+    {
+        let mut rows = Vec::new();
+        for p in points {
+            let v = get(p);
+            let mut row = vec![p.label.clone()];
+            row.extend(v.iter().flatten().map(|x| with_iqr(&summary(x))));
+            row.push(p.pss.map_or_else(|| "-".into(), |(kib, n)| format!("{} ({n} processes)", mib(kib))));
+            rows.push(row);
+        }
+        let _ = writeln!(text, "{title}:\n");
+        text.push_str(&table(&head, &rows));
+        text.push('\n');
+    }
+    let base = &points[0];
+    let top = points.iter().filter(|p| p.pss.is_some()).max_by_key(|p| p.held);
+    if let Some(top) = top {
+        let ratio = |a: &[f64], b: &[f64]| median(a) / median(b);
+        let ratios = |get: Pick, k: usize| {
+            (0..3)
+                .map(|i| format!("`{}` × {:.2}", CALLS[i], ratio(&get(top)[k][i], &get(base)[k][i])))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (wall, cpu): (Pick, Pick) = (|p| &p.wall, |p| &p.cpu);
+        let _ = writeln!(
+            text,
+            "With {} guests held vs none, wall time: {} as they are; {} with the scan forced. CPU time: {}; \
+             with the scan forced {}.",
+            top.held,
+            ratios(wall, 0),
+            ratios(wall, 1),
+            ratios(cpu, 0),
+            ratios(cpu, 1),
+        );
+        for (i, what) in CALLS.iter().enumerate().take(2) {
+            let (a, b) = (&top.wall[0][i], &base.wall[0][i]);
+            let r = ratio(a, b);
+            report.target(
+                format!(
+                    "`{what}` (1 disk) with {} guests held ÷ with none{}",
+                    top.held,
+                    if top.held == 2000 { String::new() } else { " (the target's 2000 were not run)".into() }
+                ),
+                format!(
+                    "{r:.2} ({} vs {} ms; CPU {} vs {} ms)",
+                    ms(median(a)),
+                    ms(median(b)),
+                    ms(median(&top.cpu[0][i])),
+                    ms(median(&base.cpu[0][i]))
+                ),
+                "within 10 % (≤ 1.10)",
+                r.is_finite().then_some(r <= 1.10),
+            );
+        }
+    }
+    report.section(text);
 }

@@ -162,7 +162,7 @@ fn sanlock_setup(dir: &Path, run_dir: &Path, lockhook: &Path) -> Result<(Sanlock
 
 /// Stops, by pid, every holder (spares too) still running with this config: SIGTERM, then
 /// SIGKILL after 5 s.
-fn stop_holders(config: &Path) {
+pub fn stop_holders(config: &Path) {
     let config = config.display().to_string();
     let pids: Vec<u32> = util::all_pids()
         .into_iter()
@@ -527,6 +527,10 @@ pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
     if let Ok(setup) = sanlock {
         stop_holders(&envs[SANLOCK_ENV].config);
         drop(setup);
+    }
+    // The run dirs' semaphore sets would outlive them.
+    for env in &envs {
+        crate::census::remove(&env.run_dir);
     }
     drop(shm);
 }

@@ -60,6 +60,8 @@ impl Kind {
 pub const SIZES: [usize; 2] = [1, 16];
 /// Guests started at once in part 4.
 pub const PARALLEL: usize = 8;
+/// Guests started at once in part 4's wide rounds (issue 12).
+pub const PARALLEL_WIDE: usize = 32;
 
 pub struct Instance {
     pub kind: Kind,
@@ -115,7 +117,7 @@ pub fn setup(work: &Path, lockhook: &Path, kinds: &[Kind]) -> Vec<Instance> {
             images.push(paths);
         }
         if kind.parallel() {
-            for i in 0..PARALLEL {
+            for i in 0..PARALLEL_WIDE {
                 let p = dir.join(format!("p{i}.raw"));
                 util::sparse_image(&p, 16 << 20);
                 lv.define(&guest_xml(&format!("p{i}"), &random_uuid(), &util::raw_disk(&p, 0)));
@@ -232,7 +234,7 @@ pub fn warm_up(instances: &[Instance]) {
             virsh_ok(&inst.lv, &["destroy", &g]);
         }
         if inst.kind.parallel() {
-            if let Err(e) = parallel_round(&inst.lv) {
+            if let Err(e) = parallel_round(&inst.lv, PARALLEL) {
                 panic!("warm-up of parallel starts on {}: {e}", inst.kind.slug());
             }
         }
@@ -399,12 +401,12 @@ pub fn run_serial(instances: &[Instance], rounds: usize) -> Serial {
     s
 }
 
-/// Starts `p0..p7` at once, then destroys them at once. Returns the two wall times (ms).
-fn parallel_round(lv: &Libvirtd) -> Result<(f64, f64), String> {
+/// Starts `p0..p<width-1>` at once, then destroys them at once. Returns the two wall times (ms).
+fn parallel_round(lv: &Libvirtd, width: usize) -> Result<(f64, f64), String> {
     let run_all = |verb: &str| -> (f64, Vec<std::process::Output>) {
         let t0 = Instant::now();
         let outs = thread::scope(|scope| {
-            let handles: Vec<_> = (0..PARALLEL)
+            let handles: Vec<_> = (0..width)
                 .map(|i| {
                     let guest = format!("p{i}");
                     scope.spawn(move || {
@@ -433,15 +435,18 @@ fn parallel_round(lv: &Libvirtd) -> Result<(f64, f64), String> {
 
 /// Samples of part 4 per participating instance index: (start wall, destroy wall) per round.
 pub struct Parallel {
+    /// Guests started at once.
+    pub width: usize,
     pub idx: Vec<usize>,
     pub start: Vec<Vec<f64>>,
     pub destroy: Vec<Vec<f64>>,
     pub failures: Vec<String>,
 }
 
-pub fn run_parallel(instances: &[Instance], rounds: usize) -> Parallel {
+pub fn run_parallel(instances: &[Instance], rounds: usize, width: usize) -> Parallel {
     let idx: Vec<usize> = (0..instances.len()).filter(|&i| instances[i].kind.parallel()).collect();
     let mut p = Parallel {
+        width,
         start: vec![Vec::new(); idx.len()],
         destroy: vec![Vec::new(); idx.len()],
         idx: idx.clone(),
@@ -451,7 +456,7 @@ pub fn run_parallel(instances: &[Instance], rounds: usize) -> Parallel {
     for r in 0..rounds {
         for k in util::rotation(idx.len(), r) {
             let inst = &instances[idx[k]];
-            match parallel_round(&inst.lv) {
+            match parallel_round(&inst.lv, width) {
                 Ok((s, d)) => {
                     p.start[k].push(s);
                     p.destroy[k].push(d);
@@ -461,14 +466,18 @@ pub fn run_parallel(instances: &[Instance], rounds: usize) -> Parallel {
                     p.start[k].push(f64::NAN);
                     p.destroy[k].push(f64::NAN);
                     // Leave no guest running for the next round.
-                    for i in 0..PARALLEL {
+                    for i in 0..width {
                         let _ = timed_virsh(&inst.lv, &["destroy", &format!("p{i}")]);
                     }
                 }
             }
             util::reap_orphans();
         }
-        eprintln!("bench: part 4 round {}/{rounds} done ({:.0} s)", r + 1, t0.elapsed().as_secs_f64());
+        eprintln!(
+            "bench: part 4 ({width} at once) round {}/{rounds} done ({:.0} s)",
+            r + 1,
+            t0.elapsed().as_secs_f64()
+        );
     }
     p
 }
@@ -478,7 +487,7 @@ fn position(instances: &[Instance], kind: Kind) -> Option<usize> {
 }
 
 /// Raw samples of parts 1 and 4 as CSV lines `part,configuration,disks,round,metric,ms`.
-pub fn samples_csv(instances: &[Instance], s: Option<&Serial>, p: Option<&Parallel>) -> String {
+pub fn samples_csv(instances: &[Instance], s: Option<&Serial>, par: &[&Parallel]) -> String {
     let mut out = String::new();
     if let Some(s) = s {
         for (idx, inst) in instances.iter().enumerate() {
@@ -491,9 +500,10 @@ pub fn samples_csv(instances: &[Instance], s: Option<&Serial>, p: Option<&Parall
             }
         }
     }
-    if let Some(p) = p {
+    for p in par {
+        let (start, destroy) = (format!("start{}", p.width), format!("destroy{}", p.width));
         for (k, &i) in p.idx.iter().enumerate() {
-            for (metric, v) in [("start8", &p.start[k]), ("destroy8", &p.destroy[k])] {
+            for (metric, v) in [(&start, &p.start[k]), (&destroy, &p.destroy[k])] {
                 for (r, x) in v.iter().enumerate() {
                     let _ = writeln!(out, "4,{},1,{r},{metric},{x:.3}", instances[i].kind.slug());
                 }
@@ -596,10 +606,15 @@ pub fn report_serial(instances: &[Instance], s: &Serial, rounds: usize, report: 
     report.section(text);
 }
 
+/// Part 4's section for `p.width` guests at once (`4` for 8, `4b` for the wide rounds, whose
+/// lockhook-vs-virtlockd comparison is a target).
 pub fn report_parallel(instances: &[Instance], p: &Parallel, rounds: usize, report: &mut Report) {
+    let n = p.width;
     let mut text = format!(
-        "## 4. {PARALLEL} guests (1 disk each) started at once: {PARALLEL} concurrent `virsh start`, wall time until \
-         all returned (= all running); {rounds} interleaved rounds, ms\n\n"
+        "## 4{}. {n} guests (1 disk each) started at once: {n} concurrent `virsh start`, wall time until \
+         all returned (= all running); {rounds} interleaved round{}, ms\n\n",
+        if n == PARALLEL { "" } else { "b" },
+        if rounds == 1 { "" } else { "s" }
     );
     let base = p.idx.iter().position(|&i| instances[i].kind == Kind::NoHook);
     let mut rows = Vec::new();
@@ -615,14 +630,35 @@ pub fn report_parallel(instances: &[Instance], p: &Parallel, rounds: usize, repo
             with_iqr(&summary(&p.destroy[k])),
         ]);
     }
-    text.push_str(&table(&["configuration", "8 starts, wall", "added vs no hook", "8 destroys, wall"], &rows));
-    if let (Some(b), Some(lh)) = (base, p.idx.iter().position(|&i| instances[i].kind == Kind::Lockhook)) {
-        let added = stats::median(&paired_diff(&p.start[lh], &p.start[b]));
+    let (starts, destroys) = (format!("{n} starts, wall"), format!("{n} destroys, wall"));
+    text.push_str(&table(&["configuration", &starts, "added vs no hook", &destroys], &rows));
+    let added_of = |kind: Kind| {
+        let k = p.idx.iter().position(|&i| instances[i].kind == kind)?;
+        Some(stats::median(&paired_diff(&p.start[k], &p.start[base?])))
+    };
+    if let Some(added) = added_of(Kind::Lockhook) {
         let _ = writeln!(
             text,
-            "\nlockhook adds {} ms to 8 parallel starts ({} ms per guest if fully serialized).",
+            "\nlockhook adds {} ms to {n} parallel starts ({} ms per guest if fully serialized).",
             signed_ms(added),
-            ms(added / PARALLEL as f64)
+            ms(added / n as f64)
+        );
+    }
+    if n != PARALLEL {
+        let (lh, vl) = (added_of(Kind::Lockhook), added_of(Kind::Virtlockd));
+        report.target(
+            format!("{n} parallel starts: lockhook's added wall time ≤ virtlockd's"),
+            format!(
+                "{} vs {} ms ({rounds} round{})",
+                lh.map_or_else(|| "n/a".into(), signed_ms),
+                vl.map_or_else(|| "n/a".into(), signed_ms),
+                if rounds == 1 { "" } else { "s" }
+            ),
+            "lockhook ≤ virtlockd",
+            match (lh, vl) {
+                (Some(a), Some(b)) if a.is_finite() && b.is_finite() => Some(a <= b),
+                _ => None,
+            },
         );
     }
     if !p.failures.is_empty() {

@@ -4,9 +4,10 @@
 # Installs what is missing (Debian packages), builds lockhook in release mode, then runs
 # `cargo bench --bench lockhook`. Prints a markdown table and writes tests/bench/last-result.md.
 #
-#   sudo tests/bench/run.sh            # full run, ~12 min plus the build
-#   sudo tests/bench/run.sh --quick    # smoke run, ~2 min
+#   sudo tests/bench/run.sh            # full run, ~25 min plus the build (part 6 runs 500 guests)
+#   sudo tests/bench/run.sh --quick    # smoke run, ~4 min
 #   sudo tests/bench/run.sh --rounds 25 --parallel-rounds 12 --hook-rounds 80 --parts 1,2,3,4
+#   sudo tests/bench/run.sh --parts 3,5,6 --held 0,1000,2000 --churn 1000 --storm 300
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 

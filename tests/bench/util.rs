@@ -269,7 +269,9 @@ pub fn spawn_prompt_reaper() {
             if zombie && adopted(comm) {
                 let mut status = 0;
                 // SAFETY: waits for one specific zombie child of ours; WNOHANG never blocks.
-                unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+                if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                    note_reaped(pid, status);
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -296,7 +298,33 @@ pub fn reap_orphans() {
         if pid <= 0 {
             break;
         }
+        note_reaped(pid, status);
     }
+}
+
+/// Exit statuses of reaped orphans (pid, wait status), newest last, to tell why a holder the
+/// bench counted on is gone.
+static REAPED: std::sync::Mutex<Vec<(i32, i32)>> = std::sync::Mutex::new(Vec::new());
+
+fn note_reaped(pid: i32, status: i32) {
+    if let Ok(mut v) = REAPED.lock() {
+        if v.len() >= 100_000 {
+            v.drain(..50_000);
+        }
+        v.push((pid, status));
+    }
+}
+
+/// How the reaped orphan `pid` ended (its latest exit), if the bench reaped it.
+pub fn exit_of(pid: u32) -> Option<String> {
+    let pid = i32::try_from(pid).ok()?;
+    let v = REAPED.lock().ok()?;
+    let &(_, status) = v.iter().rev().find(|(p, _)| *p == pid)?;
+    Some(if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("exited with status {}", libc::WEXITSTATUS(status))
+    })
 }
 
 /// A process exists and is not a zombie.
