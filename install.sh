@@ -30,6 +30,22 @@ mode=install
 prebuilt=""
 
 say() { printf 'lockhook install: %s\n' "$*"; }
+
+# The idle spare holder of /run/lockhook: the process holding its spare.lock. Not by its argv: a
+# spare claimed by a guest is that guest's holder now, with the same argv and the guest's locks.
+stop_spare() {
+  stopped=1
+  for pid in $(pgrep -f '^lockhook holder --config .* --spare$' 2>/dev/null || true); do
+    for fd in /proc/"$pid"/fd/*; do
+      if [ "$(readlink "$fd" 2>/dev/null)" = /run/lockhook/spare.lock ]; then
+        kill "$pid" 2>/dev/null && stopped=0
+        break
+      fi
+    done
+  done
+  return "$stopped"
+}
+
 die() { printf 'lockhook install: error: %s\n' "$*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
@@ -184,7 +200,7 @@ if [ "$mode" = uninstall ]; then
   remove_docs
   if [ -e "$bin" ]; then rm -f "$bin"; say "removed $bin"; fi
   # The idle spare holder (it holds no lock) goes too.
-  pkill -f '^lockhook holder --config .* --spare$' 2>/dev/null && say "stopped the spare holder" || true
+  stop_spare && say "stopped the spare holder" || true
   notify_libvirt
   say "kept $conf and /var/lib/lockhook (remove them by hand if you want)"
   exit 0

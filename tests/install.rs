@@ -119,9 +119,24 @@ fn install_activates_the_hook_idempotently_and_uninstall_removes_it() {
     );
     let status = lv.exec_in_ns(&["/usr/local/sbin/lockhook", "status"]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("guest vm1"), "{status:?}");
+    // vm3 starts on the spare holder (same argv as an idle spare): uninstall must stop only the
+    // idle spare, never a guest's holder.
+    let other = image.with_file_name("other.raw");
+    std::fs::File::create(&other).and_then(|f| f.set_len(1 << 20)).expect("image");
+    lv.define(&guest_xml("vm3", &random_uuid(), &crate::common::xml::raw(&other, "vda")));
+    let spare_up = || {
+        let out = lv.exec_in_ns(&["pgrep", "-f", "^lockhook holder --config .* --spare$"]);
+        out.status.success()
+    };
+    assert!(wait_until(Duration::from_secs(10), spare_up), "a spare runs before vm3 starts");
+    lv.virsh_ok(&["start", "vm3"]);
+    assert_eq!(lock_state(&other, 0), Some(LockMode::Exclusive));
 
     let out = run(&lv, &["--uninstall"]);
     assert!(out.contains("removed /etc/libvirt/hooks/qemu") && out.contains("still hold locks"), "{out}");
+    assert_eq!(lock_state(&other, 0), Some(LockMode::Exclusive), "vm3's holder (a claimed spare) survives uninstall");
+    assert_eq!(lock_state(&image, 0), Some(LockMode::Exclusive), "vm1's holder survives uninstall");
+    lv.virsh_ok(&["destroy", "vm3"]);
     assert!(hook.symlink_metadata().is_err(), "hook removed");
     let left = lv.exec_in_ns(&["find", "/usr/local/share", "-name", "*lockhook*"]);
     assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "man pages and completions removed: {left:?}");
