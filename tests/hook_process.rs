@@ -75,7 +75,11 @@ fn prepare_holds_refuses_and_release_frees() {
             // The stable identity of the device holding the test's filesystem, when it is one.
             || (t.contains("/lockspace/block/") && t.ends_with(".lock"))
     };
-    assert!(fds.iter().all(|(_, t)| allowed(t)), "unexpected holder fds: {fds:?}");
+    // The record thread opens the lockspace directory for a moment after the ACK (it publishes
+    // the owner records): wait for it to be done, then nothing else may be open.
+    let settled = wait_until(Duration::from_secs(5), || fd_targets(pid).iter().all(|(_, t)| allowed(t)));
+    let fds = fd_targets(pid);
+    assert!(settled, "unexpected holder fds: {fds:?}");
     assert!(fds.iter().any(|(_, t)| *t == img.display().to_string()), "holder holds the image: {fds:?}");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let ppid_line = status.lines().find(|l| l.starts_with("PPid:")).expect("PPid");
