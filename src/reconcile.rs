@@ -89,15 +89,11 @@ fn dead_holders(paths: &Paths) -> Vec<Uuid> {
 
 /// Re-takes the locks of every running guest whose holder died, from its state file; removes
 /// the records of holders whose guest (or `lockhook run` command) is gone too.
-///
-/// A hook call (`full` false) first asks the census (see `census`): when no holder died since
-/// the last pass, there is nothing to scan, at the cost of one `semctl`. `lockhook reconcile`
-/// scans anyway (holders of older versions are not counted).
-pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>, full: bool) -> Report {
+/// A hook call runs it only when the census says a holder died (see `census` and
+/// `hook::adopt_orphans_bounded`); `lockhook reconcile` always does (holders of older versions
+/// are not counted).
+pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>) -> Report {
     let mut report = Report::default();
-    if !full && crate::census::nothing_died(&ctx.paths) {
-        return report;
-    }
     for uuid in dead_holders(&ctx.paths).into_iter().filter(|u| Some(u) != skip) {
         // Exactly one pass deals with a dead holder: the one that claims its state file, which
         // also retires it from the census.
@@ -168,7 +164,7 @@ fn running_guests(libvirt_run_dir: &Path) -> Vec<(Domain, (u32, u64))> {
 /// The full pass of `lockhook reconcile`.
 pub fn reconcile(config: &Config, config_path: &Path) -> Report {
     let ctx = Ctx::new(config.clone(), config_path);
-    let mut report = adopt_orphans(&ctx, None, true);
+    let mut report = adopt_orphans(&ctx, None);
     let running = running_guests(&config.libvirt_run_dir);
     for (domain, qemu) in &running {
         let had_holder = state::holder_alive(&ctx.paths, &domain.uuid);
