@@ -59,6 +59,16 @@ pub(crate) fn close_inherited(keep: RawFd) {
     }
 }
 
+/// Names this process in `ps`/`top`/`pgrep` (its comm; exec'd through `/proc/self/exe` it would
+/// be `exe`): `lockhook-holder` or `lockhook-spare`.
+pub(crate) fn name_self(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which `name` is
+    // (the kernel truncates longer ones).
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+    }
+}
+
 pub(crate) fn protect_self() {
     // SIGCHLD ignored: the holder never waits for a child (virsh, when pausing), so the kernel
     // reaps them.
@@ -91,6 +101,8 @@ pub fn run(config_path: &Path, uuid: &Uuid, ready_fd: RawFd) -> i32 {
         File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) })
     });
     protect_self();
+    name_self(c"lockhook-holder");
+    super::footprint::one_arena();
     let config = match Config::load(config_path) {
         Ok(config) => config,
         Err(e) => {

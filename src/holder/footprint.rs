@@ -1,63 +1,156 @@
 //! Keeping an idle holder small.
 //!
-//! A host may run hundreds of holders. Each is mostly asleep in `poll`, but the code pages it
-//! touched while starting (config and XML parsing, JSON, socket set-up) stay mapped and count in
-//! its resident set and PSS, although the idle loop never runs them again. Dropping the page
-//! table entries of the executable mappings (`madvise(MADV_DONTNEED)`) gives that back: the pages
-//! stay in the page cache, shared, and the few the idle loop needs fault back in on their next
-//! use (a minor fault each). The holder does this after every tick, so between ticks an idle
-//! holder maps almost none of its code.
+//! A host may run thousands of holders. Each is mostly asleep in `poll`, but what it touched
+//! while starting (config and XML parsing, JSON, socket set-up) stays resident and counts in its
+//! PSS, although the idle loop never needs it again:
+//! - code and read-only data pages of the binary: dropping their page table entries
+//!   (`madvise(MADV_DONTNEED)`) gives them back; the pages stay in the page cache, shared, and
+//!   the few the idle loop needs fault back in on their next use (a minor fault each);
+//! - freed heap memory, which the allocator keeps: `malloc_trim(0)` returns its whole pages;
+//! - the main thread's stack below the frame that sleeps: the deep frames of start-up are dead
+//!   (below the stack pointer), so their pages are dropped too and read as zeroes when reused.
+//!
+//! The holder sheds all three right before it sleeps, after every tick: between ticks an idle
+//! holder keeps little more than its live heap.
 
 use std::fs;
 
-/// The file-backed executable mappings of this process, as (start, length).
-fn code_mappings(maps: &str) -> Vec<(usize, usize)> {
-    maps.lines()
-        .filter_map(|line| {
-            // "55d0c8a00000-55d0c8b9c000 r-xp 00052000 fd:00 1234    /usr/local/sbin/lockhook"
-            let mut fields = line.split_whitespace();
-            let range = fields.next()?;
-            let perms = fields.next()?;
-            let path = fields.nth(3)?;
-            if perms != "r-xp" || !path.starts_with('/') {
-                return None;
+/// Below the stack pointer, this much stays mapped: the frames of the calls between the
+/// shedding and the sleep (`madvise`, `poll`) and a signal handler's frame.
+const STACK_KEEP: usize = 16 * 1024;
+
+/// A mapping of this process, as /proc/self/smaps describes it.
+struct Mapping {
+    start: usize,
+    len: usize,
+    perms: String,
+    path: String,
+    /// Anonymous (copy-on-write) KiB in a file mapping: relocated data, never to be dropped.
+    anonymous_kib: u64,
+}
+
+fn mappings(smaps: &str) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Anonymous:") {
+            if let Some(last) = out.last_mut() {
+                last.anonymous_kib = kib.trim().trim_end_matches("kB").trim().parse().unwrap_or(u64::MAX);
             }
-            let (start, end) = range.split_once('-')?;
-            let start = usize::from_str_radix(start, 16).ok()?;
-            let end = usize::from_str_radix(end, 16).ok()?;
-            (end > start).then_some((start, end - start))
-        })
+            continue;
+        }
+        // "55d0c8a00000-55d0c8b9c000 r-xp 00052000 fd:00 1234    /usr/local/sbin/lockhook"
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) else {
+            continue;
+        };
+        if end <= start || perms.len() != 4 {
+            continue;
+        }
+        let path = fields.nth(3).unwrap_or("").to_owned();
+        out.push(Mapping { start, len: end - start, perms: perms.to_owned(), path, anonymous_kib: u64::MAX });
+    }
+    out
+}
+
+/// The mappings whose pages always equal their file: private, file-backed, read-only (code or
+/// data) and with no copy-on-write page in them (RELRO, relocated at start-up, has some and is
+/// left alone; so is a mapping whose smaps entry could not be read).
+fn file_pages(maps: &[Mapping]) -> Vec<(usize, usize)> {
+    maps.iter()
+        .filter(|m| (m.perms == "r-xp" || m.perms == "r--p") && m.path.starts_with('/') && m.anonymous_kib == 0)
+        .map(|m| (m.start, m.len))
         .collect()
 }
 
-/// The executable mappings of this process, read once: they never change while it runs.
-pub struct CodePages {
-    ranges: Vec<(usize, usize)>,
+/// The main thread's stack mapping (start, end).
+fn stack(maps: &[Mapping]) -> Option<(usize, usize)> {
+    maps.iter().find(|m| m.path == "[stack]").map(|m| (m.start, m.start + m.len))
 }
 
-impl Default for CodePages {
+/// What the holder gives back before it sleeps, found once: the mappings never change while it
+/// runs (nothing maps or unmaps files later).
+pub struct Footprint {
+    files: Vec<(usize, usize)>,
+    stack: Option<(usize, usize)>,
+}
+
+impl Default for Footprint {
     fn default() -> Self {
-        CodePages::new()
+        Footprint::new()
     }
 }
 
-impl CodePages {
-    pub fn new() -> CodePages {
-        CodePages { ranges: fs::read_to_string("/proc/self/maps").map(|maps| code_mappings(&maps)).unwrap_or_default() }
+impl Footprint {
+    /// Reads this process's mappings. Call it on the thread that will call `shed` (the main
+    /// thread: the only one whose stack is `[stack]`).
+    pub fn new() -> Footprint {
+        let maps = fs::read_to_string("/proc/self/smaps").map(|s| mappings(&s)).unwrap_or_default();
+        Footprint { files: file_pages(&maps), stack: stack(&maps) }
     }
 
-    /// Unmaps these pages until they are used again (two `madvise` calls per mapping).
+    /// Gives the pages back until they are used again.
+    #[inline(never)]
     pub fn shed(&self) {
-        for &(start, len) in &self.ranges {
-            // SAFETY: the range is a whole private, read+execute, file-backed mapping of this
-            // process (from /proc/self/maps at start-up; nothing maps or unmaps code later). Such
-            // pages are never written (no text relocations in a PIE), so they always equal the
-            // file; MADV_DONTNEED only drops their page table entries, and the next instruction
-            // fetch maps the same bytes again from the page cache. No Rust object lives there.
+        // The heap and the stack first: the code they run would map its pages again.
+        trim_heap();
+        self.shed_stack();
+        for &(start, len) in &self.files {
+            // SAFETY: the range is a whole private, read-only, file-backed mapping of this
+            // process without a copy-on-write page (checked in smaps at start-up; a read-only
+            // mapping cannot be written later). Its pages always equal the file: MADV_DONTNEED
+            // only drops their page table entries, and the next access maps the same bytes again
+            // from the page cache. No Rust object is modified.
             unsafe {
                 libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED);
             }
         }
+    }
+
+    /// Drops the main thread's stack pages more than `STACK_KEEP` below this frame.
+    #[inline(never)]
+    fn shed_stack(&self) {
+        let Some((start, end)) = self.stack else { return };
+        let here = 0u8;
+        let sp = std::ptr::addr_of!(here) as usize;
+        if sp < start || sp >= end {
+            return; // not on the main thread's stack: do nothing
+        }
+        let page = 4096;
+        let top = (sp.saturating_sub(STACK_KEEP)) & !(page - 1);
+        if top <= start {
+            return;
+        }
+        // SAFETY: [start, top) lies in this thread's own stack mapping, at least STACK_KEEP
+        // below the current frame: the stack grows down, so no live frame, local or signal
+        // frame is there (a handler that ran before this call has returned; one that runs after
+        // it writes fresh pages). MADV_DONTNEED on private anonymous memory makes the pages read
+        // as zeroes when the stack grows into them again, which is how unused stack starts.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, top - start, libc::MADV_DONTNEED);
+        }
+    }
+}
+
+/// Returns the allocator's free pages to the kernel.
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases memory the allocator holds free; it takes the
+    // allocator's own locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// One malloc arena for every thread of the holder: a thread's own arena keeps pages of its own
+/// (the record thread's), which one holder among thousands does not need.
+pub fn one_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt changes a tunable of the allocator, before the threads that would use it
+    // exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
@@ -65,20 +158,59 @@ impl CodePages {
 mod tests {
     use super::*;
 
+    const SMAPS: &str = "\
+55d0c8a00000-55d0c8aa0000 r--p 00000000 fd:00 1234    /usr/local/sbin/lockhook
+Size:                640 kB
+Anonymous:             0 kB
+55d0c8aa0000-55d0c8b9c000 r-xp 000a0000 fd:00 1234    /usr/local/sbin/lockhook
+Size:               1008 kB
+Anonymous:             0 kB
+55d0c8b9c000-55d0c8bb0000 r--p 0019c000 fd:00 1234    /usr/local/sbin/lockhook
+Size:                 80 kB
+Anonymous:            56 kB
+55d0c8bb0000-55d0c8bb4000 rw-p 001b0000 fd:00 1234    /usr/local/sbin/lockhook
+Anonymous:            16 kB
+7f00aa000000-7f00aa021000 rw-p 00000000 00:00 0 
+Anonymous:             8 kB
+7ffd1b300000-7ffd1b3e1000 rw-p 00000000 00:00 0                          [stack]
+Anonymous:            60 kB
+7ffd1b3e1000-7ffd1b3e3000 r-xp 00000000 00:00 0    [vdso]
+Anonymous:             0 kB
+";
+
     #[test]
-    fn finds_only_file_backed_code() {
-        let maps = "55d0c8a00000-55d0c8b9c000 r-xp 00052000 fd:00 1234    /usr/local/sbin/lockhook\n\
-                    55d0c8b9c000-55d0c8bb0000 r--p 001ee000 fd:00 1234    /usr/local/sbin/lockhook\n\
-                    7f00aa000000-7f00aa021000 rw-p 00000000 00:00 0 \n\
-                    7ffd1b3e1000-7ffd1b3e3000 r-xp 00000000 00:00 0    [vdso]\n";
-        assert_eq!(code_mappings(maps), vec![(0x55d0c8a00000, 0x19c000)]);
+    fn drops_only_file_pages_that_equal_the_file() {
+        let maps = mappings(SMAPS);
+        // The code and the first read-only segment; never RELRO (relocated: anonymous pages),
+        // data, the heap or the vdso.
+        assert_eq!(file_pages(&maps), vec![(0x55d0c8a00000, 0xa0000), (0x55d0c8aa0000, 0xfc000)]);
+        assert_eq!(stack(&maps), Some((0x7ffd1b300000, 0x7ffd1b3e1000)));
+        // A mapping whose Anonymous line is missing is kept.
+        let cut = "55d0c8a00000-55d0c8aa0000 r--p 00000000 fd:00 1234    /usr/local/sbin/lockhook\n";
+        assert!(file_pages(&mappings(cut)).is_empty());
     }
 
     #[test]
     fn shedding_keeps_the_process_working() {
-        CodePages::new().shed();
-        // Code runs on after its pages were dropped: they fault back in.
+        let footprint = Footprint::new();
+        assert!(!footprint.files.is_empty(), "the test binary's own code is file-backed");
+        let before: Vec<u64> = (0..1000).collect();
+        footprint.shed();
+        // Code, read-only data and the heap are intact after their pages were dropped.
         assert_eq!(format!("{}", 6 * 7), "42");
-        assert!(!code_mappings(&fs::read_to_string("/proc/self/maps").expect("maps")).is_empty());
+        assert_eq!(before.iter().sum::<u64>(), 499_500);
+        assert_eq!(deep(200), 200);
+        footprint.shed();
+    }
+
+    /// Uses stack (a frame per level), so that pages below a shed frame are used again.
+    #[inline(never)]
+    fn deep(n: u64) -> u64 {
+        let pad = std::hint::black_box([n; 64]);
+        if n == 0 {
+            0
+        } else {
+            deep(n - 1) + pad[63] - n + 1
+        }
     }
 }

@@ -149,7 +149,7 @@ impl Holder {
     pub(crate) fn serve(&mut self) {
         let started = Instant::now();
         let mut last_tick = Instant::now();
-        let code = footprint::CodePages::new();
+        let code = footprint::Footprint::new();
         let mut shed_due = false;
         let mut ticks = 0u64;
         loop {
@@ -228,7 +228,7 @@ impl Holder {
     /// the few the poll's return needs fault back in while the holder sleeps (every line of code
     /// between the shedding and the sleep would map its pages again, and they would stay mapped,
     /// unshared, until the next tick).
-    fn wait(&self, timeout: Duration, shed: Option<&footprint::CodePages>) -> nix::Result<Events> {
+    fn wait(&self, timeout: Duration, shed: Option<&footprint::Footprint>) -> nix::Result<Events> {
         let slots = [
             (Slot::Listener, Some(self.files.listener.as_fd())),
             (Slot::Qemu, self.watched.qemu.as_ref().and_then(|q| q.pidfd.as_ref()).map(AsFd::as_fd)),

@@ -247,9 +247,10 @@ pub fn become_subreaper() {
 
 /// Whether a child with this comm is an orphan that nobody but us (its subreaper) waits for:
 /// QEMU (libvirt daemonizes guests, and its capability probes of every `qemu-system-*` use
-/// `-daemonize`) or a lockhook holder (`/proc/self/exe`). None of our own `Command`s is named so.
+/// `-daemonize`) or a lockhook holder or spare (`lockhook-holder`, `lockhook-spare`; `exe` before
+/// they named themselves). None of our own `Command`s is named so.
 fn adopted(comm: &str) -> bool {
-    comm.starts_with("qemu-system-") || comm == "exe"
+    comm.starts_with("qemu-system-") || comm.starts_with("lockhook-") || comm == "exe"
 }
 
 /// Reaps adopted QEMUs and holders within ~5 ms of their exit, as systemd would on a real host.
