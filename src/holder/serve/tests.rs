@@ -26,8 +26,25 @@ fn guest() -> Guest {
 
 /// A holder of guest `vm1` whose run directory, lockspace and libvirt run directory are in
 /// a temporary directory.
-fn holder() -> (tempfile::TempDir, Holder) {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// A test's directory; the census semaphore set of its run directory (created by the holder's
+/// first state file) lives in the kernel, and goes with the directory.
+struct TestDir(tempfile::TempDir);
+
+impl std::ops::Deref for TestDir {
+    type Target = tempfile::TempDir;
+    fn deref(&self) -> &tempfile::TempDir {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        crate::census::Census::remove(&crate::paths::Paths::new(&self.0.path().join("run")));
+    }
+}
+
+fn holder() -> (TestDir, Holder) {
+    let dir = TestDir(tempfile::tempdir().expect("tempdir"));
     let config = Config {
         run_dir: dir.path().join("run"),
         lockspace_dir: dir.path().join("lockspace"),
