@@ -29,6 +29,15 @@ fn parent_pid(pid: u32) -> u32 {
     stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).and_then(|p| p.parse().ok()).expect("ppid")
 }
 
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|_| parent_pid(*p) == pid))
+        .collect()
+}
+
 fn fd_targets(pid: u32) -> Vec<(u32, String)> {
     let mut fds: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("holder fd dir")
@@ -282,15 +291,21 @@ fn the_next_start_claims_the_spare_holder() {
     assert!(
         fds.iter().all(|(_, t)| t == "/dev/null"
             || t.starts_with("socket:")
+            || t.starts_with("pipe:")
             || t.ends_with("spare.lock")
             || t.ends_with("lockhook.log")),
         "spare fds: {fds:?}"
     );
     assert!(setup.hook(&["vm2", "prepare", "begin", "-"], &vm2).status.success());
-    // The claimed spare forked vm2's holder and stays the spare (its pages shared with it).
+    // The spare's ready child became vm2's holder; the spare stays (its pages shared with it).
     let holder = holder_pid(&setup, UUID2);
     assert_ne!(holder, spare, "vm2's holder is a new process");
     assert_eq!(parent_pid(holder), spare, "vm2's holder was forked by the spare");
+    assert!(
+        wait_until(Duration::from_secs(5), || children_of(spare).len() == 2),
+        "the spare forked its next ready child: {:?}",
+        children_of(spare)
+    );
     assert_eq!(lock_state(&b, 0), Some(LockMode::Exclusive));
     let fds = fd_targets(holder);
     assert!(

@@ -1,20 +1,24 @@
-//! The spare holder: one idle holder per host, started in the background by the first
+//! The spare holder: an idle holder per host, started in the background by the first
 //! `prepare` that finds none, so that guest starts claim it instead of waiting for a fork and
 //! exec of a new holder (the largest fixed cost of `prepare`).
 //!
-//! A spare holds no lock. It keeps `<run_dir>/spare.lock` (an OFD lock: one spare at a time) and
-//! listens on `<run_dir>/spare.sock`. A hook sends `claim {uuid}`: the spare forks, and the child
-//! takes that guest's instance lock and socket, drops its copies of `spare.*`, answers `ok`, and
-//! from then on is that guest's holder, continuing on the same connection with `acquire`; the
-//! spare goes back to waiting for the next claim. Every holder forked so one shares the spare's
-//! pages (the binary's relocated data, the heap as it was) until it writes them: a host's
-//! holders cost a little private memory each, not a whole process's (see `footprint`).
-//! If anything fails, the hook falls back to starting a holder itself. A spare exits when its run
-//! directory goes away, on `release` (`install.sh --uninstall`), and when claimed after an upgrade
-//! replaced its binary (the hook then starts a holder and a spare of the new one).
+//! A spare holds no lock. It is two processes: the *spare* keeps `<run_dir>/spare.lock` (an OFD
+//! lock: one spare at a time) and the socket `<run_dir>/spare.sock`, and forks a *ready child*,
+//! which answers on that socket. A hook sends `claim {uuid}`: the ready child takes that guest's
+//! instance lock and socket, closes its copies of the spare's fds (its parent sees the pipe
+//! between them close and forks the next ready child), answers `ok`, and from then on is that
+//! guest's holder, continuing on the same connection with `acquire`. No fork or exec is on the
+//! hook's path, and every holder shares the spare's pages (the binary's relocated data, the heap
+//! as it was) until it writes them: a host's holders cost a little private memory each, not a
+//! whole process's (see `footprint`).
+//!
+//! If anything fails, the hook falls back to starting a holder itself. The spare exits when its
+//! run directory goes away, on `release` (`install.sh --uninstall`), and when claimed after an
+//! upgrade replaced its binary (the hook then starts a holder and a spare of the new one); a
+//! ready child dies with its parent.
 
 use std::fs::{self, File};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use log::{info, warn};
@@ -46,31 +50,13 @@ fn binary_replaced() -> bool {
     fs::read_link("/proc/self/exe").is_ok_and(|exe| exe.as_os_str().as_encoded_bytes().ends_with(b" (deleted)"))
 }
 
-/// The forked child of a claimed spare: the holder of `uuid`, serving the claiming hook's
-/// connection, then its guest. Returns the process's exit code.
-fn become_holder(config_path: &Path, config: &Config, conn: std::os::fd::OwnedFd, uuid: &crate::domain::Uuid) -> i32 {
-    // The config may have changed since this spare started.
-    let config = Config::load(config_path).unwrap_or(config.clone());
-    match Holder::start(&config, uuid, false) {
-        Ok(mut holder) => {
-            info!("holder {} of {uuid} forked from the spare", std::process::id());
-            reply(&conn, &Response::Ok);
-            if let Next::Exit = holder.serve_conn(&conn, true) {
-                return 0;
-            }
-            drop(conn);
-            holder.serve();
-            0
-        }
-        Err(e) => {
-            warn!("spare holder: cannot become the holder of {uuid}: {e}");
-            reply(&conn, &Response::Error { code: ErrorCode::Failed, message: e.to_string() });
-            1
-        }
-    }
-}
+/// What the ready child writes to its parent to make every spare process exit (`release`, or
+/// a binary replaced by an upgrade). Closing the pipe without it means: claimed (or died).
+const EXIT_ALL: u8 = b'X';
 
-/// The spare's main.
+/// The spare's main: the parent of the ready child (see the module documentation). It keeps
+/// `spare.lock` and the listening socket (shared with the ready child) and never starts a
+/// thread, so that it can fork at any time.
 pub fn run(config_path: &Path) -> i32 {
     close_inherited(-1);
     protect_self();
@@ -85,18 +71,88 @@ pub fn run(config_path: &Path) -> i32 {
     // Another spare runs when this lock is taken.
     let Ok(spare_lock) = crate::rundir::lock_instance_file(&paths.spare_lock()) else { return 0 };
     // Read before the socket appears: whoever finds the socket finds no transient fd open here.
-    let code = Footprint::new();
+    let footprint = Footprint::new();
     let socket = paths.spare_socket();
     let Ok(listener) = crate::rundir::listen_on(&socket) else { return 1 };
+    let me = nix::unistd::getpid();
+    loop {
+        if fs::symlink_metadata(&socket).is_err() {
+            return 0; // the run directory (or this socket) was removed; the ready child dies with us
+        }
+        let Ok((notice, notify)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else { return 1 };
+        // SAFETY: this process is single-threaded (it never starts a thread), so the child may
+        // run any code: no lock of another thread is held across the fork.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                drop(notice);
+                drop(spare_lock);
+                return ready(config_path, &config, &footprint, listener, notify, me);
+            }
+            Ok(nix::unistd::ForkResult::Parent { .. }) => drop(notify),
+            Err(e) => {
+                // Nobody would answer a hook that connects: stop listening, so that it starts a
+                // holder itself at once.
+                warn!("spare holder: cannot fork: {e}; exiting");
+                let _ = fs::remove_file(&socket);
+                return 1;
+            }
+        }
+        // Until the ready child is claimed (or dies, or says that every spare should exit).
+        loop {
+            footprint.shed();
+            let mut fds = [PollFd::new(notice.as_fd(), PollFlags::POLLIN)];
+            let woken =
+                matches!(poll(&mut fds, PollTimeout::try_from(TICK).unwrap_or(PollTimeout::MAX)), Ok(n) if n > 0);
+            if fs::symlink_metadata(&socket).is_err() {
+                return 0;
+            }
+            if woken {
+                let mut byte = [0u8; 1];
+                match nix::unistd::read(notice.as_raw_fd(), &mut byte) {
+                    Ok(1) if byte[0] == EXIT_ALL => return 0,
+                    Err(nix::Error::EINTR) => continue,
+                    _ => break, // claimed or gone: fork the next one
+                }
+            }
+        }
+    }
+}
+
+/// The ready child: answers on the spare's socket until a hook claims it, then is that guest's
+/// holder. It dies with its parent until then (`PR_SET_PDEATHSIG`).
+fn ready(
+    config_path: &Path,
+    config: &Config,
+    footprint: &Footprint,
+    listener: OwnedFd,
+    notify: OwnedFd,
+    parent: nix::unistd::Pid,
+) -> i32 {
+    set_parent_death_signal(libc::SIGKILL);
+    if nix::unistd::getppid() != parent {
+        return 0; // the parent is already gone
+    }
+    let socket = Paths::new(&config.run_dir).spare_socket();
+    // Every spare process exits: the parent on our word, before the hook hears back (so the hook
+    // that starts a holder itself also starts a new spare).
+    let exit_all = |notify: &OwnedFd| {
+        let _ = fs::remove_file(&socket);
+        let parent_fd = u32::try_from(parent.as_raw()).ok().and_then(super::watch::pidfd_open);
+        let _ = nix::unistd::write(notify, &[EXIT_ALL]);
+        if let Some(fd) = parent_fd {
+            let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::from(1000u16));
+        }
+    };
     let mut buf = vec![0u8; MAX_FRAME];
     loop {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        let ready = matches!(poll(&mut fds, PollTimeout::try_from(TICK).unwrap_or(PollTimeout::MAX)), Ok(n) if n > 0);
+        let woken = matches!(poll(&mut fds, PollTimeout::try_from(TICK).unwrap_or(PollTimeout::MAX)), Ok(n) if n > 0);
         if fs::symlink_metadata(&socket).is_err() {
             return 0; // the run directory (or this socket) was removed
         }
-        if !ready {
-            code.shed();
+        if !woken {
+            footprint.shed();
             continue;
         }
         let Ok((conn, allowed)) = accept_conn(&listener) else { continue };
@@ -115,42 +171,45 @@ pub fn run(config_path: &Path) -> i32 {
             Ok(Request::Claim { uuid }) => {
                 if binary_replaced() {
                     // An upgrade replaced lockhook: the guest gets a holder of the new binary,
-                    // which the hook starts (and with it, the next spare).
-                    let _ = fs::remove_file(&socket);
-                    drop(spare_lock);
+                    // which the hook starts (and with it, a new spare).
                     info!("spare holder {}: lockhook was upgraded; exiting", std::process::id());
-                    reply(
-                        &conn,
-                        &Response::Error {
-                            code: ErrorCode::Failed,
-                            message: "this spare is from a replaced binary".into(),
-                        },
-                    );
+                    exit_all(&notify);
+                    let message = "this spare is from a replaced binary".into();
+                    reply(&conn, &Response::Error { code: ErrorCode::Failed, message });
                     return 0;
                 }
-                // SAFETY: the spare is single-threaded (it never starts a thread), so the child
-                // may run any code: no lock of another thread is held across the fork.
-                match unsafe { nix::unistd::fork() } {
-                    Ok(nix::unistd::ForkResult::Child) => {
-                        // Invariant: nothing of the spare stays open in the guest's holder. The
-                        // spare keeps its own copies (and with them spare.lock and spare.sock).
+                // From here on this process outlives the spare, whatever happens to it.
+                set_parent_death_signal(0);
+                // The config may have changed since the spare started.
+                let config = Config::load(config_path).unwrap_or(config.clone());
+                match Holder::start(&config, &uuid, false) {
+                    Ok(mut holder) => {
+                        // Invariant: nothing of the spare stays open in the guest's holder.
+                        // Closing `notify` tells the spare to make a new ready child.
                         drop(listener);
-                        drop(spare_lock);
+                        drop(notify);
+                        drop(buf);
                         let _ = nix::unistd::setsid();
                         name_self(c"lockhook-holder");
-                        return become_holder(config_path, &config, conn, &uuid);
+                        info!("spare holder {} is now the holder of {uuid}", std::process::id());
+                        reply(&conn, &Response::Ok);
+                        if let Next::Exit = holder.serve_conn(&conn, allowed) {
+                            return 0;
+                        }
+                        drop(conn);
+                        holder.serve();
+                        return 0;
                     }
-                    Ok(nix::unistd::ForkResult::Parent { .. }) => drop(conn),
                     Err(e) => {
-                        warn!("spare holder: cannot fork a holder for {uuid}: {e}");
-                        reply(&conn, &Response::Error { code: ErrorCode::Failed, message: format!("fork: {e}") });
+                        set_parent_death_signal(libc::SIGKILL);
+                        warn!("spare holder: cannot become the holder of {uuid}: {e}");
+                        reply(&conn, &Response::Error { code: ErrorCode::Failed, message: e.to_string() });
                     }
                 }
-                code.shed();
             }
             Ok(Request::Release) => {
+                exit_all(&notify);
                 reply(&conn, &Response::Ok);
-                let _ = fs::remove_file(&socket);
                 return 0;
             }
             Ok(_) => {
@@ -158,5 +217,13 @@ pub fn run(config_path: &Path) -> i32 {
             }
             Err(e) => reply(&conn, &Response::Error { code: ErrorCode::BadRequest, message: e.to_string() }),
         }
+    }
+}
+
+/// The signal this process gets when its parent exits (0: none).
+fn set_parent_death_signal(signal: libc::c_int) {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number; no memory is passed.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong);
     }
 }
