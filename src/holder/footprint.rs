@@ -108,6 +108,27 @@ impl Footprint {
         }
     }
 
+    /// Maps the binary's pages into this process's page tables now (`MADV_POPULATE_READ`), so
+    /// that the code a request runs does not fault in page by page while a hook waits: for the
+    /// spare's ready child, whose first request is a guest start. The pages are the page
+    /// cache's, shared with every holder; an older kernel without it just faults them later.
+    pub fn populate(&self) {
+        for &(start, len) in &self.files {
+            // SAFETY: as in `shed`: a whole private, read-only, file-backed mapping of this
+            // process; MADV_POPULATE_READ only fills its page table entries, as reads would.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_READ);
+            }
+        }
+    }
+
+    /// Gives back only the heap and the dead stack (not the binary's pages): for a process that
+    /// must answer fast.
+    pub fn shed_anonymous(&self) {
+        trim_heap();
+        self.shed_stack();
+    }
+
     /// Drops the main thread's stack pages more than `STACK_KEEP` below this frame.
     #[inline(never)]
     fn shed_stack(&self) {

@@ -133,6 +133,8 @@ fn ready(
         return 0; // the parent is already gone
     }
     let socket = Paths::new(&config.run_dir).spare_socket();
+    // Ready to answer: the code of a claim mapped now, not faulted in while the hook waits.
+    footprint.populate();
     // Every spare process exits: the parent on our word, before the hook hears back (so the hook
     // that starts a holder itself also starts a new spare).
     let exit_all = |notify: &OwnedFd| {
@@ -152,7 +154,7 @@ fn ready(
             return 0; // the run directory (or this socket) was removed
         }
         if !woken {
-            footprint.shed();
+            footprint.shed_anonymous();
             continue;
         }
         let Ok((conn, allowed)) = accept_conn(&listener) else { continue };
