@@ -35,7 +35,8 @@ const GUARD_POLL: Duration = Duration::from_millis(10);
 /// While sanlock leases wait for a migration source, the holder tries them this often (each try
 /// is one acquire per lease, answered by the daemon at once: `OWNER_NOWAIT`).
 const LEASE_POLL: Duration = Duration::from_millis(100);
-/// Every this many ticks the holder re-publishes owner records someone removed.
+/// Every this many ticks the holder re-publishes owner records someone removed (and gives back
+/// the pages its ticks touched, see `footprint`).
 const RECORD_REFRESH_TICKS: u64 = 60;
 
 /// The guest's QEMU: pid and start time identify it across pid reuse (see `qemu`).
@@ -150,7 +151,10 @@ impl Holder {
         let started = Instant::now();
         let mut last_tick = Instant::now();
         let code = footprint::Footprint::new();
-        let mut shed_due = false;
+        // Shed after start-up and after work (a request, a hand-over), and once a minute: not
+        // after every idle tick, which would only fault the same few pages in again each second
+        // (thousands of holders would spend a share of a core on it).
+        let mut shed_due = true;
         let mut ticks = 0u64;
         loop {
             let idle = self.held.is_empty() && self.migration.pending.is_empty() && !self.holds_leases();
@@ -185,6 +189,7 @@ impl Holder {
             }
             if events.handover {
                 self.take_over();
+                shed_due = true;
             }
             if self.leases_pending() {
                 self.take_over_leases();
@@ -201,6 +206,7 @@ impl Holder {
                 }
                 // After the ACK: records are for naming holders, not on the start's critical path.
                 self.sync_records();
+                shed_due = true;
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
@@ -213,13 +219,11 @@ impl Holder {
                     if let Some(records) = &self.records.keeper {
                         records.refresh();
                     }
+                    shed_due = true;
                 }
                 // Records follow every change of the held set where it happens (a request, a
                 // hand-over, hot-plug): an idle tick builds none.
                 self.follow_hotplug();
-                // Between ticks the holder only sleeps: the code pages it touched are given back
-                // just before it does (see `wait`).
-                shed_due = true;
             }
         }
     }
