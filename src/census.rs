@@ -154,6 +154,13 @@ impl Census {
         Ok(if entered <= live { Count::Balanced } else { Count::Dead(u32::from(entered - live)) })
     }
 
+    /// How many holders are alive (entered, and neither dead nor gone).
+    pub fn live(&self) -> io::Result<u32> {
+        // SAFETY: GETVAL reads one semaphore's value; no pointers.
+        let rv = unsafe { libc::semctl(self.semid, i32::from(LIVE), libc::GETVAL) };
+        u32::try_from(rv).map_err(|_| errno())
+    }
+
     /// Removes the set (tests, `install.sh --uninstall`): holders entering later make a new one.
     pub fn remove(paths: &Paths) {
         if let Some(census) = Census::open(paths) {
@@ -242,11 +249,13 @@ mod tests {
                 });
                 assert!(entered, "the child entered");
                 assert!(nothing_died(&paths), "alive: balanced");
+                assert_eq!(census.live().expect("live"), 1, "one holder alive");
                 nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).expect("kill");
                 nix::sys::wait::waitpid(child, None).expect("wait");
             }
         }
         assert_eq!(census.count().expect("count"), Count::Dead(1));
+        assert_eq!(census.live().expect("live"), 0, "the kernel took the dead one's count back");
         assert!(!nothing_died(&paths));
         census.retire().expect("retire");
         assert!(nothing_died(&paths));

@@ -91,6 +91,12 @@ pub fn take_instance_lock(paths: &Paths, uuid: &Uuid) -> Result<File, RunDirErro
 }
 
 pub fn listen_on(path: &Path) -> Result<OwnedFd, RunDirError> {
+    listen_with_backlog(path, 16)
+}
+
+/// `listen_on` with room for `backlog` waiting connections (the spare's socket: one per guest
+/// starting at once).
+pub fn listen_with_backlog(path: &Path, backlog: i32) -> Result<OwnedFd, RunDirError> {
     let err = |source| RunDirError::Listen { path: path.to_owned(), source };
     // Only a holder holding the instance lock gets here, so a socket file left at this path
     // belongs to a dead holder of this guest.
@@ -102,6 +108,6 @@ pub fn listen_on(path: &Path) -> Result<OwnedFd, RunDirError> {
     let bound = bind(sock.as_raw_fd(), &addr);
     nix::sys::stat::umask(old);
     bound.map_err(err)?;
-    listen(&sock, Backlog::new(16).map_err(err)?).map_err(err)?;
+    listen(&sock, Backlog::new(backlog).map_err(err)?).map_err(err)?;
     Ok(sock)
 }

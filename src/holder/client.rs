@@ -17,6 +17,8 @@ use crate::state::Resource;
 
 /// How long a client waits for the holder's reply.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a hook waits to connect to the spare and for its answer to a claim.
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -95,12 +97,19 @@ impl Client {
     pub fn claim_spare(paths: &Paths, uuid: &Uuid) -> Option<Client> {
         let sock = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).ok()?;
         let addr = UnixAddr::new(&paths.spare_socket()).ok()?;
+        // A spare answers a claim in well under a millisecond, one claim after another: one that
+        // does not (stopped, or its queue full) is not waited for long, since the fallback (a
+        // holder of our own) costs a few milliseconds. The send timeout bounds `connect` too.
+        let claim = TimeVal::new(CLAIM_TIMEOUT.as_secs() as libc::time_t, 0);
+        let _ = setsockopt(&sock, sockopt::ReceiveTimeout, &claim);
+        let _ = setsockopt(&sock, sockopt::SendTimeout, &claim);
         connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).ok()?;
-        let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as libc::time_t, 0);
-        let _ = setsockopt(&sock, sockopt::ReceiveTimeout, &timeout);
-        let _ = setsockopt(&sock, sockopt::SendTimeout, &timeout);
         let client = Client { sock, version: std::cell::Cell::new(protocol::VERSION) };
-        match client.expect_ok(&Request::Claim { uuid: uuid.clone() }, &[]) {
+        let claimed = client.expect_ok(&Request::Claim { uuid: uuid.clone() }, &[]);
+        let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as libc::time_t, 0);
+        let _ = setsockopt(&client.sock, sockopt::ReceiveTimeout, &timeout);
+        let _ = setsockopt(&client.sock, sockopt::SendTimeout, &timeout);
+        match claimed {
             Ok(()) => Some(client),
             Err(e) => {
                 log::info!("spare holder not claimed for {uuid}: {}", crate::error_chain(&e));

@@ -27,14 +27,23 @@ struct Mapping {
     path: String,
     /// Anonymous (copy-on-write) KiB in a file mapping: relocated data, never to be dropped.
     anonymous_kib: u64,
+    /// Swapped-out KiB: copy-on-write pages too, just not resident now.
+    swap_kib: u64,
 }
 
 fn mappings(smaps: &str) -> Vec<Mapping> {
     let mut out: Vec<Mapping> = Vec::new();
     for line in smaps.lines() {
-        if let Some(kib) = line.strip_prefix("Anonymous:") {
+        let kib = |text: &str| text.trim().trim_end_matches("kB").trim().parse().unwrap_or(u64::MAX);
+        if let Some(value) = line.strip_prefix("Anonymous:") {
             if let Some(last) = out.last_mut() {
-                last.anonymous_kib = kib.trim().trim_end_matches("kB").trim().parse().unwrap_or(u64::MAX);
+                last.anonymous_kib = kib(value);
+            }
+            continue;
+        }
+        if let Some(value) = line.strip_prefix("Swap:") {
+            if let Some(last) = out.last_mut() {
+                last.swap_kib = kib(value);
             }
             continue;
         }
@@ -49,19 +58,44 @@ fn mappings(smaps: &str) -> Vec<Mapping> {
             continue;
         }
         let path = fields.nth(3).unwrap_or("").to_owned();
-        out.push(Mapping { start, len: end - start, perms: perms.to_owned(), path, anonymous_kib: u64::MAX });
+        out.push(Mapping {
+            start,
+            len: end - start,
+            perms: perms.to_owned(),
+            path,
+            anonymous_kib: u64::MAX,
+            swap_kib: u64::MAX,
+        });
     }
     out
 }
 
-/// The mappings whose pages always equal their file: private, file-backed, read-only (code or
-/// data) and with no copy-on-write page in them (RELRO, relocated at start-up, has some and is
-/// left alone; so is a mapping whose smaps entry could not be read).
+/// The mappings whose pages always equal their file: private and file-backed, with no
+/// copy-on-write page in them, resident or swapped (a mapping whose smaps entry could not be
+/// read is left alone): the code (`r-xp`), and read-only data only where it comes before the
+/// code of the same file (headers, constants, unwind tables). Read-only data after the code is
+/// RELRO, written by the relocations at start-up and then made read-only: never dropped, even
+/// when it looks clean.
 fn file_pages(maps: &[Mapping]) -> Vec<(usize, usize)> {
-    maps.iter()
-        .filter(|m| (m.perms == "r-xp" || m.perms == "r--p") && m.path.starts_with('/') && m.anonymous_kib == 0)
-        .map(|m| (m.start, m.len))
-        .collect()
+    let mut code_seen: Vec<&str> = Vec::new();
+    let mut out = Vec::new();
+    for m in maps {
+        if !m.path.starts_with('/') {
+            continue;
+        }
+        let clean = m.anonymous_kib == 0 && m.swap_kib == 0;
+        match m.perms.as_str() {
+            "r-xp" => {
+                code_seen.push(&m.path);
+                if clean {
+                    out.push((m.start, m.len));
+                }
+            }
+            "r--p" if clean && !code_seen.contains(&m.path.as_str()) => out.push((m.start, m.len)),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The main thread's stack mapping (start, end).
@@ -183,12 +217,18 @@ mod tests {
 55d0c8a00000-55d0c8aa0000 r--p 00000000 fd:00 1234    /usr/local/sbin/lockhook
 Size:                640 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 55d0c8aa0000-55d0c8b9c000 r-xp 000a0000 fd:00 1234    /usr/local/sbin/lockhook
 Size:               1008 kB
 Anonymous:             0 kB
+Swap:                  0 kB
+7f0000000000-7f0000001000 r--p 00002000 fd:00 99    /usr/lib/libx.so
+Anonymous:             0 kB
+Swap:                  0 kB
 55d0c8b9c000-55d0c8bb0000 r--p 0019c000 fd:00 1234    /usr/local/sbin/lockhook
 Size:                 80 kB
-Anonymous:            56 kB
+Anonymous:             0 kB
+Swap:                 56 kB
 55d0c8bb0000-55d0c8bb4000 rw-p 001b0000 fd:00 1234    /usr/local/sbin/lockhook
 Anonymous:            16 kB
 7f00aa000000-7f00aa021000 rw-p 00000000 00:00 0 
@@ -202,12 +242,20 @@ Anonymous:             0 kB
     #[test]
     fn drops_only_file_pages_that_equal_the_file() {
         let maps = mappings(SMAPS);
-        // The code and the first read-only segment; never RELRO (relocated: anonymous pages),
-        // data, the heap or the vdso.
-        assert_eq!(file_pages(&maps), vec![(0x55d0c8a00000, 0xa0000), (0x55d0c8aa0000, 0xfc000)]);
+        // The code and the read-only data before it; never RELRO (after the code: relocated,
+        // here swapped out), data, the heap or the vdso. Another file's read-only data, before
+        // its own code, is dropped too.
+        assert_eq!(
+            file_pages(&maps),
+            vec![(0x55d0c8a00000, 0xa0000), (0x55d0c8aa0000, 0xfc000), (0x7f0000000000, 0x1000)]
+        );
+        // RELRO that looks clean (nothing copied, nothing swapped) is still kept: it follows the
+        // code.
+        let clean_relro = SMAPS.replace("Swap:                 56 kB", "Swap:                  0 kB");
+        assert!(!file_pages(&mappings(&clean_relro)).contains(&(0x55d0c8b9c000, 0x14000)));
         assert_eq!(stack(&maps), Some((0x7ffd1b300000, 0x7ffd1b3e1000)));
         // A mapping whose Anonymous line is missing is kept.
-        let cut = "55d0c8a00000-55d0c8aa0000 r--p 00000000 fd:00 1234    /usr/local/sbin/lockhook\n";
+        let cut = "55d0c8a00000-55d0c8aa0000 r--p 00000000 fd:00 1234    /usr/local/sbin/lockhook\nAnonymous: 0 kB\n";
         assert!(file_pages(&mappings(cut)).is_empty());
     }
 

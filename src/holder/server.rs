@@ -35,6 +35,8 @@ const GUARD_POLL: Duration = Duration::from_millis(10);
 /// While sanlock leases wait for a migration source, the holder tries them this often (each try
 /// is one acquire per lease, answered by the daemon at once: `OWNER_NOWAIT`).
 const LEASE_POLL: Duration = Duration::from_millis(100);
+/// Up to this many live holders on the host, each gives back its pages after every tick.
+const SHED_EVERY_TICK_UP_TO: u32 = 64;
 /// Every this many ticks the holder re-publishes owner records someone removed (and gives back
 /// the pages its ticks touched, see `footprint`).
 const RECORD_REFRESH_TICKS: u64 = 60;
@@ -152,8 +154,8 @@ impl Holder {
         let mut last_tick = Instant::now();
         let code = footprint::Footprint::new();
         // Shed after start-up and after work (a request, a hand-over), and once a minute: not
-        // after every idle tick, which would only fault the same few pages in again each second
-        // (thousands of holders would spend a share of a core on it).
+        // after every idle tick on a host with many holders, which would only fault the same few
+        // pages in again each second (thousands of holders would spend a share of a core on it).
         let mut shed_due = true;
         let mut ticks = 0u64;
         loop {
@@ -219,6 +221,11 @@ impl Holder {
                     if let Some(records) = &self.records.keeper {
                         records.refresh();
                     }
+                    shed_due = true;
+                }
+                // With few holders on the host, the pages a tick touches are shared by few and
+                // count in each one's PSS: give them back after every tick (cheap at that count).
+                if self.files.census.as_ref().and_then(|c| c.live().ok()).is_some_and(|n| n <= SHED_EVERY_TICK_UP_TO) {
                     shed_due = true;
                 }
                 // Records follow every change of the held set where it happens (a request, a

@@ -54,6 +54,9 @@ fn binary_replaced() -> bool {
 /// a binary replaced by an upgrade). Closing the pipe without it means: claimed (or died).
 const EXIT_ALL: u8 = b'X';
 
+/// Claims that may wait for the ready child at once (guests starting together).
+const SPARE_BACKLOG: i32 = 256;
+
 /// The spare's main: the parent of the ready child (see the module documentation). It keeps
 /// `spare.lock` and the listening socket (shared with the ready child) and never starts a
 /// thread, so that it can fork at any time.
@@ -73,7 +76,7 @@ pub fn run(config_path: &Path) -> i32 {
     // Read before the socket appears: whoever finds the socket finds no transient fd open here.
     let footprint = Footprint::new();
     let socket = paths.spare_socket();
-    let Ok(listener) = crate::rundir::listen_on(&socket) else { return 1 };
+    let Ok(listener) = crate::rundir::listen_with_backlog(&socket, SPARE_BACKLOG) else { return 1 };
     let me = nix::unistd::getpid();
     loop {
         if fs::symlink_metadata(&socket).is_err() {
@@ -138,6 +141,8 @@ fn ready(
     // Every spare process exits: the parent on our word, before the hook hears back (so the hook
     // that starts a holder itself also starts a new spare).
     let exit_all = |notify: &OwnedFd| {
+        // Our reply goes out after the parent exited: do not die with it.
+        set_parent_death_signal(0);
         let _ = fs::remove_file(&socket);
         let parent_fd = u32::try_from(parent.as_raw()).ok().and_then(super::watch::pidfd_open);
         let _ = nix::unistd::write(notify, &[EXIT_ALL]);
@@ -203,9 +208,12 @@ fn ready(
                         return 0;
                     }
                     Err(e) => {
-                        set_parent_death_signal(libc::SIGKILL);
+                        // The hook starts a holder itself. This child exits rather than wait for
+                        // the next claim (its parent may have gone meanwhile, and with it the
+                        // death signal): the spare forks a fresh one.
                         warn!("spare holder: cannot become the holder of {uuid}: {e}");
                         reply(&conn, &Response::Error { code: ErrorCode::Failed, message: e.to_string() });
+                        return 1;
                     }
                 }
             }

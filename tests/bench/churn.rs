@@ -52,14 +52,18 @@ fn holding(path: &Path) -> Vec<u32> {
     util::all_pids().into_iter().filter(|&p| util::fds(p).iter().any(|(_, t)| Path::new(t) == path)).collect()
 }
 
-/// Holder processes (guest or spare) running with this config.
+/// Guest holder processes running with this config (not the spare's two processes, which
+/// name themselves `lockhook-spare`).
 fn holders(config: &Path) -> Vec<u32> {
     let config = config.display().to_string();
     util::all_pids()
         .into_iter()
         .filter(|&p| {
             let args = util::cmdline(p);
-            args.iter().any(|a| a == "holder") && args.contains(&config) && util::alive(p)
+            args.iter().any(|a| a == "holder")
+                && args.contains(&config)
+                && util::alive(p)
+                && util::comm(p) != "lockhook-spare"
         })
         .collect()
 }
@@ -154,7 +158,7 @@ pub fn run(work: &Path, lockhook: &Path, n: usize, report: &mut Report) {
         release(&g);
     }
     // Every guest holder gone (the spare stays), and a tick for it to settle.
-    let settled = wait_until(Duration::from_secs(10), || holders(&env.config).len() <= 1);
+    let settled = wait_until(Duration::from_secs(10), || holders(&env.config).is_empty());
     std::thread::sleep(Duration::from_millis(1500));
     util::reap_orphans();
     let secs = t0.elapsed().as_secs_f64();
@@ -200,7 +204,7 @@ pub fn run(work: &Path, lockhook: &Path, n: usize, report: &mut Report) {
     );
     let _ = writeln!(
         text,
-        "- processes holding `spare.lock`: {} ({}); holder processes of this config still running: {}{}",
+        "- processes holding `spare.lock`: {} ({}); guest holder processes still running: {}{}",
         spare_holders.len(),
         if spare_holders.len() <= 1 { "at most one spare: OK" } else { "MORE THAN ONE" },
         running.len(),

@@ -298,8 +298,10 @@ pub fn verify(instances: &[Instance], report: &mut Report) {
                         util::locks_on(img).iter().any(|l| l.kind == "OFDLCK" && l.access == "WRITE" && l.start == 0)
                     })
                     .count();
-                let holder =
-                    inst.lv.namespace_pids().into_iter().find(|&p| util::cmdline(p).iter().any(|a| a == "holder"));
+                // The guest's holder: the holder process with the images open (not the spare).
+                let holder = inst.lv.namespace_pids().into_iter().find(|&p| {
+                    util::comm(p) == "lockhook-holder" && util::fds(p).iter().any(|(_, t)| Path::new(t) == imgs[0])
+                });
                 let held = holder.map_or(0, |pid| {
                     let fds = util::fds(pid);
                     imgs.iter().filter(|img| fds.iter().any(|(_, t)| Path::new(t) == img.as_path())).count()
