@@ -52,7 +52,8 @@ impl Kind {
 
     /// Whether part 4 (parallel starts) runs on this configuration.
     fn parallel(self) -> bool {
-        matches!(self, Kind::NoHook | Kind::Lockhook | Kind::Virtlockd)
+        // The no-op hook shows what libvirt itself spends running a hook at every start.
+        matches!(self, Kind::NoHook | Kind::NoopTrue | Kind::Lockhook | Kind::Virtlockd)
     }
 }
 
@@ -644,6 +645,15 @@ pub fn report_parallel(instances: &[Instance], p: &Parallel, rounds: usize, repo
             "\nlockhook adds {} ms to {n} parallel starts ({} ms per guest if fully serialized).",
             signed_ms(added),
             ms(added / n as f64)
+        );
+    }
+    let (lh, noop) = (added_of(Kind::Lockhook), added_of(Kind::NoopTrue));
+    if let (Some(lh), Some(noop)) = (lh, noop) {
+        let _ = writeln!(
+            text,
+            "A no-op hook (/bin/true) adds {} ms: libvirt's own cost of running a hook; lockhook adds {} ms beyond it.",
+            signed_ms(noop),
+            signed_ms(lh - noop)
         );
     }
     if n != PARALLEL {
