@@ -513,6 +513,10 @@ impl Drop for Libvirtd {
         if Some(&self.mnt_ns) == own_ns("mnt").as_ref() || Some(&self.uts_ns) == own_ns("uts").as_ref() {
             return;
         }
+        // The census semaphore set of lockhook's run directory in these namespaces (the
+        // default, on their private /run) lives in the kernel, not on that tmpfs.
+        let run_dir = PathBuf::from(format!("/proc/{}/root/run/lockhook", self.holder_pid));
+        lockhook::census::Census::remove(&lockhook::paths::Paths::new(&run_dir));
         let deadline = Instant::now() + TEARDOWN_TIMEOUT;
         loop {
             let pids = self.namespace_pids();
