@@ -223,7 +223,7 @@ fn main() {
         let mut kinds: Vec<Kind> = if opts.parts.contains(&1) {
             Kind::ALL.to_vec()
         } else if opts.parts.contains(&4) {
-            vec![Kind::NoHook, Kind::Lockhook, Kind::Virtlockd]
+            vec![Kind::NoHook, Kind::NoopTrue, Kind::Lockhook, Kind::Virtlockd]
         } else {
             vec![Kind::NoHook, Kind::Lockhook]
         };
