@@ -127,7 +127,12 @@ fn sanlock_setup(dir: &Path, run_dir: &Path, lockhook: &Path) -> Result<(Sanlock
     if let Some(missing) = sanlock_daemon::missing() {
         return Err(missing);
     }
-    let daemon = SanlockDaemon::start(&dir.join("daemon"), "lockhook-bench")?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    let daemon_dir = tempfile::Builder::new()
+        .prefix("sanlock-")
+        .tempdir_in(dir)
+        .map_err(|e| format!("temp dir in {}: {e}", dir.display()))?;
+    let daemon = SanlockDaemon::try_start(daemon_dir, "lockhook-bench")?;
     let area = dir.join("lease-area");
     let mut env = HookEnv::with_config(
         dir,
@@ -190,7 +195,7 @@ pub fn stop_holders(config: &Path) {
 
 /// The leases `sanlock client status` shows held: (by `pid`, in all).
 fn sanlock_leases(daemon: &SanlockDaemon, pid: Option<u32>) -> (usize, usize) {
-    let out = daemon.client().arg("status").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let out = daemon.cli().arg("status").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     let text = out.unwrap_or_default();
     let leases: Vec<&str> = text.lines().filter(|l| l.starts_with("r ")).collect();
     let by = pid.map_or(0, |p| leases.iter().filter(|l| l.ends_with(&format!(" p {p}"))).count());

@@ -34,6 +34,11 @@
 
 #[path = "../common/libvirtd.rs"]
 mod libvirtd;
+/// The tests' sanlock daemon fixture (it finds `wait_until` in its parent, as in `tests/common`).
+#[path = "../common/sanlock.rs"]
+#[allow(dead_code)]
+mod sanlock;
+use libvirtd::wait_until;
 
 mod census;
 mod churn;

@@ -26,7 +26,7 @@ const SHIM_C: &str = r#"
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <sys/resource.h>
-/* Test-only: the sandbox cannot raise these two limits; sanlock insists on trying. */
+/* Tests and bench only: the sandbox cannot raise these two limits; sanlock insists on trying. */
 int setrlimit(__rlimit_resource_t resource, const struct rlimit *rlim) {
     if (resource == RLIMIT_MEMLOCK || resource == RLIMIT_RTPRIO)
         return 0;
@@ -54,29 +54,44 @@ impl SanlockDaemon {
     /// Starts a daemon named `host_name` and waits until it answers.
     pub fn start(host_name: &str) -> SanlockDaemon {
         let dir = tempfile::Builder::new().prefix("lockhook-sanlock-").tempdir().expect("temp dir");
-        let shim = build_shim(dir.path());
+        SanlockDaemon::try_start(dir, host_name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts a daemon named `host_name` in `dir` and waits until it answers; `Err` says why
+    /// not (the benchmark reports it and goes on).
+    pub fn try_start(dir: tempfile::TempDir, host_name: &str) -> Result<SanlockDaemon, String> {
+        let shim = build_shim(dir.path())?;
         let run_dir = dir.path().join("run");
-        std::fs::create_dir(&run_dir).expect("mkdir run");
+        std::fs::create_dir(&run_dir).map_err(|e| format!("mkdir {}: {e}", run_dir.display()))?;
         let log = dir.path().join("daemon.log");
+        let file = std::fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        let err = file.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
         let daemon = Command::new("sanlock")
             .args(["daemon", "-D", "-w", "0", "-l", "0", "-U", "root", "-G", "root", "-L", "-1", "-S", "-1", "-e"])
             .arg(host_name)
             .env("SANLOCK_RUN_DIR", &run_dir)
             .env("LD_PRELOAD", &shim)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).expect("create log"))
-            .stderr(std::fs::File::options().append(true).open(&log).expect("open log"))
+            .stdout(file)
+            .stderr(err)
             .spawn()
-            .expect("sanlock daemon (Debian package sanlock)");
+            .map_err(|e| format!("sanlock daemon (Debian package sanlock): {e}"))?;
         let mut this = SanlockDaemon { dir, run_dir, host_name: host_name.to_owned(), log, daemon };
+        let mut exited = None;
         let answering = wait_until(START_TIMEOUT, || {
             if let Ok(Some(status)) = this.daemon.try_wait() {
-                panic!("sanlock daemon {host_name} exited at start ({status}):\n{}", this.log());
+                exited = Some(status);
+                return true;
             }
             this.cli().arg("status").output().is_ok_and(|out| out.status.success())
         });
-        assert!(answering, "sanlock daemon {host_name} not answering after {START_TIMEOUT:?}:\n{}", this.log());
-        this
+        match (answering, exited) {
+            (true, None) => Ok(this),
+            (_, Some(status)) => Err(format!("sanlock daemon {host_name} exited at start ({status}):\n{}", this.log())),
+            (false, None) => {
+                Err(format!("sanlock daemon {host_name} not answering after {START_TIMEOUT:?}:\n{}", this.log()))
+            }
+        }
     }
 
     /// `sanlock client` aimed at this daemon (append the action and its options).
@@ -133,7 +148,8 @@ impl Drop for SanlockDaemon {
     /// has not exited in time.
     fn drop(&mut self) {
         let _ = self.cli().args(["shutdown", "-f", "1"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
-        let exited = wait_until(STOP_TIMEOUT, || matches!(self.daemon.try_wait(), Ok(Some(_))));
+        // `try_wait` errs once someone else reaped it (the bench reaps orphans): gone either way.
+        let exited = wait_until(STOP_TIMEOUT, || !matches!(self.daemon.try_wait(), Ok(None)));
         if !exited {
             eprintln!("warning: sanlock daemon {} (pid {}) ignored shutdown; killing it", self.host_name, self.pid());
             let _ = self.daemon.kill();
@@ -164,14 +180,16 @@ impl Drop for Holder {
     }
 }
 
-fn build_shim(dir: &Path) -> PathBuf {
+fn build_shim(dir: &Path) -> Result<PathBuf, String> {
     let src = dir.join("setrlimit-shim.c");
     let out = dir.join("setrlimit-shim.so");
-    std::fs::write(&src, SHIM_C).expect("write shim source");
+    std::fs::write(&src, SHIM_C).map_err(|e| format!("write {}: {e}", src.display()))?;
     let built = Command::new("cc").args(["-shared", "-fPIC", "-O1", "-o"]).arg(&out).arg(&src).arg("-ldl").output();
-    let built = built.expect("cc (Debian package gcc)");
-    assert!(built.status.success(), "building the setrlimit shim: {}", show(&built));
-    out
+    let built = built.map_err(|e| format!("cc (Debian package gcc): {e}"))?;
+    if !built.status.success() {
+        return Err(format!("building the setrlimit shim: {}", show(&built)));
+    }
+    Ok(out)
 }
 
 fn show(out: &Output) -> String {
