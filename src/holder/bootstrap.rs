@@ -122,7 +122,7 @@ pub fn run(config_path: &Path, uuid: &Uuid, ready_fd: RawFd) -> i32 {
     if let Some(mut pipe) = ready.take() {
         let _ = std::io::Write::write_all(&mut pipe, protocol_ready());
     }
-    holder.serve();
+    holder.serve(&super::footprint::Footprint::new());
     0
 }
 

@@ -149,10 +149,11 @@ pub(crate) enum Next {
 }
 
 impl Holder {
-    pub(crate) fn serve(&mut self) {
+    /// The loop until the holder exits. `code` is this process's mappings (see `footprint`):
+    /// read at start-up, or inherited from the spare that forked it.
+    pub(crate) fn serve(&mut self, code: &footprint::Footprint) {
         let started = Instant::now();
         let mut last_tick = Instant::now();
-        let code = footprint::Footprint::new();
         // Shed after start-up and after work (a request, a hand-over), and once a minute: not
         // after every idle tick on a host with many holders, which would only fault the same few
         // pages in again each second (thousands of holders would spend a share of a core on it).
@@ -173,7 +174,7 @@ impl Holder {
             } else {
                 TICK
             };
-            let events = match self.wait(timeout, std::mem::take(&mut shed_due).then_some(&code)) {
+            let events = match self.wait(timeout, std::mem::take(&mut shed_due).then_some(code)) {
                 Ok(events) => events,
                 Err(e) => {
                     error!("holder for {}: poll failed: {e}", self.uuid);

@@ -204,7 +204,7 @@ fn ready(
                             return 0;
                         }
                         drop(conn);
-                        holder.serve();
+                        holder.serve(footprint);
                         return 0;
                     }
                     Err(e) => {
