@@ -29,6 +29,7 @@ pub mod reconcile;
 pub mod resource;
 pub mod rundir;
 pub mod sanlock;
+pub mod shares;
 pub mod state;
 pub mod status;
 pub mod storage;

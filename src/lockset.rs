@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use crate::config::{Config, MissingPolicy};
-use crate::lock::{self, HeldLock, Identity, LockError};
+use crate::lock::{self, HeldLock, Identity, LockError, LockMode};
 use crate::lockspace::Lockspace;
 use crate::paths::Paths;
 use crate::state::Resource;
@@ -153,8 +153,15 @@ pub fn acquire_available(
         groups.add(key, request.clone());
     }
     let mut acquired = Acquired::default();
-    for (_, request, roles) in groups.into_ordered() {
-        match request.take(&lockspace) {
+    for (key, request, roles) in groups.into_ordered() {
+        // A shared lock another guest of this host holds is shared with it, not taken again.
+        let borrowed = match key {
+            Key::Inode(dev, ino, offset) if request.mode == LockMode::Shared && request.create != Creation::Lease => {
+                crate::shares::borrow(paths, &Identity { dev, ino, offset })
+            }
+            _ => None,
+        };
+        match borrowed.map_or_else(|| request.take(&lockspace), Ok) {
             Ok(held) => {
                 acquired.resources.push(Resource::new(&request, roles, held.mode, held.identity));
                 acquired.locks.push(held);
@@ -189,7 +196,6 @@ pub fn acquire_available(
 mod tests {
     use super::*;
     use crate::lock::Create;
-    use crate::lock::LockMode;
 
     fn req(path: &std::path::Path, mode: LockMode) -> LockTarget {
         LockTarget {

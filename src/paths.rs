@@ -5,6 +5,7 @@
 //!   <uuid>.sock              the holder's control socket (0600)
 //!   <uuid>.lock              the holder's single-instance lock (an OFD write lock on byte 0)
 //!   <uuid>.json              what the holder holds (written atomically by the holder)
+//!   shares/<dev>-<ino>-<off> which holder's fd other guests' shared locks share (see `shares`)
 //! ```
 //! Only a parsed `Uuid` names a file, so nothing from the XML can climb out of the directory.
 
@@ -45,6 +46,11 @@ impl Paths {
 
     pub fn spare_lock(&self) -> PathBuf {
         self.run_dir.join("spare.lock")
+    }
+
+    /// Where holders say which of their shared locks others may share (see `shares`).
+    pub fn shares_dir(&self) -> PathBuf {
+        self.run_dir.join("shares")
     }
 
     /// Marker of an incoming live migration, written by the `migrate` hook.

@@ -94,7 +94,12 @@ fn dead_holders(paths: &Paths) -> Vec<Uuid> {
 /// are not counted).
 pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>) -> Report {
     let mut report = Report::default();
-    for uuid in dead_holders(&ctx.paths).into_iter().filter(|u| Some(u) != skip) {
+    let dead = dead_holders(&ctx.paths);
+    if !dead.is_empty() {
+        // A killed holder could not withdraw its offers of shared locks (see `shares`).
+        crate::shares::sweep(&ctx.paths);
+    }
+    for uuid in dead.into_iter().filter(|u| Some(u) != skip) {
         // Exactly one pass deals with a dead holder: the one that claims its state file, which
         // also retires it from the census.
         let Some(claimed) = crate::census::claim_dead(&ctx.paths, &ctx.paths.state(&uuid)) else { continue };

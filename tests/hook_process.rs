@@ -229,6 +229,80 @@ fn readonly_and_shareable_take_shared_locks() {
     assert_eq!(lock_state(&img, 0), None);
 }
 
+/// The OFD locks on `path`'s inode, as the kernel lists them (`/proc/locks`).
+fn ofd_locks_on(path: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).expect("meta").ino();
+    lockhook::lock::proc_locks::read()
+        .expect("/proc/locks")
+        .iter()
+        .filter(|e| e.ino == ino && e.kind == lockhook::lock::proc_locks::Kind::Ofd && e.covers(0))
+        .count()
+}
+
+/// Issue 12: the guests of a host that lock one file shared hold one lock on it, not one each
+/// (the kernel walks a file's lock list on every lock, unlock and close of it). The lock lasts
+/// while any of them runs, whichever went first, and whether it went by `release` or by its
+/// holder being killed; no writer gets in meanwhile, and nothing is left behind.
+#[test]
+fn guests_sharing_a_file_share_one_lock_on_it() {
+    let setup = Setup::new("");
+    let base = setup.image("base.raw");
+    let uuid = |i: u32| format!("{i:08x}-1111-4000-8000-000000000000");
+    let vm = |i: u32| xml(&format!("s{i}"), &uuid(i), &file_disk(&base, "vda", "<readonly/>"));
+    for i in 0..4 {
+        let out = setup.hook(&[&format!("s{i}"), "prepare", "begin", "-"], &vm(i));
+        assert!(out.status.success(), "{}", stderr(&out));
+        // The next one borrows the description its predecessors hold once its holder offered
+        // it (after its answer to the hook).
+        let offered = wait_until(Duration::from_secs(5), || {
+            std::fs::read_dir(setup.run_dir.join("shares")).is_ok_and(|d| d.count() > 0)
+        });
+        assert!(offered, "s{i}'s holder offers its shared lock");
+    }
+    assert_eq!(ofd_locks_on(&base), 1, "4 guests, one lock in the kernel's list");
+    let holders: Vec<u32> = (0..4).map(|i| holder_pid(&setup, &uuid(i))).collect();
+    let shared_fds = |pid: u32| fd_targets(pid).iter().filter(|(_, t)| Path::new(t) == base).count();
+    assert!(holders.iter().all(|&pid| shared_fds(pid) == 1), "every holder keeps its own fd to it");
+    let writer = xml("w", UUID1, &file_disk(&base, "vda", ""));
+    let refused = |why: &str| {
+        let out = setup.hook(&["w", "prepare", "begin", "-"], &writer);
+        assert_eq!(out.status.code(), Some(1), "{why}: {}", stderr(&out));
+        assert!(stderr(&out).contains("is locked shared by guest s"), "{why}: {}", stderr(&out));
+        assert!(setup.hook(&["w", "release", "end", "-"], &writer).status.success());
+    };
+    refused("all four run");
+    // The first (whose fd the others borrowed) goes by `release`, the second by SIGKILL.
+    assert!(setup.hook(&["s0", "release", "end", "-"], &vm(0)).status.success());
+    assert_eq!(lock_state(&base, 0), Some(LockMode::Shared));
+    refused("s0 released");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(holders[1] as i32), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill");
+    assert!(wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{}", holders[1])).exists()));
+    assert_eq!(lock_state(&base, 0), Some(LockMode::Shared));
+    refused("s1's holder killed");
+    // A guest that comes now shares what is left (or offers its own), and the ones that stay
+    // still exclude the writer after it went.
+    let out = setup.hook(&["s4", "prepare", "begin", "-"], &vm(4));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(ofd_locks_on(&base) <= 2, "at most the old description and a new one");
+    for i in [1, 2, 3, 4] {
+        assert!(setup.hook(&[&format!("s{i}"), "release", "end", "-"], &vm(i)).status.success());
+        if i < 4 {
+            refused("some still run");
+        }
+    }
+    assert_eq!(lock_state(&base, 0), None, "the last one took the lock with it");
+    let left = wait_until(Duration::from_secs(5), || {
+        std::fs::read_dir(setup.run_dir.join("shares")).is_ok_and(|d| d.count() == 0)
+    });
+    assert!(
+        left,
+        "no offer outlives its guest: {:?}",
+        std::fs::read_dir(setup.run_dir.join("shares")).map(|d| d.count())
+    );
+}
+
 #[test]
 fn holder_lets_go_when_its_qemu_dies() {
     let libvirt_run = tempfile::tempdir().expect("libvirt run dir");
@@ -604,12 +678,18 @@ fn churn_leaves_only_per_host_files_and_a_balanced_census() {
     // One more hook call deals with whatever died last.
     let out = setup.hook(&["keeper", "release", "end", "-"], &keeper);
     assert!(out.status.success());
-    let per_host = ["census", "census.lock", "counters", "spare.lock", "spare.sock"];
+    // `shares` holds the offers of shared locks of running guests (none are left running).
+    let per_host = ["census", "census.lock", "counters", "shares", "spare.lock", "spare.sock"];
     let left = || {
-        let mut names: Vec<String> = std::fs::read_dir(&setup.run_dir)
-            .expect("run dir")
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .collect();
+        let list = |dir: &std::path::Path, prefix: &str| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .map(|d| {
+                    d.filter_map(|e| Some(format!("{prefix}{}", e.ok()?.file_name().into_string().ok()?))).collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut names = list(&setup.run_dir, "");
+        names.extend(list(&setup.run_dir.join("shares"), "shares/"));
         names.sort();
         names
     };

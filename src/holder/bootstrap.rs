@@ -154,7 +154,13 @@ impl Holder {
             watched: Watched { spawner, qemu: None },
             hotplug: Hotplug { status: None, live: None, conflicts: Vec::new() },
             migration: Migration { pending: Vec::new(), handover: None, incoming: false, verified: false },
-            files: RunFiles { instance: Some(instance), listener, state_written: None, census: None },
+            files: RunFiles {
+                instance: Some(instance),
+                listener,
+                state_written: None,
+                census: None,
+                shares: Vec::new(),
+            },
             records: Records { lockspace: crate::lockspace::Lockspace::new(&config.lockspace_dir), keeper: None },
             leases: (config.engine == crate::config::Engine::Sanlock)
                 .then(|| crate::engine::leases::Leases::new(&config.sanlock, &paths_for_leases, uuid)),

@@ -96,8 +96,10 @@ impl Holder {
         Ok(())
     }
 
-    /// Hands the owner records of what is held now to the record thread (see `records`).
+    /// Hands the owner records of what is held now to the record thread (see `records`), and
+    /// offers the shared locks held now to the host's next guests (see `shares`).
     pub(super) fn sync_records(&mut self) {
+        self.sync_shares();
         let Some(guest) = &self.guest else { return };
         let wanted = self
             .held
@@ -154,8 +156,26 @@ impl Holder {
         self.withdraw_records();
     }
 
-    /// Withdraws every owner record and waits for the record thread to finish.
+    /// Offers this holder's shared locks to the next guests of this host where no other holder
+    /// offers them, and withdraws its offers of locks it let go of.
+    fn sync_shares(&mut self) {
+        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.files.shares)
+            .into_iter()
+            .partition(|id| self.held.iter().any(|(r, _)| r.identity == *id));
+        crate::shares::withdraw(&self.paths, &gone);
+        let offered = self
+            .held
+            .iter()
+            .filter(|(r, _)| !kept.contains(&r.identity))
+            .map(|(r, fd)| (r.identity, r.mode, std::os::fd::AsFd::as_fd(fd)));
+        let published = crate::shares::publish(&self.paths, offered);
+        self.files.shares = kept.into_iter().chain(published).collect();
+    }
+
+    /// Withdraws every owner record and every offer of a shared lock (the locks are gone), and
+    /// waits for the record thread to finish.
     pub(super) fn withdraw_records(&mut self) {
+        crate::shares::withdraw(&self.paths, &std::mem::take(&mut self.files.shares));
         if let Some(mut records) = self.records.keeper.take() {
             records.stop();
         }

@@ -100,6 +100,8 @@ pub(super) struct RunFiles {
     pub(super) state_written: Option<(u64, u64, u64)>,
     /// The census this holder entered before its first state file (see `census`).
     pub(super) census: Option<crate::census::Census>,
+    /// The shared locks this holder offers to the host's other guests (see `shares`).
+    pub(super) shares: Vec<crate::lock::Identity>,
 }
 
 /// The lockspace, and the thread that publishes owner records in it.

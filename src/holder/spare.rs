@@ -204,6 +204,8 @@ fn ready(
                             return 0;
                         }
                         drop(conn);
+                        // As after any request (see `Holder::serve`): off the hook's critical path.
+                        holder.sync_records();
                         holder.serve(footprint);
                         return 0;
                     }

@@ -4,8 +4,8 @@
 //! image held by another: its `prepare` must fail, then libvirt's `release` follows), and every
 //! tenth guest has its holder SIGKILLed, after which another guest's hook call runs (which
 //! re-adopts or cleans it) before the dead guest's `release`. Then everything is released and
-//! the run directory listed: what is left must be the host's own files (census, census.lock,
-//! spare.lock, spare.sock), not one per guest, and at most one (spare) holder may hold
+//! the run directory listed: what is left must be the host's own files (census, census.lock, counters,
+//! an empty shares/, spare.lock, spare.sock), not one per guest, and at most one (spare) holder may hold
 //! spare.lock.
 
 use std::collections::VecDeque;
@@ -25,7 +25,7 @@ use crate::util;
 const WINDOW: usize = 8;
 
 /// Files a run directory may keep for the host itself, whatever came and went.
-const HOST_FILES: [&str; 4] = ["census", "census.lock", "spare.lock", "spare.sock"];
+const HOST_FILES: [&str; 6] = ["census", "census.lock", "counters", "shares", "spare.lock", "spare.sock"];
 
 struct Guest {
     name: String,
@@ -163,9 +163,14 @@ pub fn run(work: &Path, lockhook: &Path, n: usize, report: &mut Report) {
     util::reap_orphans();
     let secs = t0.elapsed().as_secs_f64();
 
-    let mut entries: Vec<String> = std::fs::read_dir(&env.run_dir)
-        .map(|d| d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect())
-        .unwrap_or_default();
+    let list = |dir: &Path, prefix: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| Some(format!("{prefix}{}", e.ok()?.file_name().to_string_lossy()))).collect())
+            .unwrap_or_default()
+    };
+    // `shares/` is the host's too; what is in it belongs to running guests (none are left).
+    let mut entries = list(&env.run_dir, "");
+    entries.extend(list(&env.run_dir.join("shares"), "shares/"));
     entries.sort();
     let foreign: Vec<String> = entries.iter().filter(|e| !HOST_FILES.contains(&e.as_str())).map(|e| shape(e)).collect();
     let spare_lock = env.run_dir.join("spare.lock");
@@ -222,7 +227,7 @@ pub fn run(work: &Path, lockhook: &Path, n: usize, report: &mut Report) {
     report.target(
         format!("run dir entries after churn ({came} guests came and went)"),
         format!("{}: {}", entries.len(), entries.iter().map(|e| shape(e)).collect::<Vec<_>>().join(", ")),
-        "bounded: only the host's own (census, census.lock, spare.lock, spare.sock)",
+        "bounded: only the host's own (census, census.lock, counters, shares (empty), spare.lock, spare.sock)",
         Some(bounded),
     );
     report.target(

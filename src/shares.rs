@@ -1,0 +1,275 @@
+//! One open file description per shared lock on this host, whatever the number of guests.
+//!
+//! Every guest whose images live on a filesystem on `/dev/vda` holds a shared lock on `/dev/vda`
+//! (and on its identity in the lockspace; see `storage`), and guests built on one base image all
+//! hold it shared. The kernel keeps a file's locks in one list per inode and walks the whole list
+//! on every lock, unlock and close of that file: with one lock per guest, each start and stop on
+//! a host running 2000 guests walked 2000 entries several times per shared resource.
+//!
+//! A shared lock need not be one per guest. An OFD lock belongs to the open file description
+//! and lives until the last fd that refers to it is closed, in whatever process. So the holders
+//! of a host share one description per shared lock:
+//! - a holder that holds a shared lock publishes where: `shares/<dev>-<ino>-<offset>` in the run
+//!   directory names its pid and the fd (see `publish`, after the hook's reply);
+//! - the next hook that needs that lock duplicates the fd (`pidfd_getfd`) and keeps it only if
+//!   it is the file asked for (`fstat`), opened read-only, and its description holds the shared
+//!   lock on that very byte (`/proc/self/fdinfo`: the kernel's own word); then hands it to its
+//!   own holder (`borrow`);
+//! - the lock goes when the last guest that uses it goes.
+//!
+//! Anything wrong with an entry (missing, its holder gone, its fd closed or reused, another file,
+//! no lock, a kernel without `pidfd_getfd`) means only: take a lock of one's own, as before.
+//!
+//! Invariant: a description that is shared may be shared at any time, so it is opened read-only
+//! and is never unlocked or converted, only closed. A read-only fd cannot take a write lock: an
+//! upgrade opens a new read-write description (see `holder::hotplug::change_mode`), and a
+//! downgraded lock keeps its read-write description, which is never published nor borrowed.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use crate::lock::{HeldLock, Identity, LockMode};
+use crate::paths::Paths;
+
+/// Where the entry for `identity` is.
+fn entry_path(paths: &Paths, identity: &Identity) -> PathBuf {
+    paths.shares_dir().join(format!("{:x}-{:x}-{:x}", identity.dev, identity.ino, identity.offset))
+}
+
+/// An entry's contents: the donor's pid and fd number.
+fn parse_entry(text: &str) -> Option<(i32, RawFd)> {
+    let (pid, fd) = text.trim().split_once(' ')?;
+    let (pid, fd) = (pid.parse().ok()?, fd.parse().ok()?);
+    (pid > 0 && fd >= 0).then_some((pid, fd))
+}
+
+fn read_entry(path: &Path) -> Option<(i32, RawFd)> {
+    parse_entry(&fs::read_to_string(path).ok()?)
+}
+
+fn cvt(rc: libc::c_long) -> io::Result<RawFd> {
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    RawFd::try_from(rc).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
+/// A duplicate of fd `fd` of process `pid` (both from an entry: checked by the caller).
+fn duplicate(pid: i32, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1.
+    let pidfd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: `pidfd` was just returned by the kernel and is owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: pidfd_getfd takes a pidfd, an fd number of that process and flags by value; it
+    // returns a new fd (close-on-exec) or -1.
+    let dup = cvt(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })?;
+    // SAFETY: `dup` was just returned by the kernel and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
+/// Whether the fdinfo text of an fd says: opened read-only, and its description holds a shared
+/// OFD lock on exactly byte `offset`.
+fn holds_shared(fdinfo: &str, offset: u64) -> bool {
+    let read_only = fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| libc::c_int::from_str_radix(f.trim(), 8).ok())
+        .is_some_and(|flags| flags & libc::O_ACCMODE == libc::O_RDONLY);
+    read_only
+        && crate::lock::proc_locks::parse(
+            &fdinfo.lines().filter_map(|l| l.strip_prefix("lock:")).collect::<Vec<_>>().join("\n"),
+        )
+        .iter()
+        .any(|e| {
+            e.kind == crate::lock::proc_locks::Kind::Ofd
+                && e.mode == LockMode::Shared
+                && e.start == offset
+                && e.end == Some(offset)
+        })
+}
+
+/// Whether `fd` (ours) refers to `identity`'s file, opened read-only, with the shared lock on
+/// its byte held by its description. Returns whether it is a block device.
+fn verify(fd: BorrowedFd<'_>, identity: &Identity) -> Option<bool> {
+    let meta = nix::sys::stat::fstat(fd.as_raw_fd()).ok()?;
+    if (meta.st_dev, meta.st_ino) != (identity.dev, identity.ino) {
+        return None;
+    }
+    let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    holds_shared(&fdinfo, identity.offset).then_some(meta.st_mode & libc::S_IFMT == libc::S_IFBLK)
+}
+
+/// The shared lock on `identity`, through the description another holder of this host holds it
+/// by; `None` when there is none to be had (the caller then takes a lock of its own).
+pub fn borrow(paths: &Paths, identity: &Identity) -> Option<HeldLock> {
+    let (pid, fd) = read_entry(&entry_path(paths, identity))?;
+    let dup = duplicate(pid, fd).ok()?;
+    let block_device = verify(dup.as_fd(), identity)?;
+    Some(HeldLock { fd: dup, identity: *identity, mode: LockMode::Shared, block_device, created: false })
+}
+
+/// Whether `fd` was opened read-only (only such a description may be shared).
+fn read_only(fd: BorrowedFd<'_>) -> bool {
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .is_ok_and(|flags| flags & libc::O_ACCMODE == libc::O_RDONLY)
+}
+
+/// Publishes this process's shared locks that no live entry offers yet: `held` is
+/// (identity, mode, fd) of each lock. Returns the identities published (for `withdraw`).
+/// Runs in a holder after it answered the hook: never on a start's critical path.
+pub fn publish<'a>(paths: &Paths, held: impl Iterator<Item = (Identity, LockMode, BorrowedFd<'a>)>) -> Vec<Identity> {
+    let mut published = Vec::new();
+    for (identity, mode, fd) in held {
+        if mode != LockMode::Shared || !read_only(fd) {
+            continue;
+        }
+        // Someone else's entry that still works stays: one description per lock is the point.
+        if borrow(paths, &identity).is_some() {
+            continue;
+        }
+        match write_entry(paths, &identity, fd) {
+            Ok(()) => published.push(identity),
+            Err(e) => log::debug!("shared lock {identity:?}: cannot publish it: {e}"),
+        }
+    }
+    published
+}
+
+fn write_entry(paths: &Paths, identity: &Identity, fd: BorrowedFd<'_>) -> io::Result<()> {
+    let dir = paths.shares_dir();
+    match fs::create_dir(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let pid = std::process::id();
+    let tmp = dir.join(format!(".{pid}.tmp"));
+    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+    file.write_all(format!("{pid} {}\n", fd.as_raw_fd()).as_bytes())?;
+    drop(file);
+    fs::rename(&tmp, entry_path(paths, identity)).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
+/// Removes the entries this process published (it is letting its locks go); entries another
+/// holder has written since are left alone.
+pub fn withdraw(paths: &Paths, published: &[Identity]) {
+    let me = i32::try_from(std::process::id()).unwrap_or(-1);
+    for identity in published {
+        let path = entry_path(paths, identity);
+        if read_entry(&path).is_some_and(|(pid, _)| pid == me) {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
+/// Removes the entries of processes that are gone (holders killed before they could withdraw):
+/// run where dead holders are dealt with, so entries do not pile up with crashed guests.
+pub fn sweep(paths: &Paths) -> usize {
+    let Ok(dir) = fs::read_dir(paths.shares_dir()) else { return 0 };
+    let mut removed = 0;
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let alive = read_entry(&path).is_some_and(|(pid, _)| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive && fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lock::{self, Create};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn fdinfo_is_read_for_access_mode_and_the_exact_byte() {
+        let lock = |mode: &str, start: u64| format!("lock:\t1: OFDLCK ADVISORY  {mode}  -1 fe:00:42 {start} {start}\n");
+        let ro = "pos:\t0\nflags:\t02100000\nmnt_id:\t30\nino:\t42\n";
+        let rw = "pos:\t0\nflags:\t02100002\nmnt_id:\t30\nino:\t42\n";
+        assert!(holds_shared(&format!("{ro}{}", lock("READ", 0)), 0));
+        assert!(!holds_shared(&format!("{ro}{}", lock("READ", 0)), 7), "another byte");
+        assert!(!holds_shared(&format!("{ro}{}", lock("WRITE", 0)), 0));
+        assert!(!holds_shared(&format!("{rw}{}", lock("READ", 0)), 0), "read-write descriptions are never shared");
+        assert!(!holds_shared(ro, 0), "no lock");
+        let posix = "lock:\t1: POSIX  ADVISORY  READ  77 fe:00:42 0 0\n";
+        assert!(!holds_shared(&format!("{ro}{posix}"), 0));
+        assert_eq!(parse_entry("123 7\n"), Some((123, 7)));
+        assert_eq!(parse_entry("0 7"), None);
+        assert_eq!(parse_entry("12 x"), None);
+        assert_eq!(parse_entry(""), None);
+    }
+
+    #[test]
+    fn a_published_shared_lock_is_borrowed_and_outlives_its_first_holder() {
+        let dir = tempfile::tempdir().expect("dir");
+        let paths = Paths::new(dir.path());
+        let image = dir.path().join("base.img");
+        fs::write(&image, b"base").expect("write");
+        let first = lock::acquire(&image, LockMode::Shared, 0, Create::No).expect("lock");
+        let id = first.identity;
+        assert!(borrow(&paths, &id).is_none(), "nothing published yet");
+        let published = publish(&paths, std::iter::once((id, LockMode::Shared, first.fd.as_fd())));
+        assert_eq!(published, vec![id]);
+        // A second publisher finds the first one's entry working and leaves it.
+        let second = borrow(&paths, &id).expect("borrowed");
+        assert!(publish(&paths, std::iter::once((id, LockMode::Shared, second.fd.as_fd()))).is_empty());
+        // One description: the kernel lists one lock on the file, not two.
+        let meta = fs::metadata(&image).expect("meta");
+        let count = || {
+            lock::proc_locks::read()
+                .expect("/proc/locks")
+                .iter()
+                .filter(|e| e.ino == meta.ino() && e.kind == lock::proc_locks::Kind::Ofd)
+                .count()
+        };
+        assert_eq!(count(), 1);
+        // The first holder goes: the lock stays, held by the second, and no writer gets in.
+        withdraw(&paths, &published);
+        drop(first);
+        assert!(borrow(&paths, &id).is_none(), "its entry went with it");
+        assert_eq!(lock::probe(&image, 0).expect("probe").0, Some(LockMode::Shared));
+        assert!(lock::acquire(&image, LockMode::Exclusive, 0, Create::No).is_err());
+        drop(second);
+        assert_eq!(lock::probe(&image, 0).expect("probe").0, None, "the last user took the lock with it");
+    }
+
+    #[test]
+    fn an_entry_that_lies_is_not_borrowed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let paths = Paths::new(dir.path());
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        fs::write(&a, b"a").expect("write");
+        fs::write(&b, b"b").expect("write");
+        let held_a = lock::acquire(&a, LockMode::Shared, 0, Create::No).expect("lock");
+        let unlocked_b = fs::File::open(&b).expect("open");
+        let id_b =
+            Identity { dev: fs::metadata(&b).expect("m").dev(), ino: fs::metadata(&b).expect("m").ino(), offset: 0 };
+        fs::create_dir(paths.shares_dir()).expect("dir");
+        let me = std::process::id();
+        // Points at another file's fd, at a fd with no lock, at a dead process, at garbage.
+        for text in [
+            format!("{me} {}", held_a.fd.as_raw_fd()),
+            format!("{me} {}", unlocked_b.as_raw_fd()),
+            format!("{} {}", i32::MAX - 1, held_a.fd.as_raw_fd()),
+            "not an entry".to_owned(),
+        ] {
+            fs::write(entry_path(&paths, &id_b), text).expect("write");
+            assert!(borrow(&paths, &id_b).is_none());
+        }
+        // A shared lock on another byte of the right file is not the lock asked for.
+        let held_b7 = lock::acquire(&b, LockMode::Shared, 7, Create::No).expect("lock");
+        fs::write(entry_path(&paths, &id_b), format!("{me} {}", held_b7.fd.as_raw_fd())).expect("write");
+        assert!(borrow(&paths, &id_b).is_none());
+        // An entry of a dead process is swept; a live one stays.
+        fs::write(entry_path(&paths, &id_b), format!("{} 3", i32::MAX - 1)).expect("write");
+        let id_a = held_a.identity;
+        fs::write(entry_path(&paths, &id_a), format!("{me} {}", held_a.fd.as_raw_fd())).expect("write");
+        assert_eq!(sweep(&paths), 1);
+        assert!(borrow(&paths, &id_a).is_some());
+    }
+}
