@@ -57,6 +57,9 @@ struct Point {
     cpu: Samples,
     /// Total PSS (KiB) of the held guests' holders and spares, and how many processes.
     pss: Option<(f64, usize)>,
+    /// A bare `exec /bin/true` in the same rounds (wall ms, CPU ms): what starting any process
+    /// costs on the host as it is then.
+    exec: [Vec<f64>; 2],
 }
 
 /// Untimed rounds before each point's timed ones (the first makes the census at 0 held).
@@ -78,8 +81,17 @@ fn children_cpu_ms() -> f64 {
 /// growth of this process's children's CPU over the call: nothing else is reaped meanwhile (the
 /// probe's previous holder was, before the round; the other holders stay).
 fn probe(env: &HookEnv, p: &Probe, held: usize, label: String, rounds: usize) -> Point {
-    let mut point = Point { held, label, wall: Default::default(), cpu: Default::default(), pss: None };
+    let mut point =
+        Point { held, label, wall: Default::default(), cpu: Default::default(), pss: None, exec: Default::default() };
     for r in 0..rounds + PROBE_WARMUP {
+        let c0 = children_cpu_ms();
+        let mut bare = std::process::Command::new("/bin/true");
+        let (t, out) = util::timed_with_stdin(util::clean_env(&mut bare), p.xml.as_bytes());
+        assert!(out.status.success(), "/bin/true failed");
+        if r >= PROBE_WARMUP {
+            point.exec[0].push(t);
+            point.exec[1].push(children_cpu_ms() - c0);
+        }
         let order = if r % 2 == 0 { [false, true] } else { [true, false] };
         for scan in order {
             let census = if scan { CensusSet::open(&env.run_dir) } else { None };
@@ -488,7 +500,7 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
     let head: Vec<String> = std::iter::once("guests held".to_owned())
         .chain(CALLS.iter().map(|c| format!("`{c}`")))
         .chain(CALLS.iter().map(|c| format!("`{c}`, scan forced")))
-        .chain(["holders' total PSS".to_owned()])
+        .chain(["bare `exec /bin/true`".to_owned(), "holders' total PSS".to_owned()])
         .collect();
     let head: Vec<&str> = head.iter().map(String::as_str).collect();
     for (title, get) in
@@ -499,6 +511,7 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
             let v = get(p);
             let mut row = vec![p.label.clone()];
             row.extend(v.iter().flatten().map(|x| with_iqr(&summary(x))));
+            row.push(with_iqr(&summary(&p.exec[usize::from(title != "Wall time")])));
             row.push(p.pss.map_or_else(|| "-".into(), |(kib, n)| format!("{} ({n} processes)", mib(kib))));
             rows.push(row);
         }
@@ -517,15 +530,33 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
                 .join(", ")
         };
         let (wall, cpu): (Pick, Pick) = (|p| &p.wall, |p| &p.cpu);
+        let exec = |k: usize| ratio(&top.exec[k], &base.exec[k]);
         let _ = writeln!(
             text,
-            "With {} guests held vs none, wall time: {} as they are; {} with the scan forced. CPU time: {}; \
-             with the scan forced {}.",
+            "With {} guests held vs none, wall time: {} as they are; {} with the scan forced; a bare `exec` × {:.2}. \
+             CPU time: {}; with the scan forced {}; a bare `exec` × {:.2}.",
             top.held,
             ratios(wall, 0),
             ratios(wall, 1),
+            exec(0),
             ratios(cpu, 0),
             ratios(cpu, 1),
+            exec(1),
+        );
+        // What the host's own growth leaves of each call's: the bare exec's added time taken off.
+        let net = |i: usize, k: usize| {
+            let get = |p: &Point| median(if k == 0 { &p.wall[0][i] } else { &p.cpu[0][i] });
+            (get(top) - (median(&top.exec[k]) - median(&base.exec[k]))) / get(base)
+        };
+        let _ = writeln!(
+            text,
+            "\nNet of what a bare `exec` gained on the host meanwhile (call at {held} − (exec at {held} − exec at 0), \
+             ÷ call at 0): `prepare` × {:.2} wall, × {:.2} CPU; `release` × {:.2} wall, × {:.2} CPU.",
+            net(0, 0),
+            net(0, 1),
+            net(1, 0),
+            net(1, 1),
+            held = top.held,
         );
         for (i, what) in CALLS.iter().enumerate().take(2) {
             let (a, b) = (&top.wall[0][i], &base.wall[0][i]);
@@ -537,14 +568,26 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
                     if top.held == 2000 { String::new() } else { " (the target's 2000 were not run)".into() }
                 ),
                 format!(
-                    "{r:.2} ({} vs {} ms; CPU {} vs {} ms)",
+                    "{r:.2} ({} vs {} ms; CPU {} vs {} ms; a bare exec × {:.2} wall, × {:.2} CPU)",
                     ms(median(a)),
                     ms(median(b)),
                     ms(median(&top.cpu[0][i])),
-                    ms(median(&base.cpu[0][i]))
+                    ms(median(&base.cpu[0][i])),
+                    exec(0),
+                    exec(1),
                 ),
                 "within 10 % (≤ 1.10)",
                 r.is_finite().then_some(r <= 1.10),
+            );
+            let n = net(i, 0);
+            report.target(
+                format!(
+                    "`{what}` with {} held ÷ with none, net of a bare exec's own growth (the host's floor)",
+                    top.held
+                ),
+                format!("{n:.2} (CPU {:.2})", net(i, 1)),
+                "≤ 1.10",
+                n.is_finite().then_some(n <= 1.10),
             );
         }
     }
