@@ -170,6 +170,9 @@ fn running_guests(libvirt_run_dir: &Path) -> Vec<(Domain, (u32, u64))> {
 pub fn reconcile(config: &Config, config_path: &Path) -> Report {
     let ctx = Ctx::new(config.clone(), config_path);
     let mut report = adopt_orphans(&ctx, None);
+    // Offers of shared locks whose holder is gone without a trace the census saw (killed between
+    // letting go of its locks and withdrawing them).
+    crate::shares::sweep(&ctx.paths);
     let running = running_guests(&config.libvirt_run_dir);
     for (domain, qemu) in &running {
         let had_holder = state::holder_alive(&ctx.paths, &domain.uuid);

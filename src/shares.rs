@@ -69,44 +69,70 @@ fn duplicate(pid: i32, fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(dup) })
 }
 
-/// Whether the fdinfo text of an fd says: opened read-only, and its description holds a shared
-/// OFD lock on exactly byte `offset`.
-fn holds_shared(fdinfo: &str, offset: u64) -> bool {
+/// Whether an fdinfo text (`/proc/PID/fdinfo/FD`) says: opened read-only, and its description
+/// holds a shared OFD lock on exactly byte `offset` of `identity`'s inode. The kernel writes it
+/// from what it has in memory: reading it never touches the file's filesystem (a dead NFS server
+/// behind an unrelated fd cannot hang us).
+fn holds_shared(fdinfo: &str, identity: &Identity) -> bool {
     let read_only = fdinfo
         .lines()
         .find_map(|l| l.strip_prefix("flags:"))
         .and_then(|f| libc::c_int::from_str_radix(f.trim(), 8).ok())
         .is_some_and(|flags| flags & libc::O_ACCMODE == libc::O_RDONLY);
+    let dev = (libc::major(identity.dev), libc::minor(identity.dev));
+    let locks = fdinfo.lines().filter_map(|l| l.strip_prefix("lock:")).collect::<Vec<_>>().join("\n");
     read_only
-        && crate::lock::proc_locks::parse(
-            &fdinfo.lines().filter_map(|l| l.strip_prefix("lock:")).collect::<Vec<_>>().join("\n"),
-        )
-        .iter()
-        .any(|e| {
+        && crate::lock::proc_locks::parse(&locks).iter().any(|e| {
             e.kind == crate::lock::proc_locks::Kind::Ofd
                 && e.mode == LockMode::Shared
-                && e.start == offset
-                && e.end == Some(offset)
+                && (e.dev, e.ino) == (dev, identity.ino)
+                && e.start == identity.offset
+                && e.end == Some(identity.offset)
         })
 }
 
-/// Whether `fd` (ours) refers to `identity`'s file, opened read-only, with the shared lock on
-/// its byte held by its description. Returns whether it is a block device.
-fn verify(fd: BorrowedFd<'_>, identity: &Identity) -> Option<bool> {
-    let meta = nix::sys::stat::fstat(fd.as_raw_fd()).ok()?;
-    if (meta.st_dev, meta.st_ino) != (identity.dev, identity.ino) {
-        return None;
-    }
-    let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
-    holds_shared(&fdinfo, identity.offset).then_some(meta.st_mode & libc::S_IFMT == libc::S_IFBLK)
+/// Filesystems whose locks the local kernel grants and knows, so that its list (what fdinfo
+/// shows) is the whole truth. On NFS, CIFS, FUSE (GlusterFS), CephFS, GFS2 or OCFS2 the lock is
+/// the server's or the cluster's: a lock it lost may still be listed here, and a guest that
+/// borrowed it would run without one. There, every guest keeps its own lock, as before.
+fn local_locks(fd: BorrowedFd<'_>) -> bool {
+    const LOCAL: [libc::__fsword_t; 6] = [
+        0xEF53,      // ext2, ext3, ext4
+        0x5846_5342, // xfs
+        0x9123_683E, // btrfs
+        0x0102_1994, // tmpfs, devtmpfs (device nodes)
+        0xF2F5_2010, // f2fs
+        0x2FC1_2FC1, // zfs
+    ];
+    nix::sys::statfs::fstatfs(fd).is_ok_and(|fs| LOCAL.contains(&fs.filesystem_type().0))
+}
+
+/// Whether process `pid` is a lockhook holder (its name: see `holder::spare::name_self`). A
+/// recycled pid of any other process is never asked for an fd.
+fn is_holder(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "lockhook-holder")
 }
 
 /// The shared lock on `identity`, through the description another holder of this host holds it
 /// by; `None` when there is none to be had (the caller then takes a lock of its own).
+///
+/// The donor's fd is checked from its fdinfo before it is duplicated (never an fd that is not
+/// the lock asked for), and the duplicate again (the donor may have closed and reused that fd
+/// number in between); only then is the file itself looked at.
 pub fn borrow(paths: &Paths, identity: &Identity) -> Option<HeldLock> {
     let (pid, fd) = read_entry(&entry_path(paths, identity))?;
+    if !is_holder(pid)
+        || !fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).is_ok_and(|t| holds_shared(&t, identity))
+    {
+        return None;
+    }
     let dup = duplicate(pid, fd).ok()?;
-    let block_device = verify(dup.as_fd(), identity)?;
+    let own = fs::read_to_string(format!("/proc/self/fdinfo/{}", dup.as_raw_fd())).ok()?;
+    if !holds_shared(&own, identity) || !local_locks(dup.as_fd()) {
+        return None;
+    }
+    let meta = nix::sys::stat::fstat(dup.as_raw_fd()).ok()?;
+    let block_device = meta.st_mode & libc::S_IFMT == libc::S_IFBLK;
     Some(HeldLock { fd: dup, identity: *identity, mode: LockMode::Shared, block_device, created: false })
 }
 
@@ -117,9 +143,13 @@ fn read_only(fd: BorrowedFd<'_>) -> bool {
 }
 
 /// Publishes this process's shared locks that no live entry offers yet: `held` is
-/// (identity, mode, fd) of each lock. Returns the identities published (for `withdraw`).
-/// Runs in a holder after it answered the hook: never on a start's critical path.
-pub fn publish<'a>(paths: &Paths, held: impl Iterator<Item = (Identity, LockMode, BorrowedFd<'a>)>) -> Vec<Identity> {
+/// (identity, mode, fd) of each lock. Returns what it published, with the fd numbers named
+/// (for `withdraw`). Runs in a holder after it answered the hook: never on a start's critical
+/// path.
+pub fn publish<'a>(
+    paths: &Paths,
+    held: impl Iterator<Item = (Identity, LockMode, BorrowedFd<'a>)>,
+) -> Vec<(Identity, RawFd)> {
     let mut published = Vec::new();
     for (identity, mode, fd) in held {
         if mode != LockMode::Shared || !read_only(fd) {
@@ -130,7 +160,7 @@ pub fn publish<'a>(paths: &Paths, held: impl Iterator<Item = (Identity, LockMode
             continue;
         }
         match write_entry(paths, &identity, fd) {
-            Ok(()) => published.push(identity),
+            Ok(()) => published.push((identity, fd.as_raw_fd())),
             Err(e) => log::debug!("shared lock {identity:?}: cannot publish it: {e}"),
         }
     }
@@ -165,14 +195,15 @@ pub fn withdraw(paths: &Paths, published: &[Identity]) {
     }
 }
 
-/// Removes the entries of processes that are gone (holders killed before they could withdraw):
-/// run where dead holders are dealt with, so entries do not pile up with crashed guests.
+/// Removes the entries of processes that are gone or are no holders (holders killed before
+/// they could withdraw, their pids maybe recycled): run where dead holders are dealt with and
+/// by every full `reconcile` pass (its timer), so entries do not pile up with crashed guests.
 pub fn sweep(paths: &Paths) -> usize {
     let Ok(dir) = fs::read_dir(paths.shares_dir()) else { return 0 };
     let mut removed = 0;
     for entry in dir.flatten() {
         let path = entry.path();
-        let alive = read_entry(&path).is_some_and(|(pid, _)| Path::new(&format!("/proc/{pid}")).exists());
+        let alive = read_entry(&path).is_some_and(|(pid, _)| is_holder(pid));
         if !alive && fs::remove_file(&path).is_ok() {
             removed += 1;
         }
@@ -186,18 +217,36 @@ mod tests {
     use crate::lock::{self, Create};
     use std::os::unix::fs::MetadataExt;
 
+    /// Donors are holders: this test process passes for one.
+    fn be_a_holder() {
+        fs::write("/proc/self/comm", "lockhook-holder").expect("name this process");
+    }
+
+    fn identity(path: &Path, offset: u64) -> Identity {
+        let meta = fs::metadata(path).expect("meta");
+        Identity { dev: meta.dev(), ino: meta.ino(), offset }
+    }
+
     #[test]
-    fn fdinfo_is_read_for_access_mode_and_the_exact_byte() {
-        let lock = |mode: &str, start: u64| format!("lock:\t1: OFDLCK ADVISORY  {mode}  -1 fe:00:42 {start} {start}\n");
+    fn fdinfo_is_read_for_access_mode_the_inode_and_the_exact_byte() {
+        let id = Identity { dev: libc::makedev(0xfe, 0), ino: 42, offset: 0 };
+        let lock = |mode: &str, ino: u64, start: u64| {
+            format!("lock:\t1: OFDLCK ADVISORY  {mode}  -1 fe:00:{ino} {start} {start}\n")
+        };
         let ro = "pos:\t0\nflags:\t02100000\nmnt_id:\t30\nino:\t42\n";
         let rw = "pos:\t0\nflags:\t02100002\nmnt_id:\t30\nino:\t42\n";
-        assert!(holds_shared(&format!("{ro}{}", lock("READ", 0)), 0));
-        assert!(!holds_shared(&format!("{ro}{}", lock("READ", 0)), 7), "another byte");
-        assert!(!holds_shared(&format!("{ro}{}", lock("WRITE", 0)), 0));
-        assert!(!holds_shared(&format!("{rw}{}", lock("READ", 0)), 0), "read-write descriptions are never shared");
-        assert!(!holds_shared(ro, 0), "no lock");
+        assert!(holds_shared(&format!("{ro}{}", lock("READ", 42, 0)), &id));
+        assert!(!holds_shared(&format!("{ro}{}", lock("READ", 42, 7)), &id), "another byte");
+        assert!(!holds_shared(&format!("{ro}{}", lock("READ", 43, 0)), &id), "another inode");
+        assert!(!holds_shared(&format!("{ro}{}", lock("READ", 42, 0)), &Identity { dev: libc::makedev(8, 1), ..id }));
+        assert!(!holds_shared(&format!("{ro}{}", lock("WRITE", 42, 0)), &id));
+        assert!(
+            !holds_shared(&format!("{rw}{}", lock("READ", 42, 0)), &id),
+            "read-write descriptions are never shared"
+        );
+        assert!(!holds_shared(ro, &id), "no lock");
         let posix = "lock:\t1: POSIX  ADVISORY  READ  77 fe:00:42 0 0\n";
-        assert!(!holds_shared(&format!("{ro}{posix}"), 0));
+        assert!(!holds_shared(&format!("{ro}{posix}"), &id));
         assert_eq!(parse_entry("123 7\n"), Some((123, 7)));
         assert_eq!(parse_entry("0 7"), None);
         assert_eq!(parse_entry("12 x"), None);
@@ -206,6 +255,7 @@ mod tests {
 
     #[test]
     fn a_published_shared_lock_is_borrowed_and_outlives_its_first_holder() {
+        be_a_holder();
         let dir = tempfile::tempdir().expect("dir");
         let paths = Paths::new(dir.path());
         let image = dir.path().join("base.img");
@@ -214,22 +264,21 @@ mod tests {
         let id = first.identity;
         assert!(borrow(&paths, &id).is_none(), "nothing published yet");
         let published = publish(&paths, std::iter::once((id, LockMode::Shared, first.fd.as_fd())));
-        assert_eq!(published, vec![id]);
+        assert_eq!(published, vec![(id, first.fd.as_raw_fd())]);
         // A second publisher finds the first one's entry working and leaves it.
         let second = borrow(&paths, &id).expect("borrowed");
         assert!(publish(&paths, std::iter::once((id, LockMode::Shared, second.fd.as_fd()))).is_empty());
         // One description: the kernel lists one lock on the file, not two.
-        let meta = fs::metadata(&image).expect("meta");
         let count = || {
             lock::proc_locks::read()
                 .expect("/proc/locks")
                 .iter()
-                .filter(|e| e.ino == meta.ino() && e.kind == lock::proc_locks::Kind::Ofd)
+                .filter(|e| e.ino == id.ino && e.kind == lock::proc_locks::Kind::Ofd)
                 .count()
         };
         assert_eq!(count(), 1);
         // The first holder goes: the lock stays, held by the second, and no writer gets in.
-        withdraw(&paths, &published);
+        withdraw(&paths, &[id]);
         drop(first);
         assert!(borrow(&paths, &id).is_none(), "its entry went with it");
         assert_eq!(lock::probe(&image, 0).expect("probe").0, Some(LockMode::Shared));
@@ -240,6 +289,7 @@ mod tests {
 
     #[test]
     fn an_entry_that_lies_is_not_borrowed() {
+        be_a_holder();
         let dir = tempfile::tempdir().expect("dir");
         let paths = Paths::new(dir.path());
         let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
@@ -247,12 +297,13 @@ mod tests {
         fs::write(&b, b"b").expect("write");
         let held_a = lock::acquire(&a, LockMode::Shared, 0, Create::No).expect("lock");
         let unlocked_b = fs::File::open(&b).expect("open");
-        let id_b =
-            Identity { dev: fs::metadata(&b).expect("m").dev(), ino: fs::metadata(&b).expect("m").ino(), offset: 0 };
+        let id_b = identity(&b, 0);
         fs::create_dir(paths.shares_dir()).expect("dir");
         let me = std::process::id();
-        // Points at another file's fd, at a fd with no lock, at a dead process, at garbage.
+        // A process that is no holder (pid 1), another file's fd, an fd with no lock, a dead
+        // process, garbage.
         for text in [
+            format!("1 {}", held_a.fd.as_raw_fd()),
             format!("{me} {}", held_a.fd.as_raw_fd()),
             format!("{me} {}", unlocked_b.as_raw_fd()),
             format!("{} {}", i32::MAX - 1, held_a.fd.as_raw_fd()),
@@ -265,11 +316,21 @@ mod tests {
         let held_b7 = lock::acquire(&b, LockMode::Shared, 7, Create::No).expect("lock");
         fs::write(entry_path(&paths, &id_b), format!("{me} {}", held_b7.fd.as_raw_fd())).expect("write");
         assert!(borrow(&paths, &id_b).is_none());
-        // An entry of a dead process is swept; a live one stays.
+        // An entry of a dead process, or of one that is no holder, is swept; a live one stays.
         fs::write(entry_path(&paths, &id_b), format!("{} 3", i32::MAX - 1)).expect("write");
+        let id_c = Identity { ino: id_b.ino + 1, ..id_b };
+        fs::write(entry_path(&paths, &id_c), "1 3").expect("write");
         let id_a = held_a.identity;
         fs::write(entry_path(&paths, &id_a), format!("{me} {}", held_a.fd.as_raw_fd())).expect("write");
-        assert_eq!(sweep(&paths), 1);
+        assert_eq!(sweep(&paths), 2);
         assert!(borrow(&paths, &id_a).is_some());
+    }
+
+    #[test]
+    fn locks_of_network_filesystems_are_never_shared() {
+        let dev_shm = fs::File::open("/dev/shm").expect("tmpfs");
+        assert!(local_locks(dev_shm.as_fd()), "tmpfs and devtmpfs locks are the kernel's own");
+        let proc = fs::File::open("/proc/self/stat").expect("proc");
+        assert!(!local_locks(proc.as_fd()), "anything not known to be local is not");
     }
 }

@@ -16,6 +16,7 @@ use log::warn;
 use super::protocol::Guest;
 use super::records::RecordKeeper;
 use super::server::Holder;
+use crate::lock::LockMode;
 use crate::rundir::{ensure_run_dir, listen_on, take_instance_lock};
 use crate::state::{self, GuestState};
 
@@ -159,15 +160,17 @@ impl Holder {
     /// Offers this holder's shared locks to the next guests of this host where no other holder
     /// offers them, and withdraws its offers of locks it let go of.
     fn sync_shares(&mut self) {
-        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.files.shares)
-            .into_iter()
-            .partition(|id| self.held.iter().any(|(r, _)| r.identity == *id));
-        crate::shares::withdraw(&self.paths, &gone);
+        use std::os::fd::{AsFd, AsRawFd};
+        // An offer stands while the lock it names is held through the very fd it names.
+        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.files.shares).into_iter().partition(|(id, n)| {
+            self.held.iter().any(|(r, fd)| r.identity == *id && r.mode == LockMode::Shared && fd.as_raw_fd() == *n)
+        });
+        crate::shares::withdraw(&self.paths, &gone.iter().map(|(id, _)| *id).collect::<Vec<_>>());
         let offered = self
             .held
             .iter()
-            .filter(|(r, _)| !kept.contains(&r.identity))
-            .map(|(r, fd)| (r.identity, r.mode, std::os::fd::AsFd::as_fd(fd)));
+            .filter(|(r, _)| !kept.iter().any(|(id, _)| *id == r.identity))
+            .map(|(r, fd)| (r.identity, r.mode, fd.as_fd()));
         let published = crate::shares::publish(&self.paths, offered);
         self.files.shares = kept.into_iter().chain(published).collect();
     }
@@ -175,7 +178,8 @@ impl Holder {
     /// Withdraws every owner record and every offer of a shared lock (the locks are gone), and
     /// waits for the record thread to finish.
     pub(super) fn withdraw_records(&mut self) {
-        crate::shares::withdraw(&self.paths, &std::mem::take(&mut self.files.shares));
+        let offers: Vec<_> = std::mem::take(&mut self.files.shares).into_iter().map(|(id, _)| id).collect();
+        crate::shares::withdraw(&self.paths, &offers);
         if let Some(mut records) = self.records.keeper.take() {
             records.stop();
         }

@@ -101,7 +101,8 @@ pub(super) struct RunFiles {
     /// The census this holder entered before its first state file (see `census`).
     pub(super) census: Option<crate::census::Census>,
     /// The shared locks this holder offers to the host's other guests (see `shares`).
-    pub(super) shares: Vec<crate::lock::Identity>,
+    /// Each with the number of the fd it names (an upgrade replaces a lock's fd: see `hotplug`).
+    pub(super) shares: Vec<(crate::lock::Identity, std::os::fd::RawFd)>,
 }
 
 /// The lockspace, and the thread that publishes owner records in it.

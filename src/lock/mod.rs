@@ -391,11 +391,6 @@ pub fn lock_wait_fd(file: &File, mode: LockMode, offset: u64) -> io::Result<()> 
     ofd::lock_wait(file.as_fd(), mode, offset as i64)
 }
 
-/// Drops a lock held through `file` without closing it.
-pub fn unlock_fd(file: &File, offset: u64) -> io::Result<()> {
-    ofd::unlock(file.as_fd(), offset as i64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

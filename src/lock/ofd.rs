@@ -81,11 +81,9 @@ pub fn lock_wait(fd: BorrowedFd<'_>, mode: LockMode, offset: i64) -> io::Result<
     fcntl_lock(fd, libc::F_OFD_SETLKW, &mut lock)
 }
 
-/// Drops the lock on `offset` held through this open file description.
-pub fn unlock(fd: BorrowedFd<'_>, offset: i64) -> io::Result<()> {
-    let mut lock = flock_for(UNLCK, offset);
-    fcntl_lock(fd, libc::F_OFD_SETLK, &mut lock)
-}
+// No unlock: a lock ends when the last fd to its open file description closes. A shared lock's
+// description may be shared by the holders of several guests (see `shares`); an `F_UNLCK`
+// through any of them would drop it for all.
 
 /// Asks the kernel which lock, if any, would stop an exclusive lock on `offset` through `fd`.
 /// Locks held through the same open file description never conflict with it, so probe through a
