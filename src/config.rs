@@ -195,6 +195,10 @@ impl ParseError {
     }
 }
 
+/// A config file's identity and times (see `Config::stamp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp([u64; 9]);
+
 impl Config {
     /// Parses TOML text. Pure: no file access. Unknown keys are errors naming the key and line.
     pub fn parse(text: &str) -> Result<Config, ParseError> {
@@ -220,6 +224,24 @@ impl Config {
         let config = Config::parse(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// What `load` would read at `path`, as far as `stat` can tell: equal stamps mean the same
+    /// file, unchanged (inode, size, times to the nanosecond, owner, mode). `None` when it
+    /// cannot be read.
+    pub fn stamp(path: &Path) -> Option<Stamp> {
+        let m = fs::metadata(path).ok()?;
+        Some(Stamp([
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime() as u64,
+            m.mtime_nsec() as u64,
+            m.ctime() as u64,
+            m.ctime_nsec() as u64,
+            u64::from(m.uid()),
+            u64::from(m.mode()),
+        ]))
     }
 
     /// Checks what serde cannot: absolute directories and a known log level.

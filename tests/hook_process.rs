@@ -349,6 +349,69 @@ fn spare_pid(setup: &Setup) -> Option<u32> {
     })
 }
 
+/// A hook sends its claim of the spare and its locks right behind it, without waiting in
+/// between. One that gave up waiting for the answer (and hung up) must not leave its locks with
+/// a spare that answers later: the spare sees the hang-up and serves nothing.
+#[test]
+fn a_claim_its_hook_gave_up_on_is_not_served() {
+    use lockhook::holder::{fdpass, protocol};
+    use std::os::fd::AsFd;
+    let setup = Setup::new("");
+    let a = setup.image("a.img");
+    let vm1 = xml("vm1", UUID1, &file_disk(&a, "vda", ""));
+    assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm1).status.success());
+    assert!(wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some()));
+    let spare = spare_pid(&setup).expect("spare");
+    // vm1's holder is the hook's own (there was no spare yet): the spare's one child is ready.
+    assert!(wait_until(Duration::from_secs(5), || children_of(spare).len() == 1), "a ready child");
+    let ready = children_of(spare)[0];
+    // The ready child is stopped while a "hook" claims it, queues its lock and hangs up.
+    let stop = |sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(ready as i32), sig).expect("signal");
+    stop(nix::sys::signal::Signal::SIGSTOP);
+    let img = setup.image("b.img");
+    let lock = lockhook::lock::acquire(&img, LockMode::Exclusive, 0, lockhook::lock::Create::No).expect("lock");
+    let uuid = lockhook::domain::Uuid::parse(UUID2).expect("uuid");
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let addr = nix::sys::socket::UnixAddr::new(&setup.run_dir.join("spare.sock")).expect("addr");
+    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).expect("connect");
+    let claim =
+        protocol::encode_as(protocol::VERSION, &protocol::Request::Claim { uuid: uuid.clone() }).expect("claim");
+    fdpass::send(sock.as_fd(), &claim, &[]).expect("send claim");
+    let resource: lockhook::state::Resource = serde_json::from_value(serde_json::json!({
+        "path": img, "key": format!("file:{}@0", img.display()), "mode": "exclusive",
+        "roles": [{"kind": "disk", "target": "vda"}],
+        "identity": lock.identity, "since": "2026-01-01T00:00:00Z", "create": "never"
+    }))
+    .expect("resource");
+    let acquire = protocol::Request::Acquire {
+        guest: protocol::Guest { name: "vm2".into(), uuid },
+        resources: vec![resource],
+        pending: vec![],
+        incoming: false,
+        sanlock: vec![],
+        adopt: false,
+    };
+    let bytes = protocol::encode_as(protocol::VERSION, &acquire).expect("acquire");
+    fdpass::send(sock.as_fd(), &bytes, &[lock.fd.as_fd()]).expect("send acquire");
+    drop(sock);
+    drop(lock);
+    assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive), "the queued fd keeps it locked");
+    stop(nix::sys::signal::Signal::SIGCONT);
+    assert!(wait_until(Duration::from_secs(5), || lock_state(&img, 0).is_none()), "nobody kept the lock");
+    assert!(wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{ready}")).exists()), "it exited");
+    for ext in ["sock", "lock", "json"] {
+        assert!(!setup.run_dir.join(format!("{UUID2}.{ext}")).exists(), "no {ext} file left for vm2");
+    }
+    assert!(setup.log().contains("is gone"), "logged why");
+    assert!(setup.hook(&["vm1", "release", "end", "-"], &vm1).status.success());
+}
+
 #[test]
 fn the_next_start_claims_the_spare_holder() {
     let setup = Setup::new("");

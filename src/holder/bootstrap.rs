@@ -164,6 +164,7 @@ impl Holder {
             records: Records { lockspace: crate::lockspace::Lockspace::new(&config.lockspace_dir), keeper: None },
             leases: (config.engine == crate::config::Engine::Sanlock)
                 .then(|| crate::engine::leases::Leases::new(&config.sanlock, &paths_for_leases, uuid)),
+            said_after_reply: Vec::new(),
         })
     }
 }

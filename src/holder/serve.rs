@@ -86,6 +86,9 @@ impl Holder {
             if let Ok(bytes) = protocol::encode_as(version, &response) {
                 let _ = fdpass::send(conn.as_fd(), &bytes, &[]);
             }
+            for line in std::mem::take(&mut self.said_after_reply) {
+                info!("{line}");
+            }
             if let Next::Exit = next {
                 return Next::Exit;
             }
@@ -152,7 +155,7 @@ impl Holder {
                 Next::Continue,
             ),
             Request::Release => {
-                info!("guest {}: released {} lock(s)", self.describe(), self.held.len());
+                self.said_after_reply.push(format!("guest {}: released {} lock(s)", self.describe(), self.held.len()));
                 self.drop_all();
                 (Response::Ok, Next::Exit)
             }
@@ -188,15 +191,16 @@ impl Holder {
             self.guest = previous_guest;
             return Response::Error { code: ErrorCode::Failed, message: crate::error_chain(&e) };
         }
+        // Said after the answer: a log line (a syslog send each) is not worth the hook's wait.
         for (resource, _) in &self.held[before..] {
-            info!(
+            self.said_after_reply.push(format!(
                 "guest {} ({}): holding {} {} ({})",
                 guest.name,
                 guest.uuid,
                 resource.mode.as_str(),
                 resource.path.display(),
                 roles(resource)
-            );
+            ));
         }
         self.watched.spawner = None;
         Response::Ok

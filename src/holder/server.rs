@@ -65,6 +65,8 @@ pub(crate) struct Holder {
     pub(super) records: Records,
     /// The sanlock engine's leases (`engine = "sanlock"` only).
     pub(super) leases: Option<crate::engine::leases::Leases>,
+    /// Log lines of the request being answered, written once the answer went out.
+    pub(super) said_after_reply: Vec<String>,
 }
 
 /// The processes the holder watches through pidfds.

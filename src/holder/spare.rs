@@ -65,6 +65,8 @@ pub fn run(config_path: &Path) -> i32 {
     protect_self();
     name_self(c"lockhook-spare");
     super::footprint::one_arena();
+    // Taken before the load: a change in between makes the first claim read the file again.
+    let stamp = Config::stamp(config_path);
     let Ok(config) = Config::load(config_path) else { return 1 };
     crate::logging::init_daemon(&config);
     let paths = Paths::new(&config.run_dir);
@@ -89,7 +91,7 @@ pub fn run(config_path: &Path) -> i32 {
             Ok(nix::unistd::ForkResult::Child) => {
                 drop(notice);
                 drop(spare_lock);
-                return ready(config_path, &config, &footprint, listener, notify, me);
+                return ready(config_path, (&config, stamp), &footprint, listener, notify, me);
             }
             Ok(nix::unistd::ForkResult::Parent { .. }) => drop(notify),
             Err(e) => {
@@ -121,11 +123,19 @@ pub fn run(config_path: &Path) -> i32 {
     }
 }
 
+/// Whether the peer of `conn` closed its end (what it sent before may still be queued).
+fn hung_up(conn: &OwnedFd) -> bool {
+    // A unix stream or seqpacket socket whose peer closed polls as hung up (always reported).
+    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP))
+}
+
 /// The ready child: answers on the spare's socket until a hook claims it, then is that guest's
 /// holder. It dies with its parent until then (`PR_SET_PDEATHSIG`).
 fn ready(
     config_path: &Path,
-    config: &Config,
+    (config, stamp): (&Config, Option<crate::config::Stamp>),
     footprint: &Footprint,
     listener: OwnedFd,
     notify: OwnedFd,
@@ -187,8 +197,11 @@ fn ready(
                 }
                 // From here on this process outlives the spare, whatever happens to it.
                 set_parent_death_signal(0);
-                // The config may have changed since the spare started.
-                let config = Config::load(config_path).unwrap_or(config.clone());
+                // The config may have changed since the spare started (one `stat` says whether).
+                let config = match Config::stamp(config_path) {
+                    now @ Some(_) if now == stamp => config.clone(),
+                    _ => Config::load(config_path).unwrap_or(config.clone()),
+                };
                 match Holder::start(&config, &uuid, false) {
                     Ok(mut holder) => {
                         // Invariant: nothing of the spare stays open in the guest's holder.
@@ -198,8 +211,15 @@ fn ready(
                         drop(buf);
                         let _ = nix::unistd::setsid();
                         name_self(c"lockhook-holder");
-                        info!("spare holder {} is now the holder of {uuid}", std::process::id());
                         reply(&conn, &Response::Ok);
+                        // A hook that gave up waiting for this answer (see `CLAIM_TIMEOUT`) hung
+                        // up and starts a holder itself: the request it queued is not served.
+                        if hung_up(&conn) {
+                            warn!("spare holder {}: the hook that claimed it for {uuid} is gone", std::process::id());
+                            holder.exit();
+                            return 0;
+                        }
+                        info!("spare holder {} is now the holder of {uuid}", std::process::id());
                         if let Next::Exit = holder.serve_conn(&conn, allowed) {
                             return 0;
                         }
