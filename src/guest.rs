@@ -207,7 +207,7 @@ fn hand_over(
             let _ = std::fs::remove_file(claimed);
         }
     }
-    let mut client = match client.or_else(|| Client::claim_spare(&ctx.paths, &guest.uuid)) {
+    let client = match client.or_else(|| Client::claim_spare(&ctx.paths, &guest.uuid)) {
         Some(client) => client,
         None => match start_holder(ctx, guest) {
             Ok(client) => client,
@@ -220,26 +220,7 @@ fn hand_over(
     fault_point("before-handover");
     let fds: Vec<_> = acquired.locks.iter().map(|l| l.fd.as_fd()).collect();
     let handed = Handed { resources: &acquired.resources, fds: &fds, pending: &pending, incoming, sanlock, adopt };
-    let mut result = client.acquire(guest, handed);
-    if let Err(ClientError::NotClaimed(why)) = &result {
-        // The spare would not be this guest's holder (an upgrade replaced its binary, say): the
-        // fds sent with the claim went nowhere; a holder of our own gets them.
-        info!("guest {} ({}): {why}; starting a holder", guest.name, guest.uuid);
-        // Hung up first: a spare that answers only now sees it and does not serve the request
-        // queued behind the claim.
-        drop(client);
-        match start_holder(ctx, guest) {
-            Ok(own) => {
-                client = own;
-                result = client.acquire(guest, handed);
-            }
-            Err(e) => {
-                drop(fds);
-                give_up(guest, acquired);
-                return Err(e);
-            }
-        }
-    }
+    let result = client.acquire(guest, handed);
     drop(fds);
     let (waiting, missing) = match result {
         Ok(granted) => granted,

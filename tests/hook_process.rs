@@ -349,9 +349,9 @@ fn spare_pid(setup: &Setup) -> Option<u32> {
     })
 }
 
-/// A hook sends its claim of the spare and its locks right behind it, without waiting in
-/// between. One that gave up waiting for the answer (and hung up) must not leave its locks with
-/// a spare that answers later: the spare sees the hang-up and serves nothing.
+/// A hook that gave up waiting for the spare's answer to its claim (and hung up) starts a holder
+/// of its own: a spare that answers later must let go of the guest's name and serve nothing that
+/// was queued behind the claim (here: an `acquire` with a locked fd).
 #[test]
 fn a_claim_its_hook_gave_up_on_is_not_served() {
     use lockhook::holder::{fdpass, protocol};

@@ -39,9 +39,6 @@ pub enum ClientError {
     /// sanlock leases that could not be had, one line each.
     #[error("{}", .0.join("; "))]
     Leases(Vec<String>),
-    /// The spare holder did not become this guest's holder (see `claim_spare`).
-    #[error("the spare holder was not claimed: {0}")]
-    NotClaimed(String),
 }
 
 /// What a holder holds, as far as the hook needs to know.
@@ -61,8 +58,6 @@ pub struct Client {
     sock: OwnedFd,
     /// The protocol version this holder speaks: ours, or the one before (an older holder).
     version: std::cell::Cell<u32>,
-    /// A claim of the spare went out and its answer is still to be read (see `claim_spare`).
-    claim_pending: std::cell::Cell<bool>,
 }
 
 /// What one hand-over gives a holder: `resources[i]` describes `fds[i]`.
@@ -94,16 +89,11 @@ impl Client {
         let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as libc::time_t, 0);
         let _ = setsockopt(&sock, sockopt::ReceiveTimeout, &timeout);
         let _ = setsockopt(&sock, sockopt::SendTimeout, &timeout);
-        Ok(Some(Client { sock, version: std::cell::Cell::new(protocol::VERSION), claim_pending: false.into() }))
+        Ok(Some(Client { sock, version: std::cell::Cell::new(protocol::VERSION) }))
     }
 
-    /// Claims this host's spare holder for `uuid` (see `holder::spare`): sends the claim and
-    /// returns without waiting for its answer, which the first request's reply is read after
-    /// (the spare answers it and goes on to the request already queued behind it, instead of
-    /// both sides waking once more in between). `None` when there is no spare to connect to;
-    /// a claim refused shows as `ClientError::NotClaimed` from that first request, whose fds
-    /// then go nowhere (the spare closes the connection unread): the caller starts a holder
-    /// itself and asks again.
+    /// Claims this host's spare holder for `uuid` (see `holder::spare`). `Ok(None)` when there is
+    /// no spare, or it could not be claimed: the caller starts a holder itself.
     pub fn claim_spare(paths: &Paths, uuid: &Uuid) -> Option<Client> {
         let sock = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).ok()?;
         let addr = UnixAddr::new(&paths.spare_socket()).ok()?;
@@ -114,32 +104,18 @@ impl Client {
         let _ = setsockopt(&sock, sockopt::ReceiveTimeout, &claim);
         let _ = setsockopt(&sock, sockopt::SendTimeout, &claim);
         connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).ok()?;
-        let bytes = protocol::encode_as(protocol::VERSION, &Request::Claim { uuid: uuid.clone() }).ok()?;
-        fdpass::send(sock.as_fd(), &bytes, &[]).ok()?;
-        Some(Client { sock, version: std::cell::Cell::new(protocol::VERSION), claim_pending: true.into() })
-    }
-
-    /// Reads the answer to the claim sent by `claim_spare`, if it is still to be read.
-    fn claim_answered(&self) -> Result<(), ClientError> {
-        if !self.claim_pending.replace(false) {
-            return Ok(());
-        }
-        let mut buf = vec![0u8; MAX_FRAME];
-        let answer = match fdpass::recv(self.sock.as_fd(), &mut buf) {
-            Ok((0, _)) => Err("it closed the connection".to_owned()),
-            Ok((len, _)) => match protocol::decode::<Response>(&buf[..len]) {
-                Ok(Response::Ok) => Ok(()),
-                Ok(Response::Error { message, .. }) => Err(message),
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(e) => Err(crate::error_chain(&e)),
-            },
-            Err(e) => Err(crate::error_chain(&e)),
-        };
-        answer.map_err(ClientError::NotClaimed)?;
+        let client = Client { sock, version: std::cell::Cell::new(protocol::VERSION) };
+        let claimed = client.expect_ok(&Request::Claim { uuid: uuid.clone() }, &[]);
         let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as libc::time_t, 0);
-        let _ = setsockopt(&self.sock, sockopt::ReceiveTimeout, &timeout);
-        let _ = setsockopt(&self.sock, sockopt::SendTimeout, &timeout);
-        Ok(())
+        let _ = setsockopt(&client.sock, sockopt::ReceiveTimeout, &timeout);
+        let _ = setsockopt(&client.sock, sockopt::SendTimeout, &timeout);
+        match claimed {
+            Ok(()) => Some(client),
+            Err(e) => {
+                log::info!("spare holder not claimed for {uuid}: {}", crate::error_chain(&e));
+                None
+            }
+        }
     }
 
     fn call(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Response, ClientError> {
@@ -164,10 +140,7 @@ impl Client {
 
     fn call_as(&self, v: u32, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Response, ClientError> {
         let bytes = protocol::encode_as(v, request)?;
-        let sent = fdpass::send(self.sock.as_fd(), &bytes, fds);
-        // A refused claim may have closed the connection before this request went out.
-        self.claim_answered()?;
-        sent?;
+        fdpass::send(self.sock.as_fd(), &bytes, fds)?;
         let mut buf = vec![0u8; MAX_FRAME];
         let (len, _) = fdpass::recv(self.sock.as_fd(), &mut buf)?;
         if len == 0 {

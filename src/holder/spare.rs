@@ -213,10 +213,11 @@ fn ready(
                         name_self(c"lockhook-holder");
                         reply(&conn, &Response::Ok);
                         // A hook that gave up waiting for this answer (see `CLAIM_TIMEOUT`) hung
-                        // up and starts a holder itself: the request it queued is not served.
+                        // up and starts a holder itself: this one lets go of the guest's name at
+                        // once, and serves nothing that may be queued behind the claim.
                         if hung_up(&conn) {
-                            warn!("spare holder {}: the hook that claimed it for {uuid} is gone", std::process::id());
                             holder.exit();
+                            warn!("spare holder {}: the hook that claimed it for {uuid} is gone", std::process::id());
                             return 0;
                         }
                         info!("spare holder {} is now the holder of {uuid}", std::process::id());
