@@ -146,8 +146,13 @@ fn ready(
         return 0; // the parent is already gone
     }
     let socket = Paths::new(&config.run_dir).spare_socket();
-    // Ready to answer: the code of a claim mapped now, not faulted in while the hook waits.
-    footprint.populate();
+    // Ready to answer: the code of a claim mapped now, not faulted in while a hook waits. A hook
+    // already waiting (a burst of starts, each claim forking the next ready child) is answered
+    // first: mapping the whole binary in would hold up every claim queued behind it.
+    let mut waiting = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    if !matches!(poll(&mut waiting, PollTimeout::ZERO), Ok(n) if n > 0) {
+        footprint.populate();
+    }
     // Every spare process exits: the parent on our word, before the hook hears back (so the hook
     // that starts a holder itself also starts a new spare).
     let exit_all = |notify: &OwnedFd| {
