@@ -210,7 +210,10 @@ fn adopt_orphans_bounded(ctx: &Ctx, skip: Option<Uuid>) {
     let (tx, rx) = std::sync::mpsc::channel();
     let ctx_copy = Ctx::new(ctx.config.clone(), &ctx.config_path);
     let spawned = std::thread::Builder::new().name("adopt".into()).spawn(move || {
-        let _ = tx.send(crate::reconcile::adopt_orphans(&ctx_copy, skip.as_ref()));
+        let report = crate::reconcile::adopt_orphans(&ctx_copy, skip.as_ref());
+        // A killed holder could not withdraw its offers of shared locks (see `shares`).
+        crate::shares::sweep(&ctx_copy.paths);
+        let _ = tx.send(report);
     });
     if let Err(e) = spawned {
         warn!("cannot start the re-adoption pass: {e}");

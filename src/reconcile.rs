@@ -94,12 +94,7 @@ fn dead_holders(paths: &Paths) -> Vec<Uuid> {
 /// are not counted).
 pub(crate) fn adopt_orphans(ctx: &Ctx, skip: Option<&Uuid>) -> Report {
     let mut report = Report::default();
-    let dead = dead_holders(&ctx.paths);
-    if !dead.is_empty() {
-        // A killed holder could not withdraw its offers of shared locks (see `shares`).
-        crate::shares::sweep(&ctx.paths);
-    }
-    for uuid in dead.into_iter().filter(|u| Some(u) != skip) {
+    for uuid in dead_holders(&ctx.paths).into_iter().filter(|u| Some(u) != skip) {
         // Exactly one pass deals with a dead holder: the one that claims its state file, which
         // also retires it from the census.
         let Some(claimed) = crate::census::claim_dead(&ctx.paths, &ctx.paths.state(&uuid)) else { continue };
@@ -170,8 +165,8 @@ fn running_guests(libvirt_run_dir: &Path) -> Vec<(Domain, (u32, u64))> {
 pub fn reconcile(config: &Config, config_path: &Path) -> Report {
     let ctx = Ctx::new(config.clone(), config_path);
     let mut report = adopt_orphans(&ctx, None);
-    // Offers of shared locks whose holder is gone without a trace the census saw (killed between
-    // letting go of its locks and withdrawing them).
+    // Offers of shared locks of holders that are gone (killed before they could withdraw them,
+    // whether the census saw them die or not).
     crate::shares::sweep(&ctx.paths);
     let running = running_guests(&config.libvirt_run_dir);
     for (domain, qemu) in &running {

@@ -27,9 +27,10 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use crate::holder::fdpass;
 use crate::lock::{HeldLock, Identity, LockMode};
 use crate::paths::Paths;
 
@@ -39,34 +40,20 @@ fn entry_path(paths: &Paths, identity: &Identity) -> PathBuf {
 }
 
 /// An entry's contents: the donor's pid and fd number.
-fn parse_entry(text: &str) -> Option<(i32, RawFd)> {
+fn parse_entry(text: &str) -> Option<(u32, RawFd)> {
     let (pid, fd) = text.trim().split_once(' ')?;
     let (pid, fd) = (pid.parse().ok()?, fd.parse().ok()?);
     (pid > 0 && fd >= 0).then_some((pid, fd))
 }
 
-fn read_entry(path: &Path) -> Option<(i32, RawFd)> {
+fn read_entry(path: &Path) -> Option<(u32, RawFd)> {
     parse_entry(&fs::read_to_string(path).ok()?)
 }
 
-fn cvt(rc: libc::c_long) -> io::Result<RawFd> {
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    RawFd::try_from(rc).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
-}
-
 /// A duplicate of fd `fd` of process `pid` (both from an entry: checked by the caller).
-fn duplicate(pid: i32, fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1.
-    let pidfd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
-    // SAFETY: `pidfd` was just returned by the kernel and is owned by nothing else.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    // SAFETY: pidfd_getfd takes a pidfd, an fd number of that process and flags by value; it
-    // returns a new fd (close-on-exec) or -1.
-    let dup = cvt(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })?;
-    // SAFETY: `dup` was just returned by the kernel and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+fn duplicate(pid: u32, fd: RawFd) -> io::Result<OwnedFd> {
+    let pidfd = fdpass::pidfd_open(pid).ok_or_else(io::Error::last_os_error)?;
+    fdpass::copy_fd(pidfd.as_fd(), fd)
 }
 
 /// Whether an fdinfo text (`/proc/PID/fdinfo/FD`) says: opened read-only, and its description
@@ -96,20 +83,12 @@ fn holds_shared(fdinfo: &str, identity: &Identity) -> bool {
 /// the server's or the cluster's: a lock it lost may still be listed here, and a guest that
 /// borrowed it would run without one. There, every guest keeps its own lock, as before.
 fn local_locks(fd: BorrowedFd<'_>) -> bool {
-    const LOCAL: [libc::__fsword_t; 6] = [
-        0xEF53,      // ext2, ext3, ext4
-        0x5846_5342, // xfs
-        0x9123_683E, // btrfs
-        0x0102_1994, // tmpfs, devtmpfs (device nodes)
-        0xF2F5_2010, // f2fs
-        0x2FC1_2FC1, // zfs
-    ];
-    nix::sys::statfs::fstatfs(fd).is_ok_and(|fs| LOCAL.contains(&fs.filesystem_type().0))
+    crate::lock::fskind::magic_of_fd(fd).is_ok_and(crate::lock::fskind::grants_locks_here)
 }
 
 /// Whether process `pid` is a lockhook holder (its name: see `holder::spare::name_self`). A
 /// recycled pid of any other process is never asked for an fd.
-fn is_holder(pid: i32) -> bool {
+fn is_holder(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "lockhook-holder")
 }
 
@@ -136,12 +115,6 @@ pub fn borrow(paths: &Paths, identity: &Identity) -> Option<HeldLock> {
     Some(HeldLock { fd: dup, identity: *identity, mode: LockMode::Shared, block_device, created: false })
 }
 
-/// Whether `fd` was opened read-only (only such a description may be shared).
-fn read_only(fd: BorrowedFd<'_>) -> bool {
-    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
-        .is_ok_and(|flags| flags & libc::O_ACCMODE == libc::O_RDONLY)
-}
-
 /// Publishes this process's shared locks that no live entry offers yet: `held` is
 /// (identity, mode, fd) of each lock. Returns what it published, with the fd numbers named
 /// (for `withdraw`). Runs in a holder after it answered the hook: never on a start's critical
@@ -152,7 +125,8 @@ pub fn publish<'a>(
 ) -> Vec<(Identity, RawFd)> {
     let mut published = Vec::new();
     for (identity, mode, fd) in held {
-        if mode != LockMode::Shared || !read_only(fd) {
+        // Only a read-only description may be shared (see the module documentation).
+        if mode != LockMode::Shared || crate::lock::is_writable(fd) {
             continue;
         }
         // Someone else's entry that still works stays: one description per lock is the point.
@@ -186,7 +160,7 @@ fn write_entry(paths: &Paths, identity: &Identity, fd: BorrowedFd<'_>) -> io::Re
 /// Removes the entries this process published (it is letting its locks go); entries another
 /// holder has written since are left alone.
 pub fn withdraw(paths: &Paths, published: &[Identity]) {
-    let me = i32::try_from(std::process::id()).unwrap_or(-1);
+    let me = std::process::id();
     for identity in published {
         let path = entry_path(paths, identity);
         if read_entry(&path).is_some_and(|(pid, _)| pid == me) {

@@ -13,47 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Finding, Severity};
 
-/// Filesystem magic numbers (`statfs.f_type`) and whether locks on them can reach other hosts.
-const FILESYSTEMS: &[(u64, &str, bool)] = &[
-    (0x6969, "nfs", true),
-    (0x0116_1970, "gfs2", true),
-    (0x7461_636f, "ocfs2", true),
-    (0x00c3_6400, "cephfs", true),
-    (0x6573_5546, "fuse", true),
-    (0xfe53_4d42, "smb2", true),
-    (0xff53_4d42, "cifs", true),
-    (0xef53, "ext4", false),
-    (0x5846_5342, "xfs", false),
-    (0x9123_683e, "btrfs", false),
-    (0x2fc1_2fc1, "zfs", false),
-    (0xf2f5_2010, "f2fs", false),
-    (0xca45_1a4e, "bcachefs", false),
-    (0x0102_1994, "tmpfs", false),
-    (0x8584_58f6, "ramfs", false),
-    (0x794c_7630, "overlayfs", false),
-    (0x0102_1997, "9p", false),
-    (0x6a65_6a63, "virtiofs", false),
-    (0x4d44, "vfat", false),
-    (0x2011_bab0, "exfat", false),
-    (0x5346_544e, "ntfs", false),
-    (0x7366_746e, "ntfs3", false),
-];
-
-/// The name of a filesystem type and whether it is shared between hosts (unknown types are
-/// named by number and counted as local).
-pub(super) fn fs_kind(magic: u64) -> (String, bool) {
-    FILESYSTEMS
-        .iter()
-        .find(|(m, _, _)| *m == magic)
-        .map_or_else(|| (format!("type 0x{magic:x}"), false), |(_, name, shared)| ((*name).to_owned(), *shared))
-}
-
-/// `statfs(path).f_type`, as the unsigned 32-bit magic the kernel headers spell.
-pub(super) fn fs_magic(path: &Path) -> nix::Result<u64> {
-    let raw = nix::sys::statfs::statfs(path)?.filesystem_type().0;
-    // f_type is a signed long on 64-bit glibc; the magic is the low 32 bits either way.
-    Ok((raw as u64) & 0xffff_ffff)
-}
+pub(super) use crate::lock::fskind::{kind as fs_kind, magic as fs_magic};
 
 /// The mount (point, fs type, mount + super options) that `path` is on, from the text of
 /// `/proc/self/mountinfo`: the longest mount point that is a prefix of the canonical path (the

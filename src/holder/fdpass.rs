@@ -1,4 +1,5 @@
-//! The only `sendmsg`/`recvmsg`/`SCM_RIGHTS` code: one datagram with its fds.
+//! The only `sendmsg`/`recvmsg`/`SCM_RIGHTS` code: one datagram with its fds; and the only
+//! pidfd calls (`pidfd_open`, and `pidfd_getfd`: a copy of another process's fd).
 //!
 //! Received fds arrive with `MSG_CMSG_CLOEXEC` and leave this module only as `OwnedFd`. A
 //! truncated datagram (`MSG_TRUNC`) or truncated ancillary data (`MSG_CTRUNC`: more fds than
@@ -10,6 +11,26 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use super::protocol::MAX_FDS;
+
+/// A pidfd of `pid`, readable once the process exits; `None` where the kernel has no pidfds.
+pub fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::pid_t::try_from(pid).ok()?, 0) };
+    let fd = RawFd::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: the kernel returned a fresh descriptor (CLOEXEC by default) that only we own.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A copy of fd `fd` of the process behind `pidfd` (`pidfd_getfd`: the same open file
+/// description, close-on-exec here). Needs ptrace access to it (root's own processes).
+pub fn copy_fd(pidfd: BorrowedFd<'_>, fd: RawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd takes a pidfd, an fd number of that process and flags by value; it
+    // returns a new fd or -1; no memory is shared.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    let copy = RawFd::try_from(rc).ok().filter(|fd| *fd >= 0).ok_or_else(std::io::Error::last_os_error)?;
+    // SAFETY: the kernel returned a fresh descriptor that only we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FdPassError {

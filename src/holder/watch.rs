@@ -7,8 +7,6 @@
 //! - on a migration destination, the resources its source still holds (see `handover`) and the
 //!   guard that kills a QEMU that is not an incoming migration (see `migration`).
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-
 use log::{error, info, warn};
 use nix::sys::signal::Signal;
 
@@ -17,14 +15,7 @@ use super::hotplug;
 use super::server::{Holder, Next};
 use crate::state::{self, Resource};
 
-/// A pidfd of `pid`, readable once the process exits; `None` where the kernel has no pidfds.
-pub(super) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::pid_t::try_from(pid).ok()?, 0) };
-    let fd = RawFd::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: the kernel returned a fresh descriptor (CLOEXEC by default) that only we own.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+pub(super) use super::fdpass::pidfd_open;
 
 impl Holder {
     pub(super) fn qemu_exited(&self) -> bool {

@@ -8,6 +8,7 @@
 //!
 //! Size: about 400 lines of code; the other 220 are its unit tests, kept beside what they test.
 
+pub mod fskind;
 mod ofd;
 pub mod proc_locks;
 
