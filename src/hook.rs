@@ -134,7 +134,7 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
         Op::Stopped | Op::Attach | Op::Other(_) => return Ok(()),
     }
     let config = Config::load(config_path)?;
-    crate::logging::init_daemon(&config);
+    crate::logging::init_hook(&config);
     let ctx = Ctx::new(config, config_path);
     let parsed = parse_domain(event, stdin);
     // Self-healing first: a running guest whose holder died gets its locks back before this

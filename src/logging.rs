@@ -10,7 +10,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -18,9 +19,74 @@ use crate::config::Config;
 
 struct Logger {
     stderr: bool,
-    /// Log to `/dev/log`: a socket per message, so a holder keeps no extra fd while idle.
-    syslog: bool,
+    syslog: Option<&'static Syslog>,
     file: Option<Mutex<File>>,
+}
+
+/// Where `/dev/log` lines go from. A holder opens a socket per line, so it keeps no extra fd
+/// while idle (and a spare forks ready children that must not share one), but one for the
+/// lines of one request (`in_one_connection`: a line per resource); the hook lives a few
+/// milliseconds and logs a line per locked resource, so it connects once.
+struct Syslog {
+    dev_log: &'static Path,
+    keep: bool,
+    /// Within `in_one_connection`: the socket is kept until it ends.
+    burst: AtomicBool,
+    socket: Mutex<Option<UnixDatagram>>,
+    /// `/dev/log` could not be reached while keeping a socket: not tried again for every line.
+    absent: AtomicBool,
+}
+
+/// The installed logger's syslog, for `in_one_connection`.
+static SYSLOG: OnceLock<Syslog> = OnceLock::new();
+
+impl Syslog {
+    fn new(dev_log: &'static Path, keep: bool) -> Syslog {
+        Syslog {
+            dev_log,
+            keep,
+            burst: AtomicBool::new(false),
+            socket: Mutex::new(None),
+            absent: AtomicBool::new(false),
+        }
+    }
+
+    fn end_burst(&self) {
+        self.burst.store(false, Ordering::Relaxed);
+        if let Ok(mut socket) = self.socket.lock() {
+            *socket = None;
+        }
+        self.absent.store(false, Ordering::Relaxed);
+    }
+
+    fn send(&self, level: Level, message: &str) {
+        let line = syslog_line(level, message);
+        if !self.keep && !self.burst.load(Ordering::Relaxed) {
+            if let Some(sock) = connect_syslog(self.dev_log) {
+                // A full queue gives EAGAIN: the line is dropped.
+                let _ = sock.send(line.as_bytes());
+            }
+            return;
+        }
+        if self.absent.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(mut socket) = self.socket.lock() else { return };
+        // A kept socket whose reader went away (journald restarted) is connected once more.
+        for _ in 0..2 {
+            if socket.is_none() {
+                *socket = connect_syslog(self.dev_log);
+                if socket.is_none() {
+                    self.absent.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+            match socket.as_ref().map(|s| s.send(line.as_bytes())) {
+                Some(Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => *socket = None,
+                _ => return,
+            }
+        }
+    }
 }
 
 impl Log for Logger {
@@ -36,8 +102,8 @@ impl Log for Logger {
         if self.stderr {
             eprintln!("lockhook: {}: {message}", record.level().as_str().to_lowercase());
         }
-        if self.syslog {
-            send_syslog(Path::new(DEV_LOG), record.level(), &message);
+        if let Some(syslog) = &self.syslog {
+            syslog.send(record.level(), &message);
         }
         if let Some(file) = &self.file {
             if let Ok(mut f) = file.lock() {
@@ -63,24 +129,33 @@ fn install(logger: Logger, level: LevelFilter) {
 
 const DEV_LOG: &str = "/dev/log";
 
-/// Sends one line to the syslog socket at `dev_log` without ever waiting: the socket is
-/// non-blocking, so a stalled journald (its receive queue full) costs us the line, not the
-/// guest start the hook is deciding on.
-fn send_syslog(dev_log: &Path, level: Level, message: &str) {
-    let Ok(sock) = UnixDatagram::unbound() else { return };
-    if sock.set_nonblocking(true).is_err() || sock.connect(dev_log).is_err() {
-        return;
-    }
-    // facility daemon (3), RFC 3164 framing as journald and rsyslog accept it.
+/// A non-blocking socket connected to the syslog socket at `dev_log`: a stalled journald
+/// (its receive queue full) costs us the line, never the guest start the hook is deciding on.
+fn connect_syslog(dev_log: &Path) -> Option<UnixDatagram> {
+    let sock = UnixDatagram::unbound().ok()?;
+    (sock.set_nonblocking(true).is_ok() && sock.connect(dev_log).is_ok()).then_some(sock)
+}
+
+/// One line as syslog takes it: facility daemon (3), RFC 3164 framing as journald and rsyslog
+/// accept it.
+fn syslog_line(level: Level, message: &str) -> String {
     let severity = match level {
         Level::Error => 3,
         Level::Warn => 4,
         Level::Info => 6,
         Level::Debug | Level::Trace => 7,
     };
-    let line = format!("<{}>lockhook[{}]: {message}", 3 * 8 + severity, std::process::id());
-    // A full queue gives EAGAIN: the line is dropped.
-    let _ = sock.send(line.as_bytes());
+    format!("<{}>lockhook[{}]: {message}", 3 * 8 + severity, std::process::id())
+}
+
+/// Runs `log` (a holder's lines after one request) with one syslog socket for all its lines,
+/// closed when it returns.
+pub fn in_one_connection<R>(log: impl FnOnce() -> R) -> R {
+    let Some(syslog) = SYSLOG.get() else { return log() };
+    syslog.burst.store(true, Ordering::Relaxed);
+    let out = log();
+    syslog.end_burst();
+    out
 }
 
 /// Opens the configured log file for appending: never through a symlink, never blocking (a
@@ -101,12 +176,23 @@ fn log_file(path: Option<&Path>) -> Option<Mutex<File>> {
 
 /// CLI: log lines go to stderr.
 pub fn init_cli(level: LevelFilter) {
-    install(Logger { stderr: true, syslog: false, file: None }, level);
+    install(Logger { stderr: true, syslog: None, file: None }, level);
 }
 
-/// Hook and holder: syslog when there is one, and the configured log file.
+/// Holders (and what sanlock runs): syslog when there is one, a socket per line, and the
+/// configured log file.
 pub fn init_daemon(config: &Config) {
-    install(Logger { stderr: false, syslog: true, file: log_file(config.log_file.as_deref()) }, config.level());
+    init_syslog(config, false);
+}
+
+/// The hook: as `init_daemon`, with one syslog socket for all its lines.
+pub fn init_hook(config: &Config) {
+    init_syslog(config, true);
+}
+
+fn init_syslog(config: &Config, keep: bool) {
+    let syslog = Some(SYSLOG.get_or_init(|| Syslog::new(Path::new(DEV_LOG), keep)));
+    install(Logger { stderr: false, syslog, file: log_file(config.log_file.as_deref()) }, config.level());
 }
 
 #[cfg(test)]
@@ -129,12 +215,87 @@ mod tests {
             sent += 1;
             assert!(sent < 1_000_000, "the receive queue never filled");
         }
-        let started = Instant::now();
-        for _ in 0..100 {
-            send_syslog(&dev_log, Level::Error, "a line nobody will read");
+        let dev_log: &'static Path = Box::leak(dev_log.into_boxed_path());
+        for keep in [false, true] {
+            let syslog = Syslog::new(dev_log, keep);
+            let started = Instant::now();
+            for _ in 0..100 {
+                syslog.send(Level::Error, "a line nobody will read");
+            }
+            assert!(started.elapsed() < Duration::from_secs(2), "logging blocked on a full syslog socket");
         }
-        assert!(started.elapsed() < Duration::from_secs(2), "logging blocked on a full syslog socket");
         drop(server);
+    }
+
+    /// The inode of the socket `syslog` keeps, if any.
+    fn kept(syslog: &Syslog) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let socket = syslog.socket.lock().expect("lock");
+        let fd = socket.as_ref()?.try_clone().expect("dup");
+        Some(File::from(std::os::fd::OwnedFd::from(fd)).metadata().expect("fstat").ino())
+    }
+
+    #[test]
+    fn the_hook_sends_every_line_on_one_socket_and_reconnects_after_a_syslog_restart() {
+        let dir = tempfile::tempdir().expect("dir");
+        let dev_log: &'static Path = Box::leak(dir.path().join("log").into_boxed_path());
+        let server = UnixDatagram::bind(dev_log).expect("bind");
+        let syslog = Syslog::new(dev_log, true);
+        let mut buf = [0u8; 256];
+        let mut sockets = std::collections::HashSet::new();
+        for n in 0..3 {
+            syslog.send(Level::Info, &format!("line {n}"));
+            let len = server.recv(&mut buf).expect("recv");
+            assert!(std::str::from_utf8(&buf[..len]).expect("utf8").ends_with(&format!("]: line {n}")));
+            sockets.insert(kept(&syslog).expect("a kept socket"));
+        }
+        assert_eq!(sockets.len(), 1, "one socket for every line");
+        // journald restarts: a new socket at the same path.
+        drop(server);
+        std::fs::remove_file(dev_log).expect("rm");
+        let server = UnixDatagram::bind(dev_log).expect("bind again");
+        syslog.send(Level::Warn, "after the restart");
+        let len = server.recv(&mut buf).expect("recv after restart");
+        assert!(std::str::from_utf8(&buf[..len]).expect("utf8").starts_with("<28>lockhook["));
+        assert!(!sockets.contains(&kept(&syslog).expect("kept")), "a new socket after the restart");
+    }
+
+    #[test]
+    fn a_holder_keeps_a_socket_only_for_the_lines_of_one_request() {
+        let dir = tempfile::tempdir().expect("dir");
+        let dev_log: &'static Path = Box::leak(dir.path().join("log").into_boxed_path());
+        let server = UnixDatagram::bind(dev_log).expect("bind");
+        let syslog = Syslog::new(dev_log, false);
+        let mut buf = [0u8; 256];
+        syslog.send(Level::Info, "alone");
+        server.recv(&mut buf).expect("recv");
+        assert_eq!(kept(&syslog), None, "a line on its own keeps no socket");
+        syslog.burst.store(true, Ordering::Relaxed);
+        let mut sockets = std::collections::HashSet::new();
+        for line in ["one", "two", "three"] {
+            syslog.send(Level::Info, line);
+            server.recv(&mut buf).expect("recv");
+            sockets.insert(kept(&syslog).expect("kept within a burst"));
+        }
+        assert_eq!(sockets.len(), 1, "one socket within a burst");
+        syslog.end_burst();
+        assert_eq!(kept(&syslog), None, "no socket kept after it");
+        syslog.send(Level::Info, "after");
+        assert_eq!(server.recv(&mut buf).expect("recv"), syslog_line(Level::Info, "after").len());
+    }
+
+    #[test]
+    fn a_host_without_syslog_is_tried_once_by_the_hook() {
+        let dir = tempfile::tempdir().expect("dir");
+        let dev_log: &'static Path = Box::leak(dir.path().join("log").into_boxed_path());
+        let syslog = Syslog::new(dev_log, true);
+        syslog.send(Level::Info, "nobody listens");
+        assert!(syslog.absent.load(Ordering::Relaxed));
+        // Nor when one appears later within the same (short-lived) hook call.
+        let server = UnixDatagram::bind(dev_log).expect("bind");
+        server.set_nonblocking(true).expect("nonblocking");
+        syslog.send(Level::Info, "still nobody");
+        assert!(server.recv(&mut [0u8; 64]).is_err());
     }
 
     #[test]

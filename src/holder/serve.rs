@@ -86,9 +86,8 @@ impl Holder {
             if let Ok(bytes) = protocol::encode_as(version, &response) {
                 let _ = fdpass::send(conn.as_fd(), &bytes, &[]);
             }
-            for line in std::mem::take(&mut self.said_after_reply) {
-                info!("{line}");
-            }
+            let said = std::mem::take(&mut self.said_after_reply);
+            crate::logging::in_one_connection(|| said.iter().for_each(|line| info!("{line}")));
             if let Next::Exit = next {
                 return Next::Exit;
             }

@@ -38,7 +38,7 @@ fn from_sysfs(sys: &Path) -> Option<String> {
     // A partition: the whole disk's identity (whatever kind: wwid, serial, a loop device's file,
     // a device-mapper UUID) plus the partition number.
     if let Some(n) = read_trimmed(&sys.join("partition")) {
-        let disk = fs::canonicalize(sys).ok()?.parent()?.to_owned();
+        let disk = super::stack::follow(sys)?.parent()?.to_owned();
         if disk.join("partition").exists() {
             return None;
         }

@@ -49,6 +49,25 @@ pub struct Layer {
     pub above: String,
 }
 
+/// Where the sysfs link `link` leads (`/sys/dev/block/MAJ:MIN`, a `slaves/` entry): one
+/// `readlink`, its `..` taken off the link's own directory (a real directory in sysfs, as every
+/// directory a device link leads through is), instead of `canonicalize`'s `readlink` of every
+/// component. Not a link (a fake tree in tests may have a directory there): `canonicalize`.
+pub(super) fn follow(link: &Path) -> Option<PathBuf> {
+    let Ok(target) = fs::read_link(link) else { return fs::canonicalize(link).ok() };
+    let mut out = if target.is_absolute() { PathBuf::new() } else { link.parent()?.to_owned() };
+    for part in target.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out.is_dir().then_some(out)
+}
+
 pub(super) fn read_trimmed(path: &Path) -> Option<String> {
     let text = fs::read_to_string(path).ok()?;
     let text = text.trim();
@@ -70,7 +89,7 @@ fn block_at(dir: &Path) -> Option<BlockDev> {
 /// The block device `major:minor` as sysfs names it; `None` when sysfs does not know it (an
 /// anonymous device: NFS, FUSE, tmpfs, btrfs subvolumes).
 pub fn device(sys: &Path, major: u32, minor: u32) -> Option<BlockDev> {
-    block_at(&fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}"))).ok()?)
+    block_at(&follow(&sys.join(format!("dev/block/{major}:{minor}")))?)
 }
 
 /// The device numbers of `path` when it is a block device (following symlinks).
@@ -90,7 +109,7 @@ pub fn layers(sys: &Path, major: u32, minor: u32) -> Vec<Layer> {
 /// device (a loop over a partition, or over another loop device), whose layers then follow.
 fn layers_with(sys: &Path, major: u32, minor: u32, block_of: &dyn Fn(&Path) -> Option<(u32, u32)>) -> Vec<Layer> {
     let Ok(root) = fs::canonicalize(sys) else { return Vec::new() };
-    let Ok(start) = fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}"))) else { return Vec::new() };
+    let Some(start) = follow(&root.join(format!("dev/block/{major}:{minor}"))) else { return Vec::new() };
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     let mut queue = vec![start];
@@ -106,7 +125,7 @@ fn layers_with(sys: &Path, major: u32, minor: u32, block_of: &dyn Fn(&Path) -> O
             }
         }
         if let Ok(slaves) = fs::read_dir(dir.join("slaves")) {
-            let mut slaves: Vec<PathBuf> = slaves.filter_map(|e| fs::canonicalize(e.ok()?.path()).ok()).collect();
+            let mut slaves: Vec<PathBuf> = slaves.filter_map(|e| follow(&e.ok()?.path())).collect();
             slaves.sort();
             below.extend(slaves.into_iter().map(|s| (s, LayerKind::Slave)));
         }
@@ -114,9 +133,7 @@ fn layers_with(sys: &Path, major: u32, minor: u32, block_of: &dyn Fn(&Path) -> O
             // The kernel appends " (deleted)" when the file was unlinked: nothing to lock then.
             if !file.ends_with(" (deleted)") {
                 let file = PathBuf::from(file);
-                match block_of(&file)
-                    .and_then(|(ma, mi)| fs::canonicalize(sys.join(format!("dev/block/{ma}:{mi}"))).ok())
-                {
+                match block_of(&file).and_then(|(ma, mi)| follow(&root.join(format!("dev/block/{ma}:{mi}")))) {
                     // A loop over a block device: that device is the layer, and its own follow.
                     Some(lower) => below.push((lower, LayerKind::BackingFile)),
                     None => out.push(Layer {
@@ -160,7 +177,7 @@ pub(crate) mod tests {
     use super::*;
 
     /// A fake sysfs tree: `devices/<path>` directories with `dev` files, and `dev/block/M:m`
-    /// links to them.
+    /// links to them, relative as the kernel's are.
     pub(crate) struct FakeSys {
         pub dir: tempfile::TempDir,
     }
@@ -181,7 +198,8 @@ pub(crate) mod tests {
             let dir = self.dir.path().join("devices").join(rel);
             fs::create_dir_all(&dir).expect("mkdir");
             fs::write(dir.join("dev"), format!("{major}:{minor}\n")).expect("dev");
-            std::os::unix::fs::symlink(&dir, self.dir.path().join(format!("dev/block/{major}:{minor}"))).expect("link");
+            let link = self.dir.path().join(format!("dev/block/{major}:{minor}"));
+            std::os::unix::fs::symlink(relative(link.parent().expect("dir"), &dir), link).expect("link");
             dir
         }
 
@@ -194,8 +212,35 @@ pub(crate) mod tests {
         pub fn slave(&self, of: &Path, slave: &Path) {
             fs::create_dir_all(of.join("slaves")).expect("mkdir");
             let name = slave.file_name().expect("name");
-            std::os::unix::fs::symlink(slave, of.join("slaves").join(name)).expect("slave link");
+            std::os::unix::fs::symlink(relative(&of.join("slaves"), slave), of.join("slaves").join(name))
+                .expect("slave link");
         }
+    }
+
+    /// `to` as a path relative to the directory `from` (`../../devices/...`).
+    fn relative(from: &Path, to: &Path) -> PathBuf {
+        let common = from.components().zip(to.components()).take_while(|(a, b)| a == b).count();
+        let ups = from.components().count() - common;
+        let mut out: PathBuf = std::iter::repeat_n("..", ups).collect();
+        out.extend(to.components().skip(common));
+        out
+    }
+
+    #[test]
+    fn following_a_device_link_is_canonicalize_on_the_real_sysfs() {
+        let mut seen = 0;
+        for entry in fs::read_dir("/sys/dev/block").expect("sysfs") {
+            let link = entry.expect("entry").path();
+            let real = fs::canonicalize(&link).expect("canonicalize");
+            assert_eq!(follow(&link).as_ref(), Some(&real), "{}", link.display());
+            for slave in fs::read_dir(real.join("slaves")).into_iter().flatten() {
+                let slave = slave.expect("slave").path();
+                assert_eq!(follow(&slave), fs::canonicalize(&slave).ok(), "{}", slave.display());
+            }
+            seen += 1;
+        }
+        assert!(seen > 0, "no block devices in /sys/dev/block");
+        assert_eq!(follow(Path::new("/sys/dev/block/4095:1048575")), None);
     }
 
     fn summary(layers: &[Layer]) -> Vec<String> {
