@@ -453,14 +453,12 @@ pub fn release(ctx: &Ctx, name: &str, uuid: &Uuid) -> Result<(), GuestError> {
     let Some(client) = Client::connect(&ctx.paths, uuid).map_err(holder_err(&guest))? else {
         return Ok(());
     };
-    let held = client.held().map_err(holder_err(&guest))?;
-    if let Some(pid) = held.qemu_pid {
-        if crate::qemu::start_time(pid).is_some()
+    let still_runs = |pid| {
+        crate::qemu::start_time(pid).is_some()
             && crate::qemu::find(name, uuid, &ctx.config.libvirt_run_dir).is_some_and(|(p, _)| p == pid)
-        {
-            warn!("release of {name} ({uuid}) ignored: its QEMU (pid {pid}) still runs");
-            return Ok(());
-        }
+    };
+    if let Some(pid) = client.release_if_stopped(name, still_runs).map_err(holder_err(&guest))? {
+        warn!("release of {name} ({uuid}) ignored: its QEMU (pid {pid}) still runs");
     }
-    client.release().map_err(holder_err(&guest))
+    Ok(())
 }

@@ -326,6 +326,11 @@ fn holder_lets_go_when_its_qemu_dies() {
     // While QEMU runs, a stray release (e.g. after a refused second start) changes nothing.
     assert!(setup.hook(&["vm1", "release", "end", "-"], &vm).status.success());
     assert_eq!(lock_state(&img, 0), Some(LockMode::Exclusive));
+    assert!(setup
+        .log()
+        .contains(&format!("release of vm1 ({UUID1}) ignored: its QEMU (pid {}) still runs", qemu.id())));
+    // The holder still serves: it knows its guest.
+    assert_eq!(setup.status_json()["guests"][0]["qemu_pid"], qemu.id());
     qemu.kill().expect("kill qemu");
     qemu.wait().expect("reap");
     assert!(wait_until(Duration::from_secs(5), || lock_state(&img, 0).is_none()), "holder released after QEMU died");

@@ -227,6 +227,24 @@ impl Client {
     pub fn release(&self) -> Result<(), ClientError> {
         self.expect_ok(&Request::Release, &[])
     }
+
+    /// `release`, unless guest `name`'s QEMU still runs: `Some(pid)` then, and nothing was let
+    /// go. The holder decides, in one round trip; a holder older than that request is asked
+    /// `held`, and `still_runs` decides on the pid it names.
+    pub fn release_if_stopped(&self, name: &str, still_runs: impl Fn(u32) -> bool) -> Result<Option<u32>, ClientError> {
+        match self.call(&Request::ReleaseIfStopped { name: name.to_owned() }, &[]) {
+            Ok(Response::Ok) => Ok(None),
+            Ok(Response::QemuRuns { pid }) => Ok(Some(pid)),
+            Ok(other) => Err(ProtocolError::Unexpected { expected: "ok", got: format!("{other:?}") }.into()),
+            Err(ClientError::Refused { code: ErrorCode::BadRequest, .. }) => {
+                if let Some(pid) = self.held()?.qemu_pid.filter(|&pid| still_runs(pid)) {
+                    return Ok(Some(pid));
+                }
+                self.release().map(|()| None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -267,5 +285,51 @@ mod tests {
         drop(client);
         let asked = old.join().expect("join");
         assert!(asked <= 2, "asked {asked} times");
+    }
+
+    /// A holder older than `release_if_stopped` (it answers `bad_request` to it): the hook asks
+    /// `held` and decides itself; a QEMU that still runs keeps the locks.
+    #[test]
+    fn an_older_holder_is_asked_held_before_release() {
+        for qemu_runs in [true, false] {
+            let dir = tempfile::tempdir().expect("dir");
+            let paths = Paths::new(dir.path());
+            let uuid = Uuid::parse("f3fa73d4-1c2b-4e5f-8a9b-0123456789ab").expect("uuid");
+            let listener = crate::rundir::listen_on(&paths.socket(&uuid)).expect("listen");
+            let old = std::thread::spawn(move || {
+                let (conn, _) = crate::holder::serve::accept_conn(&listener).expect("accept");
+                let mut asked = Vec::new();
+                let mut buf = vec![0u8; MAX_FRAME];
+                while let Ok((len, _)) = fdpass::recv(conn.as_fd(), &mut buf) {
+                    if len == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                    let answer = if text.contains("release_if_stopped") {
+                        asked.push("release_if_stopped");
+                        Response::Error { code: ErrorCode::BadRequest, message: "unknown variant".into() }
+                    } else if text.contains("\"held\"") {
+                        asked.push("held");
+                        Response::Held { identities: vec![], qemu_pid: Some(4242), age: 1, pending: 0, incoming: false }
+                    } else {
+                        asked.push("release");
+                        Response::Ok
+                    };
+                    let _ = fdpass::send(conn.as_fd(), &protocol::encode(&answer).expect("encode"), &[]);
+                }
+                asked
+            });
+            let client = Client::connect(&paths, &uuid).expect("connect").expect("listening");
+            let got = client.release_if_stopped("vm1", |pid| pid == 4242 && qemu_runs).expect("answered");
+            drop(client);
+            let asked = old.join().expect("join");
+            if qemu_runs {
+                assert_eq!(got, Some(4242));
+                assert_eq!(asked, ["release_if_stopped", "held"], "nothing released while QEMU runs");
+            } else {
+                assert_eq!(got, None);
+                assert_eq!(asked, ["release_if_stopped", "held", "release"]);
+            }
+        }
     }
 }

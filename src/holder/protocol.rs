@@ -95,6 +95,13 @@ pub enum Request {
     },
     Held,
     Release,
+    /// `release`, unless the guest's QEMU still runs: the pid and start time the holder knows,
+    /// and libvirt's pid file for `name` naming that pid (libvirt calls `release` only after QEMU
+    /// is gone; a live one means the call is about another start, e.g. a refused second one).
+    /// Then `qemu_runs`, and nothing is let go. Holders older than this answer `bad_request`.
+    ReleaseIfStopped {
+        name: String,
+    },
     /// This host lost its sanlock lockspace lease (sent by the killpath, `engine::lock_lost`).
     LockLost,
 }
@@ -126,6 +133,10 @@ pub enum Response {
         /// With `adopt`: one line per sanlock lease that could not be had.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         missing: Vec<String>,
+    },
+    /// `release_if_stopped` let nothing go: the guest's QEMU (`pid`) still runs.
+    QemuRuns {
+        pid: u32,
     },
     /// `acquire` refused: one line per sanlock lease that could not be had.
     Refused {

@@ -153,12 +153,23 @@ impl Holder {
                 },
                 Next::Continue,
             ),
+            Request::ReleaseIfStopped { name } => match self.qemu_runs_as(&name) {
+                Some(pid) => (Response::QemuRuns { pid }, Next::Continue),
+                None => self.handle(Request::Release, fds),
+            },
             Request::Release => {
                 self.said_after_reply.push(format!("guest {}: released {} lock(s)", self.describe(), self.held.len()));
                 self.drop_all();
                 (Response::Ok, Next::Exit)
             }
         }
+    }
+
+    /// The pid of the guest's QEMU, when it is alive and libvirt's pid file for `name` names it.
+    fn qemu_runs_as(&self, name: &str) -> Option<u32> {
+        let pid = self.watched.qemu.as_ref()?.pid;
+        let found = crate::qemu::find(name, &self.uuid, &self.config.libvirt_run_dir);
+        (crate::qemu::start_time(pid).is_some() && found.is_some_and(|(p, _)| p == pid)).then_some(pid)
     }
 
     fn acquire(&mut self, guest: Guest, resources: Vec<Resource>, fds: Vec<OwnedFd>) -> Response {
