@@ -457,7 +457,8 @@ pub fn release(ctx: &Ctx, name: &str, uuid: &Uuid) -> Result<(), GuestError> {
         crate::qemu::start_time(pid).is_some()
             && crate::qemu::find(name, uuid, &ctx.config.libvirt_run_dir).is_some_and(|(p, _)| p == pid)
     };
-    if let Some(pid) = client.release_if_stopped(name, still_runs).map_err(holder_err(&guest))? {
+    let libvirt_run_dir = &ctx.config.libvirt_run_dir;
+    if let Some(pid) = client.release_if_stopped(name, libvirt_run_dir, still_runs).map_err(holder_err(&guest))? {
         warn!("release of {name} ({uuid}) ignored: its QEMU (pid {pid}) still runs");
     }
     Ok(())

@@ -10,7 +10,6 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -30,11 +29,19 @@ struct Logger {
 struct Syslog {
     dev_log: &'static Path,
     keep: bool,
+    /// One lock for the socket and the burst, so that a line another thread logs while a burst
+    /// ends either goes out on the kept socket before it is closed or on a socket of its own:
+    /// an idle holder never keeps one.
+    state: Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    socket: Option<UnixDatagram>,
     /// Within `in_one_connection`: the socket is kept until it ends.
-    burst: AtomicBool,
-    socket: Mutex<Option<UnixDatagram>>,
+    burst: bool,
     /// `/dev/log` could not be reached while keeping a socket: not tried again for every line.
-    absent: AtomicBool,
+    absent: bool,
 }
 
 /// The installed logger's syslog, for `in_one_connection`.
@@ -42,47 +49,46 @@ static SYSLOG: OnceLock<Syslog> = OnceLock::new();
 
 impl Syslog {
     fn new(dev_log: &'static Path, keep: bool) -> Syslog {
-        Syslog {
-            dev_log,
-            keep,
-            burst: AtomicBool::new(false),
-            socket: Mutex::new(None),
-            absent: AtomicBool::new(false),
+        Syslog { dev_log, keep, state: Mutex::new(Kept::default()) }
+    }
+
+    fn begin_burst(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.burst = true;
         }
     }
 
     fn end_burst(&self) {
-        self.burst.store(false, Ordering::Relaxed);
-        if let Ok(mut socket) = self.socket.lock() {
-            *socket = None;
+        if let Ok(mut state) = self.state.lock() {
+            *state = Kept::default();
         }
-        self.absent.store(false, Ordering::Relaxed);
     }
 
     fn send(&self, level: Level, message: &str) {
         let line = syslog_line(level, message);
-        if !self.keep && !self.burst.load(Ordering::Relaxed) {
+        let Ok(mut state) = self.state.lock() else { return };
+        if !self.keep && !state.burst {
+            drop(state);
             if let Some(sock) = connect_syslog(self.dev_log) {
                 // A full queue gives EAGAIN: the line is dropped.
                 let _ = sock.send(line.as_bytes());
             }
             return;
         }
-        if self.absent.load(Ordering::Relaxed) {
+        if state.absent {
             return;
         }
-        let Ok(mut socket) = self.socket.lock() else { return };
         // A kept socket whose reader went away (journald restarted) is connected once more.
         for _ in 0..2 {
-            if socket.is_none() {
-                *socket = connect_syslog(self.dev_log);
-                if socket.is_none() {
-                    self.absent.store(true, Ordering::Relaxed);
+            if state.socket.is_none() {
+                state.socket = connect_syslog(self.dev_log);
+                if state.socket.is_none() {
+                    state.absent = true;
                     return;
                 }
             }
-            match socket.as_ref().map(|s| s.send(line.as_bytes())) {
-                Some(Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => *socket = None,
+            match state.socket.as_ref().map(|s| s.send(line.as_bytes())) {
+                Some(Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => state.socket = None,
                 _ => return,
             }
         }
@@ -152,7 +158,7 @@ fn syslog_line(level: Level, message: &str) -> String {
 /// closed when it returns.
 pub fn in_one_connection<R>(log: impl FnOnce() -> R) -> R {
     let Some(syslog) = SYSLOG.get() else { return log() };
-    syslog.burst.store(true, Ordering::Relaxed);
+    syslog.begin_burst();
     let out = log();
     syslog.end_burst();
     out
@@ -230,8 +236,8 @@ mod tests {
     /// The inode of the socket `syslog` keeps, if any.
     fn kept(syslog: &Syslog) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
-        let socket = syslog.socket.lock().expect("lock");
-        let fd = socket.as_ref()?.try_clone().expect("dup");
+        let state = syslog.state.lock().expect("lock");
+        let fd = state.socket.as_ref()?.try_clone().expect("dup");
         Some(File::from(std::os::fd::OwnedFd::from(fd)).metadata().expect("fstat").ino())
     }
 
@@ -270,7 +276,7 @@ mod tests {
         syslog.send(Level::Info, "alone");
         server.recv(&mut buf).expect("recv");
         assert_eq!(kept(&syslog), None, "a line on its own keeps no socket");
-        syslog.burst.store(true, Ordering::Relaxed);
+        syslog.begin_burst();
         let mut sockets = std::collections::HashSet::new();
         for line in ["one", "two", "three"] {
             syslog.send(Level::Info, line);
@@ -290,7 +296,7 @@ mod tests {
         let dev_log: &'static Path = Box::leak(dir.path().join("log").into_boxed_path());
         let syslog = Syslog::new(dev_log, true);
         syslog.send(Level::Info, "nobody listens");
-        assert!(syslog.absent.load(Ordering::Relaxed));
+        assert!(syslog.state.lock().expect("lock").absent);
         // Nor when one appears later within the same (short-lived) hook call.
         let server = UnixDatagram::bind(dev_log).expect("bind");
         server.set_nonblocking(true).expect("nonblocking");

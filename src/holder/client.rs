@@ -228,11 +228,18 @@ impl Client {
         self.expect_ok(&Request::Release, &[])
     }
 
-    /// `release`, unless guest `name`'s QEMU still runs: `Some(pid)` then, and nothing was let
-    /// go. The holder decides, in one round trip; a holder older than that request is asked
-    /// `held`, and `still_runs` decides on the pid it names.
-    pub fn release_if_stopped(&self, name: &str, still_runs: impl Fn(u32) -> bool) -> Result<Option<u32>, ClientError> {
-        match self.call(&Request::ReleaseIfStopped { name: name.to_owned() }, &[]) {
+    /// `release`, unless guest `name`'s QEMU still runs (libvirt's pid file under
+    /// `libvirt_run_dir` names it): `Some(pid)` then, and nothing was let go. The holder decides,
+    /// in one round trip; a holder older than that request is asked `held`, and `still_runs`
+    /// decides on the pid it names.
+    pub fn release_if_stopped(
+        &self,
+        name: &str,
+        libvirt_run_dir: &std::path::Path,
+        still_runs: impl Fn(u32) -> bool,
+    ) -> Result<Option<u32>, ClientError> {
+        let request = Request::ReleaseIfStopped { name: name.to_owned(), libvirt_run_dir: libvirt_run_dir.to_owned() };
+        match self.call(&request, &[]) {
             Ok(Response::Ok) => Ok(None),
             Ok(Response::QemuRuns { pid }) => Ok(Some(pid)),
             Ok(other) => Err(ProtocolError::Unexpected { expected: "ok", got: format!("{other:?}") }.into()),
@@ -320,7 +327,9 @@ mod tests {
                 asked
             });
             let client = Client::connect(&paths, &uuid).expect("connect").expect("listening");
-            let got = client.release_if_stopped("vm1", |pid| pid == 4242 && qemu_runs).expect("answered");
+            let got = client
+                .release_if_stopped("vm1", std::path::Path::new("/run/libvirt"), |pid| pid == 4242 && qemu_runs)
+                .expect("answered");
             drop(client);
             let asked = old.join().expect("join");
             if qemu_runs {

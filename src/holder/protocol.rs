@@ -18,6 +18,7 @@
 //! | `set_qemu {pid, start_time}`           | none           | `ok`                            |
 //! | `held`                                 | none           | `held {identities, qemu_pid, age, pending, incoming}` |
 //! | `release`                              | none           | `ok` after every lock is dropped; then the holder exits |
+//! | `release_if_stopped {name, libvirt_run_dir}` | none     | `qemu_runs {pid}` (nothing let go) while the QEMU it knows runs and libvirt's pid file for `name` names it; else as `release`. Holders older than it answer `error{code: "bad_request"}` |
 //! | `lock_lost` (the sanlock killpath)     | none           | `ok` once the sanlock leases are let go (the OFD locks stay) |
 //! | `claim {uuid}` (to `spare.sock`)       | none           | `ok` once the spare is the holder of `uuid` |
 //!
@@ -96,11 +97,13 @@ pub enum Request {
     Held,
     Release,
     /// `release`, unless the guest's QEMU still runs: the pid and start time the holder knows,
-    /// and libvirt's pid file for `name` naming that pid (libvirt calls `release` only after QEMU
-    /// is gone; a live one means the call is about another start, e.g. a refused second one).
-    /// Then `qemu_runs`, and nothing is let go. Holders older than this answer `bad_request`.
+    /// and libvirt's pid file for `name` under `libvirt_run_dir` (the hook's, freshly read
+    /// config) naming that pid (libvirt calls `release` only after QEMU is gone; a live one means
+    /// the call is about another start, e.g. a refused second one). Then `qemu_runs`, and
+    /// nothing is let go. Holders older than this answer `bad_request`.
     ReleaseIfStopped {
         name: String,
+        libvirt_run_dir: std::path::PathBuf,
     },
     /// This host lost its sanlock lockspace lease (sent by the killpath, `engine::lock_lost`).
     LockLost,

@@ -153,7 +153,7 @@ impl Holder {
                 },
                 Next::Continue,
             ),
-            Request::ReleaseIfStopped { name } => match self.qemu_runs_as(&name) {
+            Request::ReleaseIfStopped { name, libvirt_run_dir } => match self.qemu_runs_as(&name, &libvirt_run_dir) {
                 Some(pid) => (Response::QemuRuns { pid }, Next::Continue),
                 None => self.handle(Request::Release, fds),
             },
@@ -165,11 +165,13 @@ impl Holder {
         }
     }
 
-    /// The pid of the guest's QEMU, when it is alive and libvirt's pid file for `name` names it.
-    fn qemu_runs_as(&self, name: &str) -> Option<u32> {
-        let pid = self.watched.qemu.as_ref()?.pid;
-        let found = crate::qemu::find(name, &self.uuid, &self.config.libvirt_run_dir);
-        (crate::qemu::start_time(pid).is_some() && found.is_some_and(|(p, _)| p == pid)).then_some(pid)
+    /// The pid of the guest's QEMU, when it is alive (the same process: its start time) and
+    /// libvirt's pid file for `name` under `libvirt_run_dir` names it.
+    fn qemu_runs_as(&self, name: &str, libvirt_run_dir: &std::path::Path) -> Option<u32> {
+        let qemu = self.watched.qemu.as_ref()?;
+        let found = crate::qemu::find(name, &self.uuid, libvirt_run_dir);
+        (crate::qemu::is_alive(qemu.pid, qemu.start_time) && found.is_some_and(|(p, _)| p == qemu.pid))
+            .then_some(qemu.pid)
     }
 
     fn acquire(&mut self, guest: Guest, resources: Vec<Resource>, fds: Vec<OwnedFd>) -> Response {
