@@ -98,14 +98,7 @@ impl Census {
         if let Some(census) = Census::open(paths) {
             return Ok(census);
         }
-        let guard = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(paths.run_dir().join("census.lock"))?;
-        crate::lock::lock_wait_fd(&guard, crate::lock::LockMode::Exclusive, 0)?;
+        let _guard = lock_census(paths)?;
         if let Some(census) = Census::open(paths) {
             return Ok(census);
         }
@@ -114,17 +107,64 @@ impl Census {
         if semid < 0 {
             return Err(errno());
         }
-        let ctime = stat(semid)?.sem_ctime;
+        let census = Census { semid };
+        #[cfg(test)]
+        tests::CREATED.with(|c| c.set(semid));
+        // Invariant: a set no file names is removed at once: it would outlive every holder (a
+        // full run directory would otherwise leak one kernel set per holder start).
+        if let Err(e) = census.publish(paths) {
+            // SAFETY: no pointers.
+            unsafe { libc::semctl(semid, 0, libc::IPC_RMID) };
+            return Err(e);
+        }
+        Ok(census)
+    }
+
+    /// Names this (live) set in the run directory again when the directory has no census (it was
+    /// removed and made again, `rm -rf /run/lockhook`): the holders that survived keep counting
+    /// in the set they entered, and the next holder does not make a second one (which would
+    /// leave this one to no one). A census already there (another set) is left as it is.
+    pub fn republish(&self, paths: &Paths) -> io::Result<()> {
+        if Census::open(paths).is_some() || stat(self.semid).is_err() {
+            return Ok(());
+        }
+        let _guard = lock_census(paths)?;
+        if Census::open(paths).is_some() {
+            return Ok(());
+        }
+        self.publish(paths)
+    }
+
+    /// After `leave`: a set the run directory no longer names (made again while holders of the
+    /// old one lived, and named by another set first) is removed by the last holder that leaves
+    /// it cleanly. No holder enters it any more; one that died in it keeps it (unbalanced).
+    pub fn drop_if_orphaned(&self, paths: &Paths) {
+        if Census::open(paths) == Some(*self) {
+            return;
+        }
+        if self.count().is_ok_and(|c| c == Count::Balanced) && self.live().is_ok_and(|n| n == 0) {
+            // SAFETY: no pointers.
+            unsafe { libc::semctl(self.semid, 0, libc::IPC_RMID) };
+        }
+    }
+
+    /// Writes `<run_dir>/census` naming this set (atomically; no temporary file left behind).
+    fn publish(&self, paths: &Paths) -> io::Result<()> {
+        let ctime = stat(self.semid)?.sem_ctime;
         let tmp = paths.run_dir().join(format!(".census.{}", std::process::id()));
-        let mut file = fs::OpenOptions::new()
+        let _ = fs::remove_file(&tmp);
+        let written = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
-        file.write_all(format!("{MAGIC} {semid} {ctime}\n").as_bytes())?;
-        fs::rename(&tmp, id_file(paths))?;
-        Ok(Census { semid })
+            .open(&tmp)
+            .and_then(|mut file| file.write_all(format!("{MAGIC} {} {ctime}\n", self.semid).as_bytes()))
+            .and_then(|()| fs::rename(&tmp, id_file(paths)));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
     }
 
     /// This process is a holder from now on (see the module doc).
@@ -169,6 +209,19 @@ impl Census {
         }
         let _ = fs::remove_file(id_file(paths));
     }
+}
+
+/// `<run_dir>/census.lock`, held while a census is made or named: one set per run directory.
+fn lock_census(paths: &Paths) -> io::Result<fs::File> {
+    let guard = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(paths.run_dir().join("census.lock"))?;
+    crate::lock::lock_wait_fd(&guard, crate::lock::LockMode::Exclusive, 0)?;
+    Ok(guard)
 }
 
 /// Whether the re-adoption pass may be skipped: the census is there and balanced.
@@ -273,5 +326,53 @@ mod tests {
         .expect("restore");
         Census::remove(&paths);
         assert_eq!(Census::open(&paths), None);
+    }
+
+    thread_local! {
+        /// The last set `open_or_create` made on this thread (each test runs on its own).
+        pub(super) static CREATED: std::cell::Cell<i32> = const { std::cell::Cell::new(-1) };
+    }
+
+    #[test]
+    fn a_census_that_cannot_be_named_leaves_no_set_behind() {
+        let dir = tempfile::tempdir().expect("dir");
+        let paths = Paths::new(dir.path());
+        // The file cannot be written: a directory stands where the temporary file goes.
+        fs::create_dir(dir.path().join(format!(".census.{}", std::process::id()))).expect("mkdir");
+        fs::create_dir(id_file(&paths)).expect("a directory where the census goes");
+        assert!(Census::open_or_create(&paths).is_err());
+        let made = CREATED.with(std::cell::Cell::get);
+        assert!(made >= 0, "a set was made");
+        assert!(stat(made).is_err(), "and removed again");
+    }
+
+    #[test]
+    fn a_removed_run_directory_gets_the_surviving_set_named_again() {
+        let dir = tempfile::tempdir().expect("dir");
+        let paths = Paths::new(dir.path());
+        let census = Census::open_or_create(&paths).expect("create");
+        census.enter().expect("enter");
+        // `rm -rf` of the run directory, made again (a holder heals its files).
+        fs::remove_dir_all(dir.path()).expect("rm");
+        fs::create_dir(dir.path()).expect("mkdir");
+        assert_eq!(Census::open(&paths), None);
+        census.republish(&paths).expect("republish");
+        assert_eq!(Census::open(&paths), Some(census), "the same set, with its holders' counts");
+        assert_eq!(census.live().expect("live"), 1);
+        assert_eq!(Census::open_or_create(&paths).expect("open"), census, "no second set");
+        census.leave().expect("leave");
+        census.drop_if_orphaned(&paths);
+        assert!(stat(census.semid).is_ok(), "the named set stays");
+        // Made again, and another set named first: this one stays unnamed, and goes with the
+        // last holder that leaves it.
+        census.enter().expect("enter");
+        fs::remove_file(id_file(&paths)).expect("rm census");
+        let other = Census::open_or_create(&paths).expect("another");
+        census.republish(&paths).expect("no-op");
+        assert_eq!(Census::open(&paths), Some(other), "a census already there stays");
+        census.leave().expect("leave");
+        census.drop_if_orphaned(&paths);
+        assert!(stat(census.semid).is_err(), "the unnamed set is gone with its last holder");
+        Census::remove(&paths);
     }
 }

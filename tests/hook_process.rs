@@ -464,6 +464,9 @@ fn the_next_start_claims_the_spare_holder() {
     assert_eq!(lock_state(&b, 0), None);
     // A spare goes away with its run directory.
     let last = spare_pid(&setup).expect("spare");
+    // The census set lives in the kernel: removed first, as `Setup` would, since the directory
+    // that names it goes.
+    lockhook::census::Census::remove(&lockhook::paths::Paths::new(&setup.run_dir));
     std::fs::remove_dir_all(&setup.run_dir).expect("rm run dir");
     assert!(
         wait_until(Duration::from_secs(5), || !std::path::Path::new(&format!("/proc/{last}/cmdline")).exists()

@@ -52,6 +52,11 @@ impl Holder {
             // A stat a second; the file is parsed only when it is not the one last written.
             let current = fs::metadata(&state_path).ok().map(|m| (m.dev(), m.ino(), m.len()));
             if current.is_none() || current != self.files.state_written {
+                // The run directory may have gone with it: the census this holder counts in is
+                // named again rather than made anew (see `Census::republish`).
+                if let Some(census) = &self.files.census {
+                    let _ = census.republish(&self.paths);
+                }
                 match self.save() {
                     Ok(()) => {
                         warn!("holder for {}: {} was missing or damaged; rewrote it", self.uuid, state_path.display())
@@ -129,6 +134,7 @@ impl Holder {
             // releases them.)
             if let Some(census) = self.files.census.take() {
                 let _ = census.leave();
+                census.drop_if_orphaned(&self.paths);
             }
         } else {
             self.held.clear();
