@@ -453,11 +453,8 @@ pub fn release(ctx: &Ctx, name: &str, uuid: &Uuid) -> Result<(), GuestError> {
     let Some(client) = Client::connect(&ctx.paths, uuid).map_err(holder_err(&guest))? else {
         return Ok(());
     };
-    let still_runs = |pid| {
-        crate::qemu::start_time(pid).is_some()
-            && crate::qemu::find(name, uuid, &ctx.config.libvirt_run_dir).is_some_and(|(p, _)| p == pid)
-    };
     let libvirt_run_dir = &ctx.config.libvirt_run_dir;
+    let still_runs = |pid| crate::qemu::runs_as(pid, None, name, uuid, libvirt_run_dir);
     if let Some(pid) = client.release_if_stopped(name, libvirt_run_dir, still_runs).map_err(holder_err(&guest))? {
         warn!("release of {name} ({uuid}) ignored: its QEMU (pid {pid}) still runs");
     }

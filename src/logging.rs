@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -27,7 +27,7 @@ struct Logger {
 /// lines of one request (`in_one_connection`: a line per resource); the hook lives a few
 /// milliseconds and logs a line per locked resource, so it connects once.
 struct Syslog {
-    dev_log: &'static Path,
+    dev_log: PathBuf,
     keep: bool,
     /// One lock for the socket and the burst, so that a line another thread logs while a burst
     /// ends either goes out on the kept socket before it is closed or on a socket of its own:
@@ -48,7 +48,7 @@ struct Kept {
 static SYSLOG: OnceLock<Syslog> = OnceLock::new();
 
 impl Syslog {
-    fn new(dev_log: &'static Path, keep: bool) -> Syslog {
+    fn new(dev_log: PathBuf, keep: bool) -> Syslog {
         Syslog { dev_log, keep, state: Mutex::new(Kept::default()) }
     }
 
@@ -69,7 +69,7 @@ impl Syslog {
         let Ok(mut state) = self.state.lock() else { return };
         if !self.keep && !state.burst {
             drop(state);
-            if let Some(sock) = connect_syslog(self.dev_log) {
+            if let Some(sock) = connect_syslog(&self.dev_log) {
                 // A full queue gives EAGAIN: the line is dropped.
                 let _ = sock.send(line.as_bytes());
             }
@@ -81,7 +81,7 @@ impl Syslog {
         // A kept socket whose reader went away (journald restarted) is connected once more.
         for _ in 0..2 {
             if state.socket.is_none() {
-                state.socket = connect_syslog(self.dev_log);
+                state.socket = connect_syslog(&self.dev_log);
                 if state.socket.is_none() {
                     state.absent = true;
                     return;
@@ -197,7 +197,7 @@ pub fn init_hook(config: &Config) {
 }
 
 fn init_syslog(config: &Config, keep: bool) {
-    let syslog = Some(SYSLOG.get_or_init(|| Syslog::new(Path::new(DEV_LOG), keep)));
+    let syslog = Some(SYSLOG.get_or_init(|| Syslog::new(PathBuf::from(DEV_LOG), keep)));
     install(Logger { stderr: false, syslog, file: log_file(config.log_file.as_deref()) }, config.level());
 }
 
@@ -221,9 +221,8 @@ mod tests {
             sent += 1;
             assert!(sent < 1_000_000, "the receive queue never filled");
         }
-        let dev_log: &'static Path = Box::leak(dev_log.into_boxed_path());
         for keep in [false, true] {
-            let syslog = Syslog::new(dev_log, keep);
+            let syslog = Syslog::new(dev_log.clone(), keep);
             let started = Instant::now();
             for _ in 0..100 {
                 syslog.send(Level::Error, "a line nobody will read");
@@ -241,12 +240,23 @@ mod tests {
         Some(File::from(std::os::fd::OwnedFd::from(fd)).metadata().expect("fstat").ino())
     }
 
+    /// A syslog socket (`dev_log`, in `dir`) and a `Syslog` for it; `server` reads what comes.
+    struct Listening {
+        dir: tempfile::TempDir,
+        server: UnixDatagram,
+        syslog: Syslog,
+    }
+
+    fn listening(keep: bool) -> Listening {
+        let dir = tempfile::tempdir().expect("dir");
+        let server = UnixDatagram::bind(dir.path().join("log")).expect("bind");
+        let syslog = Syslog::new(dir.path().join("log"), keep);
+        Listening { dir, server, syslog }
+    }
+
     #[test]
     fn the_hook_sends_every_line_on_one_socket_and_reconnects_after_a_syslog_restart() {
-        let dir = tempfile::tempdir().expect("dir");
-        let dev_log: &'static Path = Box::leak(dir.path().join("log").into_boxed_path());
-        let server = UnixDatagram::bind(dev_log).expect("bind");
-        let syslog = Syslog::new(dev_log, true);
+        let Listening { dir, server, syslog } = listening(true);
         let mut buf = [0u8; 256];
         let mut sockets = std::collections::HashSet::new();
         for n in 0..3 {
@@ -258,8 +268,8 @@ mod tests {
         assert_eq!(sockets.len(), 1, "one socket for every line");
         // journald restarts: a new socket at the same path.
         drop(server);
-        std::fs::remove_file(dev_log).expect("rm");
-        let server = UnixDatagram::bind(dev_log).expect("bind again");
+        std::fs::remove_file(dir.path().join("log")).expect("rm");
+        let server = UnixDatagram::bind(dir.path().join("log")).expect("bind again");
         syslog.send(Level::Warn, "after the restart");
         let len = server.recv(&mut buf).expect("recv after restart");
         assert!(std::str::from_utf8(&buf[..len]).expect("utf8").starts_with("<28>lockhook["));
@@ -268,10 +278,7 @@ mod tests {
 
     #[test]
     fn a_holder_keeps_a_socket_only_for_the_lines_of_one_request() {
-        let dir = tempfile::tempdir().expect("dir");
-        let dev_log: &'static Path = Box::leak(dir.path().join("log").into_boxed_path());
-        let server = UnixDatagram::bind(dev_log).expect("bind");
-        let syslog = Syslog::new(dev_log, false);
+        let Listening { dir: _dir, server, syslog } = listening(false);
         let mut buf = [0u8; 256];
         syslog.send(Level::Info, "alone");
         server.recv(&mut buf).expect("recv");
@@ -293,12 +300,12 @@ mod tests {
     #[test]
     fn a_host_without_syslog_is_tried_once_by_the_hook() {
         let dir = tempfile::tempdir().expect("dir");
-        let dev_log: &'static Path = Box::leak(dir.path().join("log").into_boxed_path());
-        let syslog = Syslog::new(dev_log, true);
+        let dev_log = dir.path().join("log");
+        let syslog = Syslog::new(dev_log.clone(), true);
         syslog.send(Level::Info, "nobody listens");
         assert!(syslog.state.lock().expect("lock").absent);
         // Nor when one appears later within the same (short-lived) hook call.
-        let server = UnixDatagram::bind(dev_log).expect("bind");
+        let server = UnixDatagram::bind(&dev_log).expect("bind");
         server.set_nonblocking(true).expect("nonblocking");
         syslog.send(Level::Info, "still nobody");
         assert!(server.recv(&mut [0u8; 64]).is_err());

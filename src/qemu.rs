@@ -144,6 +144,12 @@ pub fn find(name: &str, uuid: &Uuid, libvirt_run_dir: &Path) -> Option<(u32, u64
     (start_time(file.pid)? == start).then_some((file.pid, start))
 }
 
+/// Whether QEMU `pid` (started at `start`, when that is known) is guest `name`'s running QEMU,
+/// as libvirt's pid file says now: what makes a stray `release` one to ignore.
+pub fn runs_as(pid: u32, start: Option<u64>, name: &str, uuid: &Uuid, libvirt_run_dir: &Path) -> bool {
+    find(name, uuid, libvirt_run_dir).is_some_and(|(p, s)| p == pid && start.is_none_or(|t| t == s))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -258,39 +258,48 @@ impl Client {
 mod tests {
     use super::*;
 
-    /// A holder too old for this client (it answers every request `error{version}`): one clear
-    /// line saying what to do, after at most one retry in the older version.
-    #[test]
-    fn a_holder_too_old_gets_a_clear_line() {
+    /// A stand-in holder for `UUID` in a fresh run directory: `answer` turns each request's frame
+    /// (as text) into the reply's frame. The thread ends when the client hangs up and returns the
+    /// requests it got.
+    fn fake_holder(
+        mut answer: impl FnMut(&str) -> Vec<u8> + Send + 'static,
+    ) -> (tempfile::TempDir, Client, std::thread::JoinHandle<Vec<String>>) {
         let dir = tempfile::tempdir().expect("dir");
         let paths = Paths::new(dir.path());
         let uuid = Uuid::parse("f3fa73d4-1c2b-4e5f-8a9b-0123456789ab").expect("uuid");
         let listener = crate::rundir::listen_on(&paths.socket(&uuid)).expect("listen");
-        let old = std::thread::spawn(move || {
+        let holder = std::thread::spawn(move || {
             let (conn, _) = crate::holder::serve::accept_conn(&listener).expect("accept");
-            let mut asked = 0;
+            let mut asked = Vec::new();
             let mut buf = vec![0u8; MAX_FRAME];
             while let Ok((len, _)) = fdpass::recv(conn.as_fd(), &mut buf) {
                 if len == 0 {
                     break;
                 }
-                asked += 1;
-                let refusal =
-                    Response::Error { code: ErrorCode::Version, message: "protocol version 9 is not supported".into() };
-                let _ = fdpass::send(
-                    conn.as_fd(),
-                    &protocol::encode_as(protocol::MIN_VERSION, &refusal).expect("encode"),
-                    &[],
-                );
+                let request = String::from_utf8_lossy(&buf[..len]).into_owned();
+                let _ = fdpass::send(conn.as_fd(), &answer(&request), &[]);
+                asked.push(request);
             }
             asked
         });
         let client = Client::connect(&paths, &uuid).expect("connect").expect("listening");
+        (dir, client, holder)
+    }
+
+    /// A holder too old for this client (it answers every request `error{version}`): one clear
+    /// line saying what to do, after at most one retry in the older version.
+    #[test]
+    fn a_holder_too_old_gets_a_clear_line() {
+        let (_dir, client, old) = fake_holder(|_| {
+            let refusal =
+                Response::Error { code: ErrorCode::Version, message: "protocol version 9 is not supported".into() };
+            protocol::encode_as(protocol::MIN_VERSION, &refusal).expect("encode")
+        });
         let err = client.held().expect_err("refused");
         let text = crate::error_chain(&err);
         assert!(text.contains("too old for this one; stop and start the guest"), "{text}");
         drop(client);
-        let asked = old.join().expect("join");
+        let asked = old.join().expect("join").len();
         assert!(asked <= 2, "asked {asked} times");
     }
 
@@ -299,39 +308,34 @@ mod tests {
     #[test]
     fn an_older_holder_is_asked_held_before_release() {
         for qemu_runs in [true, false] {
-            let dir = tempfile::tempdir().expect("dir");
-            let paths = Paths::new(dir.path());
-            let uuid = Uuid::parse("f3fa73d4-1c2b-4e5f-8a9b-0123456789ab").expect("uuid");
-            let listener = crate::rundir::listen_on(&paths.socket(&uuid)).expect("listen");
-            let old = std::thread::spawn(move || {
-                let (conn, _) = crate::holder::serve::accept_conn(&listener).expect("accept");
-                let mut asked = Vec::new();
-                let mut buf = vec![0u8; MAX_FRAME];
-                while let Ok((len, _)) = fdpass::recv(conn.as_fd(), &mut buf) {
-                    if len == 0 {
-                        break;
-                    }
-                    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
-                    let answer = if text.contains("release_if_stopped") {
-                        asked.push("release_if_stopped");
-                        Response::Error { code: ErrorCode::BadRequest, message: "unknown variant".into() }
-                    } else if text.contains("\"held\"") {
-                        asked.push("held");
-                        Response::Held { identities: vec![], qemu_pid: Some(4242), age: 1, pending: 0, incoming: false }
-                    } else {
-                        asked.push("release");
-                        Response::Ok
-                    };
-                    let _ = fdpass::send(conn.as_fd(), &protocol::encode(&answer).expect("encode"), &[]);
-                }
-                asked
+            let (_dir, client, old) = fake_holder(|request| {
+                let answer = if request.contains("release_if_stopped") {
+                    Response::Error { code: ErrorCode::BadRequest, message: "unknown variant".into() }
+                } else if request.contains("\"held\"") {
+                    Response::Held { identities: vec![], qemu_pid: Some(4242), age: 1, pending: 0, incoming: false }
+                } else {
+                    Response::Ok
+                };
+                protocol::encode(&answer).expect("encode")
             });
-            let client = Client::connect(&paths, &uuid).expect("connect").expect("listening");
             let got = client
                 .release_if_stopped("vm1", std::path::Path::new("/run/libvirt"), |pid| pid == 4242 && qemu_runs)
                 .expect("answered");
             drop(client);
-            let asked = old.join().expect("join");
+            let asked: Vec<&str> = old
+                .join()
+                .expect("join")
+                .iter()
+                .map(|r| {
+                    if r.contains("release_if_stopped") {
+                        "release_if_stopped"
+                    } else if r.contains("\"held\"") {
+                        "held"
+                    } else {
+                        "release"
+                    }
+                })
+                .collect();
             if qemu_runs {
                 assert_eq!(got, Some(4242));
                 assert_eq!(asked, ["release_if_stopped", "held"], "nothing released while QEMU runs");

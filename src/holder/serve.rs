@@ -169,9 +169,7 @@ impl Holder {
     /// libvirt's pid file for `name` under `libvirt_run_dir` names it.
     fn qemu_runs_as(&self, name: &str, libvirt_run_dir: &std::path::Path) -> Option<u32> {
         let qemu = self.watched.qemu.as_ref()?;
-        let found = crate::qemu::find(name, &self.uuid, libvirt_run_dir);
-        (crate::qemu::is_alive(qemu.pid, qemu.start_time) && found.is_some_and(|(p, _)| p == qemu.pid))
-            .then_some(qemu.pid)
+        crate::qemu::runs_as(qemu.pid, Some(qemu.start_time), name, &self.uuid, libvirt_run_dir).then_some(qemu.pid)
     }
 
     fn acquire(&mut self, guest: Guest, resources: Vec<Resource>, fds: Vec<OwnedFd>) -> Response {
