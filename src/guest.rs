@@ -24,7 +24,7 @@ use log::{error, info, warn};
 use crate::config::Config;
 use crate::domain::{Domain, Uuid};
 use crate::engine::{LeaseSpec, Wanted};
-use crate::holder::client::{Client, ClientError, Handed, Held};
+use crate::holder::client::{Client, ClientError, Handed, Held, PendingClaim};
 use crate::holder::protocol::Guest;
 use crate::holder::spawn::{self, SpawnError};
 use crate::lock::Identity;
@@ -187,6 +187,17 @@ struct With<'a> {
     sanlock: &'a [LeaseSpec],
     /// A re-adoption (see `Request::Acquire`).
     adopt: bool,
+    /// How a guest without a holder gets one from the spare.
+    claim: Claim,
+}
+
+/// How `hand_over` claims the spare holder for a guest that has no holder yet.
+enum Claim {
+    /// Now, once the locks are taken.
+    Now,
+    /// Sent ahead by `prepare` (`None`: no spare took the connection), so that the spare became
+    /// the guest's holder while the storage was resolved and locked (see `Client::begin_claim`).
+    Sent(Option<PendingClaim>),
 }
 
 /// Gives `acquired` to the guest's holder, starting one if there is none. A holder that cannot
@@ -199,7 +210,7 @@ fn hand_over(
     acquired: Acquired,
     with: With<'_>,
 ) -> Result<(Client, usize, Vec<String>), GuestError> {
-    let With { pending, incoming, sanlock, adopt } = with;
+    let With { pending, incoming, sanlock, adopt, claim } = with;
     if client.is_none() {
         // A state file here is a dead holder's: retired from the census (see `census`) before
         // the new holder writes its own under the same name.
@@ -207,7 +218,11 @@ fn hand_over(
             let _ = std::fs::remove_file(claimed);
         }
     }
-    let client = match client.or_else(|| Client::claim_spare(&ctx.paths, &guest.uuid)) {
+    let client = client.or_else(|| match claim {
+        Claim::Now => Client::claim_spare(&ctx.paths, &guest.uuid),
+        Claim::Sent(sent) => sent.and_then(PendingClaim::finish),
+    });
+    let client = match client {
         Some(client) => client,
         None => match start_holder(ctx, guest) {
             Ok(client) => client,
@@ -254,12 +269,18 @@ fn start_holder(ctx: &Ctx, guest: &Guest) -> Result<Client, GuestError> {
         .ok_or_else(|| holder_err(guest)(ClientError::Closed))
 }
 
-/// Fault injection for tests: `LOCKHOOK_FAULT=<point>` stalls the hook there for a minute so a
-/// test can kill it at that point. libvirt scrubs the environment of hooks, so this never
-/// triggers under libvirt.
+/// Fault injection for tests: `LOCKHOOK_FAULT=<point>[:<seconds>]` stalls the hook there (a
+/// minute unless told) so a test can kill it at that point, or see it carry on late. libvirt
+/// scrubs the environment of hooks, so this never triggers under libvirt.
 fn fault_point(point: &str) {
-    if std::env::var_os("LOCKHOOK_FAULT").is_some_and(|v| v == point) {
-        std::thread::sleep(std::time::Duration::from_secs(60));
+    let Some(fault) = std::env::var_os("LOCKHOOK_FAULT") else { return };
+    let fault = fault.to_string_lossy();
+    let (name, seconds) = match fault.split_once(':') {
+        Some((name, seconds)) => (name, seconds.parse().unwrap_or(60)),
+        None => (&*fault, 60),
+    };
+    if name == point {
+        std::thread::sleep(std::time::Duration::from_secs(seconds));
     }
 }
 
@@ -292,6 +313,15 @@ pub fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
     }
     // Consumed here whatever happens next: a marker never outlives the start it announced.
     let incoming = crate::migration::take_incoming(&ctx.paths, &domain.uuid);
+    // The spare becomes the guest's holder while this hook resolves and locks its storage. A
+    // state file is a dead holder's, which `hand_over` retires before the claim: then it waits.
+    // A refusal drops the claim, which lets the claimed holder go (see `PendingClaim`).
+    let claim = if ctx.paths.state(&domain.uuid).exists() {
+        Claim::Now
+    } else {
+        Claim::Sent(Client::begin_claim(&ctx.paths, &domain.uuid))
+    };
+    fault_point("after-claim");
     let (acquired, pending) = acquire(ctx, domain, &HashSet::new(), incoming)?;
     if let Err(e) = note_admitted(ctx, domain, &pending) {
         give_up(&guest(domain), acquired);
@@ -302,8 +332,13 @@ pub fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
         info!("guest {} ({}): nothing to lock", domain.name, domain.uuid);
         return Ok(());
     }
-    let (_, waiting, _) =
-        hand_over(ctx, &guest(domain), None, acquired, With { pending, incoming, sanlock: &sanlock, adopt: false })?;
+    let (_, waiting, _) = hand_over(
+        ctx,
+        &guest(domain),
+        None,
+        acquired,
+        With { pending, incoming, sanlock: &sanlock, adopt: false, claim },
+    )?;
     note_waiting(ctx, domain, waiting)
 }
 
@@ -342,8 +377,13 @@ pub fn start(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
         return Ok(());
     }
     let sanlock = lease_specs(ctx, domain, &acquired, &pending);
-    let (_, waiting, _) =
-        hand_over(ctx, &guest(domain), client, acquired, With { pending, incoming, sanlock: &sanlock, adopt: false })?;
+    let (_, waiting, _) = hand_over(
+        ctx,
+        &guest(domain),
+        client,
+        acquired,
+        With { pending, incoming, sanlock: &sanlock, adopt: false, claim: Claim::Now },
+    )?;
     note_waiting(ctx, domain, waiting)
 }
 
@@ -395,8 +435,13 @@ pub fn adopt(
     } else {
         // A new holder (the old one died) takes the orphans back and keeps what it can have.
         let (sanlock, adopt) = if client.is_some() { (&[][..], false) } else { (sanlock, true) };
-        let (client, _, missing) =
-            hand_over(ctx, guest, client, acquired, With { pending: Vec::new(), incoming: false, sanlock, adopt })?;
+        let (client, _, missing) = hand_over(
+            ctx,
+            guest,
+            client,
+            acquired,
+            With { pending: Vec::new(), incoming: false, sanlock, adopt, claim: Claim::Now },
+        )?;
         lines.extend(missing);
         Some(client)
     };

@@ -417,6 +417,75 @@ fn a_claim_its_hook_gave_up_on_is_not_served() {
     assert!(setup.hook(&["vm1", "release", "end", "-"], &vm1).status.success());
 }
 
+/// `prepare` claims the spare before it resolves and locks the guest's storage (issue 12). A
+/// refused start lets the claimed holder go before its hook exits (the `release` that follows
+/// finds none); a hook killed after its claim leaves no holder; a claimed holder waits for a hook
+/// that takes longer than a connection may stay silent.
+#[test]
+fn an_early_claim_is_let_go_or_waited_for() {
+    use std::process::{Command, Stdio};
+    let setup = Setup::new("");
+    let (a, b) = (setup.image("a.img"), setup.image("b.img"));
+    let vm1 = xml("vm1", UUID1, &file_disk(&a, "vda", ""));
+    assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm1).status.success());
+    assert!(wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some()), "a spare");
+    let spare = spare_pid(&setup).expect("spare");
+    let ready = || Some(children_of(spare)).filter(|c| c.len() == 1).map(|c| c[0]);
+    let gone = |pid: u32| !Path::new(&format!("/proc/{pid}")).exists();
+    let no_files = || ["sock", "lock", "json"].iter().all(|ext| !setup.run_dir.join(format!("{UUID2}.{ext}")).exists());
+
+    // Refused: vm1 holds a.img.
+    assert!(wait_until(Duration::from_secs(5), || ready().is_some()), "a ready child");
+    let first = ready().expect("ready");
+    let refused = xml("vm2", UUID2, &file_disk(&a, "vda", ""));
+    let out = setup.hook(&["vm2", "prepare", "begin", "-"], &refused);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(no_files(), "the claimed holder let go of vm2 before the hook exited");
+    assert!(wait_until(Duration::from_secs(5), || gone(first)), "and exited");
+    let out = setup.hook(&["vm2", "release", "end", "-"], &refused);
+    assert!(out.status.success() && out.stderr.is_empty(), "release after the refusal: {}", stderr(&out));
+
+    // Killed after its claim, before its locks were handed over.
+    let vm2 = xml("vm2", UUID2, &file_disk(&b, "vda", ""));
+    assert!(wait_until(Duration::from_secs(5), || ready().is_some_and(|c| c != first)), "the next ready child");
+    let second = ready().expect("ready");
+    let mut hook = Command::new(&setup.hook)
+        .args(["vm2", "prepare", "begin", "-"])
+        .env("LOCKHOOK_CONFIG", &setup.config)
+        .env("LOCKHOOK_FAULT", "after-claim")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn hook");
+    std::io::Write::write_all(&mut hook.stdin.take().expect("stdin"), vm2.as_bytes()).expect("write xml");
+    assert!(
+        wait_until(Duration::from_secs(10), || setup.run_dir.join(format!("{UUID2}.sock")).exists()),
+        "the claimed child took vm2's name"
+    );
+    hook.kill().expect("kill hook");
+    hook.wait().expect("reap hook");
+    assert!(wait_until(Duration::from_secs(5), || gone(second) && no_files()), "the claimed holder let go and exited");
+    assert_eq!(lock_state(&b, 0), None);
+
+    // Stalled past a connection's timeout after its claim: the claimed holder still takes its locks.
+    assert!(wait_until(Duration::from_secs(5), || ready().is_some_and(|c| c != second)), "the next ready child");
+    let third = ready().expect("ready");
+    let stall = lockhook::holder::CONN_TIMEOUT.as_secs() + 2;
+    let mut slow = Command::new(&setup.hook);
+    slow.args(["vm2", "prepare", "begin", "-"])
+        .env("LOCKHOOK_CONFIG", &setup.config)
+        .env("LOCKHOOK_FAULT", format!("after-claim:{stall}"));
+    let out = crate::common::run_with_stdin(slow, vm2.as_bytes(), Duration::from_secs(stall + 20));
+    assert!(out.status.success(), "a slow prepare: {}", stderr(&out));
+    assert_eq!(holder_pid(&setup, UUID2), third, "the claimed child is vm2's holder");
+    assert_eq!(lock_state(&b, 0), Some(LockMode::Exclusive));
+    for (name, vm) in [("vm1", &vm1), ("vm2", &vm2)] {
+        assert!(setup.hook(&[name, "release", "end", "-"], vm).status.success());
+    }
+    assert_eq!((lock_state(&a, 0), lock_state(&b, 0)), (None, None));
+}
+
 #[test]
 fn the_next_start_claims_the_spare_holder() {
     let setup = Setup::new("");

@@ -92,9 +92,16 @@ impl Client {
         Ok(Some(Client { sock, version: std::cell::Cell::new(protocol::VERSION) }))
     }
 
-    /// Claims this host's spare holder for `uuid` (see `holder::spare`). `Ok(None)` when there is
-    /// no spare, or it could not be claimed: the caller starts a holder itself.
+    /// Claims this host's spare holder for `uuid` (see `holder::spare`). `None` when there is no
+    /// spare, or it could not be claimed: the caller starts a holder itself.
     pub fn claim_spare(paths: &Paths, uuid: &Uuid) -> Option<Client> {
+        Client::begin_claim(paths, uuid)?.finish()
+    }
+
+    /// Sends a claim of this host's spare holder for `uuid` and returns without its answer
+    /// (`PendingClaim::finish` reads it), so that the spare becomes the guest's holder while the
+    /// hook resolves and locks the guest's storage. `None` when there is no spare to ask.
+    pub fn begin_claim(paths: &Paths, uuid: &Uuid) -> Option<PendingClaim> {
         let sock = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).ok()?;
         let addr = UnixAddr::new(&paths.spare_socket()).ok()?;
         // A spare answers a claim in well under a millisecond, one claim after another: one that
@@ -105,16 +112,31 @@ impl Client {
         let _ = setsockopt(&sock, sockopt::SendTimeout, &claim);
         connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).ok()?;
         let client = Client { sock, version: std::cell::Cell::new(protocol::VERSION) };
-        let claimed = client.expect_ok(&Request::Claim { uuid: uuid.clone() }, &[]);
-        let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as libc::time_t, 0);
-        let _ = setsockopt(&client.sock, sockopt::ReceiveTimeout, &timeout);
-        let _ = setsockopt(&client.sock, sockopt::SendTimeout, &timeout);
-        match claimed {
-            Ok(()) => Some(client),
+        let request = Request::Claim { uuid: uuid.clone() };
+        match client.send(protocol::VERSION, &request, &[]) {
+            Ok(()) => Some(PendingClaim { client: Some(client), uuid: uuid.clone() }),
             Err(e) => {
                 log::info!("spare holder not claimed for {uuid}: {}", crate::error_chain(&e));
                 None
             }
+        }
+    }
+
+    fn send(&self, v: u32, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), ClientError> {
+        let bytes = protocol::encode_as(v, request)?;
+        fdpass::send(self.sock.as_fd(), &bytes, fds)?;
+        Ok(())
+    }
+
+    fn receive(&self) -> Result<Response, ClientError> {
+        let mut buf = vec![0u8; MAX_FRAME];
+        let (len, _) = fdpass::recv(self.sock.as_fd(), &mut buf)?;
+        if len == 0 {
+            return Err(ClientError::Closed);
+        }
+        match protocol::decode::<Response>(&buf[..len])? {
+            Response::Error { code, message } => Err(ClientError::Refused { code, message }),
+            other => Ok(other),
         }
     }
 
@@ -139,17 +161,8 @@ impl Client {
     }
 
     fn call_as(&self, v: u32, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Response, ClientError> {
-        let bytes = protocol::encode_as(v, request)?;
-        fdpass::send(self.sock.as_fd(), &bytes, fds)?;
-        let mut buf = vec![0u8; MAX_FRAME];
-        let (len, _) = fdpass::recv(self.sock.as_fd(), &mut buf)?;
-        if len == 0 {
-            return Err(ClientError::Closed);
-        }
-        match protocol::decode::<Response>(&buf[..len])? {
-            Response::Error { code, message } => Err(ClientError::Refused { code, message }),
-            other => Ok(other),
-        }
+        self.send(v, request, fds)?;
+        self.receive()
     }
 
     fn expect_ok(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), ClientError> {
@@ -250,6 +263,54 @@ impl Client {
                 self.release().map(|()| None)
             }
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// A claim sent to the spare whose answer is not read yet (see `Client::begin_claim`).
+///
+/// Dropped unfinished (the start was refused before its locks were handed over), it reads the
+/// answer and tells the claimed holder to exit, and returns once that holder's socket and files
+/// are gone: the `release` libvirt runs next finds no holder for the guest.
+pub struct PendingClaim {
+    client: Option<Client>,
+    uuid: Uuid,
+}
+
+impl PendingClaim {
+    /// The spare's answer: the guest's holder, or `None` (the caller starts a holder itself).
+    /// The claim's own timeout runs from here: the spare answered long ago unless it is stuck.
+    pub fn finish(mut self) -> Option<Client> {
+        let client = self.client.take()?;
+        let claimed = match client.receive() {
+            Ok(Response::Ok) => Ok(()),
+            Ok(other) => {
+                Err(ClientError::from(ProtocolError::Unexpected { expected: "ok", got: format!("{other:?}") }))
+            }
+            Err(e) => Err(e),
+        };
+        let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as libc::time_t, 0);
+        let _ = setsockopt(&client.sock, sockopt::ReceiveTimeout, &timeout);
+        let _ = setsockopt(&client.sock, sockopt::SendTimeout, &timeout);
+        match claimed {
+            Ok(()) => Some(client),
+            Err(e) => {
+                log::info!("spare holder not claimed for {}: {}", self.uuid, crate::error_chain(&e));
+                None
+            }
+        }
+    }
+}
+
+impl Drop for PendingClaim {
+    fn drop(&mut self) {
+        if self.client.is_some() {
+            let pending = PendingClaim { client: self.client.take(), uuid: self.uuid.clone() };
+            if let Some(client) = pending.finish() {
+                if let Err(e) = client.release() {
+                    log::info!("spare holder claimed for {}: not released: {}", self.uuid, crate::error_chain(&e));
+                }
+            }
         }
     }
 }

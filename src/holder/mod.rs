@@ -14,3 +14,5 @@ pub mod server;
 pub mod spare;
 pub mod spawn;
 mod watch;
+
+pub use serve::CONN_TIMEOUT;

@@ -7,8 +7,11 @@
 //! which answers on that socket. A hook sends `claim {uuid}`: the ready child takes that guest's
 //! instance lock and socket, closes its copies of the spare's fds (its parent sees the pipe
 //! between them close and forks the next ready child), answers `ok`, and from then on is that
-//! guest's holder, continuing on the same connection with `acquire`. No fork or exec is on the
-//! hook's path, and every holder shares the spare's pages (the binary's relocated data, the heap
+//! guest's holder, continuing on the same connection with `acquire`. `prepare` sends its claim
+//! before it resolves and locks the guest's storage, so that the claim is done meanwhile: the
+//! claimed holder waits for the `acquire` as long as the hook stays connected, exits if the hook
+//! hangs up first, and is told `release` by a hook whose start was refused. No fork or exec is on
+//! the hook's path, and every holder shares the spare's pages (the binary's relocated data, the heap
 //! as it was) until it writes them: a host's holders cost a little private memory each, not a
 //! whole process's (see `footprint`).
 //!
@@ -131,6 +134,17 @@ fn hung_up(conn: &OwnedFd) -> bool {
         && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP))
 }
 
+/// Returns once `conn` has a request to read or its peer hung up, however long that takes.
+fn await_request(conn: &OwnedFd) {
+    loop {
+        let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::Error::EINTR) => continue,
+            _ => return,
+        }
+    }
+}
+
 /// The ready child: answers on the spare's socket until a hook claims it, then is that guest's
 /// holder. It dies with its parent until then (`PR_SET_PDEATHSIG`).
 fn ready(
@@ -226,6 +240,10 @@ fn ready(
                             return 0;
                         }
                         info!("spare holder {} is now the holder of {uuid}", std::process::id());
+                        // The hook claims before it resolves the guest's storage (see
+                        // `Client::begin_claim`), which may take longer than a connection may
+                        // stay silent: its request is awaited for as long as it stays connected.
+                        await_request(&conn);
                         if let Next::Exit = holder.serve_conn(&conn, allowed) {
                             return 0;
                         }
