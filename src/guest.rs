@@ -313,10 +313,15 @@ pub fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
     }
     // Consumed here whatever happens next: a marker never outlives the start it announced.
     let incoming = crate::migration::take_incoming(&ctx.paths, &domain.uuid);
-    // The spare becomes the guest's holder while this hook resolves and locks its storage. A
-    // state file is a dead holder's, which `hand_over` retires before the claim: then it waits.
+    // The spare becomes the guest's holder while this hook resolves and locks its storage (a
+    // guest with none claims nothing). A state file is a dead holder's, which `hand_over`
+    // retires before the claim: then it waits.
     // A refusal drops the claim, which lets the claimed holder go (see `PendingClaim`).
-    let claim = if ctx.paths.state(&domain.uuid).exists() {
+    let storage = !(domain.disks.is_empty()
+        && domain.leases.is_empty()
+        && domain.firmware.is_empty()
+        && domain.memory_files.is_empty());
+    let claim = if !storage || ctx.paths.state(&domain.uuid).exists() {
         Claim::Now
     } else {
         Claim::Sent(Client::begin_claim(&ctx.paths, &domain.uuid))

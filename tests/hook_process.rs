@@ -480,6 +480,14 @@ fn an_early_claim_is_let_go_or_waited_for() {
     assert!(out.status.success(), "a slow prepare: {}", stderr(&out));
     assert_eq!(holder_pid(&setup, UUID2), third, "the claimed child is vm2's holder");
     assert_eq!(lock_state(&b, 0), Some(LockMode::Exclusive));
+    // Its age (the start grace) counts from the hand-over, not from the claim.
+    let again = stderr(&setup.hook(&["vm2", "prepare", "begin", "-"], &vm2));
+    assert!(
+        ["(0 s ago)", "(1 s ago)"]
+            .iter()
+            .any(|age| again.contains(&format!("being started on this host already {age}"))),
+        "{again}"
+    );
     for (name, vm) in [("vm1", &vm1), ("vm2", &vm2)] {
         assert!(setup.hook(&[name, "release", "end", "-"], vm).status.success());
     }

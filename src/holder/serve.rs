@@ -101,6 +101,11 @@ impl Holder {
                 Next::Continue,
             ),
             Request::Acquire { guest, resources, pending, incoming, sanlock, adopt } => {
+                // A holder's age (`held`, the start grace) counts from its first hand-over: a
+                // claimed spare waited while its hook resolved the storage (see `spare`).
+                if self.held.is_empty() && self.migration.pending.is_empty() && !self.holds_leases() {
+                    self.started = std::time::Instant::now();
+                }
                 // Invariant: the sanlock leases come first; if one is refused, nothing of this
                 // request is kept (dropping `fds` closes our copies) and the hook refuses. A
                 // re-adoption keeps what it can have instead.

@@ -315,7 +315,7 @@ impl Holder {
         );
     }
 
-    fn holds_leases(&self) -> bool {
+    pub(super) fn holds_leases(&self) -> bool {
         self.leases.as_ref().is_some_and(|l| !l.held.is_empty() || !l.pending.is_empty())
     }
 

@@ -134,13 +134,21 @@ fn hung_up(conn: &OwnedFd) -> bool {
         && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP))
 }
 
-/// Returns once `conn` has a request to read or its peer hung up, however long that takes.
-fn await_request(conn: &OwnedFd) {
+/// How long a claimed holder waits for its hook's locks (the hook resolves the guest's storage
+/// meanwhile). A hook silent this long is stuck (a hung mount): the holder lets go of the guest's
+/// name rather than keep it while nothing is handed over, and that start fails.
+pub const AWAIT_LOCKS: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits until `conn` has a request to read or its peer hung up (true), or `AWAIT_LOCKS` passed.
+fn await_request(conn: &OwnedFd) -> bool {
+    let deadline = std::time::Instant::now() + AWAIT_LOCKS;
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
         let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+            Ok(0) => return false,
             Err(nix::Error::EINTR) => continue,
-            _ => return,
+            _ => return true,
         }
     }
 }
@@ -242,8 +250,17 @@ fn ready(
                         info!("spare holder {} is now the holder of {uuid}", std::process::id());
                         // The hook claims before it resolves the guest's storage (see
                         // `Client::begin_claim`), which may take longer than a connection may
-                        // stay silent: its request is awaited for as long as it stays connected.
-                        await_request(&conn);
+                        // stay silent: its request is awaited while it stays connected, up to
+                        // `AWAIT_LOCKS`.
+                        if !await_request(&conn) {
+                            holder.exit();
+                            warn!(
+                                "spare holder {}: the hook that claimed it for {uuid} sent nothing in {} s",
+                                std::process::id(),
+                                AWAIT_LOCKS.as_secs()
+                            );
+                            return 0;
+                        }
                         if let Next::Exit = holder.serve_conn(&conn, allowed) {
                             return 0;
                         }
