@@ -24,7 +24,7 @@ use log::{error, info, warn};
 use crate::config::Config;
 use crate::domain::{Domain, Uuid};
 use crate::engine::{LeaseSpec, Wanted};
-use crate::holder::client::{Client, ClientError, Handed, Held, PendingClaim};
+use crate::holder::client::{Client, ClientError, Handed, Held, PendingClaim, CLAIM_TIMEOUT};
 use crate::holder::protocol::Guest;
 use crate::holder::spawn::{self, SpawnError};
 use crate::lock::Identity;
@@ -220,7 +220,16 @@ fn hand_over(
     }
     let client = client.or_else(|| match claim {
         Claim::Now => Client::claim_spare(&ctx.paths, &guest.uuid),
-        Claim::Sent(sent) => sent.and_then(PendingClaim::finish),
+        Claim::Sent(None) => None,
+        Claim::Sent(Some(sent)) => sent.finish().or_else(|| {
+            // Two starts of this guest at once (libvirt runs none): the other one claimed, and
+            // this one took the locks, so that one is refused and lets its holder go at once.
+            let bound = std::time::Instant::now() + CLAIM_TIMEOUT;
+            while crate::state::holder_alive(&ctx.paths, &guest.uuid) && std::time::Instant::now() < bound {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Client::claim_spare(&ctx.paths, &guest.uuid)
+        }),
     });
     let client = match client {
         Some(client) => client,

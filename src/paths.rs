@@ -6,6 +6,7 @@
 //!   <uuid>.lock              the holder's single-instance lock (an OFD write lock on byte 0)
 //!   <uuid>.json              what the holder holds (written atomically by the holder)
 //!   shares/<dev>-<ino>-<off> which holder's fd other guests' shared locks share (see `shares`)
+//!   serials                  virtio disks' serials read this boot (see `storage::block::Serials`)
 //! ```
 //! Only a parsed `Uuid` names a file, so nothing from the XML can climb out of the directory.
 
@@ -33,6 +34,10 @@ impl Paths {
 
     pub fn instance_lock(&self, uuid: &Uuid) -> PathBuf {
         self.run_dir.join(format!("{uuid}.lock"))
+    }
+
+    pub fn serials(&self) -> PathBuf {
+        self.run_dir.join("serials")
     }
 
     pub fn state(&self, uuid: &Uuid) -> PathBuf {

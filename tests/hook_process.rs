@@ -827,7 +827,7 @@ fn churn_leaves_only_per_host_files_and_a_balanced_census() {
     let out = setup.hook(&["keeper", "release", "end", "-"], &keeper);
     assert!(out.status.success());
     // `shares` holds the offers of shared locks of running guests (none are left running).
-    let per_host = ["census", "census.lock", "counters", "shares", "spare.lock", "spare.sock"];
+    let per_host = ["census", "census.lock", "counters", "serials", "shares", "spare.lock", "spare.sock"];
     let left = || {
         let list = |dir: &std::path::Path, prefix: &str| -> Vec<String> {
             std::fs::read_dir(dir)

@@ -56,11 +56,15 @@ pub enum StorageError {
 /// to `plan.skipped` for the log, volumes left unlocked by `on_unidentified` to `plan.unlocked`.
 pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<LockTarget>, StorageError> {
     let mut out = Vec::with_capacity(plan.requests.len());
-    let lockspace = Lockspace::new(&config.lockspace_dir);
+    let stores = Stores {
+        lockspace: Lockspace::new(&config.lockspace_dir),
+        serials: block::Serials::in_run_dir(&crate::paths::Paths::new(&config.run_dir)),
+    };
+    let lockspace = &stores.lockspace;
     for planned in &plan.requests {
         let path = match &planned.target {
             Target::LockFile { kind, key, label } => {
-                lock_file_request(&lockspace, planned, *kind, key, label, &mut out)?;
+                lock_file_request(lockspace, planned, *kind, key, label, &mut out)?;
                 continue;
             }
             Target::Path(p) => p.clone(),
@@ -81,7 +85,7 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<LockTarget>, Stor
                 if let Some(net) = network {
                     let target = crate::resource::network_target(&net.protocol, Some(&net.name), &net.hosts);
                     if let Target::LockFile { kind, key, label } = &target {
-                        lock_file_request(&lockspace, planned, *kind, key, label, &mut out)?;
+                        lock_file_request(lockspace, planned, *kind, key, label, &mut out)?;
                     }
                 }
                 let Some(path) = path else { continue };
@@ -93,12 +97,18 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<LockTarget>, Stor
             plan.skipped.push(format!("{}: {} is a character device (device DAX)", planned.role, path.display()));
             continue;
         }
-        file_requests(&lockspace, planned, &path, planned.mode, planned.role.clone(), &mut out, &mut plan.skipped)?;
+        file_requests(&stores, planned, &path, planned.mode, planned.role.clone(), &mut out, &mut plan.skipped)?;
         if matches!(planned.role, Role::Disk { .. } | Role::Backing { .. } | Role::Mirror { .. } | Role::Command) {
-            image_files(&lockspace, planned, path, &mut out, &mut plan.skipped)?;
+            image_files(&stores, planned, path, &mut out, &mut plan.skipped)?;
         }
     }
     Ok(out)
+}
+
+/// Where the requests' lock files and the identities of devices come from.
+struct Stores {
+    lockspace: Lockspace,
+    serials: block::Serials,
 }
 
 /// The requests for one file a guest opens, `path`, in `mode` as `role`: the file itself and,
@@ -108,7 +118,7 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<LockTarget>, Stor
 /// - for an image file on a block device's filesystem: that device, shared, with its identity
 ///   and layers (whoever writes the device writes the image).
 fn file_requests(
-    lockspace: &Lockspace,
+    stores: &Stores,
     planned: &Planned,
     path: &Path,
     mode: LockMode,
@@ -132,8 +142,8 @@ fn file_requests(
                 out.push(LockTarget { mode, role: role.clone(), optional: false, ..request(planned, node) });
             }
         }
-        identity_request(lockspace, planned, path, mode, role, out)?;
-        layer_requests(lockspace, planned, (major, minor), top.map(|d| d.name), mode, out, skipped)?;
+        identity_request(stores, planned, path, mode, role, out)?;
+        layer_requests(stores, planned, (major, minor), top.map(|d| d.name), mode, out, skipped)?;
     } else if meta.is_file() && !matches!(role, Role::Lease { .. } | Role::Loader) {
         // Many images share one filesystem: its device is resolved once per call.
         let seen = out.iter().any(|r| {
@@ -159,10 +169,10 @@ fn file_requests(
         });
         // Best effort, like the node lock: without a usable lockspace these are only skipped.
         let mut beneath = Vec::new();
-        let taken = identity_request(lockspace, planned, &node, LockMode::Shared, layer.clone(), &mut beneath)
-            .and_then(|()| {
+        let taken =
+            identity_request(stores, planned, &node, LockMode::Shared, layer.clone(), &mut beneath).and_then(|()| {
                 let top = Some(fs_dev.name);
-                layer_requests(lockspace, planned, (major, minor), top, LockMode::Shared, &mut beneath, skipped)
+                layer_requests(stores, planned, (major, minor), top, LockMode::Shared, &mut beneath, skipped)
             });
         match taken {
             Ok(()) => out.append(&mut beneath),
@@ -196,17 +206,17 @@ fn lock_file_request(
 /// lockspace too. Without a usable lockspace that lock cannot be taken, and skipping it would
 /// leave the device unprotected from other hosts without a word: refuse instead.
 fn identity_request(
-    lockspace: &Lockspace,
+    stores: &Stores,
     planned: &Planned,
     node: &std::path::Path,
     mode: LockMode,
     role: Role,
     out: &mut Vec<LockTarget>,
 ) -> Result<(), StorageError> {
-    let Some(id) = block::stable_id(node) else { return Ok(()) };
+    let Some(id) = block::stable_id(node, &stores.serials) else { return Ok(()) };
     let key = format!("block:{id}");
-    prepare(lockspace, LockFileKind::Block, planned)?;
-    let lock_file = lockspace.lock_file(LockFileKind::Block, &key);
+    prepare(&stores.lockspace, LockFileKind::Block, planned)?;
+    let lock_file = stores.lockspace.lock_file(LockFileKind::Block, &key);
     let label = format!("{} ({id})", node.display());
     out.push(LockTarget {
         key: Some(key),
@@ -236,7 +246,7 @@ fn disk_of(role: &Role) -> Option<String> {
 /// itself, when it is a loop device, is locked in the device's own `mode`: two loop devices over
 /// one file (another offset, another path to it) are two writers of its bytes.
 fn layer_requests(
-    lockspace: &Lockspace,
+    stores: &Stores,
     planned: &Planned,
     (major, minor): (u32, u32),
     top: Option<String>,
@@ -256,7 +266,7 @@ fn layer_requests(
                         optional: false,
                         ..request(planned, node.clone())
                     });
-                    identity_request(lockspace, planned, &node, LockMode::Shared, role, out)?;
+                    identity_request(stores, planned, &node, LockMode::Shared, role, out)?;
                 }
                 None => {
                     skipped.push(format!("{role}: {DEV}/{} (device {}:{}) has no node", dev.name, dev.major, dev.minor))
@@ -326,7 +336,7 @@ fn request(planned: &Planned, path: PathBuf) -> LockTarget {
 /// image's mode) and, when the plan says to read it (`read_chain`), the backing chain from the
 /// headers, each link shared with its own data file.
 fn image_files(
-    lockspace: &Lockspace,
+    stores: &Stores,
     top: &Planned,
     top_path: PathBuf,
     out: &mut Vec<LockTarget>,
@@ -360,10 +370,10 @@ fn image_files(
                     if !Path::new(name).is_absolute() {
                         let from_root = Path::new("/").join(name);
                         if from_root != data && from_root.exists() {
-                            file_requests(lockspace, top, &from_root, mode, role.clone(), out, skipped)?;
+                            file_requests(stores, top, &from_root, mode, role.clone(), out, skipped)?;
                         }
                     }
-                    file_requests(lockspace, top, &data, mode, role, out, skipped)?;
+                    file_requests(stores, top, &data, mode, role, out, skipped)?;
                 }
                 None => skipped.push(format!("data file of {}: {name:?} is not a local file", current.display())),
             }
@@ -376,7 +386,7 @@ fn image_files(
             skipped.push(format!("{role}: {:?} is not a local file", backing.name));
             return Ok(());
         };
-        file_requests(lockspace, top, &next, LockMode::Shared, role.clone(), out, skipped)?;
+        file_requests(stores, top, &next, LockMode::Shared, role.clone(), out, skipped)?;
         current = next;
         format = backing.format;
         mode = LockMode::Shared;
