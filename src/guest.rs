@@ -330,6 +330,7 @@ pub fn prepare(ctx: &Ctx, domain: &Domain) -> Result<(), GuestError> {
         && domain.leases.is_empty()
         && domain.firmware.is_empty()
         && domain.memory_files.is_empty());
+    fault_point("before-claim");
     let claim = if !storage || ctx.paths.state(&domain.uuid).exists() {
         Claim::Now
     } else {

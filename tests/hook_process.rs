@@ -494,6 +494,56 @@ fn an_early_claim_is_let_go_or_waited_for() {
     assert_eq!((lock_state(&a, 0), lock_state(&b, 0)), (None, None));
 }
 
+/// Two starts of one guest at once (libvirt runs none), crossed: both find no holder, one claims
+/// the spare and stalls, the other takes the locks meanwhile. The claimer is refused and lets its
+/// holder go; the other waits for that, then gets a holder: one start wins, with one holder.
+#[test]
+fn crossed_prepares_of_one_guest_give_one_holder() {
+    use std::process::{Child, Command, Stdio};
+    let setup = Setup::new("");
+    let (a, b) = (setup.image("a.img"), setup.image("b.img"));
+    let vm1 = xml("vm1", UUID1, &file_disk(&a, "vda", ""));
+    assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm1).status.success());
+    assert!(wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some_and(|s| children_of(s).len() == 1)));
+    let vm2 = xml("vm2", UUID2, &file_disk(&b, "vda", ""));
+    let start = |fault: &str| -> Child {
+        let mut hook = Command::new(&setup.hook)
+            .args(["vm2", "prepare", "begin", "-"])
+            .env("LOCKHOOK_CONFIG", &setup.config)
+            .env("LOCKHOOK_FAULT", fault)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hook");
+        std::io::Write::write_all(&mut hook.stdin.take().expect("stdin"), vm2.as_bytes()).expect("write xml");
+        hook
+    };
+    // The locker found no holder and sleeps (1 s) before its claim...
+    let locker = start("before-claim:1");
+    let asleep =
+        || std::fs::read_to_string(format!("/proc/{}/wchan", locker.id())).is_ok_and(|w| w.contains("nanosleep"));
+    assert!(wait_until(Duration::from_secs(10), asleep), "the locker stalls before its claim");
+    // ...while the claimer claims, then sleeps (2 s) before it locks.
+    let claimer = start("after-claim:2");
+    assert!(
+        wait_until(Duration::from_secs(10), || setup.run_dir.join(format!("{UUID2}.sock")).exists()),
+        "the claimer claimed the spare"
+    );
+    let won = locker.wait_with_output().expect("reap locker");
+    assert!(won.status.success(), "the start that took the locks wins: {}", stderr(&won));
+    let lost = claimer.wait_with_output().expect("reap claimer");
+    assert_eq!(lost.status.code(), Some(1), "the claimer is refused");
+    assert_eq!(stderr(&lost).lines().count(), 1, "{}", stderr(&lost));
+    let holder = holder_pid(&setup, UUID2);
+    assert!(Path::new(&format!("/proc/{holder}")).exists());
+    assert_eq!(lock_state(&b, 0), Some(LockMode::Exclusive));
+    for (name, vm) in [("vm1", &vm1), ("vm2", &vm2)] {
+        assert!(setup.hook(&[name, "release", "end", "-"], vm).status.success());
+    }
+    assert_eq!((lock_state(&a, 0), lock_state(&b, 0)), (None, None));
+}
+
 #[test]
 fn the_next_start_claims_the_spare_holder() {
     let setup = Setup::new("");

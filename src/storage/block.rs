@@ -8,7 +8,11 @@
 //!
 //! A virtio disk's `serial` is the one identity the kernel does not keep: reading it asks the
 //! emulated device (60-230 µs here, on every `prepare` of a guest whose images sit on that disk),
-//! so this host remembers it (`Serials`) for as long as the disk's `diskseq` stays the same.
+//! so this host remembers it (`Serials`) for as long as the disk's `diskseq` stays the same. That
+//! is the trust the kernel itself gives every other kind of disk: SCSI WWIDs (VPD pages) and NVMe
+//! serials are read once, when the device is found, and kept. A virtio backend that changes a
+//! disk's serial under a live device (QEMU cannot: `serial` is fixed when the device is made)
+//! is seen only when the disk is added anew.
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -43,12 +47,20 @@ impl Serials {
 
     /// The `serial` of the disk whose sysfs directory is `sys`.
     fn serial(&self, sys: &Path) -> Option<String> {
-        let read = || read_trimmed(&sys.join("serial"));
+        let attribute = sys.join("serial");
+        let read = || read_trimmed(&attribute);
+        // Most devices that get here have no serial at all: one `stat` says so.
+        if !attribute.exists() {
+            return None;
+        }
         let Some(file) = &self.file else { return read() };
         let (Some(seq), Some(boot)) = (read_trimmed(&sys.join("diskseq")), read_trimmed(&self.boot_id)) else {
             return read();
         };
-        let known = fs::read_to_string(file).ok().filter(|text| text.lines().next() == Some(boot.as_str()));
+        // Written whole and renamed into place, so it ends with a line's end (else: not believed).
+        let known = fs::read_to_string(file)
+            .ok()
+            .filter(|text| text.ends_with('\n') && text.lines().next() == Some(boot.as_str()));
         let remembered = known.as_deref().and_then(|text| {
             text.lines().skip(1).find_map(|line| line.split_once('\t').filter(|(s, _)| *s == seq).map(|(_, v)| v))
         });
@@ -70,7 +82,10 @@ impl Serials {
 fn remember(file: &Path, text: &str) {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+    // One name per write: a hook's re-adoption thread may resolve beside its main thread.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = file.with_extension(format!("tmp.{}.{n}", std::process::id()));
     let _ = fs::remove_file(&tmp);
     let written = fs::OpenOptions::new()
         .write(true)
@@ -194,6 +209,19 @@ mod tests {
         assert_eq!(from_sysfs(&disk, &serials).as_deref(), Some("serial:disk-two"), "another boot");
         assert_eq!(std::fs::read_to_string(paths.serials()).expect("file"), "b2\n7\tdisk-two\n");
         assert_eq!(std::fs::read_dir(&run).expect("dir").count(), 1, "no temporary file left");
+        // A file that does not end with a line's end is not believed (read again, rewritten).
+        std::fs::write(paths.serials(), "b2\n7\tdisk-t").expect("cut off");
+        assert_eq!(from_sysfs(&disk, &serials).as_deref(), Some("serial:disk-two"));
+        assert_eq!(std::fs::read_to_string(paths.serials()).expect("file"), "b2\n7\tdisk-two\n");
+        // A serial with a tab in it cannot be a line of the file: read every time, not kept.
+        write(&disk.join("diskseq"), "9\n");
+        write(&disk.join("serial"), "a\tb\n");
+        assert_eq!(from_sysfs(&disk, &serials).as_deref(), Some("serial:a\tb"));
+        assert_eq!(std::fs::read_to_string(paths.serials()).expect("file"), "b2\n7\tdisk-two\n");
+        // No serial at all: none (the remembered file is not even read).
+        std::fs::remove_file(disk.join("serial")).expect("rm");
+        assert_eq!(from_sysfs(&disk, &serials), None);
+        write(&disk.join("serial"), "disk-two\n");
         // Without a diskseq (an older kernel) the device is asked every time.
         std::fs::remove_file(disk.join("diskseq")).expect("rm");
         write(&disk.join("serial"), "disk-three\n");
