@@ -22,7 +22,7 @@
 //! namespace is the host's.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -151,20 +151,7 @@ impl Census {
     /// Writes `<run_dir>/census` naming this set (atomically; no temporary file left behind).
     fn publish(&self, paths: &Paths) -> io::Result<()> {
         let ctime = stat(self.semid)?.sem_ctime;
-        let tmp = paths.run_dir().join(format!(".census.{}", std::process::id()));
-        let _ = fs::remove_file(&tmp);
-        let written = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .and_then(|mut file| file.write_all(format!("{MAGIC} {} {ctime}\n", self.semid).as_bytes()))
-            .and_then(|()| fs::rename(&tmp, id_file(paths)));
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written
+        crate::rundir::replace_file(&id_file(paths), format!("{MAGIC} {} {ctime}\n", self.semid).as_bytes(), false)
     }
 
     /// This process is a holder from now on (see the module doc).

@@ -1,5 +1,5 @@
-//! The run directory (`run_dir`, see `paths`): creating it, the single-instance lock files, and
-//! listening on a holder's socket. Used by holders, the spare holder, the hook and `lockhook run`.
+//! The run directory (`run_dir`, see `paths`): creating it, the single-instance lock files,
+//! replacing its files atomically, and listening on a holder's socket. Used by holders, the spare holder, the hook and `lockhook run`.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -34,6 +34,39 @@ pub enum RunDirError {
         #[source]
         source: nix::Error,
     },
+}
+
+/// Replaces `path` (a file of the run directory, root's alone) with `bytes`, atomically: a
+/// temporary file beside it, made with `O_EXCL|O_NOFOLLOW` (a symlink planted there is never
+/// followed) under a name no other writer uses (this process and a count: threads of one process
+/// may write at once), then renamed over it; `sync` writes the data out first. A step that fails
+/// leaves no temporary file behind.
+pub fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let tmp = path.with_file_name(format!(".{}.tmp.{}.{n}", name.to_string_lossy(), std::process::id()));
+    // Left by a dead process whose pid this one reuses.
+    let _ = fs::remove_file(&tmp);
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            if sync {
+                file.sync_data()?;
+            }
+            Ok(())
+        })
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 pub fn ensure_run_dir(dir: &Path) -> Result<(), RunDirError> {

@@ -6,7 +6,7 @@
 //! a holder killed with SIGKILL leaves its file behind, but not its lock.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -196,26 +196,13 @@ pub enum StateError {
     Corrupt { path: PathBuf, message: String },
 }
 
-/// Writes `state` to `path` atomically. The temp file is created with `O_EXCL|O_NOFOLLOW`, so a
-/// symlink planted in the run directory is never followed.
+/// Writes `state` to `path` atomically, its data written out (see `rundir::replace_file`: a
+/// symlink planted in the run directory is never followed).
 pub fn write(path: &Path, state: &GuestState) -> Result<(), StateError> {
     let err = |source| StateError::Write { path: path.to_owned(), source };
-    let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)
-        .map_err(err)?;
-    let body = serde_json::to_vec_pretty(state).map_err(|e| err(io::Error::other(e)))?;
-    let written = file.write_all(&body).and_then(|()| file.write_all(b"\n")).and_then(|()| file.sync_data());
-    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
-        let _ = fs::remove_file(&tmp);
-        return Err(err(e));
-    }
-    Ok(())
+    let mut body = serde_json::to_vec_pretty(state).map_err(|e| err(io::Error::other(e)))?;
+    body.push(b'\n');
+    crate::rundir::replace_file(path, &body, true).map_err(err)
 }
 
 pub fn read(path: &Path) -> Result<GuestState, StateError> {

@@ -117,20 +117,7 @@ fn odd_names_and_duplicate_disks() {
 fn hook_killed_mid_prepare_leaves_no_lock_and_no_holder() {
     let setup = Setup::new("");
     let img = setup.image("a.img");
-    let mut hook = Command::new(&setup.hook)
-        .args(["vm", "prepare", "begin", "-"])
-        .env("LOCKHOOK_CONFIG", &setup.config)
-        .env("LOCKHOOK_FAULT", "before-handover")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn hook");
-    {
-        use std::io::Write;
-        let mut stdin = hook.stdin.take().expect("stdin");
-        stdin.write_all(xml("vm", UUID, &disk(&img)).as_bytes()).expect("write xml");
-    }
+    let mut hook = setup.start_hook(&["vm", "prepare", "begin", "-"], &xml("vm", UUID, &disk(&img)), "before-handover");
     // Stalled with its locks taken and its holder started, but nothing handed over yet.
     assert!(wait_until(Duration::from_secs(10), || holders(&setup) == 1 && lock_state(&img, 0).is_some()));
     hook.kill().expect("kill hook");

@@ -423,7 +423,7 @@ fn a_claim_its_hook_gave_up_on_is_not_served() {
 /// that takes longer than a connection may stay silent.
 #[test]
 fn an_early_claim_is_let_go_or_waited_for() {
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let setup = Setup::new("");
     let (a, b) = (setup.image("a.img"), setup.image("b.img"));
     let vm1 = xml("vm1", UUID1, &file_disk(&a, "vda", ""));
@@ -449,16 +449,7 @@ fn an_early_claim_is_let_go_or_waited_for() {
     let vm2 = xml("vm2", UUID2, &file_disk(&b, "vda", ""));
     assert!(wait_until(Duration::from_secs(5), || ready().is_some_and(|c| c != first)), "the next ready child");
     let second = ready().expect("ready");
-    let mut hook = Command::new(&setup.hook)
-        .args(["vm2", "prepare", "begin", "-"])
-        .env("LOCKHOOK_CONFIG", &setup.config)
-        .env("LOCKHOOK_FAULT", "after-claim")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn hook");
-    std::io::Write::write_all(&mut hook.stdin.take().expect("stdin"), vm2.as_bytes()).expect("write xml");
+    let mut hook = setup.start_hook(&["vm2", "prepare", "begin", "-"], &vm2, "after-claim");
     assert!(
         wait_until(Duration::from_secs(10), || setup.run_dir.join(format!("{UUID2}.sock")).exists()),
         "the claimed child took vm2's name"
@@ -499,26 +490,13 @@ fn an_early_claim_is_let_go_or_waited_for() {
 /// holder go; the other waits for that, then gets a holder: one start wins, with one holder.
 #[test]
 fn crossed_prepares_of_one_guest_give_one_holder() {
-    use std::process::{Child, Command, Stdio};
     let setup = Setup::new("");
     let (a, b) = (setup.image("a.img"), setup.image("b.img"));
     let vm1 = xml("vm1", UUID1, &file_disk(&a, "vda", ""));
     assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm1).status.success());
     assert!(wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some_and(|s| children_of(s).len() == 1)));
     let vm2 = xml("vm2", UUID2, &file_disk(&b, "vda", ""));
-    let start = |fault: &str| -> Child {
-        let mut hook = Command::new(&setup.hook)
-            .args(["vm2", "prepare", "begin", "-"])
-            .env("LOCKHOOK_CONFIG", &setup.config)
-            .env("LOCKHOOK_FAULT", fault)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hook");
-        std::io::Write::write_all(&mut hook.stdin.take().expect("stdin"), vm2.as_bytes()).expect("write xml");
-        hook
-    };
+    let start = |fault: &str| setup.start_hook(&["vm2", "prepare", "begin", "-"], &vm2, fault);
     // The locker found no holder and sleeps (1 s) before its claim...
     let locker = start("before-claim:1");
     let asleep =

@@ -281,6 +281,11 @@ impl PendingClaim {
     /// The spare's answer: the guest's holder, or `None` (the caller starts a holder itself).
     /// The claim's own timeout runs from here: the spare answered long ago unless it is stuck.
     pub fn finish(mut self) -> Option<Client> {
+        self.answer()
+    }
+
+    /// Reads the answer (the first call; `None` after).
+    fn answer(&mut self) -> Option<Client> {
         let client = self.client.take()?;
         let claimed = match client.receive() {
             Ok(Response::Ok) => Ok(()),
@@ -304,12 +309,9 @@ impl PendingClaim {
 
 impl Drop for PendingClaim {
     fn drop(&mut self) {
-        if self.client.is_some() {
-            let pending = PendingClaim { client: self.client.take(), uuid: self.uuid.clone() };
-            if let Some(client) = pending.finish() {
-                if let Err(e) = client.release() {
-                    log::info!("spare holder claimed for {}: not released: {}", self.uuid, crate::error_chain(&e));
-                }
+        if let Some(client) = self.answer() {
+            if let Err(e) = client.release() {
+                log::info!("spare holder claimed for {}: not released: {}", self.uuid, crate::error_chain(&e));
             }
         }
     }

@@ -72,30 +72,10 @@ impl Serials {
             let known = known.filter(|text| text.lines().count() <= MAX_SERIALS);
             let mut text = known.unwrap_or_else(|| format!("{boot}\n"));
             text.push_str(&format!("{seq}\t{serial}\n"));
-            remember(file, &text);
+            // Best effort: a serial not remembered is read again next time.
+            let _ = crate::rundir::replace_file(file, text.as_bytes(), false);
         }
         Some(serial)
-    }
-}
-
-/// Replaces `file` with `text` (best effort: a serial not remembered is read again next time).
-fn remember(file: &Path, text: &str) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    // One name per write: a hook's re-adoption thread may resolve beside its main thread.
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = file.with_extension(format!("tmp.{}.{n}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let written = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()));
-    if written.and_then(|()| fs::rename(&tmp, file)).is_err() {
-        let _ = fs::remove_file(&tmp);
     }
 }
 

@@ -82,6 +82,22 @@ impl Setup {
         run_with_stdin(cmd, xml.as_bytes(), Duration::from_secs(20))
     }
 
+    /// Starts the hook as `hook` calls it, stalled at `LOCKHOOK_FAULT=fault` (see `guest::fault_point`),
+    /// and returns at once with `xml` written to its stdin (closed) and its output pipes open.
+    pub fn start_hook(&self, args: &[&str], xml: &str, fault: &str) -> std::process::Child {
+        let mut hook = Command::new(&self.hook)
+            .args(args)
+            .env("LOCKHOOK_CONFIG", &self.config)
+            .env("LOCKHOOK_FAULT", fault)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hook");
+        hook.stdin.take().expect("stdin").write_all(xml.as_bytes()).expect("write xml");
+        hook
+    }
+
     /// `lockhook --config <ours> ARGS`.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(lockhook_bin());
