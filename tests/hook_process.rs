@@ -23,18 +23,23 @@ fn holder_pid(setup: &Setup, uuid: &str) -> u32 {
     state["holder_pid"].as_u64().and_then(|p| u32::try_from(p).ok()).expect("holder_pid")
 }
 
-/// The parent of `pid`, from /proc/PID/stat.
-fn parent_pid(pid: u32) -> u32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).and_then(|p| p.parse().ok()).expect("ppid")
+/// The parent of `pid`, from /proc/PID/stat (`None` once it is gone).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).and_then(|p| p.parse().ok())
 }
 
-/// The processes whose parent is `pid`.
+/// The parent of `pid`, a live process.
+fn parent_pid(pid: u32) -> u32 {
+    parent_of(pid).expect("ppid")
+}
+
+/// The processes whose parent is `pid` (a process that exits while /proc is read is left out).
 fn children_of(pid: u32) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .expect("proc")
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|_| parent_pid(*p) == pid))
+        .filter(|p| parent_of(*p) == Some(pid))
         .collect()
 }
 
