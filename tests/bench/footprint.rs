@@ -6,7 +6,10 @@
 //! held, a probe guest's hook-alone `prepare` (1 disk) and `release` are timed, in rounds that
 //! alternate the normal path (the census says nothing died: no scan) with the path every call
 //! took before the census (the bench unbalances the census, so the call scans the run directory
-//! and `/proc/locks`); once more at 0 after everything is released, to see the drift.
+//! and `/proc/locks`); once more at 0 after everything is released, to see the drift. In the same
+//! rounds, a second probe runs the same calls against a run directory of its own, which holds no
+//! guest: "with none" measured at the same moment, on the host as it is then (the sequential
+//! comparison with the first row also counts whatever else changed on the host meanwhile).
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -60,6 +63,39 @@ struct Point {
     /// A bare `exec /bin/true` in the same rounds (wall ms, CPU ms): what starting any process
     /// costs on the host as it is then.
     exec: [Vec<f64>; 2],
+    /// The control probe's calls in the same rounds (a run directory with no guest held):
+    /// `[wall, CPU][call]`.
+    control: [[Vec<f64>; 3]; 2],
+}
+
+/// A probe and the environment it runs in.
+struct ProbeIn<'a> {
+    env: &'a HookEnv,
+    guest: &'a Probe,
+}
+
+/// The probe's three calls (`CALLS` order), each as (wall ms, CPU ms); waits for its holder to
+/// go after `release`.
+fn probe_calls(at: &ProbeIn<'_>) -> [(f64, f64); 3] {
+    let call = |op: &str, sub: &str| {
+        let c0 = children_cpu_ms();
+        let t = at.env.call_ok(&at.guest.name, op, sub, &at.guest.xml);
+        (t, children_cpu_ms() - c0)
+    };
+    let prepare = call("prepare", "begin");
+    let pid = at.env.holder_pid(&at.guest.uuid);
+    // What libvirtd runs for each guest when it restarts (the holder is alive; there is no QEMU
+    // to find, which the call only logs).
+    let reconnect = call("reconnect", "begin");
+    let release = call("release", "end");
+    if let Some(pid) = pid {
+        assert!(
+            crate::libvirtd::wait_until(Duration::from_secs(5), || !util::alive(pid)),
+            "probe holder {pid} outlived release"
+        );
+    }
+    util::reap_orphans();
+    [prepare, release, reconnect]
 }
 
 /// Untimed rounds before each point's timed ones (the first makes the census at 0 held).
@@ -80,64 +116,76 @@ fn children_cpu_ms() -> f64 {
 /// probe's holder is waited for (untimed) after each `release`. Each call's CPU time is the
 /// growth of this process's children's CPU over the call: nothing else is reaped meanwhile (the
 /// probe's previous holder was, before the round; the other holders stay).
-fn probe(env: &HookEnv, p: &Probe, held: usize, label: String, rounds: usize) -> Point {
-    let mut point =
-        Point { held, label, wall: Default::default(), cpu: Default::default(), pss: None, exec: Default::default() };
+fn probe(main: &ProbeIn<'_>, control: &ProbeIn<'_>, held: usize, label: String, rounds: usize) -> Point {
+    let env = main.env;
+    let mut point = Point {
+        held,
+        label,
+        wall: Default::default(),
+        cpu: Default::default(),
+        pss: None,
+        exec: Default::default(),
+        control: Default::default(),
+    };
     for r in 0..rounds + PROBE_WARMUP {
         let c0 = children_cpu_ms();
         let mut bare = std::process::Command::new("/bin/true");
-        let (t, out) = util::timed_with_stdin(util::clean_env(&mut bare), p.xml.as_bytes());
+        let (t, out) = util::timed_with_stdin(util::clean_env(&mut bare), main.guest.xml.as_bytes());
         assert!(out.status.success(), "/bin/true failed");
         if r >= PROBE_WARMUP {
             point.exec[0].push(t);
             point.exec[1].push(children_cpu_ms() - c0);
         }
+        // The control runs first in every other round: neither probe always follows the other.
+        if r % 4 < 2 {
+            record_control(&mut point, probe_calls(control), r);
+        }
         let order = if r % 2 == 0 { [false, true] } else { [true, false] };
         for scan in order {
             let census = if scan { CensusSet::open(&env.run_dir) } else { None };
             let forced = census.as_ref().is_some_and(|c| c.add_entered(1));
-            let call = |op: &str, sub: &str| {
-                let c0 = children_cpu_ms();
-                let t = env.call_ok(&p.name, op, sub, &p.xml);
-                (t, children_cpu_ms() - c0)
-            };
-            let prepare = call("prepare", "begin");
-            let pid = env.holder_pid(&p.uuid);
-            // What libvirtd runs for each guest when it restarts (the holder is alive; there is
-            // no QEMU to find, which the call only logs).
-            let reconnect = call("reconnect", "begin");
-            let release = call("release", "end");
+            let calls = probe_calls(main);
             if forced {
                 let back = census.as_ref().is_some_and(|c| c.add_entered(-1));
                 assert!(back, "could not take back the census' forced count");
             }
-            if let Some(pid) = pid {
-                assert!(
-                    crate::libvirtd::wait_until(Duration::from_secs(5), || !util::alive(pid)),
-                    "probe holder {pid} outlived release"
-                );
-            }
-            util::reap_orphans();
             if r < PROBE_WARMUP {
                 continue;
             }
             let k = usize::from(scan);
-            for (i, (t, c)) in [prepare, release, reconnect].into_iter().enumerate() {
+            for (i, (t, c)) in calls.into_iter().enumerate() {
                 let (t, c) = if scan && !forced { (f64::NAN, f64::NAN) } else { (t, c) };
                 point.wall[k][i].push(t);
                 point.cpu[k][i].push(c);
             }
         }
+        if r % 4 >= 2 {
+            record_control(&mut point, probe_calls(control), r);
+        }
     }
     let meds = |v: &[Vec<f64>]| v.iter().map(|x| ms(median(x))).collect::<Vec<_>>().join(" / ");
     eprintln!(
-        "bench: part 3b: {held} held: prepare / release / reconnect {} ms (CPU {}), scan forced {} ms (CPU {})",
+        "bench: part 3b: {held} held: prepare / release / reconnect {} ms (CPU {}), scan forced {} ms (CPU {}); \
+         an empty run directory meanwhile {} ms (CPU {})",
         meds(&point.wall[0]),
         meds(&point.cpu[0]),
         meds(&point.wall[1]),
         meds(&point.cpu[1]),
+        meds(&point.control[0]),
+        meds(&point.control[1]),
     );
     point
+}
+
+/// Keeps the control probe's calls of round `r` (not of the warm-up rounds).
+fn record_control(point: &mut Point, calls: [(f64, f64); 3], r: usize) {
+    if r < PROBE_WARMUP {
+        return;
+    }
+    for (i, (t, c)) in calls.into_iter().enumerate() {
+        point.control[0][i].push(t);
+        point.control[1][i].push(c);
+    }
 }
 
 /// The memory of an idle holder: the sample with the median PSS of 11 taken 100 ms apart (a
@@ -235,6 +283,16 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], sweep: &[usize], swee
     let dir = work.join("holders");
     let shm = tmpfs_dir("lockhook-bench-holders-");
     let env = HookEnv::new(&dir, &shm.path().join("run"), lockhook);
+    // The control probe's own run directory and images: no guest is ever held there.
+    let control_shm = tmpfs_dir("lockhook-bench-control-");
+    let control_env = HookEnv::new(&work.join("control"), &control_shm.path().join("run"), lockhook);
+    let control_guest = {
+        let image = work.join("control/img/probe.raw");
+        util::sparse_image(&image, 1 << 20);
+        let uuid = random_uuid();
+        Probe { name: "control".into(), xml: guest_xml("control", &uuid, &util::raw_disk(&image, 0)), uuid }
+    };
+    let control = ProbeIn { env: &control_env, guest: &control_guest };
     let max = counts.iter().chain(sweep).copied().max().unwrap_or(1).max(1);
     let probe_guest = {
         let image = dir.join("img/probe.raw");
@@ -244,7 +302,7 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], sweep: &[usize], swee
     };
     let mut points: Vec<Point> = Vec::new();
     if sweep.contains(&0) {
-        points.push(probe(&env, &probe_guest, 0, "0".into(), sweep_rounds));
+        points.push(probe(&ProbeIn { env: &env, guest: &probe_guest }, &control, 0, "0".into(), sweep_rounds));
     }
     let mut held: Vec<Held> = Vec::new();
     let mut prepare_ms = Vec::new();
@@ -306,7 +364,8 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], sweep: &[usize], swee
                 t0.elapsed().as_secs_f64()
             );
             if sweep.contains(&(i + 1)) {
-                let mut point = probe(&env, &probe_guest, i + 1, (i + 1).to_string(), sweep_rounds);
+                let main = ProbeIn { env: &env, guest: &probe_guest };
+                let mut point = probe(&main, &control, i + 1, (i + 1).to_string(), sweep_rounds);
                 point.pss = Some((sum.pss, n));
                 points.push(point);
             }
@@ -360,8 +419,8 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], sweep: &[usize], swee
     let left = util::proc_locks().iter().filter(|l| l.kind == "OFDLCK" && inodes.contains(&l.ino)).count();
     if !sweep.is_empty() {
         points.push(probe(
-            &env,
-            &probe_guest,
+            &ProbeIn { env: &env, guest: &probe_guest },
+            &control,
             0,
             format!("0 (again, after releasing all {})", held.len()),
             sweep_rounds,
@@ -479,7 +538,9 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], sweep: &[usize], swee
     // Holders are gone: the run dir's semaphore set would outlive it.
     std::thread::sleep(Duration::from_millis(200));
     crate::census::remove(&env.run_dir);
+    crate::census::remove(&control_env.run_dir);
     drop(shm);
+    drop(control_shm);
 }
 
 /// Section 3b and its targets.
@@ -495,11 +556,14 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
          call did before the census. `/proc/locks` is not warmed before the calls (unlike part 2). The holder of \
          the probe is waited for (untimed) after each `release`. Wall time first; then the hook process's own CPU \
          time (user + system, `getrusage`), which the other processes on this 2-core host do not inflate. The \
-         targets are on the wall time of `prepare` and `release`.\n\n"
+         targets are on the wall time of `prepare` and `release`. In the same rounds a control probe runs the same \
+         three calls against a run directory of its own where no guest is held (\"empty run dir\"): with none, \
+         measured at the same moment; the first row and the last (0 again) compare across time.\n\n"
     );
     let head: Vec<String> = std::iter::once("guests held".to_owned())
         .chain(CALLS.iter().map(|c| format!("`{c}`")))
         .chain(CALLS.iter().map(|c| format!("`{c}`, scan forced")))
+        .chain(CALLS.iter().take(2).map(|c| format!("`{c}`, empty run dir")))
         .chain(["bare `exec /bin/true`".to_owned(), "holders' total PSS".to_owned()])
         .collect();
     let head: Vec<&str> = head.iter().map(String::as_str).collect();
@@ -511,7 +575,9 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
             let v = get(p);
             let mut row = vec![p.label.clone()];
             row.extend(v.iter().flatten().map(|x| with_iqr(&summary(x))));
-            row.push(with_iqr(&summary(&p.exec[usize::from(title != "Wall time")])));
+            let k = usize::from(title != "Wall time");
+            row.extend(p.control[k].iter().take(2).map(|x| with_iqr(&summary(x))));
+            row.push(with_iqr(&summary(&p.exec[k])));
             row.push(p.pss.map_or_else(|| "-".into(), |(kib, n)| format!("{} ({n} processes)", mib(kib))));
             rows.push(row);
         }
@@ -578,6 +644,26 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
                 ),
                 "within 10 % (≤ 1.10)",
                 r.is_finite().then_some(r <= 1.10),
+            );
+            // The same call in the empty run directory, in the same rounds: the hook's own
+            // dependence on the guests of its run directory, whatever the host does meanwhile.
+            let (c, cc) = (&top.control[0][i], &top.control[1][i]);
+            let paired = ratio(a, c);
+            let _ = writeln!(
+                text,
+                "\n`{what}` with {} held ÷ the same call in an empty run directory, same rounds: × {paired:.2} wall \
+                 ({} vs {} ms; per-round difference {} ms), × {:.2} CPU.",
+                top.held,
+                ms(median(a)),
+                ms(median(c)),
+                crate::stats::signed_with_ci(&crate::stats::paired_diff(a, c)),
+                ratio(&top.cpu[0][i], cc),
+            );
+            report.target(
+                format!("`{what}` with {} held ÷ with none, same rounds (an empty run directory)", top.held),
+                format!("{paired:.2} ({} vs {} ms; CPU × {:.2})", ms(median(a)), ms(median(c)), ratio(&top.cpu[0][i], cc)),
+                "≤ 1.10",
+                paired.is_finite().then_some(paired <= 1.10),
             );
             let n = net(i, 0);
             report.target(
