@@ -661,7 +661,12 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
             );
             report.target(
                 format!("`{what}` with {} held ÷ with none, same rounds (an empty run directory)", top.held),
-                format!("{paired:.2} ({} vs {} ms; CPU × {:.2})", ms(median(a)), ms(median(c)), ratio(&top.cpu[0][i], cc)),
+                format!(
+                    "{paired:.2} ({} vs {} ms; CPU × {:.2})",
+                    ms(median(a)),
+                    ms(median(c)),
+                    ratio(&top.cpu[0][i], cc)
+                ),
                 "≤ 1.10",
                 paired.is_finite().then_some(paired <= 1.10),
             );

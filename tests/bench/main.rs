@@ -17,7 +17,9 @@
 //! * `--parts 1,2,3,4,5,6` which parts to run, default all
 //! * `--quick`             a smoke run: 3 / 2 / 10 rounds, 10,50 holders; 3b 20 rounds (still up to
 //!   2000 held: holding them takes seconds); 4b 1 round; 5 100 guests; 6 M = 20, 5 restarts
-//! * `--trace-hooks`       part 1 also runs lockhook behind a wrapper that times each hook call
+//! * `--trace-hooks`       part 1 also runs lockhook, and `/bin/true` for reference, behind a
+//!   wrapper that times each hook call (1b: lockhook's calls on the start path − the no-op's,
+//!   round by round)
 //!
 //! The table goes to stdout at the end and to `tests/bench/last-result.md`; progress to stderr.
 //! Parts:
@@ -236,7 +238,7 @@ fn main() {
             kinds.insert(1, Kind::NoopTrue);
         }
         if opts.trace_hooks && opts.parts.contains(&1) {
-            kinds.push(Kind::LockhookTraced);
+            kinds.extend(libvirt_bench::TRACED);
         }
         let instances = libvirt_bench::setup(work.path(), &lockhook, &kinds);
         libvirt_bench::warm_up(&instances);
@@ -245,7 +247,9 @@ fn main() {
         let mut serial = None;
         if opts.parts.contains(&1) {
             // Only the timed rounds count in the trace.
-            let _ = std::fs::write(libvirt_bench::trace_log(work.path()), "");
+            for kind in libvirt_bench::TRACED {
+                let _ = std::fs::write(libvirt_bench::trace_log(work.path(), kind), "");
+            }
             let s = libvirt_bench::run_serial(&instances, opts.rounds);
             let mut r = Report::default();
             libvirt_bench::report_serial(&instances, &s, opts.rounds, &mut r);
