@@ -5,8 +5,8 @@
 //! tenth guest has its holder SIGKILLed, after which another guest's hook call runs (which
 //! re-adopts or cleans it) before the dead guest's `release`. Then everything is released and
 //! the run directory listed: what is left must be the host's own files (census, census.lock, counters,
-//! an empty shares/, spare.lock, spare.sock), not one per guest, and at most one (spare) holder may hold
-//! spare.lock.
+//! an empty shares/, spare.lock, spare.sock, and `serials`, one line per disk of the host seen this
+//! boot), not one per guest, and at most one (spare) holder may hold spare.lock.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -25,7 +25,15 @@ use crate::util;
 const WINDOW: usize = 8;
 
 /// Files a run directory may keep for the host itself, whatever came and went.
-const HOST_FILES: [&str; 6] = ["census", "census.lock", "counters", "shares", "spare.lock", "spare.sock"];
+const HOST_FILES: [&str; 7] = ["census", "census.lock", "counters", "serials", "shares", "spare.lock", "spare.sock"];
+
+/// Whether `serials` holds no more than the host's own: its boot line and at most one line per
+/// block device the host has (virtio disks' serials, see `storage::block::Serials`).
+fn serials_bounded(run_dir: &Path) -> bool {
+    let lines = std::fs::read_to_string(run_dir.join("serials")).map_or(0, |t| t.lines().count());
+    let devices = std::fs::read_dir("/sys/dev/block").map_or(0, Iterator::count);
+    lines <= 1 + devices
+}
 
 struct Guest {
     name: String,
@@ -188,7 +196,11 @@ pub fn run(work: &Path, lockhook: &Path, n: usize, report: &mut Report) {
     let census = crate::census::describe(&env.run_dir);
     eprintln!("bench: part 5: {came} guests came and went in {secs:.1} s; run dir: {entries:?}");
 
-    let bounded = foreign.is_empty() && entries.len() <= HOST_FILES.len();
+    let serials_ok = serials_bounded(&env.run_dir);
+    if !serials_ok {
+        problems.push("`serials` has more lines than the host has block devices (+ its boot line)".to_owned());
+    }
+    let bounded = foreign.is_empty() && entries.len() <= HOST_FILES.len() && serials_ok;
     let mut text = format!(
         "## 5. Leftovers after churn (hook alone, no QEMU; run_dir on tmpfs)\n\n\
          {n} transient guests (a new UUID and image each) through `prepare`, `start`, `release`, at most {WINDOW} \
@@ -227,7 +239,7 @@ pub fn run(work: &Path, lockhook: &Path, n: usize, report: &mut Report) {
     report.target(
         format!("run dir entries after churn ({came} guests came and went)"),
         format!("{}: {}", entries.len(), entries.iter().map(|e| shape(e)).collect::<Vec<_>>().join(", ")),
-        "bounded: only the host's own (census, census.lock, counters, shares (empty), spare.lock, spare.sock)",
+        "bounded: only the host's own (census, census.lock, counters, serials (≤ 1 line per host disk), shares (empty), spare.lock, spare.sock)",
         Some(bounded),
     );
     report.target(
