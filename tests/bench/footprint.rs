@@ -9,7 +9,8 @@
 //! and `/proc/locks`); once more at 0 after everything is released, to see the drift. In the same
 //! rounds, a second probe runs the same calls against a run directory of its own, which holds no
 //! guest: "with none" measured at the same moment, on the host as it is then (the sequential
-//! comparison with the first row also counts whatever else changed on the host meanwhile).
+//! comparison with the first row also counts whatever else changed on the host meanwhile). At
+//! the largest count, once more with every held guest's holder SIGSTOPped: their ticks apart.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -368,6 +369,19 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], sweep: &[usize], swee
                 let mut point = probe(&main, &control, i + 1, (i + 1).to_string(), sweep_rounds);
                 point.pss = Some((sum.pss, n));
                 points.push(point);
+                if i + 1 == max {
+                    // The same with every held guest's holder stopped: what their being there
+                    // costs the host, apart from what they do (their ticks).
+                    let signal_all = |signal| {
+                        for h in &held {
+                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(h.pid as i32), signal);
+                        }
+                    };
+                    signal_all(nix::sys::signal::Signal::SIGSTOP);
+                    let label = format!("{} (their holders SIGSTOPped)", i + 1);
+                    points.push(probe(&main, &control, i + 1, label, sweep_rounds));
+                    signal_all(nix::sys::signal::Signal::SIGCONT);
+                }
             }
         }
     }
