@@ -137,12 +137,17 @@ fn probe(main: &ProbeIn<'_>, control: &ProbeIn<'_>, held: usize, label: String, 
             point.exec[0].push(t);
             point.exec[1].push(children_cpu_ms() - c0);
         }
-        // The control runs first in every other round: neither probe always follows the other.
-        if r % 4 < 2 {
-            record_control(&mut point, probe_calls(control), r);
-        }
-        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
-        for scan in order {
+        // The control, the probe as it is and the probe with the scan forced, in each of the six
+        // orders in turn: none always follows the same one.
+        for slot in ORDERS[r % ORDERS.len()] {
+            let scan = match slot {
+                Slot::Control => {
+                    record_control(&mut point, probe_calls(control), r);
+                    continue;
+                }
+                Slot::AsItIs => false,
+                Slot::ScanForced => true,
+            };
             let census = if scan { CensusSet::open(&env.run_dir) } else { None };
             let forced = census.as_ref().is_some_and(|c| c.add_entered(1));
             let calls = probe_calls(main);
@@ -160,9 +165,6 @@ fn probe(main: &ProbeIn<'_>, control: &ProbeIn<'_>, held: usize, label: String, 
                 point.cpu[k][i].push(c);
             }
         }
-        if r % 4 >= 2 {
-            record_control(&mut point, probe_calls(control), r);
-        }
     }
     let meds = |v: &[Vec<f64>]| v.iter().map(|x| ms(median(x))).collect::<Vec<_>>().join(" / ");
     eprintln!(
@@ -178,6 +180,20 @@ fn probe(main: &ProbeIn<'_>, control: &ProbeIn<'_>, held: usize, label: String, 
     point
 }
 
+/// What a sweep round runs (see `probe`).
+#[derive(Clone, Copy)]
+enum Slot {
+    Control,
+    AsItIs,
+    ScanForced,
+}
+
+/// Every order of a round's three slots.
+const ORDERS: [[Slot; 3]; 6] = {
+    use Slot::{AsItIs as A, Control as C, ScanForced as S};
+    [[C, A, S], [A, S, C], [S, C, A], [C, S, A], [S, A, C], [A, C, S]]
+};
+
 /// Keeps the control probe's calls of round `r` (not of the warm-up rounds).
 fn record_control(point: &mut Point, calls: [(f64, f64); 3], r: usize) {
     if r < PROBE_WARMUP {
@@ -186,6 +202,29 @@ fn record_control(point: &mut Point, calls: [(f64, f64); 3], r: usize) {
     for (i, (t, c)) in calls.into_iter().enumerate() {
         point.control[0][i].push(t);
         point.control[1][i].push(c);
+    }
+}
+
+/// Holders stopped with `SIGSTOP` until dropped (also when a probe panics): only live processes
+/// that are lockhook holders (`lockhook-holder`), so a reused pid is never signalled.
+struct Stopped(Vec<nix::unistd::Pid>);
+
+impl Stopped {
+    fn new(pids: impl Iterator<Item = u32>) -> Stopped {
+        let pids: Vec<nix::unistd::Pid> = pids
+            .filter(|&pid| util::alive(pid) && util::comm(pid).starts_with("lockhook-holder"))
+            .filter_map(|pid| i32::try_from(pid).ok().map(nix::unistd::Pid::from_raw))
+            .filter(|&pid| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).is_ok())
+            .collect();
+        Stopped(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        }
     }
 }
 
@@ -372,15 +411,10 @@ pub fn run(work: &Path, lockhook: &Path, counts: &[usize], sweep: &[usize], swee
                 if i + 1 == max {
                     // The same with every held guest's holder stopped: what their being there
                     // costs the host, apart from what they do (their ticks).
-                    let signal_all = |signal| {
-                        for h in &held {
-                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(h.pid as i32), signal);
-                        }
-                    };
-                    signal_all(nix::sys::signal::Signal::SIGSTOP);
+                    let stopped = Stopped::new(held.iter().map(|h| h.pid));
                     let label = format!("{} (their holders SIGSTOPped)", i + 1);
                     points.push(probe(&main, &control, i + 1, label, sweep_rounds));
-                    signal_all(nix::sys::signal::Signal::SIGCONT);
+                    drop(stopped);
                 }
             }
         }
@@ -674,7 +708,10 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
                 ratio(&top.cpu[0][i], cc),
             );
             report.target(
-                format!("`{what}` with {} held ÷ with none, same rounds (an empty run directory)", top.held),
+                format!(
+                    "`{what}` with {} held ÷ the same call in an empty run directory on the same host, same rounds",
+                    top.held
+                ),
                 format!(
                     "{paired:.2} ({} vs {} ms; CPU × {:.2})",
                     ms(median(a)),
@@ -694,6 +731,24 @@ fn report_sweep(points: &[Point], rounds: usize, report: &mut Report) {
                 "≤ 1.10",
                 n.is_finite().then_some(n <= 1.10),
             );
+        }
+        if let Some(stopped) = points.iter().find(|p| p.held == top.held && p.pss.is_none() && p.held > 0) {
+            for (i, what) in CALLS.iter().enumerate().take(2) {
+                let m = |p: &Point| median(&p.wall[0][i]);
+                let c = |p: &Point| median(&p.control[0][i]);
+                let _ = writeln!(
+                    text,
+                    "\n`{what}` with the {} holders running vs `SIGSTOP`ped: {} vs {} ms (the empty run directory's: \
+                     {} vs {} ms); ÷ the empty run directory's, × {:.2} vs × {:.2}.",
+                    top.held,
+                    ms(m(top)),
+                    ms(m(stopped)),
+                    ms(c(top)),
+                    ms(c(stopped)),
+                    m(top) / c(top),
+                    m(stopped) / c(stopped),
+                );
+            }
         }
     }
     report.section(text);

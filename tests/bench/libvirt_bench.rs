@@ -73,6 +73,8 @@ pub struct Instance {
     pub lv: Libvirtd,
     /// Images of guest `g<N>`, by index in `SIZES`.
     pub images: Vec<Vec<PathBuf>>,
+    /// The events log of a traced instance (see `trace_log`).
+    pub trace: Option<PathBuf>,
 }
 
 /// Starts one private libvirtd per configuration and defines the guests.
@@ -130,7 +132,8 @@ pub fn setup(work: &Path, lockhook: &Path, kinds: &[Kind]) -> Vec<Instance> {
             }
         }
         eprintln!("bench: libvirtd for {:<10} up in {:.1} s", kind.slug(), t0.elapsed().as_secs_f64());
-        instances.push(Instance { kind, lv, images });
+        let trace = TRACED.contains(&kind).then(|| trace_log(work, kind));
+        instances.push(Instance { kind, lv, images, trace });
     }
     instances
 }
@@ -181,16 +184,47 @@ fn traced_calls(log: &str, guest: &str, op: &str) -> Vec<f64> {
         .collect()
 }
 
-/// Per round, the sum of a guest's calls on the start path (`prepare`, `start`, `started`).
-fn start_path(log: &str, guest: &str) -> Vec<f64> {
-    let calls: Vec<Vec<f64>> = TRACE_OPS[..3].iter().map(|op| traced_calls(log, guest, op)).collect();
-    let rounds = calls.iter().map(Vec::len).min().unwrap_or(0);
-    (0..rounds).map(|r| calls.iter().map(|c| c[r]).sum()).collect()
+/// Per round (`# R SI` marker lines, written by `run_serial` before each start), the sum of
+/// guest `g<SIZES[si]>`'s calls on the start path (`prepare`, `start`, `started`); `NaN` for a
+/// round where one of them is missing or failed, so that `paired_diff` leaves it out.
+fn start_path(log: &str, si: usize, rounds: usize) -> Vec<f64> {
+    let guest = format!("g{}", SIZES[si]);
+    let mut sums = vec![f64::NAN; rounds];
+    let mut round: Option<usize> = None;
+    let mut calls: Vec<(String, f64)> = Vec::new();
+    let mut close = |round: Option<usize>, calls: &mut Vec<(String, f64)>| {
+        if let Some(r) = round.filter(|&r| r < rounds) {
+            let ops: Vec<&str> = calls.iter().map(|(op, _)| op.as_str()).collect();
+            if ops == TRACE_OPS[..3] && calls.iter().all(|(_, t)| t.is_finite()) {
+                sums[r] = calls.iter().map(|(_, t)| t).sum();
+            }
+        }
+        calls.clear();
+    };
+    for line in log.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f[..] {
+            ["#", r, s] => {
+                close(round, &mut calls);
+                round = (s.parse() == Ok(si)).then(|| r.parse().ok()).flatten();
+            }
+            [name, op, t0, t1, rc] if name == guest && TRACE_OPS[..3].contains(&op) => {
+                let t = match (t0.parse::<f64>(), t1.parse::<f64>(), rc) {
+                    (Ok(a), Ok(b), "0") => (b - a) * 1000.0,
+                    _ => f64::NAN,
+                };
+                calls.push((op.to_owned(), t));
+            }
+            _ => {}
+        }
+    }
+    close(round, &mut calls);
+    sums
 }
 
 /// Part 1b: per-call medians from the traced instances' logs, and lockhook's calls on the start
 /// path against the same calls of `/bin/true` behind the same wrapper, round by round.
-pub fn report_trace(work: &Path, report: &mut Report) {
+pub fn report_trace(work: &Path, rounds: usize, report: &mut Report) {
     let logs: Vec<(Kind, String)> =
         TRACED.iter().map(|&k| (k, fs::read_to_string(trace_log(work, k)).unwrap_or_default())).collect();
     let mut rows = Vec::new();
@@ -234,12 +268,12 @@ pub fn report_trace(work: &Path, report: &mut Report) {
         "\nlibvirt runs the hook synchronously inside the start job, so what lockhook's calls take beyond the same \
          calls of a no-op is what it adds to a `virsh start` directly (it does not count the holders' work beside \
          the start on this 2-core host). Per round: lockhook's `prepare` + `start` + `started` − the same calls of \
-         `/bin/true` behind the same wrapper in the same round:\n\n",
+         `/bin/true` behind the same wrapper in the same round (a round where a call is missing or failed is left \
+         out):\n\n",
     );
     let [(_, lh), (_, noop)] = &logs[..] else { unreachable!("two traced instances") };
-    for n in SIZES {
-        let guest = format!("g{n}");
-        let diffs = paired_diff(&start_path(lh, &guest), &start_path(noop, &guest));
+    for (si, n) in SIZES.iter().enumerate() {
+        let diffs = paired_diff(&start_path(lh, si, rounds), &start_path(noop, si, rounds));
         let _ = writeln!(out, "- {n} disk(s): {} ms over {} rounds", signed_with_ci(&diffs), diffs.len());
         let (_, hi) = stats::median_ci(&diffs);
         report.target(
@@ -437,8 +471,20 @@ pub fn run_serial(instances: &[Instance], rounds: usize) -> Serial {
     for r in 0..rounds {
         for (si, size) in SIZES.iter().enumerate() {
             let guest = format!("g{size}");
-            for idx in util::rotation(n, r + si) {
+            // Rotated by one each round, and reversed every other round, so that no configuration
+            // always follows the same one (the traced pair sits side by side in the list).
+            let mut order = util::rotation(n, r + si);
+            if r % 2 == 1 {
+                order.reverse();
+            }
+            for idx in order {
                 let lv = &instances[idx].lv;
+                if let Some(log) = &instances[idx].trace {
+                    // The calls after this line belong to round `r`, guest size `si`.
+                    let mark = fs::OpenOptions::new().append(true).open(log);
+                    let _ =
+                        mark.and_then(|mut f| std::io::Write::write_all(&mut f, format!("# {r} {si}\n").as_bytes()));
+                }
                 let (ts, out) = timed_virsh(lv, &["start", &guest]);
                 if !out.status.success() {
                     s.failures.push(format!("{} {}", instances[idx].kind.slug(), describe_failure("start", &out)));
@@ -577,7 +623,7 @@ pub fn report_serial(instances: &[Instance], s: &Serial, rounds: usize, report: 
     let base = position(instances, Kind::NoHook);
     let mut text = format!(
         "## 1. `virsh start` / `virsh destroy` on a private libvirtd ({rounds} interleaved rounds; ms, median (p25..p75))\n\n\
-         Each round runs every configuration once per guest size, in an order rotated by one each round. \
+         Each round runs every configuration once per guest size, in an order rotated by one each round and reversed every other round. \
          \"added\" = median over rounds of (this configuration − no hook) in the same round. \
          Wall time of `nsenter … virsh -c qemu:///system start|destroy GUEST` (includes virsh's own start-up, \
          the same for every configuration).\n\n"

@@ -254,7 +254,7 @@ fn main() {
             let mut r = Report::default();
             libvirt_bench::report_serial(&instances, &s, opts.rounds, &mut r);
             if opts.trace_hooks {
-                libvirt_bench::report_trace(work.path(), &mut r);
+                libvirt_bench::report_trace(work.path(), opts.rounds, &mut r);
             }
             sections.push((10, r));
             serial = Some(s);

@@ -542,9 +542,10 @@ fn report_storm(results: &[Outcome], m: usize, restarts: usize, config: &Path, r
         );
         // libvirt's own running of a hook per guest, for comparison: the no-op hook's growth.
         let noop_growth = match noop[..] {
-            [(_, b1), (_, b2)] => {
+            [(n1, b1), (n2, b2)] if (n1, n2) == (m1, m2) && b1 > 0.0 => {
                 format!("; a no-op hook adds {} and {} ms: ratio {:.2}", signed_ms(b1), signed_ms(b2), b2 / b1)
             }
+            [(_, b1), (_, b2)] => format!("; a no-op hook adds {} and {} ms", signed_ms(b1), signed_ms(b2)),
             _ => String::new(),
         };
         report.note(format!(
