@@ -175,13 +175,16 @@ const TRACE_OPS: [&str; 5] = ["prepare", "start", "started", "stopped", "release
 /// The wall ms of each call of `op` for `guest` in a trace log, in order (one per round).
 fn traced_calls(log: &str, guest: &str, op: &str) -> Vec<f64> {
     log.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() == 5 && f[0] == guest && f[1] == op)
-                .then(|| Some((f[3].parse::<f64>().ok()? - f[2].parse::<f64>().ok()?) * 1000.0))
-                .flatten()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [name, o, t0, t1, _] if name == guest && o == op => call_ms(t0, t1),
+            _ => None,
         })
         .collect()
+}
+
+/// A logged call's wall ms, from its `T0 T1` fields (seconds).
+fn call_ms(t0: &str, t1: &str) -> Option<f64> {
+    Some((t1.parse::<f64>().ok()? - t0.parse::<f64>().ok()?) * 1000.0)
 }
 
 /// Per round (`# R SI` marker lines, written by `run_serial` before each start), the sum of
@@ -209,10 +212,7 @@ fn start_path(log: &str, si: usize, rounds: usize) -> Vec<f64> {
                 round = (s.parse() == Ok(si)).then(|| r.parse().ok()).flatten();
             }
             [name, op, t0, t1, rc] if name == guest && TRACE_OPS[..3].contains(&op) => {
-                let t = match (t0.parse::<f64>(), t1.parse::<f64>(), rc) {
-                    (Ok(a), Ok(b), "0") => (b - a) * 1000.0,
-                    _ => f64::NAN,
-                };
+                let t = if rc == "0" { call_ms(t0, t1).unwrap_or(f64::NAN) } else { f64::NAN };
                 calls.push((op.to_owned(), t));
             }
             _ => {}
