@@ -129,12 +129,11 @@ impl Client {
     }
 
     fn receive(&self) -> Result<Response, ClientError> {
-        let mut buf = vec![0u8; MAX_FRAME];
-        let (len, _) = fdpass::recv(self.sock.as_fd(), &mut buf)?;
-        if len == 0 {
+        let (frame, _) = fdpass::recv_frame(self.sock.as_fd(), MAX_FRAME)?;
+        if frame.is_empty() {
             return Err(ClientError::Closed);
         }
-        match protocol::decode::<Response>(&buf[..len])? {
+        match protocol::decode::<Response>(&frame)? {
             Response::Error { code, message } => Err(ClientError::Refused { code, message }),
             other => Ok(other),
         }

@@ -62,6 +62,33 @@ pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result
     }
 }
 
+/// Receives one datagram of at most `max` bytes into a buffer of its own size: its bytes (none
+/// at end of stream) and its fds. The length is peeked first (`MSG_PEEK | MSG_TRUNC`, no room
+/// for fds, so none are installed): a zeroed buffer of `max` bytes for every message would cost
+/// its allocation, and, once the allocator serves it from the heap, a memset of every page.
+pub fn recv_frame(sock: BorrowedFd<'_>, max: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), FdPassError> {
+    let len = loop {
+        let mut none = [IoSliceMut::new(&mut [])];
+        match recvmsg::<()>(sock.as_raw_fd(), &mut none, None, MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
+            Ok(msg) => break msg.bytes,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(FdPassError::Receive(e)),
+        }
+    };
+    if len == 0 {
+        // The end of the stream (or an empty datagram, which the protocol never sends).
+        return Ok((Vec::new(), Vec::new()));
+    }
+    // One byte more than allowed: an oversized datagram is then truncated, and refused.
+    let mut buf = vec![0u8; len.min(max.saturating_add(1))];
+    let (got, fds) = recv(sock, &mut buf)?;
+    if got > max {
+        return Err(FdPassError::Truncated);
+    }
+    buf.truncate(got);
+    Ok((buf, fds))
+}
+
 /// Receives one datagram into `buf`. Returns its length (0 at end of stream) and its fds.
 pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), FdPassError> {
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
@@ -132,6 +159,28 @@ mod tests {
         assert_ne!(flags & libc::FD_CLOEXEC, 0);
         let too_many: Vec<_> = (0..=MAX_FDS).map(|_| files[0].as_fd()).collect();
         assert!(matches!(send(a.as_fd(), b"x", &too_many), Err(FdPassError::TooManyFds)));
+    }
+
+    /// A frame is received whole into a buffer of its size, with its fds; one over the limit is
+    /// an error that consumes it (the next frame is read normally); the end of the stream is
+    /// no bytes. Peeking the length installs no fds.
+    #[test]
+    fn frames_are_received_at_their_size() {
+        let (a, b) = pair();
+        let file = tempfile::tempfile().expect("temp");
+        send(a.as_fd(), &[1u8; 700], &[file.as_fd()]).expect("send");
+        let open_before = std::fs::read_dir("/proc/self/fd").expect("fds").count();
+        let (bytes, fds) = recv_frame(b.as_fd(), 1000).expect("recv");
+        assert_eq!((bytes.len(), bytes.capacity(), fds.len()), (700, 700, 1));
+        assert_eq!(std::fs::read_dir("/proc/self/fd").expect("fds").count(), open_before + 1);
+        send(a.as_fd(), &[2u8; 1001], &[]).expect("send");
+        send(a.as_fd(), b"next", &[]).expect("send");
+        assert!(matches!(recv_frame(b.as_fd(), 1000), Err(FdPassError::Truncated)));
+        assert_eq!(recv_frame(b.as_fd(), 1000).expect("next").0, b"next");
+        send(a.as_fd(), &[3u8; 1000], &[]).expect("send");
+        assert_eq!(recv_frame(b.as_fd(), 1000).expect("at the limit").0.len(), 1000);
+        drop(a);
+        assert!(recv_frame(b.as_fd(), 1000).expect("eof").0.is_empty());
     }
 
     #[test]

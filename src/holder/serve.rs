@@ -54,10 +54,9 @@ impl Holder {
 
     /// Answers requests on `conn` until the peer closes it.
     pub(crate) fn serve_conn(&mut self, conn: &OwnedFd, allowed: bool) -> Next {
-        let mut buf = vec![0u8; MAX_FRAME];
         loop {
-            let (len, fds) = match fdpass::recv(conn.as_fd(), &mut buf) {
-                Ok((0, _)) => return Next::Continue,
+            let (frame, fds) = match fdpass::recv_frame(conn.as_fd(), MAX_FRAME) {
+                Ok((frame, _)) if frame.is_empty() => return Next::Continue,
                 Ok(got) => got,
                 Err(e) => {
                     warn!("holder for {}: dropping a connection: {e}", self.uuid);
@@ -67,7 +66,7 @@ impl Holder {
             // Answered in the version asked in (an older hook after an upgrade of the holder).
             let mut version = protocol::VERSION;
             let (response, next) = if allowed {
-                match protocol::decode_versioned::<Request>(&buf[..len]) {
+                match protocol::decode_versioned::<Request>(&frame) {
                     Ok((v, request)) => {
                         version = v;
                         self.handle(request, fds)

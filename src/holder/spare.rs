@@ -188,7 +188,6 @@ fn ready(
             let _ = poll(&mut fds, PollTimeout::from(1000u16));
         }
     };
-    let mut buf = vec![0u8; MAX_FRAME];
     loop {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
         let woken = matches!(poll(&mut fds, PollTimeout::try_from(TICK).unwrap_or(PollTimeout::MAX)), Ok(n) if n > 0);
@@ -200,8 +199,8 @@ fn ready(
             continue;
         }
         let Ok((conn, allowed)) = accept_conn(&listener) else { continue };
-        let request = match fdpass::recv(conn.as_fd(), &mut buf) {
-            Ok((len, _)) if len > 0 => protocol::decode::<Request>(&buf[..len]),
+        let request = match fdpass::recv_frame(conn.as_fd(), MAX_FRAME) {
+            Ok((frame, _)) if !frame.is_empty() => protocol::decode::<Request>(&frame),
             _ => continue,
         };
         if !allowed {
@@ -235,7 +234,6 @@ fn ready(
                         // Closing `notify` tells the spare to make a new ready child.
                         drop(listener);
                         drop(notify);
-                        drop(buf);
                         let _ = nix::unistd::setsid();
                         name_self(c"lockhook-holder");
                         reply(&conn, &Response::Ok);
