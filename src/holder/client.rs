@@ -20,6 +20,27 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a hook waits to connect to the spare and for its answer to a claim.
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a client polls for a reply before it sleeps (`fdpass::recv_frame`). A holder
+/// answers a hook's request in 0.1-0.3 ms; a hook that sleeps meanwhile pays its own wake-up on
+/// top (measured here: `prepare` 0.11 ms faster with 300 µs of polling, 0.08 with 100).
+const REPLY_SPIN: Duration = Duration::from_micros(300);
+
+/// `REPLY_SPIN` where this process may run on more than one CPU, else none: with one CPU,
+/// polling would only delay the holder it waits for.
+fn reply_spin() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+            .map(|set| (0..nix::sched::CpuSet::count()).filter(|&cpu| set.is_set(cpu).unwrap_or(false)).count())
+            .unwrap_or(1);
+        if cpus > 1 {
+            REPLY_SPIN
+        } else {
+            Duration::ZERO
+        }
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{path}: cannot connect to the holder")]
@@ -129,7 +150,7 @@ impl Client {
     }
 
     fn receive(&self) -> Result<Response, ClientError> {
-        let (frame, _) = fdpass::recv_frame(self.sock.as_fd(), MAX_FRAME)?;
+        let (frame, _) = fdpass::recv_frame(self.sock.as_fd(), MAX_FRAME, reply_spin())?;
         if frame.is_empty() {
             return Err(ClientError::Closed);
         }

@@ -7,6 +7,7 @@
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
@@ -66,15 +67,10 @@ pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result
 /// at end of stream) and its fds. The length is peeked first (`MSG_PEEK | MSG_TRUNC`, no room
 /// for fds, so none are installed): a zeroed buffer of `max` bytes for every message would cost
 /// its allocation, and, once the allocator serves it from the heap, a memset of every page.
-pub fn recv_frame(sock: BorrowedFd<'_>, max: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), FdPassError> {
-    let len = loop {
-        let mut none = [IoSliceMut::new(&mut [])];
-        match recvmsg::<()>(sock.as_raw_fd(), &mut none, None, MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
-            Ok(msg) => break msg.bytes,
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => return Err(FdPassError::Receive(e)),
-        }
-    };
+/// With a non-zero `spin`, waits for the datagram without sleeping for up to that long first
+/// (see `peek_len`).
+pub fn recv_frame(sock: BorrowedFd<'_>, max: usize, spin: Duration) -> Result<(Vec<u8>, Vec<OwnedFd>), FdPassError> {
+    let len = peek_len(sock, spin)?;
     if len == 0 {
         // The end of the stream (or an empty datagram, which the protocol never sends).
         return Ok((Vec::new(), Vec::new()));
@@ -87,6 +83,28 @@ pub fn recv_frame(sock: BorrowedFd<'_>, max: usize) -> Result<(Vec<u8>, Vec<Owne
     }
     buf.truncate(got);
     Ok((buf, fds))
+}
+
+/// The length of the next datagram, once there is one. For up to `spin` it polls (yielding the
+/// CPU between polls) instead of sleeping: a reply expected within a fraction of a millisecond
+/// then costs no sleep and wake-up of this process (its CPU leaving an idle state; in a VM, the
+/// host waking the vCPU). After `spin`, or at once with a zero `spin`, it blocks as usual.
+fn peek_len(sock: BorrowedFd<'_>, spin: Duration) -> Result<usize, FdPassError> {
+    let until = (!spin.is_zero()).then(|| Instant::now() + spin);
+    loop {
+        let spinning = until.is_some_and(|until| Instant::now() < until);
+        let mut flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC;
+        if spinning {
+            flags |= MsgFlags::MSG_DONTWAIT;
+        }
+        let mut none = [IoSliceMut::new(&mut [])];
+        match recvmsg::<()>(sock.as_raw_fd(), &mut none, None, flags) {
+            Ok(msg) => return Ok(msg.bytes),
+            Err(nix::Error::EINTR) => continue,
+            Err(nix::Error::EAGAIN) if spinning => std::thread::yield_now(),
+            Err(e) => return Err(FdPassError::Receive(e)),
+        }
+    }
 }
 
 /// Receives one datagram into `buf`. Returns its length (0 at end of stream) and its fds.
@@ -170,17 +188,40 @@ mod tests {
         let file = tempfile::tempfile().expect("temp");
         send(a.as_fd(), &[1u8; 700], &[file.as_fd()]).expect("send");
         let open_before = std::fs::read_dir("/proc/self/fd").expect("fds").count();
-        let (bytes, fds) = recv_frame(b.as_fd(), 1000).expect("recv");
+        let (bytes, fds) = recv_frame(b.as_fd(), 1000, Duration::ZERO).expect("recv");
         assert_eq!((bytes.len(), bytes.capacity(), fds.len()), (700, 700, 1));
         assert_eq!(std::fs::read_dir("/proc/self/fd").expect("fds").count(), open_before + 1);
         send(a.as_fd(), &[2u8; 1001], &[]).expect("send");
         send(a.as_fd(), b"next", &[]).expect("send");
-        assert!(matches!(recv_frame(b.as_fd(), 1000), Err(FdPassError::Truncated)));
-        assert_eq!(recv_frame(b.as_fd(), 1000).expect("next").0, b"next");
+        assert!(matches!(recv_frame(b.as_fd(), 1000, Duration::ZERO), Err(FdPassError::Truncated)));
+        assert_eq!(recv_frame(b.as_fd(), 1000, Duration::ZERO).expect("next").0, b"next");
         send(a.as_fd(), &[3u8; 1000], &[]).expect("send");
-        assert_eq!(recv_frame(b.as_fd(), 1000).expect("at the limit").0.len(), 1000);
+        assert_eq!(recv_frame(b.as_fd(), 1000, Duration::ZERO).expect("at the limit").0.len(), 1000);
         drop(a);
-        assert!(recv_frame(b.as_fd(), 1000).expect("eof").0.is_empty());
+        assert!(recv_frame(b.as_fd(), 1000, Duration::ZERO).expect("eof").0.is_empty());
+    }
+
+    /// A spinning receive gets a datagram sent while it spins, and one sent after its spin
+    /// (it then blocks); it still fails at the socket's receive timeout.
+    #[test]
+    fn a_spinning_receive_gets_early_and_late_frames() {
+        let (a, b) = pair();
+        let spin = Duration::from_millis(20);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            send(a.as_fd(), b"early", &[]).expect("send");
+            std::thread::sleep(Duration::from_millis(100));
+            send(a.as_fd(), b"late", &[]).expect("send");
+            a
+        });
+        assert_eq!(recv_frame(b.as_fd(), 100, spin).expect("early").0, b"early");
+        let started = Instant::now();
+        assert_eq!(recv_frame(b.as_fd(), 100, spin).expect("late").0, b"late");
+        assert!(started.elapsed() >= Duration::from_millis(50), "the late frame came after the spin");
+        let _a = sender.join().expect("sender");
+        let timeout = nix::sys::time::TimeVal::new(0, 50_000);
+        nix::sys::socket::setsockopt(&b, nix::sys::socket::sockopt::ReceiveTimeout, &timeout).expect("timeout");
+        assert!(matches!(recv_frame(b.as_fd(), 100, spin), Err(FdPassError::Receive(nix::Error::EAGAIN))));
     }
 
     #[test]

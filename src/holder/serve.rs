@@ -55,7 +55,7 @@ impl Holder {
     /// Answers requests on `conn` until the peer closes it.
     pub(crate) fn serve_conn(&mut self, conn: &OwnedFd, allowed: bool) -> Next {
         loop {
-            let (frame, fds) = match fdpass::recv_frame(conn.as_fd(), MAX_FRAME) {
+            let (frame, fds) = match fdpass::recv_frame(conn.as_fd(), MAX_FRAME, std::time::Duration::ZERO) {
                 Ok((frame, _)) if frame.is_empty() => return Next::Continue,
                 Ok(got) => got,
                 Err(e) => {

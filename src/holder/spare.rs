@@ -199,7 +199,7 @@ fn ready(
             continue;
         }
         let Ok((conn, allowed)) = accept_conn(&listener) else { continue };
-        let request = match fdpass::recv_frame(conn.as_fd(), MAX_FRAME) {
+        let request = match fdpass::recv_frame(conn.as_fd(), MAX_FRAME, std::time::Duration::ZERO) {
             Ok((frame, _)) if !frame.is_empty() => protocol::decode::<Request>(&frame),
             _ => continue,
         };
