@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use crate::libvirtd::{guest_xml, random_uuid};
 use crate::report::{table, Report};
 use crate::sanlock_daemon::{self, SanlockDaemon};
-use crate::stats::{fit, median, ms, paired_diff, signed_ms, signed_with_iqr, summary, with_iqr};
+use crate::stats::{fit, median, ms, paired_diff, signed_ms, signed_with_ci, signed_with_iqr, summary, with_iqr};
 use crate::util;
 
 /// A throw-away lockhook set-up: config, run dir, lockspace and the `qemu` symlink.
@@ -520,6 +520,21 @@ pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
         "≤ 2 ms",
         Some(worst <= 2.0),
     );
+    // Net of a bare exec, per round (`exec /bin/true` ran in the same round).
+    let net = |what: &str, n: usize| -> Vec<f64> {
+        let i = guests.iter().position(|g| g.n == n && g.env == 0).expect("size");
+        let calls = if what == "prepare" { &samples[i].prepare } else { &samples[i].release };
+        paired_diff(calls, &true_ms)
+    };
+    for (what, n, limit) in [("prepare", 1, 0.5), ("prepare", 64, 2.0), ("release", 1, 0.3)] {
+        let d = net(what, n);
+        report.target(
+            format!("`{what}` net of a bare exec, {n} disk{} (per round)", if n == 1 { "" } else { "s" }),
+            format!("{} ms", signed_with_ci(&d)),
+            &format!("≤ {limit} ms"),
+            Some(median(&d) <= limit),
+        );
+    }
     let (_, f, pts) = &fits[0];
     let s1 = (pts[2].1 - pts[0].1) / (pts[2].0 - pts[0].0);
     let s2 = (pts[3].1 - pts[2].1) / (pts[3].0 - pts[2].0);
