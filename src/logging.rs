@@ -113,18 +113,19 @@ impl Log for Logger {
         }
         if let Some(file) = &self.file {
             if let Ok(mut f) = file.lock() {
-                let _ = writeln!(
-                    f,
-                    "{} lockhook[{}] {}: {message}",
-                    crate::clock::now(),
-                    std::process::id(),
-                    record.level()
-                );
+                let _ = f.write_all(file_line(record.level(), &message).as_bytes());
             }
         }
     }
 
     fn flush(&self) {}
+}
+
+/// One line of the log file, written with one `write`: the hook, holders and the CLI append to
+/// the same file (`O_APPEND`), and a line written piece by piece could interleave with another
+/// process's.
+fn file_line(level: Level, message: &str) -> String {
+    format!("{} lockhook[{}] {level}: {message}\n", crate::clock::now(), std::process::id())
 }
 
 fn install(logger: Logger, level: LevelFilter) {
@@ -309,6 +310,35 @@ mod tests {
         server.set_nonblocking(true).expect("nonblocking");
         syslog.send(Level::Info, "still nobody");
         assert!(server.recv(&mut [0u8; 64]).is_err());
+    }
+
+    /// Loggers of their own (as separate processes have), appending to one file at once: every
+    /// line stays whole.
+    #[test]
+    fn concurrent_writers_never_interleave_a_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("lockhook.log");
+        log::set_max_level(LevelFilter::Error);
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let logger = Logger { stderr: false, syslog: None, file: log_file(Some(&path)) };
+                    for i in 0..300 {
+                        let line = format!("writer {w} line {i} {}", "x".repeat(200));
+                        logger.log(&Record::builder().level(Level::Error).args(format_args!("{line}")).build());
+                    }
+                })
+            })
+            .collect();
+        writers.into_iter().for_each(|w| w.join().expect("writer"));
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 8 * 300);
+        for line in text.lines() {
+            let (head, message) = line.split_once(" ERROR: writer ").expect(line);
+            assert!(head.contains(" lockhook[") && !head.contains("writer"), "{line}");
+            assert!(message.ends_with(&"x".repeat(200)) && message.matches("line").count() == 1, "{line}");
+        }
     }
 
     #[test]
