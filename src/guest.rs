@@ -218,49 +218,33 @@ fn hand_over(
             let _ = std::fs::remove_file(claimed);
         }
     }
-    let fds: Vec<_> = acquired.locks.iter().map(|l| l.fd.as_fd()).collect();
-    let handed = Handed { resources: &acquired.resources, fds: &fds, pending: &pending, incoming, sanlock, adopt };
-    // A claim sent before resolving takes the locks with it: the first batch goes right behind
-    // it, before its answer (see `PendingClaim::acquire`).
-    let mut result = None;
     let client = client.or_else(|| match claim {
         Claim::Now => Client::claim_spare(&ctx.paths, &guest.uuid),
         Claim::Sent(None) => None,
-        Claim::Sent(Some(sent)) => {
-            fault_point("before-handover");
-            match sent.acquire(guest, handed) {
-                Some((client, granted)) => {
-                    result = Some(granted);
-                    Some(client)
-                }
-                None => {
-                    // Two starts of this guest at once (libvirt runs none): the other one
-                    // claimed, and this one took the locks, so that one is refused and lets its
-                    // holder go.
-                    let bound = std::time::Instant::now() + CLAIM_TIMEOUT;
-                    while crate::state::holder_alive(&ctx.paths, &guest.uuid) && std::time::Instant::now() < bound {
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                    Client::claim_spare(&ctx.paths, &guest.uuid)
-                }
+        Claim::Sent(Some(sent)) => sent.finish().or_else(|| {
+            // Two starts of this guest at once (libvirt runs none): the other one claimed, and
+            // this one took the locks, so that one is refused and lets its holder go at once.
+            let bound = std::time::Instant::now() + CLAIM_TIMEOUT;
+            while crate::state::holder_alive(&ctx.paths, &guest.uuid) && std::time::Instant::now() < bound {
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
-        }
+            Client::claim_spare(&ctx.paths, &guest.uuid)
+        }),
     });
     let client = match client {
         Some(client) => client,
         None => match start_holder(ctx, guest) {
             Ok(client) => client,
             Err(e) => {
-                drop(fds);
                 give_up(guest, acquired);
                 return Err(e);
             }
         },
     };
-    let result = result.unwrap_or_else(|| {
-        fault_point("before-handover");
-        client.acquire(guest, handed)
-    });
+    fault_point("before-handover");
+    let fds: Vec<_> = acquired.locks.iter().map(|l| l.fd.as_fd()).collect();
+    let handed = Handed { resources: &acquired.resources, fds: &fds, pending: &pending, incoming, sanlock, adopt };
+    let result = client.acquire(guest, handed);
     drop(fds);
     let (waiting, missing) = match result {
         Ok(granted) => granted,

@@ -136,6 +136,14 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
     let config = Config::load(config_path)?;
     crate::logging::init_hook(&config);
     let ctx = Ctx::new(config, config_path);
+    if event.op == Op::Release {
+        // Only its UUID: a refused start's `release` must work whatever else the XML holds.
+        let uuid = read_xml(stdin).and_then(|bytes| {
+            Domain::parse_uuid(&bytes).map_err(|source| HookError::Domain { name: event.domain.clone(), source })
+        });
+        adopt_orphans_bounded(&ctx, None);
+        return release(&ctx, event, uuid);
+    }
     let parsed = parse_domain(event, stdin);
     // Self-healing first: a running guest whose holder died gets its locks back before this
     // call could hand them to someone else. `started` and `reconnect` re-adopt their own guest
@@ -174,7 +182,6 @@ pub fn run(event: &HookEvent, stdin: &mut dyn Read, config_path: &Path) -> Resul
             info!("guest {} ({}): incoming live migration", domain.name, domain.uuid);
             Ok(())
         }
-        Op::Release => release(&ctx, event, parsed),
         Op::Restore => {
             // A restore's QEMU runs with `-incoming` too: a marker left by a failed migration must
             // not make it pass for one. Print nothing: stdout is XML here.
@@ -253,9 +260,9 @@ fn reconnect(ctx: &Ctx, domain: &Domain) -> Result<(), HookError> {
 
 /// The UUID to release: from the XML, or, when that cannot be parsed, from the state file of a
 /// live holder whose guest has this name.
-fn release_target(ctx: &Ctx, event: &HookEvent, parsed: Result<Domain, HookError>) -> Option<Uuid> {
+fn release_target(ctx: &Ctx, event: &HookEvent, parsed: Result<Uuid, HookError>) -> Option<Uuid> {
     match parsed {
-        Ok(domain) => Some(domain.uuid),
+        Ok(uuid) => Some(uuid),
         Err(e) => {
             warn!("release of {}: {}; looking the guest up by name", event.domain, crate::error_chain(&e));
             state::list(&ctx.paths).ok()?.into_iter().find_map(|entry| {
@@ -266,7 +273,7 @@ fn release_target(ctx: &Ctx, event: &HookEvent, parsed: Result<Domain, HookError
     }
 }
 
-fn release(ctx: &Ctx, event: &HookEvent, parsed: Result<Domain, HookError>) -> Result<(), HookError> {
+fn release(ctx: &Ctx, event: &HookEvent, parsed: Result<Uuid, HookError>) -> Result<(), HookError> {
     let Some(uuid) = release_target(ctx, event, parsed) else { return Ok(()) };
     Ok(guest::release(ctx, &event.domain, &uuid)?)
 }

@@ -223,6 +223,54 @@ impl Domain {
         Domain::from_raw(raw)
     }
 
+    /// Only the UUID: the first `<uuid>` child of the root element, read up to there and no
+    /// further (what `release` needs: deserializing every device costs 0.6 ms for 256 disks).
+    /// What it reads is checked as `parse` checks it (size, UTF-8, no DTD, depth).
+    pub fn parse_uuid(bytes: &[u8]) -> Result<Uuid, DomainError> {
+        if bytes.len() > MAX_XML_BYTES {
+            return Err(DomainError::TooLarge);
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| DomainError::NotUtf8)?;
+        if text.trim().is_empty() {
+            return Err(DomainError::Empty);
+        }
+        let mut reader = Reader::from_str(text);
+        let mut depth = 0usize;
+        // The text of the root's `<uuid>` child while inside it.
+        let mut uuid: Option<String> = None;
+        loop {
+            match reader.read_event() {
+                Ok(Event::Start(e)) => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        return Err(DomainError::TooDeep);
+                    }
+                    if depth == 2 && e.local_name().as_ref() == b"uuid" {
+                        uuid = Some(String::new());
+                    } else if uuid.is_some() {
+                        return Err(DomainError::Malformed("an element inside <uuid>".to_owned()));
+                    }
+                }
+                Ok(Event::Empty(_)) if uuid.is_some() => {
+                    return Err(DomainError::Malformed("an element inside <uuid>".to_owned()));
+                }
+                Ok(Event::Text(t)) => {
+                    if let Some(uuid) = &mut uuid {
+                        uuid.push_str(&t.unescape().map_err(|e| DomainError::Malformed(one_line(&e.to_string())))?);
+                    }
+                }
+                Ok(Event::End(_)) => match uuid.take() {
+                    Some(text) => return Uuid::parse(&text),
+                    None => depth = depth.saturating_sub(1),
+                },
+                Ok(Event::DocType(_)) => return Err(DomainError::DocType),
+                Ok(Event::Eof) => return Err(DomainError::MissingUuid),
+                Ok(_) => {}
+                Err(e) => return Err(DomainError::Malformed(one_line(&e.to_string()))),
+            }
+        }
+    }
+
     /// Parses libvirt's status file of a running guest: `<domstatus ...><domain>...</domain>`.
     pub fn parse_status(bytes: &[u8]) -> Result<Domain, DomainError> {
         let (text, depth) = Self::checked_text(bytes)?;
@@ -445,6 +493,46 @@ fn lease_from_raw(index: usize, raw: RawLease) -> Result<Lease, DomainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `parse_uuid` finds what `parse` finds in every fixture, and stops at the UUID: what
+    /// follows it is not read (a broken tail), what precedes it is (checked as `parse` does).
+    #[test]
+    fn the_uuid_alone_is_the_parsed_one() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/domains");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("fixtures") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "xml") {
+                let bytes = std::fs::read(&path).expect("read");
+                let full = Domain::parse(&bytes).expect("parse").uuid;
+                assert_eq!(Domain::parse_uuid(&bytes).expect("uuid"), full, "{}", path.display());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 5);
+        let uuid = "6A1B2C3D-0000-4000-8000-000000000001";
+        let domain = |inner: &str| format!("<domain type='kvm'><name>g</name>{inner}</domain>");
+        let canonical = Uuid::parse(uuid).expect("uuid");
+        let ok = |xml: &str| Domain::parse_uuid(xml.as_bytes());
+        assert_eq!(ok(&domain(&format!("<uuid> {uuid} </uuid><devices><disk"))).expect("tail"), canonical);
+        assert_eq!(
+            ok(&domain(&format!(
+                "<metadata><uuid>00000000-0000-4000-8000-00000000dead</uuid></metadata><uuid>{uuid}</uuid>"
+            )))
+            .expect("not the nested one"),
+            canonical
+        );
+        assert!(matches!(ok(&domain("<devices/>")), Err(DomainError::MissingUuid)));
+        assert!(matches!(ok(&domain("<uuid>../../etc</uuid>")), Err(DomainError::InvalidUuid(_))));
+        assert!(matches!(ok(&domain(&format!("<uuid><b/>{uuid}</uuid>"))), Err(DomainError::Malformed(_))));
+        assert!(matches!(ok("<!DOCTYPE d [<!ENTITY x 'y'>]><domain/>"), Err(DomainError::DocType)));
+        assert!(matches!(ok("  "), Err(DomainError::Empty)));
+        assert!(matches!(Domain::parse_uuid(b"<domain>\xff</domain>"), Err(DomainError::NotUtf8)));
+        let deep = format!("<domain>{}<uuid>{uuid}</uuid></domain>", "<a>".repeat(MAX_DEPTH + 1));
+        assert!(matches!(ok(&deep), Err(DomainError::TooDeep)));
+        let big = vec![b' '; MAX_XML_BYTES + 1];
+        assert!(matches!(Domain::parse_uuid(&big), Err(DomainError::TooLarge)));
+    }
 
     const UUID: &str = "f3fa73d4-1c2b-4e5f-8a9b-0123456789ab";
 
