@@ -104,6 +104,7 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
+        let _logging = Logging::enter();
         let message = record.args().to_string().replace('\n', " ");
         if self.stderr {
             eprintln!("lockhook: {}: {message}", record.level().as_str().to_lowercase());
@@ -200,6 +201,44 @@ pub fn init_hook(config: &Config) {
 fn init_syslog(config: &Config, keep: bool) {
     let syslog = Some(SYSLOG.get_or_init(|| Syslog::new(PathBuf::from(DEV_LOG), keep)));
     install(Logger { stderr: false, syslog, file: log_file(config.log_file.as_deref()) }, config.level());
+    log_panics();
+}
+
+thread_local! {
+    /// Set while this thread is inside `Logger::log` (which holds its locks).
+    static LOGGING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as logging until dropped.
+struct Logging;
+
+impl Logging {
+    fn enter() -> Logging {
+        LOGGING.with(|l| l.set(true));
+        Logging
+    }
+}
+
+impl Drop for Logging {
+    fn drop(&mut self) {
+        LOGGING.with(|l| l.set(false));
+    }
+}
+
+/// Logs a panic before the process ends (`panic = "abort"`): a holder's stderr is /dev/null,
+/// and a holder that dies lets its guest's locks go, which must not pass unseen. A panic
+/// inside the logger itself (its locks held) is left to the default hook alone.
+fn log_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !LOGGING.with(std::cell::Cell::get) {
+                log::error!("process {} panicked: {info}", std::process::id());
+            }
+            default(info);
+        }));
+    });
 }
 
 #[cfg(test)]
@@ -310,6 +349,23 @@ mod tests {
         server.set_nonblocking(true).expect("nonblocking");
         syslog.send(Level::Info, "still nobody");
         assert!(server.recv(&mut [0u8; 64]).is_err());
+    }
+
+    /// A panic (a holder's, whose stderr nobody reads) reaches the log before the process ends.
+    #[test]
+    fn a_panic_is_logged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("lockhook.log");
+        install(Logger { stderr: false, syslog: None, file: log_file(Some(&path)) }, LevelFilter::Info);
+        log_panics();
+        assert!(std::panic::catch_unwind(|| panic!("boom in a holder")).is_err());
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains("ERROR: process ") && text.contains("panicked") && text.contains("boom in a holder"),
+            "{text}"
+        );
+        assert!(text.contains("logging.rs"), "names where: {text}");
     }
 
     /// Loggers of their own (as separate processes have), appending to one file at once: every
