@@ -515,8 +515,78 @@ pub fn release(ctx: &Ctx, name: &str, uuid: &Uuid) -> Result<(), GuestError> {
     };
     let libvirt_run_dir = &ctx.config.libvirt_run_dir;
     let still_runs = |pid| crate::qemu::runs_as(pid, None, name, uuid, libvirt_run_dir);
-    if let Some(pid) = client.release_if_stopped(name, libvirt_run_dir, still_runs).map_err(holder_err(&guest))? {
-        warn!("release of {name} ({uuid}) ignored: its QEMU (pid {pid}) still runs");
+    match client.release_if_stopped(name, libvirt_run_dir, still_runs) {
+        Ok(Some(pid)) => warn!("release of {name} ({uuid}) ignored: its QEMU (pid {pid}) still runs"),
+        Ok(None) => {}
+        // The holder went away with the request unanswered (it was exiting: its QEMU gone, its
+        // sanlock leases lost): once it is gone, so are its locks, as when it had no socket.
+        Err(e) if hung_up(&e) && holder_gone(ctx, uuid) => {
+            warn!("release of {name} ({uuid}): its holder exited meanwhile; its locks are gone with it");
+        }
+        Err(e) => return Err(holder_err(&guest)(e)),
     }
     Ok(())
+}
+
+/// Whether the holder closed or reset the connection (rather than answered, or timed out).
+fn hung_up(e: &ClientError) -> bool {
+    use crate::holder::fdpass::FdPassError;
+    matches!(
+        e,
+        ClientError::Closed
+            | ClientError::Transport(
+                FdPassError::Receive(nix::Error::ECONNRESET | nix::Error::EPIPE)
+                    | FdPassError::Send(nix::Error::ECONNRESET | nix::Error::EPIPE)
+            )
+    )
+}
+
+/// Waits, for up to `CLAIM_TIMEOUT`, until no holder of `uuid` runs: one that hung up is
+/// exiting (its instance lock goes last, with the process).
+fn holder_gone(ctx: &Ctx, uuid: &Uuid) -> bool {
+    let bound = std::time::Instant::now() + CLAIM_TIMEOUT;
+    loop {
+        if !crate::state::holder_alive(&ctx.paths, uuid) {
+            return true;
+        }
+        if std::time::Instant::now() >= bound {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A holder that hangs up on `release` unanswered (it was exiting): the release succeeds
+    /// once that holder is gone (its instance lock with it), and fails while one lingers.
+    #[test]
+    fn a_holder_that_hangs_up_on_release_counts_once_gone() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = Config { run_dir: dir.path().to_owned(), ..Config::default() };
+        let ctx = Ctx::new(config, Path::new("/nonexistent/lockhook.toml"));
+        let uuid = Uuid::parse("f3fa73d4-1c2b-4e5f-8a9b-0123456789ab").expect("uuid");
+        for lingers in [false, true] {
+            let instance = crate::rundir::lock_instance_file(&ctx.paths.instance_lock(&uuid)).expect("instance");
+            let listener = crate::rundir::listen_on(&ctx.paths.socket(&uuid)).expect("listen");
+            let (hung_up, hang_up) = std::sync::mpsc::channel::<()>();
+            let fake = std::thread::spawn(move || {
+                let (conn, _) = crate::holder::accept_conn(&listener).expect("accept");
+                // Closed unread: the hook's request is never answered.
+                drop(conn);
+                drop(listener);
+                if lingers {
+                    let _ = hang_up.recv();
+                }
+                drop(instance);
+            });
+            let result = release(&ctx, "vm", &uuid);
+            assert_eq!(result.is_ok(), !lingers, "lingering holder {lingers}: {result:?}");
+            drop(hung_up);
+            fake.join().expect("fake holder");
+            let _ = std::fs::remove_file(ctx.paths.socket(&uuid));
+        }
+    }
 }

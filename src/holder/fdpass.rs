@@ -224,6 +224,17 @@ mod tests {
         assert!(matches!(recv_frame(b.as_fd(), 100, spin), Err(FdPassError::Receive(nix::Error::EAGAIN))));
     }
 
+    /// A peer that closes with our request unread resets the connection: a spinning receive
+    /// reports that error (the hook then says why), not the end of the stream.
+    #[test]
+    fn a_reset_is_not_read_as_the_end_of_the_stream() {
+        let (holder, hook) = pair();
+        send(hook.as_fd(), b"request", &[]).expect("send");
+        drop(holder);
+        let got = recv_frame(hook.as_fd(), 100, Duration::from_millis(5));
+        assert!(matches!(got, Err(FdPassError::Receive(nix::Error::ECONNRESET))), "{got:?}");
+    }
+
     #[test]
     fn truncated_datagram_is_an_error() {
         let (a, b) = pair();

@@ -10,6 +10,9 @@ mod presence;
 pub mod protocol;
 pub mod records;
 mod serve;
+/// For tests elsewhere that stand in for a holder.
+#[cfg(test)]
+pub(crate) use serve::accept_conn;
 pub mod server;
 pub mod spare;
 pub mod spawn;
