@@ -224,10 +224,7 @@ fn hand_over(
         Claim::Sent(Some(sent)) => sent.finish().or_else(|| {
             // Two starts of this guest at once (libvirt runs none): the other one claimed, and
             // this one took the locks, so that one is refused and lets its holder go at once.
-            let bound = std::time::Instant::now() + CLAIM_TIMEOUT;
-            while crate::state::holder_alive(&ctx.paths, &guest.uuid) && std::time::Instant::now() < bound {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            let _ = holder_gone(ctx, &guest.uuid);
             Client::claim_spare(&ctx.paths, &guest.uuid)
         }),
     });
@@ -541,8 +538,8 @@ fn hung_up(e: &ClientError) -> bool {
     )
 }
 
-/// Waits, for up to `CLAIM_TIMEOUT`, until no holder of `uuid` runs: one that hung up is
-/// exiting (its instance lock goes last, with the process).
+/// Waits, for up to `CLAIM_TIMEOUT`, until no holder of `uuid` runs (its instance lock goes
+/// last, with the process): one that hung up on a `release`, or a crossed start's claimed one.
 fn holder_gone(ctx: &Ctx, uuid: &Uuid) -> bool {
     let bound = std::time::Instant::now() + CLAIM_TIMEOUT;
     loop {
@@ -552,7 +549,7 @@ fn holder_gone(ctx: &Ctx, uuid: &Uuid) -> bool {
         if std::time::Instant::now() >= bound {
             return false;
         }
-        std::thread::sleep(std::time::Duration::from_millis(2));
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
