@@ -30,6 +30,7 @@ pub mod resource;
 pub mod rundir;
 pub mod sanlock;
 pub mod shares;
+pub mod startup;
 pub mod state;
 pub mod status;
 pub mod storage;

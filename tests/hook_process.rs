@@ -889,3 +889,49 @@ fn churn_leaves_only_per_host_files_and_a_balanced_census() {
         .count();
     assert!(spares <= 1, "{spares} spares hold spare.lock");
 }
+
+/// Whether `pid` ignores SIGPIPE (`SigIgn` in /proc/PID/status).
+fn ignores_sigpipe(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let mask = status.lines().find_map(|l| l.strip_prefix("SigIgn:")).expect("SigIgn line").trim();
+    u64::from_str_radix(mask, 16).expect("hex mask") & (1 << (libc::SIGPIPE - 1)) != 0
+}
+
+/// lockhook starts without std's runtime start-up (`main.rs`): what of it matters is kept. A
+/// hook started with stdout and stderr closed gets /dev/null there, not the first file it opens
+/// (here its log file, which `eprintln!` would then write into), and hooks and holders ignore
+/// SIGPIPE.
+#[test]
+fn processes_start_with_open_stdio_and_sigpipe_ignored() {
+    let setup = Setup::new("");
+    let img = setup.image("images/pipe.img");
+    let vm = xml("vm1", UUID1, &file_disk(&img, "vda", ""));
+    let out = setup.hook(&["vm1", "prepare", "begin", "-"], &vm);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(ignores_sigpipe(holder_pid(&setup, UUID1)), "the holder ignores SIGPIPE");
+    let other = setup.path("vm2.xml");
+    std::fs::write(&other, xml("vm2", UUID2, &file_disk(&setup.image("images/pipe2.img"), "vda", ""))).expect("xml");
+    let mut hook = std::process::Command::new("sh")
+        .args(["-c", r#"exec "$0" vm2 prepare begin - <"$1" >&- 2>&-"#])
+        .arg(&setup.hook)
+        .arg(&other)
+        .env("LOCKHOOK_CONFIG", &setup.config)
+        .env("LOCKHOOK_FAULT", "before-claim")
+        .spawn()
+        .expect("spawn the hook");
+    let pid = hook.id();
+    let log = setup.path("lockhook.log");
+    let has_open = |target: &Path| fd_targets(pid).iter().any(|(_, t)| Path::new(t) == target);
+    // Stalled before its claim, with its log file open (it logs from the start).
+    assert!(wait_until(Duration::from_secs(5), || has_open(&log)), "the hook opened its log file");
+    let fds = fd_targets(pid);
+    for fd in [1, 2] {
+        let target = fds.iter().find(|(n, _)| *n == fd).map(|(_, t)| t.as_str());
+        assert_eq!(target, Some("/dev/null"), "fd {fd} of a hook started with it closed: {fds:?}");
+    }
+    assert!(ignores_sigpipe(pid), "the hook ignores SIGPIPE");
+    hook.kill().expect("kill the stalled hook");
+    hook.wait().expect("reap");
+    let out = setup.hook(&["vm1", "release", "end", "-"], &vm);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
