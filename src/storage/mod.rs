@@ -59,6 +59,7 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<LockTarget>, Stor
     let stores = Stores {
         lockspace: Lockspace::new(&config.lockspace_dir),
         serials: block::Serials::in_run_dir(&crate::paths::Paths::new(&config.run_dir)),
+        filesystems: Default::default(),
     };
     let lockspace = &stores.lockspace;
     for planned in &plan.requests {
@@ -97,9 +98,10 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<LockTarget>, Stor
             plan.skipped.push(format!("{}: {} is a character device (device DAX)", planned.role, path.display()));
             continue;
         }
-        file_requests(&stores, planned, &path, planned.mode, planned.role.clone(), &mut out, &mut plan.skipped)?;
+        let meta =
+            file_requests(&stores, planned, &path, planned.mode, planned.role.clone(), &mut out, &mut plan.skipped)?;
         if matches!(planned.role, Role::Disk { .. } | Role::Backing { .. } | Role::Mirror { .. } | Role::Command) {
-            image_files(&stores, planned, path, &mut out, &mut plan.skipped)?;
+            image_files(&stores, planned, (path, meta), &mut out, &mut plan.skipped)?;
         }
     }
     Ok(out)
@@ -109,6 +111,8 @@ pub fn resolve(plan: &mut Plan, config: &Config) -> Result<Vec<LockTarget>, Stor
 struct Stores {
     lockspace: Lockspace,
     serials: block::Serials,
+    /// The filesystems (`st_dev`) whose device this call looked at already: many images share one.
+    filesystems: std::cell::RefCell<HashSet<u64>>,
 }
 
 /// The requests for one file a guest opens, `path`, in `mode` as `role`: the file itself and,
@@ -117,6 +121,8 @@ struct Stores {
 ///   the lockspace, and every layer beneath it (see `stack`);
 /// - for an image file on a block device's filesystem: that device, shared, with its identity
 ///   and layers (whoever writes the device writes the image).
+///
+/// Returns what `stat` said of `path` (following symlinks), `None` when it does not exist.
 fn file_requests(
     stores: &Stores,
     planned: &Planned,
@@ -125,13 +131,13 @@ fn file_requests(
     role: Role,
     out: &mut Vec<LockTarget>,
     skipped: &mut Vec<String>,
-) -> Result<(), StorageError> {
+) -> Result<Option<std::fs::Metadata>, StorageError> {
     out.push(LockTarget { mode, role: role.clone(), ..request(planned, path.to_owned()) });
     // A lease is one byte of its file, locked there and nowhere else.
     if matches!(role, Role::Lease { .. }) {
-        return Ok(());
+        return Ok(None);
     }
-    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(None) };
     let sys = Path::new(SYS);
     if meta.file_type().is_block_device() {
         let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
@@ -146,16 +152,12 @@ fn file_requests(
         layer_requests(stores, planned, (major, minor), top.map(|d| d.name), mode, out, skipped)?;
     } else if meta.is_file() && !matches!(role, Role::Lease { .. } | Role::Loader) {
         // Many images share one filesystem: its device is resolved once per call.
-        let seen = out.iter().any(|r| {
-            matches!(r.role, Role::Layer { layer: stack::LayerKind::Filesystem, .. })
-                && std::fs::metadata(&r.path).is_ok_and(|m| m.rdev() == meta.dev())
-        });
-        if seen {
-            return Ok(());
+        if !stores.filesystems.borrow_mut().insert(meta.dev()) {
+            return Ok(Some(meta));
         }
         let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
-        let Some(fs_dev) = stack::device(sys, major, minor) else { return Ok(()) };
-        let Some(node) = stack::node(Path::new(DEV), &fs_dev) else { return Ok(()) };
+        let Some(fs_dev) = stack::device(sys, major, minor) else { return Ok(Some(meta)) };
+        let Some(node) = stack::node(Path::new(DEV), &fs_dev) else { return Ok(Some(meta)) };
         let layer = Role::Layer {
             layer: stack::LayerKind::Filesystem,
             above: path.display().to_string(),
@@ -179,7 +181,7 @@ fn file_requests(
             Err(e) => skipped.push(format!("{layer}: {}; its identity is not locked", crate::error_chain(&e))),
         }
     }
-    Ok(())
+    Ok(Some(meta))
 }
 
 /// The lock file `key` of `kind` in the lockspace, called `label` in messages.
@@ -334,11 +336,12 @@ fn request(planned: &Planned, path: PathBuf) -> LockTarget {
 
 /// The files QEMU opens for a qcow2 image besides the image: its external data file (in the
 /// image's mode) and, when the plan says to read it (`read_chain`), the backing chain from the
-/// headers, each link shared with its own data file.
+/// headers, each link shared with its own data file. `top` is the image's path and what `stat`
+/// said of it just before.
 fn image_files(
     stores: &Stores,
     top: &Planned,
-    top_path: PathBuf,
+    (top_path, top_meta): (PathBuf, Option<std::fs::Metadata>),
     out: &mut Vec<LockTarget>,
     skipped: &mut Vec<String>,
 ) -> Result<(), StorageError> {
@@ -348,9 +351,10 @@ fn image_files(
     let mut current = top_path;
     let mut format = top.format.clone();
     let mut mode = top.mode;
+    let mut known = top_meta;
     loop {
         // A missing top image is reported when it is locked; here there is just nothing to read.
-        let Ok(meta) = std::fs::metadata(&current) else { return Ok(()) };
+        let Some(meta) = known.take().or_else(|| std::fs::metadata(&current).ok()) else { return Ok(()) };
         if !seen.insert((meta.dev(), meta.ino())) || seen.len() > MAX_CHAIN {
             return Err(StorageError::ChainTooLong { role, path: current });
         }
@@ -386,7 +390,7 @@ fn image_files(
             skipped.push(format!("{role}: {:?} is not a local file", backing.name));
             return Ok(());
         };
-        file_requests(stores, top, &next, LockMode::Shared, role.clone(), out, skipped)?;
+        known = file_requests(stores, top, &next, LockMode::Shared, role.clone(), out, skipped)?;
         current = next;
         format = backing.format;
         mode = LockMode::Shared;
@@ -419,6 +423,42 @@ mod tests {
         let got: Vec<_> =
             reqs.iter().filter(|r| !matches!(r.role, Role::Layer { .. })).map(|r| (r.path.clone(), r.mode)).collect();
         assert_eq!(got, vec![(top, LockMode::Exclusive), (mid, LockMode::Shared), (base, LockMode::Shared)]);
+    }
+
+    #[test]
+    fn images_on_one_filesystem_lock_its_device_once() {
+        // The checkout's own filesystem: a block device's on the machines this runs on.
+        let dir = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).expect("dir");
+        let fs_dev = std::fs::metadata(dir.path()).expect("stat").dev();
+        let device = stack::device(Path::new(SYS), libc::major(fs_dev), libc::minor(fs_dev));
+        assert!(
+            device.is_some(),
+            "{} is not on a block device's filesystem: run this where it is",
+            dir.path().display()
+        );
+        let disks: String = (0..3)
+            .map(|i| {
+                let img = dir.path().join(format!("{i}.raw"));
+                std::fs::write(&img, b"raw").expect("write");
+                format!(
+                    "<disk type='file'><driver type='raw'/><source file='{}'/><target dev='vd{}'/></disk>",
+                    img.display(),
+                    char::from(b'a' + i)
+                )
+            })
+            .collect();
+        let xml = format!(
+            "<domain><name>v</name><uuid>f3fa73d4-1c2b-4e5f-8a9b-0123456789ab</uuid><devices>{disks}</devices></domain>"
+        );
+        let domain = Domain::parse(xml.as_bytes()).expect("parse");
+        let mut plan = crate::resource::plan(&domain, &Config::default());
+        let reqs = resolve(&mut plan, &Config::default()).expect("resolve");
+        let layers: Vec<_> =
+            reqs.iter().filter(|r| matches!(r.role, Role::Layer { layer: stack::LayerKind::Filesystem, .. })).collect();
+        assert_eq!(layers.len(), 1, "one request for the filesystem's device, whatever the images on it: {reqs:#?}");
+        assert_eq!(layers[0].mode, LockMode::Shared);
+        assert_eq!(std::fs::metadata(&layers[0].path).expect("stat node").rdev(), fs_dev, "{:?}", layers[0].path);
+        assert_eq!(reqs.iter().filter(|r| matches!(r.role, Role::Disk { .. })).count(), 3);
     }
 
     /// The lockspace keys `devices` resolve to, with `storage/<pool>.xml` files from `pools`.

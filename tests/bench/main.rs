@@ -21,7 +21,8 @@
 //!   wrapper that times each hook call (1b: lockhook's calls on the start path − the no-op's,
 //!   round by round)
 //!
-//! The table goes to stdout at the end and to `tests/bench/last-result.md`; progress to stderr.
+//! The table goes to stdout at the end, on top of the earlier runs in `tests/bench/last-result.md`
+//! and alone to `target/bench/last-run.md`; progress to stderr.
 //! Parts:
 //! 1. `virsh start` and `virsh destroy` of a 1-disk and a 16-disk guest on one private libvirtd
 //!    per configuration (no hook, no-op sh hook, no-op /bin/true hook, lockhook, virtlockd);
@@ -311,10 +312,19 @@ fn main() {
     }
     report.note(format!("total bench time {:.0} s", started.elapsed().as_secs_f64()));
     let text = report.render();
-    if let Err(e) = std::fs::write(&out_file, &text) {
-        eprintln!("bench: cannot write {}: {e}", out_file.display());
-    } else {
-        eprintln!("bench: written to {}", out_file.display());
+    // This run alone beside the binary, and on top of the earlier runs in `last-result.md`
+    // (which keeps them: a short run must not wipe a long one's figures).
+    let alone = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/last-run.md");
+    if let Some(dir) = alone.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let earlier = std::fs::read_to_string(&out_file).unwrap_or_default();
+    let all = if earlier.is_empty() { text.clone() } else { format!("{text}\n{earlier}") };
+    for (path, body) in [(&alone, &text), (&out_file, &all)] {
+        match std::fs::write(path, body) {
+            Err(e) => eprintln!("bench: cannot write {}: {e}", path.display()),
+            Ok(()) => eprintln!("bench: written to {}", path.display()),
+        }
     }
     println!("{text}");
 }

@@ -2,7 +2,8 @@
 # lockhook's benchmark (issue 5): lockhook against no hook, a no-op hook and virtlockd, on private
 # libvirtds that it starts in their own namespaces (never the host's libvirtd). Needs root.
 # Installs what is missing (Debian packages), builds lockhook in release mode, then runs
-# `cargo bench --bench lockhook`. Prints a markdown table and writes tests/bench/last-result.md.
+# `cargo bench --bench lockhook`. Prints a markdown table and puts it on top of the earlier runs in
+# tests/bench/last-result.md (this run alone: target/bench/last-run.md).
 #
 #   sudo tests/bench/run.sh            # full run, ~25 min plus the build (part 6 runs 500 guests)
 #   sudo tests/bench/run.sh --quick    # smoke run, ~4 min
