@@ -181,8 +181,14 @@ impl Sandbox {
         let pid_file = "/run/lockhook-test/libvirtd.pid";
         assert!(wait_until(Duration::from_secs(5), || self.exists(pid_file)), "the fake libvirtd started");
         let pid = self.read(pid_file).trim().to_owned();
-        let (seen, _) = self.ok("pgrep -x libvirtd");
-        assert_eq!(seen.trim(), pid, "the only libvirtd the scripts can see is the fake one");
+        // Each `sleep` the stub runs is a fork that is called `libvirtd` until it execs: looked
+        // at until no such child is between fork and exec; another libvirtd would stay.
+        let mut seen = String::new();
+        let alone = wait_until(Duration::from_secs(5), || {
+            seen = self.ok("pgrep -x libvirtd").0.trim().to_owned();
+            seen == pid
+        });
+        assert!(alone, "the only libvirtd the scripts can see is the fake one ({pid}): {seen:?}");
         pid
     }
 

@@ -255,14 +255,19 @@ fn guests_sharing_a_file_share_one_lock_on_it() {
     let base = setup.image("base.raw");
     let uuid = |i: u32| format!("{i:08x}-1111-4000-8000-000000000000");
     let vm = |i: u32| xml(&format!("s{i}"), &uuid(i), &file_disk(&base, "vda", "<readonly/>"));
+    // A holder offers a shared lock as `shares/<dev>-<ino>-<offset>` (written aside, then renamed).
+    let entry = {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&base).expect("stat base");
+        setup.run_dir.join("shares").join(format!("{:x}-{:x}-0", meta.dev(), meta.ino()))
+    };
     for i in 0..4 {
         let out = setup.hook(&[&format!("s{i}"), "prepare", "begin", "-"], &vm(i));
         assert!(out.status.success(), "{}", stderr(&out));
         // The next one borrows the description its predecessors hold once its holder offered
-        // it (after its answer to the hook).
-        let offered = wait_until(Duration::from_secs(5), || {
-            std::fs::read_dir(setup.run_dir.join("shares")).is_ok_and(|d| d.count() > 0)
-        });
+        // it (after its answer to the hook): its entry, not just any file there (another shared
+        // lock's entry, or one still being written, is not it).
+        let offered = wait_until(Duration::from_secs(5), || entry.exists());
         assert!(offered, "s{i}'s holder offers its shared lock");
     }
     assert_eq!(ofd_locks_on(&base), 1, "4 guests, one lock in the kernel's list");

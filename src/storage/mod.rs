@@ -417,8 +417,16 @@ mod tests {
             top.display()
         );
         let domain = Domain::parse(xml.as_bytes()).expect("parse");
-        let mut plan = crate::resource::plan(&domain, &Config::default());
-        let reqs = resolve(&mut plan, &Config::default()).expect("resolve");
+        // Nothing of the host's: the filesystem's identity would go to the lockspace, a disk's
+        // serial to the run directory.
+        let config = Config {
+            lockspace_dir: dir.path().join("lockspace"),
+            run_dir: dir.path().join("run"),
+            libvirt_run_dir: dir.path().join("libvirt"),
+            ..Config::default()
+        };
+        let mut plan = crate::resource::plan(&domain, &config);
+        let reqs = resolve(&mut plan, &config).expect("resolve");
         // The filesystem the temp dir is on may be a block device: its layer is beside the point.
         let got: Vec<_> =
             reqs.iter().filter(|r| !matches!(r.role, Role::Layer { .. })).map(|r| (r.path.clone(), r.mode)).collect();
@@ -427,7 +435,9 @@ mod tests {
 
     #[test]
     fn images_on_one_filesystem_lock_its_device_once() {
-        // The checkout's own filesystem: a block device's on the machines this runs on.
+        // The checkout's own filesystem: a block device's on the machines this runs on. Its
+        // identity's lock file and the disk serials go to a lockspace and run directory of the
+        // test's own.
         let dir = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).expect("dir");
         let fs_dev = std::fs::metadata(dir.path()).expect("stat").dev();
         let device = stack::device(Path::new(SYS), libc::major(fs_dev), libc::minor(fs_dev));
@@ -436,29 +446,44 @@ mod tests {
             "{} is not on a block device's filesystem: run this where it is",
             dir.path().display()
         );
-        let disks: String = (0..3)
-            .map(|i| {
-                let img = dir.path().join(format!("{i}.raw"));
-                std::fs::write(&img, b"raw").expect("write");
-                format!(
-                    "<disk type='file'><driver type='raw'/><source file='{}'/><target dev='vd{}'/></disk>",
-                    img.display(),
-                    char::from(b'a' + i)
-                )
-            })
-            .collect();
-        let xml = format!(
-            "<domain><name>v</name><uuid>f3fa73d4-1c2b-4e5f-8a9b-0123456789ab</uuid><devices>{disks}</devices></domain>"
-        );
-        let domain = Domain::parse(xml.as_bytes()).expect("parse");
-        let mut plan = crate::resource::plan(&domain, &Config::default());
-        let reqs = resolve(&mut plan, &Config::default()).expect("resolve");
-        let layers: Vec<_> =
-            reqs.iter().filter(|r| matches!(r.role, Role::Layer { layer: stack::LayerKind::Filesystem, .. })).collect();
-        assert_eq!(layers.len(), 1, "one request for the filesystem's device, whatever the images on it: {reqs:#?}");
-        assert_eq!(layers[0].mode, LockMode::Shared);
-        assert_eq!(std::fs::metadata(&layers[0].path).expect("stat node").rdev(), fs_dev, "{:?}", layers[0].path);
-        assert_eq!(reqs.iter().filter(|r| matches!(r.role, Role::Disk { .. })).count(), 3);
+        std::fs::create_dir_all(dir.path().join("lockspace")).expect("mkdir");
+        let config = Config {
+            lockspace_dir: dir.path().join("lockspace"),
+            run_dir: dir.path().join("run"),
+            libvirt_run_dir: dir.path().join("libvirt"),
+            ..Config::default()
+        };
+        let layers_for = |images: u8| {
+            let disks: String = (0..images)
+                .map(|i| {
+                    let img = dir.path().join(format!("{i}.raw"));
+                    std::fs::write(&img, b"raw").expect("write");
+                    format!(
+                        "<disk type='file'><driver type='raw'/><source file='{}'/><target dev='vd{}'/></disk>",
+                        img.display(),
+                        char::from(b'a' + i)
+                    )
+                })
+                .collect();
+            let xml = format!(
+                "<domain><name>v</name><uuid>f3fa73d4-1c2b-4e5f-8a9b-0123456789ab</uuid><devices>{disks}</devices></domain>"
+            );
+            let domain = Domain::parse(xml.as_bytes()).expect("parse");
+            let mut plan = crate::resource::plan(&domain, &config);
+            let reqs = resolve(&mut plan, &config).expect("resolve");
+            assert_eq!(reqs.iter().filter(|r| matches!(r.role, Role::Disk { .. })).count(), usize::from(images));
+            let layers: Vec<(PathBuf, LockMode)> = reqs
+                .iter()
+                .filter(|r| matches!(r.role, Role::Layer { layer: stack::LayerKind::Filesystem, .. }))
+                .map(|r| (r.path.clone(), r.mode))
+                .collect();
+            layers
+        };
+        let one = layers_for(1);
+        let node = one.iter().find(|(path, _)| std::fs::metadata(path).is_ok_and(|m| m.rdev() == fs_dev));
+        assert!(matches!(node, Some((_, LockMode::Shared))), "the filesystem's device node, shared: {one:?}");
+        assert_eq!(one.iter().filter(|(path, _)| path.starts_with("/dev")).count(), 1, "{one:?}");
+        assert_eq!(layers_for(3), one, "the same requests for the filesystem whatever the images on it");
     }
 
     /// The lockspace keys `devices` resolve to, with `storage/<pool>.xml` files from `pools`.
