@@ -174,7 +174,11 @@ fn join_one(sanlock: &Sanlock, ls: &crate::sanlock::Lockspace, io_timeout: u32) 
 }
 
 /// libvirt's `__LIBVIRT__DISKS__` lockspace: created as libvirt's driver creates it when
-/// missing (a 0600 file, formatted with the daemon's defaults), then joined.
+/// missing (a 0600 file), then joined. It is formatted with the `io_timeout` this host joins
+/// with, not the daemon's default (10 s) as libvirt's driver does: joining waits twice the
+/// recorded `io_timeout`, and a host whose own is less than a quarter of the recorded one sees
+/// its new host lease expire as it joins (after 8 × its own): the daemon then drops the
+/// lockspace at once ("check_our_lease failed 20" with 10 recorded and 2 joining).
 fn join_libvirt(sanlock: Sanlock, dir: &Path, host_id: u64, io_timeout: u32) -> Result<String, AdminError> {
     let ls = area::libvirt_lockspace(dir, host_id);
     let path = ls.disk.path.clone();
@@ -182,9 +186,8 @@ fn join_libvirt(sanlock: Sanlock, dir: &Path, host_id: u64, io_timeout: u32) -> 
         OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path);
     match created {
         Ok(_) => {
-            sanlock.write_lockspace(&ls.name, &ls.disk, Geometry::Auto, 0).map_err(|source| AdminError::Sanlock {
-                what: format!("cannot format libvirt's lockspace at {}", path.display()),
-                source,
+            sanlock.write_lockspace(&ls.name, &ls.disk, Geometry::Auto, io_timeout).map_err(|source| {
+                AdminError::Sanlock { what: format!("cannot format libvirt's lockspace at {}", path.display()), source }
             })?;
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
