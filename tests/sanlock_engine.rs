@@ -11,7 +11,7 @@
 //! timeouts take seconds, not minutes.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use crate::common::libvirtd::{guest_xml, random_uuid, Libvirtd, LibvirtdOptions};
@@ -481,6 +481,16 @@ fn libvirts_sanlock_driver_and_lockhook_exclude_each_other() {
     let h = SanHost::start(&shared, 1, &format!("libvirt_disk_lease_dir = {lease_dir:?}\n"));
     assert!(h.lockhook_ok(&["sanlock", "init"]).contains("formatted"));
     join_all(&[&h]);
+    // The join created libvirt's lockspace with the io_timeout the hosts join with (formatted
+    // with the daemon's 10 s, a join with 2 outlasts its own host lease and is dropped): what a
+    // host slot nobody joined (3) still says; a joined one says its host's own.
+    let leader = Command::new("sanlock")
+        .args(["direct", "read_leader", "-s"])
+        .arg(format!("__LIBVIRT__DISKS__:3:{}:0", lease_dir.join("__LIBVIRT__DISKS__").display()))
+        .output()
+        .expect("sanlock direct read_leader");
+    let leader = String::from_utf8_lossy(&leader.stdout).into_owned();
+    assert!(leader.lines().any(|l| l.trim() == format!("io_timeout {IO_TIMEOUT}")), "libvirt's lockspace: {leader}");
     // Host L: libvirt's own sanlock driver, no lockhook.
     let l_daemon = SanlockDaemon::start(&format!("lh-libvirt-{}", &random_uuid()[..8]));
     let l_images = l_daemon.path("images");
