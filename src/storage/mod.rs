@@ -402,6 +402,18 @@ mod tests {
     use super::*;
     use crate::domain::Domain;
 
+    /// A config whose lockspace, run directory and libvirt run directory are under `dir`:
+    /// resolving touches nothing of the host's (a filesystem's identity goes to the lockspace,
+    /// a disk's serial to the run directory).
+    fn config_in(dir: &Path) -> Config {
+        Config {
+            lockspace_dir: dir.join("lockspace"),
+            run_dir: dir.join("run"),
+            libvirt_run_dir: dir.join("libvirt"),
+            ..Config::default()
+        }
+    }
+
     #[test]
     fn chain_from_headers() {
         let dir = tempfile::tempdir().expect("dir");
@@ -417,14 +429,7 @@ mod tests {
             top.display()
         );
         let domain = Domain::parse(xml.as_bytes()).expect("parse");
-        // Nothing of the host's: the filesystem's identity would go to the lockspace, a disk's
-        // serial to the run directory.
-        let config = Config {
-            lockspace_dir: dir.path().join("lockspace"),
-            run_dir: dir.path().join("run"),
-            libvirt_run_dir: dir.path().join("libvirt"),
-            ..Config::default()
-        };
+        let config = config_in(dir.path());
         let mut plan = crate::resource::plan(&domain, &config);
         let reqs = resolve(&mut plan, &config).expect("resolve");
         // The filesystem the temp dir is on may be a block device: its layer is beside the point.
@@ -447,12 +452,7 @@ mod tests {
             dir.path().display()
         );
         std::fs::create_dir_all(dir.path().join("lockspace")).expect("mkdir");
-        let config = Config {
-            lockspace_dir: dir.path().join("lockspace"),
-            run_dir: dir.path().join("run"),
-            libvirt_run_dir: dir.path().join("libvirt"),
-            ..Config::default()
-        };
+        let config = config_in(dir.path());
         let layers_for = |images: u8| {
             let disks: String = (0..images)
                 .map(|i| {
@@ -472,12 +472,10 @@ mod tests {
             let mut plan = crate::resource::plan(&domain, &config);
             let reqs = resolve(&mut plan, &config).expect("resolve");
             assert_eq!(reqs.iter().filter(|r| matches!(r.role, Role::Disk { .. })).count(), usize::from(images));
-            let layers: Vec<(PathBuf, LockMode)> = reqs
-                .iter()
+            reqs.iter()
                 .filter(|r| matches!(r.role, Role::Layer { layer: stack::LayerKind::Filesystem, .. }))
                 .map(|r| (r.path.clone(), r.mode))
-                .collect();
-            layers
+                .collect::<Vec<(PathBuf, LockMode)>>()
         };
         let one = layers_for(1);
         let node = one.iter().find(|(path, _)| std::fs::metadata(path).is_ok_and(|m| m.rdev() == fs_dev));

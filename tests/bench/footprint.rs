@@ -285,19 +285,20 @@ struct FdCheck {
 /// is closed within the holder's connection timeout, `CONN_TIMEOUT` = 5 s, at the latest).
 const FD_SETTLE: Duration = Duration::from_secs(6);
 
-/// What is wrong with `pid`'s fds now, if anything (patterns), and a description of its sockets.
-fn fd_problems(h: &Held, locked: &HashSet<(String, u64)>, kinds: Option<&mut Vec<String>>) -> (Vec<String>, usize) {
+/// `h`'s fds now: what is wrong with them, if anything (patterns; extra sockets described),
+/// each allowed one as `fd: kind`, and how many there are.
+fn fd_problems(h: &Held, locked: &HashSet<(String, u64)>) -> (Vec<String>, Vec<String>, usize) {
     let fds = util::fds(h.pid);
     let mut problems = Vec::new();
     let mut sockets = Vec::new();
-    let mut mine = Vec::new();
+    let mut kinds = Vec::new();
     for (fd, target) in &fds {
         match classify(*fd, target, &h.uuid, &h.image, locked) {
             Ok(kind) => {
                 if kind == "socket" {
                     sockets.push(target.clone());
                 }
-                mine.push(format!("{fd}: {kind}"));
+                kinds.push(format!("{fd}: {kind}"));
             }
             Err(p) => problems.push(format!("fd -> {p}")),
         }
@@ -309,10 +310,7 @@ fn fd_problems(h: &Held, locked: &HashSet<(String, u64)>, kinds: Option<&mut Vec
             describe_sockets(h.pid, &sockets)
         ));
     }
-    if let Some(kinds) = kinds {
-        *kinds = mine;
-    }
-    (problems, fds.len())
+    (problems, kinds, fds.len())
 }
 
 /// `socket:[inode]` targets described from the holder's `/proc/PID/net/unix` (type, state, path).
@@ -353,7 +351,10 @@ fn check_fds(held: &[Held]) -> FdCheck {
     let mut fd_counts = Vec::new();
     let mut suspects = Vec::new();
     for (i, h) in held.iter().enumerate() {
-        let (problems, n) = fd_problems(h, &locked, (i == 0).then_some(&mut kinds));
+        let (problems, its_kinds, n) = fd_problems(h, &locked);
+        if i == 0 {
+            kinds = its_kinds;
+        }
         fd_counts.push(n as f64);
         if !problems.is_empty() {
             suspects.push((h, problems));
@@ -363,10 +364,10 @@ fn check_fds(held: &[Held]) -> FdCheck {
     let mut bad: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     let mut transient = Vec::new();
     for (h, first) in suspects {
-        let mut now = fd_problems(h, &locked, None).0;
+        let mut now = fd_problems(h, &locked).0;
         while !now.is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
-            now = fd_problems(h, &locked, None).0;
+            now = fd_problems(h, &locked).0;
         }
         if now.is_empty() {
             transient.push(format!("holder {} (pid {}): {}", h.name, h.pid, first.join("; ")));
