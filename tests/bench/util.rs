@@ -351,3 +351,46 @@ pub fn sh(cmd: &str) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
 }
+
+/// The variable that makes the bench binary a probe child (see `cpu_probe`).
+pub const CPU_PROBE: &str = "LOCKHOOK_BENCH_CPU_PROBE";
+
+/// In a fresh process: the first `is_x86_feature_detected!` (std's CPU feature detection, which
+/// the first `memchr` of every process runs: quick-xml's and serde_json's byte searches, so every
+/// hook call that reads XML or JSON), then one `cpuid`; both in µs on stdout.
+pub fn cpu_probe_child() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let t = Instant::now();
+        let avx2 = std::hint::black_box(std::is_x86_feature_detected!("avx2"));
+        let detect = t.elapsed();
+        let t = Instant::now();
+        const N: u32 = 200;
+        for _ in 0..N {
+            // Leaf 7, subleaf 0: feature flags, as std_detect reads them.
+            std::hint::black_box(std::arch::x86_64::__cpuid_count(7, 0));
+        }
+        let cpuid = t.elapsed() / N;
+        println!("{} {} {avx2}", detect.as_secs_f64() * 1e6, cpuid.as_secs_f64() * 1e6);
+    }
+}
+
+/// What std's CPU feature detection costs a fresh process here (ms, one sample per process, so
+/// that each pays it once, as a hook call does) and what one `cpuid` costs (µs, median). In a VM
+/// `cpuid` traps to the hypervisor: what costs nanoseconds on bare metal costs microseconds.
+pub fn cpu_probe(samples: usize) -> Option<(Vec<f64>, f64)> {
+    if !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    let me = std::env::current_exe().ok()?;
+    let mut detect = Vec::new();
+    let mut cpuid = Vec::new();
+    for _ in 0..samples {
+        let out = Command::new(&me).env(CPU_PROBE, "1").output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut fields = text.split_whitespace().map(str::parse::<f64>);
+        detect.push(fields.next()?.ok()? / 1000.0);
+        cpuid.push(fields.next()?.ok()?);
+    }
+    Some((detect, crate::stats::median(&cpuid)))
+}
