@@ -10,6 +10,7 @@
 //! it where production puts it. io_timeout is small (see `IO_TIMEOUT`) so that joins and
 //! timeouts take seconds, not minutes.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -484,12 +485,7 @@ fn libvirts_sanlock_driver_and_lockhook_exclude_each_other() {
     // The join created libvirt's lockspace with the io_timeout the hosts join with (formatted
     // with the daemon's 10 s, a join with 2 outlasts its own host lease and is dropped): what a
     // host slot nobody joined (3) still says; a joined one says its host's own.
-    let leader = Command::new("sanlock")
-        .args(["direct", "read_leader", "-s"])
-        .arg(format!("__LIBVIRT__DISKS__:3:{}:0", lease_dir.join("__LIBVIRT__DISKS__").display()))
-        .output()
-        .expect("sanlock direct read_leader");
-    let leader = String::from_utf8_lossy(&leader.stdout).into_owned();
+    let leader = read_leader("__LIBVIRT__DISKS__", 3, &lease_dir.join("__LIBVIRT__DISKS__"));
     assert!(leader.lines().any(|l| l.trim() == format!("io_timeout {IO_TIMEOUT}")), "libvirt's lockspace: {leader}");
     // Host L: libvirt's own sanlock driver, no lockhook.
     let l_daemon = SanlockDaemon::start(&format!("lh-libvirt-{}", &random_uuid()[..8]));
@@ -564,6 +560,58 @@ fn libvirts_sanlock_driver_and_lockhook_exclude_each_other() {
     assert!(err.contains("Failed to acquire lock"), "{err}");
     h.lv.virsh_ok(&["destroy", "lh"]);
     drop(l);
+}
+
+/// `sanlock direct read_leader` of host `host_id`'s slot in the lockspace `name` at `file`.
+fn read_leader(name: &str, host_id: u64, file: &Path) -> String {
+    let out = Command::new("sanlock")
+        .args(["direct", "read_leader", "-s"])
+        .arg(format!("{name}:{host_id}:{}:0", file.display()))
+        .output()
+        .expect("sanlock direct read_leader");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// libvirt's driver formats its lockspace with the daemon's default io_timeout (10 s). A host
+/// whose `io_timeout` is less than a quarter of that would lose its host lease as it joins
+/// (joining waits 2 × 10 s, the lease lasts 8 × 2 s): `join` takes the recorded one instead,
+/// says so, and stays in the lockspace.
+#[test]
+#[ignore = "needs root, a private libvirtd and sanlock daemons: tests/run-all.sh runs it"]
+fn a_lockspace_libvirt_formatted_is_joined_with_its_io_timeout() {
+    let shared = Shared::new();
+    let lease_dir = shared.path("libvirt");
+    let h = SanHost::start(&shared, 1, &format!("libvirt_disk_lease_dir = {lease_dir:?}\n"));
+    // As libvirt's driver makes it: a 0600 file, formatted with the daemon's default.
+    let file = lease_dir.join("__LIBVIRT__DISKS__");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&file)
+        .expect("create libvirt's lockspace file");
+    h.daemon.cli_ok(&["init", "-s", &format!("__LIBVIRT__DISKS__:0:{}:0", file.display())]);
+    let recorded = |leader: &str| leader.lines().any(|l| l.trim() == "io_timeout 10");
+    assert!(recorded(&read_leader("__LIBVIRT__DISKS__", 1, &file)), "formatted with 10 s");
+    assert!(h.lockhook_ok(&["sanlock", "init"]).contains("formatted"));
+    let out = h.lockhook_ok(&["sanlock", "join"]);
+    assert!(
+        out.contains(&format!("with io_timeout 10 s, the one its slot records (io_timeout here: {IO_TIMEOUT} s)")),
+        "{out}"
+    );
+    // lockhook's own lockspace, formatted with this host's io_timeout, is joined with it.
+    assert!(out.lines().any(|l| l.starts_with("lockspace lockhook:1:") && !l.contains("records")), "{out}");
+    let joined = || {
+        let status = h.daemon.cli_ok(&["status"]);
+        status.lines().any(|l| l.starts_with("s __LIBVIRT__DISKS__:1:"))
+    };
+    // Dropped at once where the lease expired as it was acquired: still there well after.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        assert!(joined(), "libvirt's lockspace left: {}", h.daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(recorded(&read_leader("__LIBVIRT__DISKS__", 1, &file)), "host 1 renews with 10 s");
 }
 
 #[test]

@@ -160,14 +160,26 @@ pub fn join(config: &Config) -> Result<String, AdminError> {
     Ok(lines.join("\n"))
 }
 
+/// Joins `ls` with `io_timeout`, or with the larger one its slot for this host records: joining
+/// waits on the recorded one (twice it), and the new host lease expires after 8 × the one
+/// joined with, so a host joining with less than a quarter of the recorded one loses its lease
+/// as it gets it and the daemon drops the lockspace at once ("check_our_lease failed"). That
+/// happens where libvirt's driver formatted its lockspace (with the daemon's default, 10 s), or
+/// where `io_timeout` was lowered after `lockhook sanlock init`.
 fn join_one(sanlock: &Sanlock, ls: &crate::sanlock::Lockspace, io_timeout: u32) -> Result<String, AdminError> {
     let what = format!("{}:{}:{}:0", ls.name, ls.host_id, ls.disk.path.display());
     if sanlock.inq_lockspace(ls).map_err(AdminError::Daemon)? == Membership::Joined {
         return Ok(format!("lockspace {what}: joined already"));
     }
+    let recorded = sanlock.read_host_slot(&ls.disk, ls.host_id).map_or(0, |slot| slot.io_timeout);
+    let (io_timeout, why) = if recorded > io_timeout {
+        (recorded, format!(" with io_timeout {recorded} s, the one its slot records (io_timeout here: {io_timeout} s)"))
+    } else {
+        (io_timeout, String::new())
+    };
     let started = std::time::Instant::now();
     match sanlock.add_lockspace(ls, io_timeout) {
-        Ok(()) => Ok(format!("lockspace {what}: joined in {:.1} s", started.elapsed().as_secs_f64())),
+        Ok(()) => Ok(format!("lockspace {what}: joined in {:.1} s{why}", started.elapsed().as_secs_f64())),
         Err(SanlockError::AddLockspace { code: Code::Exists, .. }) => Ok(format!("lockspace {what}: joined already")),
         Err(source) => Err(AdminError::Sanlock { what: format!("cannot join lockspace {what}"), source }),
     }
@@ -175,10 +187,8 @@ fn join_one(sanlock: &Sanlock, ls: &crate::sanlock::Lockspace, io_timeout: u32) 
 
 /// libvirt's `__LIBVIRT__DISKS__` lockspace: created as libvirt's driver creates it when
 /// missing (a 0600 file), then joined. It is formatted with the `io_timeout` this host joins
-/// with, not the daemon's default (10 s) as libvirt's driver does: joining waits twice the
-/// recorded `io_timeout`, and a host whose own is less than a quarter of the recorded one sees
-/// its new host lease expire as it joins (after 8 × its own): the daemon then drops the
-/// lockspace at once ("check_our_lease failed 20" with 10 recorded and 2 joining).
+/// with, not the daemon's default (10 s) as libvirt's driver does (see `join_one`: the hosts
+/// then join with their own). One libvirt's driver formatted is joined with what it records.
 fn join_libvirt(sanlock: Sanlock, dir: &Path, host_id: u64, io_timeout: u32) -> Result<String, AdminError> {
     let ls = area::libvirt_lockspace(dir, host_id);
     let path = ls.disk.path.clone();

@@ -134,7 +134,14 @@ impl Sanlock {
     /// Reads the lockspace record at `disk` (host id 1's). `Code::Sanlock(-223)` (LEADER_MAGIC):
     /// there is no lockspace there.
     pub fn read_lockspace(&self, disk: &Disk) -> Result<LockspaceInfo, SanlockError> {
+        self.read_host_slot(disk, 1)
+    }
+
+    /// Reads the record of host id `host_id` in the lockspace at `disk`: its `io_timeout` is the
+    /// one that host last joined with (the one formatted, where no host joined under that id).
+    pub fn read_host_slot(&self, disk: &Disk, host_id: u64) -> Result<LockspaceInfo, SanlockError> {
         let mut ls = abi::Lockspace::zeroed();
+        ls.host_id = host_id;
         ls.host_id_disk = disk.to_c()?;
         let mut io_timeout = 0u32;
         // SAFETY: `ls` and `io_timeout` are valid for the call; the daemon fills in `ls`.

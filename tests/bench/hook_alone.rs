@@ -546,7 +546,11 @@ pub fn run(work: &Path, lockhook: &Path, rounds: usize, report: &mut Report) {
         let d = net(what, n);
         // Both calls parse XML, so both pay std's CPU feature detection (see part 2).
         let floor = detect.map_or_else(String::new, |x| {
-            format!("; of it, std's CPU feature detection {} ms (`cpuid` in this VM): {} ms without", ms(x), ms(median(&d) - x))
+            format!(
+                "; of it, std's CPU feature detection {} ms (`cpuid` in this VM): {} ms without",
+                ms(x),
+                ms(median(&d) - x)
+            )
         });
         report.target(
             format!("`{what}` net of a bare exec, {n} disk{} (per round)", if n == 1 { "" } else { "s" }),
