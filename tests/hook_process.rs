@@ -629,6 +629,7 @@ fn a_pending_holder_without_qemu_gives_up() {
     assert!(!setup.run_dir.join(format!("{UUID1}.incoming")).exists(), "prepare consumed the marker");
     let pending = || setup.status_json()["guests"][0]["pending"].as_array().is_some_and(|p| p.len() == 1);
     assert!(pending(), "{}", setup.status_json());
+    let pid = holder_pid(&setup, UUID1);
     let bound = lockhook::migration::PENDING_BOUND + Duration::from_secs(10);
     assert!(
         wait_until(bound, || setup.status_json()["guests"].as_array().is_some_and(Vec::is_empty)),
@@ -636,6 +637,12 @@ fn a_pending_holder_without_qemu_gives_up() {
         setup.status_json()
     );
     assert!(setup.log().contains("gave up waiting for 1 resource(s) held by its migration source"), "{}", setup.log());
+    // Its record goes before the process: a wait still blocked in the kernel until then would
+    // be granted by a source letting go meanwhile (and let go of again as the process exits).
+    assert!(
+        wait_until(Duration::from_secs(10), || !Path::new(&format!("/proc/{pid}")).exists()),
+        "holder {pid} exited"
+    );
     drop(source);
     assert_eq!(lock_state(&lease, 4096), None, "nobody took the lease after the source let go");
 }

@@ -883,8 +883,16 @@ fn random_u64() -> u64 {
     hasher.finish()
 }
 
-/// A TCP port on 127.0.0.1 that nothing listens on right now.
+/// A TCP port on 127.0.0.1 that nothing uses right now, below the kernel's ephemeral range
+/// (32768 and up) and libvirt's migration ports (49152 and up): a port from those ranges may be
+/// taken by an outgoing connection or a QEMU migration before libvirtd binds it (seen: "Unable to
+/// bind to port: Address already in use").
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    for _ in 0..1000 {
+        let port = 20000 + u16::try_from(random_u64() % 10000).expect("below 10000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in 20000..30000");
 }
