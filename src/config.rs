@@ -14,6 +14,9 @@ pub const DEFAULT_PATH: &str = "/etc/lockhook/lockhook.toml";
 /// hooks, so production hooks always read `DEFAULT_PATH`).
 pub const ENV_PATH: &str = "LOCKHOOK_CONFIG";
 
+/// The largest `[sanlock] io_timeout` (seconds).
+pub const MAX_IO_TIMEOUT: u32 = 300;
+
 /// What to do with `<readonly/>` or `<shareable/>` disks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -284,7 +287,7 @@ impl Config {
                 return Err(invalid(key, dir.display().to_string(), "must be an absolute path"));
             }
         }
-        if !(1..=300).contains(&s.io_timeout) {
+        if !(1..=MAX_IO_TIMEOUT).contains(&s.io_timeout) {
             return Err(invalid("sanlock.io_timeout", s.io_timeout.to_string(), "must be 1..=300 seconds"));
         }
         if self.engine == Engine::Sanlock {

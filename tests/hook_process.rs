@@ -16,6 +16,11 @@ fn file_disk(path: &Path, target: &str, extra: &str) -> String {
     format!("<disk type='file' device='disk'><source file='{}'/><target dev='{target}'/>{extra}</disk>", path.display())
 }
 
+/// Whether process `pid` is gone or a zombie (an orphan nobody reaps where PID 1 does not).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
+}
+
 fn holder_pid(setup: &Setup, uuid: &str) -> u32 {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(setup.run_dir.join(format!("{uuid}.json"))).expect("state file"))
@@ -151,8 +156,7 @@ fn prepare_holds_refuses_and_release_frees() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(lock_state(&img, 0), None);
     assert_eq!(lock_state(&lease, 1024), None);
-    assert!(wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{pid}")).exists()
-        || std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)));
+    assert!(wait_until(Duration::from_secs(5), || exited(pid)));
     let out = setup.hook(&["vm2", "prepare", "begin", "-"], &vm2);
     assert!(out.status.success(), "vm2 may start now: {}", stderr(&out));
     let out = setup.hook(&["vm2", "release", "end", "-"], &vm2);
@@ -639,10 +643,7 @@ fn a_pending_holder_without_qemu_gives_up() {
     assert!(setup.log().contains("gave up waiting for 1 resource(s) held by its migration source"), "{}", setup.log());
     // Its record goes before the process: a wait still blocked in the kernel until then would
     // be granted by a source letting go meanwhile (and let go of again as the process exits).
-    assert!(
-        wait_until(Duration::from_secs(10), || !Path::new(&format!("/proc/{pid}")).exists()),
-        "holder {pid} exited"
-    );
+    assert!(wait_until(Duration::from_secs(10), || exited(pid)), "holder {pid} exited");
     drop(source);
     assert_eq!(lock_state(&lease, 4096), None, "nobody took the lease after the source let go");
 }

@@ -160,22 +160,36 @@ pub fn join(config: &Config) -> Result<String, AdminError> {
     Ok(lines.join("\n"))
 }
 
-/// Joins `ls` with `io_timeout`, or with the larger one its slot for this host records: joining
-/// waits on the recorded one (twice it), and the new host lease expires after 8 × the one
-/// joined with, so a host joining with less than a quarter of the recorded one loses its lease
-/// as it gets it and the daemon drops the lockspace at once ("check_our_lease failed"). That
-/// happens where libvirt's driver formatted its lockspace (with the daemon's default, 10 s), or
-/// where `io_timeout` was lowered after `lockhook sanlock init`.
+/// Joins `ls` with `io_timeout`, or with at least half the one its slot for this host records:
+/// joining waits twice the recorded one, and the new host lease expires after 8 × the one joined
+/// with, so a host joining with less than a quarter of the recorded one loses its lease as it
+/// gets it and the daemon drops the lockspace at once ("check_our_lease failed"). That happens
+/// where libvirt's driver formatted its lockspace (with the daemon's default, 10 s), or where
+/// `io_timeout` was lowered after `lockhook sanlock init`. Half, not all of it: each join records
+/// what it joined with, so the next joins step down to `io_timeout` (10, 5, 3, 2) instead of
+/// keeping the largest for ever. A recorded value beyond what the config allows is capped there.
 fn join_one(sanlock: &Sanlock, ls: &crate::sanlock::Lockspace, io_timeout: u32) -> Result<String, AdminError> {
     let what = format!("{}:{}:{}:0", ls.name, ls.host_id, ls.disk.path.display());
     if sanlock.inq_lockspace(ls).map_err(AdminError::Daemon)? == Membership::Joined {
         return Ok(format!("lockspace {what}: joined already"));
     }
-    let recorded = sanlock.read_host_slot(&ls.disk, ls.host_id).map_or(0, |slot| slot.io_timeout);
-    let (io_timeout, why) = if recorded > io_timeout {
-        (recorded, format!(" with io_timeout {recorded} s, the one its slot records (io_timeout here: {io_timeout} s)"))
-    } else {
-        (io_timeout, String::new())
+    let recorded = match sanlock.read_host_slot(&ls.disk, ls.host_id) {
+        Ok(slot) => slot.io_timeout.min(crate::config::MAX_IO_TIMEOUT),
+        Err(e) => {
+            log::warn!(
+                "lockspace {what}: cannot read the io_timeout its slot records ({e}); joining with {io_timeout} s"
+            );
+            0
+        }
+    };
+    let (io_timeout, why) = match recorded.div_ceil(2) {
+        half if half > io_timeout => (
+            half,
+            format!(
+                " with io_timeout {half} s, half the {recorded} s its slot records (io_timeout here: {io_timeout} s)"
+            ),
+        ),
+        _ => (io_timeout, String::new()),
     };
     let started = std::time::Instant::now();
     match sanlock.add_lockspace(ls, io_timeout) {

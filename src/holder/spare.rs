@@ -12,9 +12,10 @@
 //! before it resolves and locks the guest's storage, so that the claim is done meanwhile: the
 //! claimed holder waits for the `acquire` as long as the hook stays connected, exits if the hook
 //! hangs up first, and is told `release` by a hook whose start was refused. No fork or exec is on
-//! the hook's path, and every holder shares the spare's pages (the binary's relocated data, the heap
-//! as it was) until it writes them: a host's holders cost a little private memory each, not a
-//! whole process's (see `footprint`).
+//! the hook's path (but for a hook that comes within `NEXT_READY_DELAY` of the last claim, as in
+//! a burst of starts: it waits for the next ready child's fork), and every holder shares the
+//! spare's pages (the binary's relocated data, the heap as it was) until it writes them: a host's
+//! holders cost a little private memory each, not a whole process's (see `footprint`).
 //!
 //! If anything fails, the hook falls back to starting a holder itself. The spare exits when its
 //! run directory goes away, on `release` (`install.sh --uninstall`), and when claimed after an
