@@ -368,6 +368,33 @@ fn spare_pid(setup: &Setup) -> Option<u32> {
     })
 }
 
+/// A spare whose run directory was removed exits, even where the directory was made again and a
+/// new spare's socket took the old name before the old spare looked (`rm -rf` and an install
+/// within a second): one spare per run directory.
+#[test]
+fn a_spare_whose_socket_was_replaced_exits() {
+    let setup = Setup::new("");
+    let a = setup.image("a.img");
+    let vm1 = xml("vm1", UUID1, &file_disk(&a, "vda", ""));
+    assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm1).status.success());
+    assert!(wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some()));
+    let old = spare_pid(&setup).expect("spare");
+    let holder = holder_pid(&setup, UUID1);
+    assert!(setup.hook(&["vm1", "release", "end", "-"], &vm1).status.success());
+    assert!(wait_until(Duration::from_secs(5), || exited(holder)), "vm1's holder exited");
+    // Within the spare's tick (1 s): the directory goes, and a start makes it and a spare anew.
+    // (The census set goes first: it would outlive a directory that no longer names it.)
+    lockhook::census::Census::remove(&lockhook::paths::Paths::new(&setup.run_dir));
+    std::fs::remove_dir_all(&setup.run_dir).expect("rm -rf run dir");
+    let b = setup.image("b.img");
+    let vm2 = xml("vm2", UUID2, &file_disk(&b, "vda", ""));
+    let out = setup.hook(&["vm2", "prepare", "begin", "-"], &vm2);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some_and(|p| p != old)), "a new spare");
+    assert!(wait_until(Duration::from_secs(5), || exited(old)), "the old spare {old} exited");
+    assert!(setup.hook(&["vm2", "release", "end", "-"], &vm2).status.success());
+}
+
 /// A hook that gave up waiting for the spare's answer to its claim (and hung up) starts a holder
 /// of its own: a spare that answers later must let go of the guest's name and serve nothing that
 /// was queued behind the claim (here: an `acquire` with a locked fd).

@@ -55,6 +55,26 @@ fn binary_replaced() -> bool {
     fs::read_link("/proc/self/exe").is_ok_and(|exe| exe.as_os_str().as_encoded_bytes().ends_with(b" (deleted)"))
 }
 
+/// The socket file the spare bound. A run directory removed and made again (`rm -rf`, or an
+/// uninstall and install) within a tick may hold another spare's socket by the same name by the
+/// time this one looks: only the same file (device and inode) means the spare is still reachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketFile {
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn at(path: &Path) -> Option<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        fs::symlink_metadata(path).ok().map(|m| SocketFile { dev: m.dev(), ino: m.ino() })
+    }
+
+    fn still_at(self, path: &Path) -> bool {
+        SocketFile::at(path) == Some(self)
+    }
+}
+
 /// What the ready child writes to its parent to make every spare process exit (`release`, or
 /// a binary replaced by an upgrade). Closing the pipe without it means: claimed (or died).
 const EXIT_ALL: u8 = b'X';
@@ -88,9 +108,10 @@ pub fn run(config_path: &Path) -> i32 {
     let footprint = Footprint::new();
     let socket = paths.spare_socket();
     let Ok(listener) = crate::rundir::listen_with_backlog(&socket, SPARE_BACKLOG) else { return 1 };
+    let Some(bound) = SocketFile::at(&socket) else { return 1 };
     let me = nix::unistd::getpid();
     loop {
-        if fs::symlink_metadata(&socket).is_err() {
+        if !bound.still_at(&socket) {
             return 0; // the run directory (or this socket) was removed; the ready child dies with us
         }
         let Ok((notice, notify)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else { return 1 };
@@ -100,14 +121,16 @@ pub fn run(config_path: &Path) -> i32 {
             Ok(nix::unistd::ForkResult::Child) => {
                 drop(notice);
                 drop(spare_lock);
-                return ready(config_path, (&config, stamp), &footprint, listener, notify, me);
+                return ready(config_path, (&config, stamp), &footprint, (listener, bound), notify, me);
             }
             Ok(nix::unistd::ForkResult::Parent { .. }) => drop(notify),
             Err(e) => {
                 // Nobody would answer a hook that connects: stop listening, so that it starts a
                 // holder itself at once.
                 warn!("spare holder: cannot fork: {e}; exiting");
-                let _ = fs::remove_file(&socket);
+                if bound.still_at(&socket) {
+                    let _ = fs::remove_file(&socket);
+                }
                 return 1;
             }
         }
@@ -117,7 +140,7 @@ pub fn run(config_path: &Path) -> i32 {
             let mut fds = [PollFd::new(notice.as_fd(), PollFlags::POLLIN)];
             let woken =
                 matches!(poll(&mut fds, PollTimeout::try_from(TICK).unwrap_or(PollTimeout::MAX)), Ok(n) if n > 0);
-            if fs::symlink_metadata(&socket).is_err() {
+            if !bound.still_at(&socket) {
                 return 0;
             }
             if woken {
@@ -170,7 +193,7 @@ fn ready(
     config_path: &Path,
     (config, stamp): (&Config, Option<crate::config::Stamp>),
     footprint: &Footprint,
-    listener: OwnedFd,
+    (listener, bound): (OwnedFd, SocketFile),
     notify: OwnedFd,
     parent: nix::unistd::Pid,
 ) -> i32 {
@@ -191,7 +214,10 @@ fn ready(
     let exit_all = |notify: &OwnedFd| {
         // Our reply goes out after the parent exited: do not die with it.
         set_parent_death_signal(0);
-        let _ = fs::remove_file(&socket);
+        // (Not another spare's, where the run directory was made again.)
+        if bound.still_at(&socket) {
+            let _ = fs::remove_file(&socket);
+        }
         let parent_fd = u32::try_from(parent.as_raw()).ok().and_then(super::watch::pidfd_open);
         let _ = nix::unistd::write(notify, &[EXIT_ALL]);
         if let Some(fd) = parent_fd {
@@ -202,7 +228,7 @@ fn ready(
     loop {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
         let woken = matches!(poll(&mut fds, PollTimeout::try_from(TICK).unwrap_or(PollTimeout::MAX)), Ok(n) if n > 0);
-        if fs::symlink_metadata(&socket).is_err() {
+        if !bound.still_at(&socket) {
             return 0; // the run directory (or this socket) was removed
         }
         if !woken {
