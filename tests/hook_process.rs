@@ -368,6 +368,12 @@ fn spare_pid(setup: &Setup) -> Option<u32> {
     })
 }
 
+/// The spare's pid, once one runs (within 5 s).
+fn started_spare(setup: &Setup) -> u32 {
+    assert!(wait_until(Duration::from_secs(5), || spare_pid(setup).is_some()), "a spare");
+    spare_pid(setup).expect("spare")
+}
+
 /// A spare whose run directory was removed exits, even where the directory was made again and a
 /// new spare's socket took the old name before the old spare looked (`rm -rf` and an install
 /// within a second): one spare per run directory.
@@ -377,8 +383,7 @@ fn a_spare_whose_socket_was_replaced_exits() {
     let a = setup.image("a.img");
     let vm1 = xml("vm1", UUID1, &file_disk(&a, "vda", ""));
     assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm1).status.success());
-    assert!(wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some()));
-    let old = spare_pid(&setup).expect("spare");
+    let old = started_spare(&setup);
     let holder = holder_pid(&setup, UUID1);
     assert!(setup.hook(&["vm1", "release", "end", "-"], &vm1).status.success());
     assert!(wait_until(Duration::from_secs(5), || exited(holder)), "vm1's holder exited");
@@ -406,8 +411,7 @@ fn a_claim_its_hook_gave_up_on_is_not_served() {
     let a = setup.image("a.img");
     let vm1 = xml("vm1", UUID1, &file_disk(&a, "vda", ""));
     assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm1).status.success());
-    assert!(wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some()));
-    let spare = spare_pid(&setup).expect("spare");
+    let spare = started_spare(&setup);
     // vm1's holder is the hook's own (there was no spare yet): the spare's one child is ready.
     assert!(wait_until(Duration::from_secs(5), || children_of(spare).len() == 1), "a ready child");
     let ready = children_of(spare)[0];
@@ -469,8 +473,7 @@ fn an_early_claim_is_let_go_or_waited_for() {
     let (a, b) = (setup.image("a.img"), setup.image("b.img"));
     let vm1 = xml("vm1", UUID1, &file_disk(&a, "vda", ""));
     assert!(setup.hook(&["vm1", "prepare", "begin", "-"], &vm1).status.success());
-    assert!(wait_until(Duration::from_secs(5), || spare_pid(&setup).is_some()), "a spare");
-    let spare = spare_pid(&setup).expect("spare");
+    let spare = started_spare(&setup);
     let ready = || Some(children_of(spare)).filter(|c| c.len() == 1).map(|c| c[0]);
     let gone = |pid: u32| !Path::new(&format!("/proc/{pid}")).exists();
     let no_files = || ["sock", "lock", "json"].iter().all(|ext| !setup.run_dir.join(format!("{UUID2}.{ext}")).exists());

@@ -202,7 +202,8 @@ fn join_one(sanlock: &Sanlock, ls: &crate::sanlock::Lockspace, io_timeout: u32) 
 /// libvirt's `__LIBVIRT__DISKS__` lockspace: created as libvirt's driver creates it when
 /// missing (a 0600 file), then joined. It is formatted with the `io_timeout` this host joins
 /// with, not the daemon's default (10 s) as libvirt's driver does (see `join_one`: the hosts
-/// then join with their own). One libvirt's driver formatted is joined with what it records.
+/// then join with their own). One libvirt's driver formatted is joined with at least half the
+/// io_timeout it records.
 fn join_libvirt(sanlock: Sanlock, dir: &Path, host_id: u64, io_timeout: u32) -> Result<String, AdminError> {
     let ls = area::libvirt_lockspace(dir, host_id);
     let path = ls.disk.path.clone();
